@@ -1,0 +1,1 @@
+"""adamnp: Adam/AdamW for plain arrays."""
