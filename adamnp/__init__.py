@@ -1,1 +1,34 @@
-"""adamnp: Adam/AdamW for plain arrays."""
+"""adamnp: Adam and AdamW for plain arrays, with NumPy, Numba-CPU and Numba-CUDA backends.
+
+The whole public surface is re-exported here; everything else is private or a backend.
+
+Examples
+--------
+>>> import numpy as np, adamnp
+>>> params = {"w": np.zeros(4, np.float32)}
+>>> state = adamnp.init(params, adamnp.adamw(lr=0.1), backend="numpy")
+>>> adamnp.step(params, {"w": np.ones(4, np.float32)}, state)
+>>> params["w"].round(6)  # the first step moves each element by lr against the gradient
+array([-0.1, -0.1, -0.1, -0.1], dtype=float32)
+"""
+
+from ._api import init, step
+from ._checkpoint import CheckpointError, load_state, save_state
+from ._config import AdamConfig, adam, adamw
+from ._state import AdamState, Fp32Slot, QuantSlot
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdamConfig",
+    "AdamState",
+    "CheckpointError",
+    "Fp32Slot",
+    "QuantSlot",
+    "adam",
+    "adamw",
+    "init",
+    "load_state",
+    "save_state",
+    "step",
+]

@@ -1,0 +1,280 @@
+"""`init` and `step`: validate everything, then dispatch to a backend. No math here."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Collection
+
+import numpy as np
+
+from . import backends
+from ._config import AdamConfig
+from ._state import AdamState, build_groups
+from ._tree import flatten
+from .backends._scalars import host_scalars
+
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _is_device_array(a) -> bool:
+    return hasattr(a, "__cuda_array_interface__") and not isinstance(a, np.ndarray)
+
+
+def _resolve_backend(name: str, leaves: list) -> str:
+    if name != "auto":
+        be = backends.get(name)
+        why = be.availability()
+        if why is not None:
+            raise RuntimeError(f"backend {name!r} cannot run here: {why}")
+        return name
+    if any(_is_device_array(a) for a in leaves):
+        return "cuda"
+    return "numba" if backends.available("numba") else "numpy"
+
+
+def _leaf_error(path: str, a, be, role: str, shape=None, dtype=None) -> Exception | None:
+    """The first problem with leaf ``a`` (named ``path``), or None."""
+    if not be.owns(a):
+        if isinstance(a, np.ndarray) or _is_device_array(a):
+            where = "a CUDA device array" if _is_device_array(a) else "a host NumPy array"
+            return TypeError(
+                f"{path} is {where}, but this state uses the {be.NAME!r} backend; "
+                "keep every leaf in one memory space and pick the matching backend "
+                "(backend='cuda' for device arrays, 'numba' or 'numpy' for host arrays)"
+            )
+        return TypeError(f"{path} is a {type(a).__name__}, not an array")
+    a_dtype = np.dtype(a.dtype)
+    if a_dtype not in FLOAT_DTYPES:
+        return TypeError(
+            f"{path} has dtype {a_dtype}; adamnp updates float32 and float64 arrays only"
+        )
+    if dtype is not None and a_dtype != dtype:
+        return TypeError(f"{path} has dtype {a_dtype}, expected {np.dtype(dtype)}")
+    if shape is not None and tuple(a.shape) != tuple(shape):
+        return ValueError(f"{path} has shape {tuple(a.shape)}, expected {tuple(shape)}")
+    if not be.is_contiguous(a):
+        return ValueError(
+            f"{path} is not C-contiguous; adamnp updates arrays in place and needs "
+            "contiguous memory (use np.ascontiguousarray and keep that array as the leaf)"
+        )
+    if role == "params" and not be.is_writeable(a):
+        return ValueError(f"{path} is read-only; params are updated in place")
+    return None
+
+
+def _check_aliasing(p_leaves, g_leaves, paths, be) -> None:
+    """Reject params that share memory with any other param or gradient leaf."""
+    spans = []
+    for role, leaves in (("params", p_leaves), ("grads", g_leaves)):
+        for i, a in enumerate(leaves):
+            lo, hi = be.address_range(a)
+            if hi > lo:
+                spans.append((lo, hi, role, i))
+    spans.sort()
+    last_any = None  # (end, role, i) of the span reaching furthest
+    last_param = None
+    for lo, hi, role, i in spans:
+        for prev in (last_param, last_any) if role == "grads" else (last_any,):
+            if prev is not None and lo < prev[0]:
+                name_prev = paths[prev[2]].replace("params", prev[1], 1)
+                name_here = paths[i].replace("params", role, 1)
+                raise ValueError(
+                    f"{name_here} shares memory with {name_prev}; every param must own its "
+                    "memory (pass gradients in separate arrays)"
+                )
+        if last_any is None or hi > last_any[0]:
+            last_any = (hi, role, i)
+        if role == "params" and (last_param is None or hi > last_param[0]):
+            last_param = (hi, role, i)
+
+
+def init(
+    params,
+    config: AdamConfig,
+    *,
+    backend: str = "auto",
+    state_bits: int = 32,
+    block_size: int = 256,
+    min_8bit_size: int = 4096,
+    keep_fp32: Collection[str] | Callable[[str, object], bool] | None = None,
+) -> AdamState:
+    """Create zeroed optimizer state for ``params``.
+
+    Parameters
+    ----------
+    params : array or tree of arrays
+        One float32/float64 array, or dicts / lists / tuples of them (nested freely).
+    config : AdamConfig
+        From :func:`adamnp.adam` or :func:`adamnp.adamw`.
+    backend : {"auto", "numpy", "numba", "cuda"}
+        ``"auto"`` picks ``"cuda"`` for CUDA device arrays, else ``"numba"`` when Numba is
+        installed, else the ``"numpy"`` reference.
+    state_bits : {32, 8}
+        32: full-precision moments (float32 for float32 leaves, float64 for float64 leaves).
+        8: blockwise 8-bit moments for float32 leaves with at least ``min_8bit_size``
+        elements (other leaves keep full-precision moments).
+    block_size : int, default 256
+        Elements per quantization block (power of two, 64..4096); 8-bit state only.
+    min_8bit_size : int, default 4096
+        Smaller leaves keep float32 moments (their state is negligible and 8-bit rounding
+        of biases and norms costs accuracy).
+    keep_fp32 : collection of str or callable, optional
+        Leaves to keep at full precision with 8-bit state: paths such as ``"params['emb']"``,
+        or a predicate ``keep_fp32(path, array) -> bool``.
+
+    Returns
+    -------
+    AdamState
+
+    Examples
+    --------
+    >>> import numpy as np, adamnp
+    >>> params = {"w": np.zeros((3, 2), np.float32), "b": np.zeros(2, np.float32)}
+    >>> state = adamnp.init(params, adamnp.adamw(), backend="numpy")
+    >>> state.step, state.paths
+    (0, ("params['b']", "params['w']"))
+    """
+    if not isinstance(config, AdamConfig):
+        raise TypeError(
+            f"config must be an AdamConfig from adamnp.adam() or adamnp.adamw(), "
+            f"got {type(config).__name__}"
+        )
+    leaves, treedef, paths = flatten(params)
+    name = _resolve_backend(backend, leaves)
+    be = backends.get(name)
+    for path, a in zip(paths, leaves):
+        err = _leaf_error(path, a, be, "params")
+        if err is not None:
+            raise err
+    if state_bits not in (32, 8):
+        raise ValueError(f"state_bits must be 32 or 8, got {state_bits!r}")
+    if (
+        isinstance(block_size, bool)
+        or not isinstance(block_size, (int, np.integer))
+        or not 64 <= block_size <= 4096
+        or block_size & (block_size - 1)
+    ):
+        raise ValueError(f"block_size must be a power of two in 64..4096, got {block_size!r}")
+    if isinstance(min_8bit_size, bool) or not isinstance(min_8bit_size, (int, np.integer)):
+        raise TypeError(f"min_8bit_size must be an int, got {min_8bit_size!r}")
+    if min_8bit_size < 0:
+        raise ValueError(f"min_8bit_size must be >= 0, got {min_8bit_size}")
+    if keep_fp32 is None:
+        keep = [False] * len(leaves)
+    elif callable(keep_fp32):
+        keep = [bool(keep_fp32(p, a)) for p, a in zip(paths, leaves)]
+    else:
+        wanted = set(keep_fp32)
+        unknown = sorted(wanted - set(paths))
+        if unknown:
+            raise ValueError(f"keep_fp32 names {unknown[0]!r}, which is not a leaf of params")
+        keep = [p in wanted for p in paths]
+    shapes = tuple(tuple(int(d) for d in a.shape) for a in leaves)
+    dtypes = tuple(np.dtype(a.dtype) for a in leaves)
+    use_q8 = [
+        state_bits == 8 and d == np.float32 and math.prod(s) >= max(min_8bit_size, 1) and not k
+        for s, d, k in zip(shapes, dtypes, keep)
+    ]
+    slots, groups = build_groups(shapes, dtypes, use_q8, config.amsgrad, int(block_size), be)
+    return AdamState(
+        config=config,
+        backend=name,
+        step=0,
+        skipped_steps=0,
+        treedef=treedef,
+        paths=tuple(paths),
+        shapes=shapes,
+        dtypes=dtypes,
+        slots=slots,
+        groups=groups,
+        state_bits=state_bits,
+        block_size=int(block_size),
+    )
+
+
+def _validate(params, grads, state: AdamState):
+    if not isinstance(state, AdamState):
+        raise TypeError(f"state must be an AdamState from adamnp.init, got {type(state).__name__}")
+    p_leaves, p_def, paths = flatten(params)
+    g_leaves, g_def, _ = flatten(grads, "grads")
+    if p_def != state.treedef:
+        raise ValueError(
+            "params do not have the tree structure this state was built for "
+            f"(state has {len(state.paths)} leaves: {', '.join(state.paths[:4])}"
+            f"{', ...' if len(state.paths) > 4 else ''}; params have {len(paths)})"
+        )
+    if g_def != p_def:
+        raise ValueError(
+            "grads must have the same tree structure as params "
+            f"({len(g_leaves)} grad leaves vs {len(p_leaves)} params)"
+        )
+    be = backends.get(state.backend)
+    for i, path in enumerate(paths):
+        shape, dtype = state.shapes[i], state.dtypes[i]
+        err = _leaf_error(path, p_leaves[i], be, "params", shape, dtype)
+        if err is None:
+            gpath = path.replace("params", "grads", 1)
+            err = _leaf_error(gpath, g_leaves[i], be, "grads", shape, dtype)
+        if err is not None:
+            raise err
+    _check_aliasing(p_leaves, g_leaves, paths, be)
+    return p_leaves, g_leaves, paths, be
+
+
+def step(params, grads, state: AdamState) -> None:
+    """Take one Adam/AdamW step: update ``params`` and ``state`` in place.
+
+    Everything is validated first (tree structure, shapes, dtypes, memory layout, aliasing,
+    the learning rate, and non-finite gradients under ``nonfinite="raise"``); if anything is
+    wrong a ``ValueError`` or ``TypeError`` naming the leaf is raised and neither ``params``
+    nor ``state`` has changed.
+
+    Parameters
+    ----------
+    params : array or tree of arrays
+        The tree given to :func:`init` (same structure, shapes and dtypes); updated in place.
+    grads : array or tree of arrays
+        Gradients with the same structure, shapes and dtypes as ``params``. Not modified.
+    state : AdamState
+        From :func:`init` or :func:`load_state`; updated in place.
+
+    Notes
+    -----
+    With ``nonfinite="skip"`` a step whose gradients hold NaN or Inf changes nothing except
+    ``state.skipped_steps``. With ``max_grad_norm`` set, the gradients are scaled by
+    ``min(1, max_grad_norm / (norm + 1e-6))`` (torch's ``clip_grad_norm_``), with the norm
+    accumulated in float64.
+
+    Examples
+    --------
+    >>> import numpy as np, adamnp
+    >>> p = np.array([1.0, -2.0], np.float32)
+    >>> state = adamnp.init(p, adamnp.adam(lr=0.1), backend="numpy")
+    >>> adamnp.step(p, np.array([0.5, -0.5], np.float32), state)
+    >>> p.round(6), state.step
+    (array([ 0.9, -1.9], dtype=float32), 1)
+    """
+    p_leaves, g_leaves, paths, be = _validate(params, grads, state)
+    cfg = state.config
+    lr = cfg.lr_at(state.step)
+    nonfinite = -1
+    if cfg.nonfinite != "propagate":
+        nonfinite = be.nonfinite_leaf(g_leaves)
+    grad_scale = 1.0
+    if cfg.max_grad_norm is not None:
+        norm = math.sqrt(be.grad_sq_norm(g_leaves))
+        coef = cfg.max_grad_norm / (norm + 1e-6)
+        grad_scale = 1.0 if coef >= 1.0 else coef  # NaN stays NaN, as in torch
+    if nonfinite >= 0:
+        if cfg.nonfinite == "skip":
+            state.skipped_steps += 1
+            return
+        gpath = paths[nonfinite].replace("params", "grads", 1)
+        raise ValueError(
+            f"{gpath} contains NaN or Inf (nonfinite='raise'); nothing was updated. "
+            "Use nonfinite='skip' to skip such steps or 'propagate' to compute through them"
+        )
+    scalars = host_scalars(cfg, state.step + 1, lr, grad_scale)
+    for group in state.groups:
+        be.step_group(group, p_leaves, g_leaves, scalars)
+    state.step += 1

@@ -1,0 +1,297 @@
+"""Optimizer configuration: an immutable `AdamConfig` and the `adam` / `adamw` constructors."""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+NONFINITE_POLICIES = ("raise", "skip", "propagate")
+
+_OPTION_NAMES = (
+    "lr",
+    "betas",
+    "eps",
+    "weight_decay",
+    "amsgrad",
+    "maximize",
+    "nonfinite",
+    "max_grad_norm",
+)
+
+
+@dataclass(frozen=True)
+class AdamConfig:
+    """Hyperparameters of one Adam or AdamW optimizer (immutable).
+
+    Build it with :func:`adam` or :func:`adamw`, which validate every field.
+
+    Attributes
+    ----------
+    lr : float or callable
+        Learning rate, or a schedule ``lr(count) -> float`` where ``count`` is the number of
+        steps already taken (0 for the first step).
+    betas : tuple of float
+        ``(beta1, beta2)``, each in ``[0, 1)``.
+    eps : float
+        Added to ``sqrt(v_hat)`` (outside the square root).
+    weight_decay : float
+        Decay coefficient; how it is applied depends on ``decoupled``.
+    decoupled : bool
+        True for AdamW (``p *= 1 - lr * weight_decay``), False for Adam with an L2 term
+        (``g += weight_decay * p``).
+    amsgrad, maximize : bool
+        As in ``torch.optim.Adam``.
+    nonfinite : {"raise", "skip", "propagate"}
+        What a step does when a gradient holds NaN or Inf.
+    max_grad_norm : float or None
+        If set, gradients are scaled so that their global L2 norm is at most this value.
+    """
+
+    lr: float | Callable[[int], float]
+    betas: tuple[float, float]
+    eps: float
+    weight_decay: float
+    decoupled: bool
+    amsgrad: bool
+    maximize: bool
+    nonfinite: str
+    max_grad_norm: float | None
+
+    @property
+    def name(self) -> str:
+        """``"adamw"`` for decoupled weight decay, ``"adam"`` otherwise."""
+        return "adamw" if self.decoupled else "adam"
+
+    def lr_at(self, count: int) -> float:
+        """Learning rate for the step taken after ``count`` completed steps.
+
+        Raises ``ValueError`` when a schedule returns a negative or non-finite value.
+
+        Examples
+        --------
+        >>> import adamnp
+        >>> adamnp.adamw(lr=lambda count: 0.1 / (count + 1)).lr_at(1)
+        0.05
+        """
+        if not callable(self.lr):
+            return self.lr
+        value = self.lr(count)
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            raise TypeError(
+                f"lr schedule returned {value!r} at step count {count}; expected a float"
+            ) from None
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(
+                f"lr schedule returned {value!r} at step count {count}; "
+                "expected a finite value >= 0"
+            )
+        return value
+
+
+def _real(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        # numpy scalars are instances of neither int nor float in general; accept them too.
+        try:
+            import numpy as np
+
+            if isinstance(value, np.floating | np.integer):
+                return float(value)
+        except ImportError:  # pragma: no cover
+            pass
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+def _flag(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def _make(
+    decoupled: bool,
+    lr,
+    betas,
+    eps,
+    weight_decay,
+    amsgrad,
+    maximize,
+    nonfinite,
+    max_grad_norm,
+    unknown: dict,
+) -> AdamConfig:
+    if unknown:
+        name = sorted(unknown)[0]
+        hint = difflib.get_close_matches(name, _OPTION_NAMES, n=1)
+        extra = f"; did you mean {hint[0]!r}?" if hint else ""
+        raise TypeError(f"unknown option {name!r}{extra} Options are: {', '.join(_OPTION_NAMES)}")
+    if not callable(lr):
+        lr = _real("lr", lr)
+        if lr < 0:
+            raise ValueError(f"lr must be >= 0, got {lr}")
+    try:
+        b1, b2 = betas
+    except (TypeError, ValueError):
+        raise TypeError(f"betas must be a pair (beta1, beta2), got {betas!r}") from None
+    b1, b2 = _real("betas[0]", b1), _real("betas[1]", b2)
+    for i, b in enumerate((b1, b2)):
+        if not 0.0 <= b < 1.0:
+            raise ValueError(f"betas[{i}] must be in [0, 1), got {b}")
+    eps = _real("eps", eps)
+    if eps < 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    weight_decay = _real("weight_decay", weight_decay)
+    if weight_decay < 0:
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+    if nonfinite not in NONFINITE_POLICIES:
+        raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
+    if max_grad_norm is not None:
+        max_grad_norm = _real("max_grad_norm", max_grad_norm)
+        if max_grad_norm <= 0:
+            raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm}")
+    return AdamConfig(
+        lr=lr,
+        betas=(b1, b2),
+        eps=eps,
+        weight_decay=weight_decay,
+        decoupled=decoupled,
+        amsgrad=_flag("amsgrad", amsgrad),
+        maximize=_flag("maximize", maximize),
+        nonfinite=nonfinite,
+        max_grad_norm=max_grad_norm,
+    )
+
+
+def adam(
+    lr=1e-3,
+    betas=(0.9, 0.999),
+    eps=1e-8,
+    weight_decay=0.0,
+    *,
+    amsgrad=False,
+    maximize=False,
+    nonfinite="raise",
+    max_grad_norm=None,
+    **unknown,
+) -> AdamConfig:
+    r"""Adam with an L2 penalty folded into the gradient (``torch.optim.Adam`` semantics).
+
+    Parameters
+    ----------
+    lr : float or callable, default 1e-3
+        Learning rate ``>= 0``, or a schedule ``lr(count) -> float`` (``count`` = steps
+        already taken; see :mod:`adamnp.schedules`).
+    betas : (float, float), default (0.9, 0.999)
+        Decay rates of the first and second moment, each in ``[0, 1)``.
+    eps : float, default 1e-8
+        Added to the bias-corrected ``sqrt(v)``, *outside* the square root.
+    weight_decay : float, default 0
+        L2 coefficient: ``g += weight_decay * p`` before the moments are updated.
+    amsgrad : bool, default False
+        Normalise by the running maximum of ``v`` (Reddi et al., 2018).
+    maximize : bool, default False
+        Ascend instead of descend (the gradient is negated first).
+    nonfinite : {"raise", "skip", "propagate"}, default "raise"
+        Non-finite gradients: raise before anything is modified, skip the whole step (counted in
+        ``state.skipped_steps``), or compute as torch does and let NaN/Inf spread.
+    max_grad_norm : float, optional
+        Clip the gradients' global L2 norm to this value inside :func:`step`.
+
+    Returns
+    -------
+    AdamConfig
+
+    Warnings
+    --------
+    This is Algorithm 1 of Kingma & Ba with eps outside the square root, as in PyTorch:
+    ``p -= lr / (1 - b1**t) * m / (sqrt(v) / sqrt(1 - b2**t) + eps)``. Optax's ``adam`` uses
+    the same placement; weight decay here is the *coupled* L2 form. Use :func:`adamw` for
+    decoupled decay.
+
+    Notes
+    -----
+    For step :math:`t` (1-based) with gradient :math:`g`:
+
+    .. math::
+
+        g &\leftarrow g + \lambda p \\
+        m &\leftarrow \beta_1 m + (1 - \beta_1) g \\
+        v &\leftarrow \beta_2 v + (1 - \beta_2) g^2 \\
+        p &\leftarrow p - \frac{\eta}{1-\beta_1^t}\,
+              \frac{m}{\sqrt{v}/\sqrt{1-\beta_2^t} + \epsilon}
+
+    References
+    ----------
+    D. P. Kingma and J. Ba, "Adam: A Method for Stochastic Optimization", ICLR 2015.
+
+    Examples
+    --------
+    >>> import adamnp
+    >>> cfg = adamnp.adam(lr=1e-2, weight_decay=1e-4)
+    >>> cfg.name, cfg.betas
+    ('adam', (0.9, 0.999))
+    """
+    return _make(
+        False, lr, betas, eps, weight_decay, amsgrad, maximize, nonfinite, max_grad_norm, unknown
+    )
+
+
+def adamw(
+    lr=1e-3,
+    betas=(0.9, 0.999),
+    eps=1e-8,
+    weight_decay=1e-2,
+    *,
+    amsgrad=False,
+    maximize=False,
+    nonfinite="raise",
+    max_grad_norm=None,
+    **unknown,
+) -> AdamConfig:
+    r"""AdamW: Adam with decoupled weight decay (``torch.optim.AdamW`` semantics).
+
+    Parameters are those of :func:`adam`, except that ``weight_decay`` (default ``1e-2``, as
+    in PyTorch) shrinks the parameters directly, ``p *= 1 - lr * weight_decay``, before the
+    Adam update; it never enters the moments.
+
+    Returns
+    -------
+    AdamConfig
+
+    Warnings
+    --------
+    The decay is multiplied by the learning rate (PyTorch's convention). Loshchilov & Hutter
+    describe a decay scaled by a separate schedule multiplier; optax's ``adamw`` also multiplies
+    by the learning rate. eps is outside the square root.
+
+    Notes
+    -----
+    .. math::
+
+        p &\leftarrow p\,(1 - \eta\lambda) \\
+        m &\leftarrow \beta_1 m + (1 - \beta_1) g, \quad
+        v \leftarrow \beta_2 v + (1 - \beta_2) g^2 \\
+        p &\leftarrow p - \frac{\eta}{1-\beta_1^t}\,
+              \frac{m}{\sqrt{v}/\sqrt{1-\beta_2^t} + \epsilon}
+
+    References
+    ----------
+    I. Loshchilov and F. Hutter, "Decoupled Weight Decay Regularization", ICLR 2019.
+
+    Examples
+    --------
+    >>> import adamnp
+    >>> cfg = adamnp.adamw(lr=3e-4)
+    >>> cfg.name, cfg.weight_decay
+    ('adamw', 0.01)
+    """
+    return _make(
+        True, lr, betas, eps, weight_decay, amsgrad, maximize, nonfinite, max_grad_norm, unknown
+    )

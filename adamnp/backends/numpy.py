@@ -1,0 +1,181 @@
+"""The NumPy reference backend: the formulas transcribed plainly; the oracle for the others.
+
+Each leaf is processed in chunks of :data:`CHUNK` elements, one NumPy ufunc per arithmetic
+operation, in exactly the order the other backends (and ``torch.optim``'s single-tensor path)
+use. Scalars arrive already rounded to the leaf dtype (:func:`._scalars.kernel_scalars`).
+
+Memory: besides the state itself, a step allocates two scratch buffers of ``CHUNK`` elements
+per leaf dtype (and, for 8-bit leaves, three more for the dequantized moments); nothing
+proportional to the size of a leaf. The non-finite check and the gradient norm work chunk by
+chunk too.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ._scalars import KernelScalars, kernel_scalars
+
+NAME = "numpy"
+CHUNK = 1 << 15  # elements per chunk: temporaries stay in cache
+
+
+def availability() -> str | None:
+    """Always usable: NumPy is a dependency."""
+    return None
+
+
+def owns(array) -> bool:
+    """True for host NumPy arrays."""
+    return isinstance(array, np.ndarray)
+
+
+def is_contiguous(a) -> bool:
+    """Whether ``a`` is C-contiguous."""
+    return a.flags.c_contiguous
+
+
+def is_writeable(a) -> bool:
+    """Whether ``a`` may be written."""
+    return a.flags.writeable
+
+
+def address_range(a) -> tuple[int, int]:
+    """``(first byte, one past the last byte)`` of a contiguous array."""
+    start = a.__array_interface__["data"][0]
+    return start, start + a.nbytes
+
+
+def zeros(n: int, dtype) -> np.ndarray:
+    """A zeroed flat host array."""
+    return np.zeros(n, dtype)
+
+
+def full(n: int, value, dtype) -> np.ndarray:
+    """A flat host array filled with ``value``."""
+    return np.full(n, value, dtype)
+
+
+def to_host(a) -> np.ndarray:
+    """A host copy of ``a``."""
+    return np.array(a, copy=True)
+
+
+def from_host(a: np.ndarray) -> np.ndarray:
+    """A backend (host) copy of ``a``."""
+    return np.array(a, copy=True)
+
+
+def copy_from_host(dst, src: np.ndarray) -> None:
+    """Copy host array ``src`` into backend array ``dst`` (same dtype and shape)."""
+    dst[...] = src
+
+
+def _chunks(n: int, chunk: int = CHUNK):
+    for lo in range(0, n, chunk):
+        yield lo, min(lo + chunk, n)
+
+
+def nonfinite_leaf(grads) -> int:
+    """Index of the first gradient with a NaN or Inf element, or -1."""
+    for i, g in enumerate(grads):
+        flat = g.reshape(-1)
+        for lo, hi in _chunks(flat.size):
+            part = flat[lo:hi]
+            # max/min propagate NaN and reach +-Inf; no boolean temporary of the leaf's size.
+            if not (np.isfinite(part.max()) and np.isfinite(part.min())):
+                return i
+    return -1
+
+
+def grad_sq_norm(grads) -> float:
+    """Sum of squares of all gradient elements, accumulated in float64 chunk by chunk."""
+    total = 0.0
+    for g in grads:
+        flat = g.reshape(-1)
+        for lo, hi in _chunks(flat.size):
+            part = flat[lo:hi].astype(np.float64)
+            total += float(np.dot(part, part))
+    return total
+
+
+def update_chunk(p, g, m, v, vmax, k: KernelScalars, s, t1, t2) -> None:
+    """One Adam/AdamW update of a chunk, in place on ``p``, ``m``, ``v`` (and ``vmax``).
+
+    ``t1`` and ``t2`` are scratch arrays of the chunk's length. The order of operations is
+    the contract every backend follows (element-wise, in the leaf dtype):
+
+    1. ``g = g * grad_scale``; ``g = -g`` if maximize
+    2. AdamW: ``p = p * decay``;  Adam with L2: ``g = g + wd * p``
+    3. ``m = m + w * (g - m)`` if ``w = 1 - b1 < 0.5`` else ``m = g - (g - m) * (1 - w)``
+       (torch's ``lerp``; both equal ``b1 * m + (1 - b1) * g``)
+    4. ``v = v * b2 + ((1 - b2) * g) * g``;  amsgrad: ``vmax = max(vmax, v)``, use ``vmax``
+    5. ``d = sqrt(v) / bc2_sqrt + eps``
+    6. ``p = p + (neg_step_size * m) / d``
+    """
+    gs = t1
+    np.multiply(g, k.grad_scale, out=gs)
+    if s.maximize:
+        np.negative(gs, out=gs)
+    if s.decoupled_decay:
+        np.multiply(p, k.decay, out=p)
+    elif s.l2_decay:
+        np.multiply(p, k.weight_decay, out=t2)
+        np.add(gs, t2, out=gs)
+    np.subtract(gs, m, out=t2)
+    if k.lerp_small:
+        np.multiply(t2, k.lerp_weight, out=t2)
+        np.add(m, t2, out=m)
+    else:
+        np.multiply(t2, k.lerp_keep, out=t2)
+        np.subtract(gs, t2, out=m)
+    np.multiply(v, k.beta2, out=v)
+    np.multiply(gs, k.one_minus_beta2, out=t2)
+    np.multiply(t2, gs, out=t2)
+    np.add(v, t2, out=v)
+    vv = v
+    if s.amsgrad:
+        np.maximum(vmax, v, out=vmax)
+        vv = vmax
+    np.sqrt(vv, out=t2)
+    np.divide(t2, k.bc2_sqrt, out=t2)
+    np.add(t2, k.eps, out=t2)
+    np.multiply(m, k.neg_step_size, out=t1)
+    np.divide(t1, t2, out=t1)
+    np.add(p, t1, out=p)
+
+
+def _step_fp32(group, params, grads, s) -> None:
+    k = kernel_scalars(s, group.dtype)
+    t1 = np.empty(CHUNK, group.dtype)
+    t2 = np.empty(CHUNK, group.dtype)
+    m_all, v_all = group.buffers["m"], group.buffers["v"]
+    vmax_all = group.buffers.get("vmax")
+    for j, leaf in enumerate(group.leaf_ids):
+        p = params[leaf].reshape(-1)
+        g = grads[leaf].reshape(-1)
+        base = group.offsets[j]
+        for lo, hi in _chunks(p.size):
+            n = hi - lo
+            a, b = base + lo, base + hi
+            update_chunk(
+                p[lo:hi],
+                g[lo:hi],
+                m_all[a:b],
+                v_all[a:b],
+                vmax_all[a:b] if vmax_all is not None else None,
+                k,
+                s,
+                t1[:n],
+                t2[:n],
+            )
+
+
+def step_group(group, params, grads, scalars, maps=None) -> None:
+    """Update every leaf of ``group`` in place (see :func:`update_chunk` for the math)."""
+    if group.kind == "fp32":
+        _step_fp32(group, params, grads, scalars)
+    else:
+        from ._q8_numpy import step_q8
+
+        step_q8(group, params, grads, scalars, maps)

@@ -1,0 +1,200 @@
+"""Checkpoints: bit-exact resume across processes, atomic writes, loud failures."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import zipfile
+
+import numpy as np
+import pytest
+
+import adamnp
+from adamnp import CheckpointError
+
+# A training script run in fresh processes: `run(state_or_none, first, last)` takes steps
+# first..last-1 with gradients that depend only on the step index.
+SCRIPT = textwrap.dedent(
+    """
+    import sys, numpy as np, adamnp
+    mode, backend, bits, path, out, n, m = sys.argv[1:8]
+    n, m, bits = int(n), int(m), int(bits)
+    rng = np.random.default_rng(0)
+    params = {"w": rng.standard_normal((64, 80)).astype(np.float32),
+              "b": rng.standard_normal(17).astype(np.float64), "s": np.float32([0.5])}
+    def grads(k):
+        r = np.random.default_rng(100 + k)
+        return {key: r.standard_normal(a.shape).astype(a.dtype) for key, a in params.items()}
+    cfg = adamnp.adamw(lr=1e-2, amsgrad=True, nonfinite="skip")
+    if mode == "all":
+        state = adamnp.init(params, cfg, backend=backend, state_bits=bits)
+        steps = range(n + m)
+    elif mode == "first":
+        state = adamnp.init(params, cfg, backend=backend, state_bits=bits)
+        steps = range(n)
+    else:
+        loaded = np.load(out + ".params.npz")
+        for key in params:
+            params[key][...] = loaded[key]
+        state = adamnp.load_state(path)
+        steps = range(n, n + m)
+    for k in steps:
+        g = grads(k)
+        if k == 3:
+            g["w"][0, 0] = np.nan  # a skipped step must survive the round trip too
+        adamnp.step(params, g, state)
+    if mode == "first":
+        adamnp.save_state(path, state)
+        np.savez(out + ".params.npz", **params)
+    else:
+        np.savez(out, step=state.step, skipped=state.skipped_steps, **params,
+                 **{f"state{i}_{k}": np.asarray(v) for i, s in enumerate(state.slots)
+                    for k, v in s._asdict().items() if isinstance(v, np.ndarray)})
+    """
+)
+
+
+def _run(tmp_path, *args):
+    script = tmp_path / "train.py"
+    script.write_text(SCRIPT)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(adamnp.__file__)))
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    subprocess.run([sys.executable, str(script), *map(str, args)], check=True, env=env)
+
+
+@pytest.mark.parametrize("bits", [32, 8])
+def test_resume_in_new_process_is_bit_identical(tmp_path, backend, bits):
+    if bits == 8:
+        pytest.importorskip("adamnp.quant")
+    ckpt, full, resumed = tmp_path / "s.npz", tmp_path / "full", tmp_path / "resumed"
+    _run(tmp_path, "all", backend, bits, ckpt, full, 5, 4)
+    _run(tmp_path, "first", backend, bits, ckpt, resumed, 5, 4)
+    _run(tmp_path, "rest", backend, bits, ckpt, resumed, 5, 4)
+    a, b = np.load(f"{full}.npz"), np.load(f"{resumed}.npz")
+    assert sorted(a.files) == sorted(b.files)
+    for key in a.files:
+        assert a[key].dtype == b[key].dtype
+        assert a[key].tobytes() == b[key].tobytes(), key
+    assert int(a["skipped"]) == 1 and int(a["step"]) == 8
+
+
+def _saved(tmp_path, **cfg):
+    p = {"w": np.ones((3, 4), np.float32)}
+    state = adamnp.init(p, adamnp.adamw(**cfg), backend="numpy")
+    adamnp.step(p, {"w": np.full((3, 4), 0.5, np.float32)}, state)
+    path = tmp_path / "ckpt.npz"
+    adamnp.save_state(path, state)
+    return path, state
+
+
+def test_dtypes_and_values_preserved(tmp_path):
+    path, state = _saved(tmp_path)
+    loaded = adamnp.load_state(path)
+    assert loaded.step == 1 and loaded.config == state.config
+    for s, t in zip(state.slots, loaded.slots):
+        assert s.m.dtype == t.m.dtype and s.m.tobytes() == t.m.tobytes()
+
+
+def test_truncated_file(tmp_path):
+    path, _ = _saved(tmp_path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="damaged, truncated"):
+        adamnp.load_state(path)
+
+
+def test_corrupted_byte(tmp_path):
+    path, state = _saved(tmp_path)
+    data = bytearray(path.read_bytes())
+    # flip a byte inside the stored first moment
+    needle = state.slots[0].m.tobytes()
+    pos = bytes(data).index(needle)
+    data[pos + 5] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError):
+        adamnp.load_state(path)
+
+
+def test_foreign_npz_and_non_zip(tmp_path):
+    foreign = tmp_path / "foreign.npz"
+    np.savez(foreign, m=np.zeros(3))
+    with pytest.raises(CheckpointError, match="not an adamnp checkpoint"):
+        adamnp.load_state(foreign)
+    text = tmp_path / "text.npz"
+    text.write_text("hello")
+    with pytest.raises(CheckpointError):
+        adamnp.load_state(text)
+
+
+def _rewrite_header(path, edit):
+    with np.load(path) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    header = json.loads(str(arrays["__adamnp__"][()]))
+    edit(header, arrays)
+    arrays["__adamnp__"] = np.array(json.dumps(header))
+    np.savez(path, **arrays)
+
+
+def test_newer_format_version(tmp_path):
+    path, _ = _saved(tmp_path)
+    _rewrite_header(path, lambda h, a: h.update(version=99))
+    with pytest.raises(CheckpointError, match="newer"):
+        adamnp.load_state(path)
+
+
+def test_array_that_disagrees_with_header(tmp_path):
+    path, _ = _saved(tmp_path)
+    _rewrite_header(path, lambda h, a: a.update({"leaf0/m": a["leaf0/m"].astype(np.float64)}))
+    with pytest.raises(CheckpointError, match="dtype"):
+        adamnp.load_state(path)
+    path, _ = _saved(tmp_path)
+    _rewrite_header(path, lambda h, a: a.update({"extra": np.zeros(1)}))
+    with pytest.raises(CheckpointError, match="unexpected"):
+        adamnp.load_state(path)
+    path, _ = _saved(tmp_path)
+    _rewrite_header(path, lambda h, a: a.pop("leaf0/v"))
+    with pytest.raises(CheckpointError, match="missing"):
+        adamnp.load_state(path)
+
+
+def test_no_pickle_inside(tmp_path):
+    path, _ = _saved(tmp_path)
+    with np.load(path, allow_pickle=False) as npz:
+        assert all(npz[k].dtype != object for k in npz.files)
+    with zipfile.ZipFile(path) as z:
+        assert z.testzip() is None
+
+
+def test_crash_during_write_keeps_previous_file(tmp_path, monkeypatch):
+    path, state = _saved(tmp_path)
+    good = path.read_bytes()
+
+    def boom(f, **arrays):
+        f.write(b"partial garbage")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(np, "savez", boom)
+    with pytest.raises(OSError, match="disk full"):
+        adamnp.save_state(path, state)
+    assert path.read_bytes() == good
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.npz"]  # no temporary left behind
+    monkeypatch.undo()
+    assert adamnp.load_state(path).step == 1
+
+
+def test_schedule_needs_config(tmp_path):
+    path, state = _saved(tmp_path, lr=lambda c: 1e-3)
+    with pytest.raises(ValueError, match="lr schedule"):
+        adamnp.load_state(path)
+    loaded = adamnp.load_state(path, config=state.config)
+    assert loaded.step == 1
+    with pytest.raises(ValueError, match="weight_decay"):
+        adamnp.load_state(path, config=adamnp.adamw(lr=lambda c: 1e-3, weight_decay=0.5))
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        adamnp.load_state(os.path.join(tmp_path, "nope.npz"))
