@@ -25,9 +25,11 @@ def adam_elem(
 
     Examples
     --------
+    The first step (t = 1, lr = 0.1, no eps) moves a parameter by lr against the gradient:
+
     >>> adam_elem(1.0, 0.5, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.1, 0.9, 0.999, 0.001,
     ...           -0.1 / 0.1, math.sqrt(0.001), 0.0, True, False, False, False, False)[0]
-    0.0
+    0.9
     """
     g = g * grad_scale
     if maximize:
