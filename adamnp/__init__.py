@@ -12,6 +12,7 @@ Examples
 array([-0.1, -0.1, -0.1, -0.1], dtype=float32)
 """
 
+from . import schedules
 from ._api import init, step
 from ._checkpoint import CheckpointError, load_state, save_state
 from ._config import AdamConfig, adam, adamw
@@ -30,5 +31,6 @@ __all__ = [
     "init",
     "load_state",
     "save_state",
+    "schedules",
     "step",
 ]
