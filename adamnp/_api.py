@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Collection
+from itertools import repeat
+from operator import attrgetter, itemgetter
 
 import numpy as np
 
@@ -192,9 +194,8 @@ def init(
     )
 
 
-def _validate(params, grads, state: AdamState):
-    if not isinstance(state, AdamState):
-        raise TypeError(f"state must be an AdamState from adamnp.init, got {type(state).__name__}")
+def _validate_full(params, grads, state: AdamState, be):
+    """Every check, leaf by leaf in tree order; raises the first problem found."""
     p_leaves, p_def, paths = flatten(params)
     g_leaves, g_def, _ = flatten(grads, "grads")
     if p_def != state.treedef:
@@ -208,7 +209,6 @@ def _validate(params, grads, state: AdamState):
             "grads must have the same tree structure as params "
             f"({len(g_leaves)} grad leaves vs {len(p_leaves)} params)"
         )
-    be = backends.get(state.backend)
     for i, path in enumerate(paths):
         shape, dtype = state.shapes[i], state.dtypes[i]
         err = _leaf_error(path, p_leaves[i], be, "params", shape, dtype)
@@ -218,7 +218,120 @@ def _validate(params, grads, state: AdamState):
         if err is not None:
             raise err
     _check_aliasing(p_leaves, g_leaves, paths, be)
-    return p_leaves, g_leaves, paths, be
+    return p_leaves, g_leaves
+
+
+# The fast path below accepts exactly what _validate_full accepts, minus some unusual but
+# valid inputs (ndarray subclasses, dict keys of str/int subclasses, ...), which it hands to
+# _validate_full; it never raises, so every error message comes from _validate_full. It
+# exists for trees of many small leaves, where the full path costs ~10 us per leaf.
+
+_CONTAINERS = (dict, list, tuple)
+_KEY_TYPES = frozenset((str, int))
+_HOST_PROBE = np.empty(0, np.float32)
+_ABSENT = object()
+_KEY, _SUBTREE = itemgetter(0), itemgetter(1)
+_SHAPE, _DTYPE = attrgetter("shape"), attrgetter("dtype")
+_C_CONTIGUOUS, _WRITEABLE = attrgetter("flags.c_contiguous"), attrgetter("flags.writeable")
+_MIN_VECTOR_ALIASING = 64  # leaves; below this the plain loop of _check_aliasing is cheaper
+
+
+def _leaves_like(tree, treedef, out: list) -> bool:
+    """Append the leaves of ``tree`` to ``out`` if :func:`flatten` would give ``treedef``."""
+    kind, children = treedef
+    if kind == "dict":
+        if not isinstance(tree, dict) or len(tree) != len(children):
+            return False
+        if not _KEY_TYPES.issuperset(map(type, tree)):
+            return False
+        # .get, not [], so that a defaultdict does not grow; a missing key gives _ABSENT
+        nodes = list(map(tree.get, map(_KEY, children), repeat(_ABSENT)))
+        subtrees = list(map(_SUBTREE, children))
+    else:
+        if not isinstance(tree, list if kind == "list" else tuple) or len(tree) != len(children):
+            return False
+        nodes, subtrees = tree, children
+    if subtrees.count(None) == len(subtrees):  # only leaves below: check their types at once
+        types = set(map(type, nodes))
+        if object in types or any(issubclass(t, _CONTAINERS) for t in types):
+            return False  # (an `object` is _ABSENT)
+        out.extend(nodes)
+        return True
+    for node, subtree in zip(nodes, subtrees):
+        if node is _ABSENT:
+            return False
+        if subtree is None:
+            if isinstance(node, _CONTAINERS):
+                return False
+            out.append(node)
+        elif not _leaves_like(node, subtree, out):
+            return False
+    return True
+
+
+def _host_leaves_ok(p_leaves, g_leaves, state: AdamState, be) -> bool:
+    """True if every leaf is a plain host ndarray passing :func:`_leaf_error`'s checks."""
+    if not be.owns(_HOST_PROBE):
+        return False
+    shapes, dtypes = list(state.shapes), list(state.dtypes)
+    return (
+        {*map(type, p_leaves), *map(type, g_leaves)} == {np.ndarray}
+        and list(map(_SHAPE, p_leaves)) == shapes
+        and list(map(_SHAPE, g_leaves)) == shapes
+        and list(map(_DTYPE, p_leaves)) == dtypes
+        and list(map(_DTYPE, g_leaves)) == dtypes
+        and all(map(_C_CONTIGUOUS, p_leaves))
+        and all(map(_WRITEABLE, p_leaves))
+        and all(map(_C_CONTIGUOUS, g_leaves))
+    )
+
+
+def _disjoint(leaves, be) -> bool:
+    """True if no two non-empty leaves share memory (vectorized; needs ``be.data_addresses``)."""
+    addresses = getattr(be, "data_addresses", None)
+    if addresses is None or len(leaves) < _MIN_VECTOR_ALIASING:
+        return False
+    lo = addresses(leaves)
+    hi = lo + np.fromiter((a.nbytes for a in leaves), np.int64, len(leaves))
+    used = hi > lo
+    lo, hi = lo[used], hi[used]
+    order = np.argsort(lo, kind="stable")
+    lo, hi = lo[order], hi[order]
+    return not np.any(lo[1:] < np.maximum.accumulate(hi)[:-1])
+
+
+def _validate_fast(params, grads, state: AdamState, be):
+    """``(p_leaves, g_leaves)`` if everything is valid and cheap to check, else None."""
+    if state.treedef is None:
+        if isinstance(params, _CONTAINERS) or isinstance(grads, _CONTAINERS):
+            return None
+        p_leaves, g_leaves = [params], [grads]
+    else:
+        p_leaves, g_leaves = [], []
+        if not (
+            _leaves_like(params, state.treedef, p_leaves)
+            and _leaves_like(grads, state.treedef, g_leaves)
+        ):
+            return None
+    if not _host_leaves_ok(p_leaves, g_leaves, state, be):
+        return None
+    if not _disjoint(p_leaves + g_leaves, be):
+        try:
+            _check_aliasing(p_leaves, g_leaves, state.paths, be)
+        except ValueError:
+            return None  # let _validate_full name the leaves
+    return p_leaves, g_leaves
+
+
+def _validate(params, grads, state: AdamState):
+    """Check everything about ``params``, ``grads`` and ``state``; ``(p_leaves, g_leaves, be)``."""
+    if not isinstance(state, AdamState):
+        raise TypeError(f"state must be an AdamState from adamnp.init, got {type(state).__name__}")
+    be = backends.get(state.backend)
+    leaves = _validate_fast(params, grads, state, be)
+    if leaves is None:
+        leaves = _validate_full(params, grads, state, be)
+    return (*leaves, be)
 
 
 def step(params, grads, state: AdamState) -> None:
@@ -254,7 +367,7 @@ def step(params, grads, state: AdamState) -> None:
     >>> p.round(6), state.step
     (array([ 0.9, -1.9], dtype=float32), 1)
     """
-    p_leaves, g_leaves, paths, be = _validate(params, grads, state)
+    p_leaves, g_leaves, be = _validate(params, grads, state)
     cfg = state.config
     lr = cfg.lr_at(state.step)
     nonfinite = -1
@@ -269,7 +382,7 @@ def step(params, grads, state: AdamState) -> None:
         if cfg.nonfinite == "skip":
             state.skipped_steps += 1
             return
-        gpath = paths[nonfinite].replace("params", "grads", 1)
+        gpath = flatten(grads, "grads")[2][nonfinite]
         raise ValueError(
             f"{gpath} contains NaN or Inf (nonfinite='raise'); nothing was updated. "
             "Use nonfinite='skip' to skip such steps or 'propagate' to compute through them"

@@ -1,0 +1,201 @@
+"""The Numba CPU backend: fused, parallel, multi-tensor kernels on host NumPy arrays.
+
+A step of a :class:`~adamnp._state.LeafGroup` is one compiled call, whatever the number of
+leaves: the leaves' data addresses go to a ``prange`` loop over fixed chunks of at most
+:data:`~._numba_util.CHUNK` elements, and each chunk is one SIMD pass over memory with the
+element math of :func:`~._elem.adam_elem` inlined (see :mod:`._numba_fp32`). Arithmetic is
+float32 for float32 leaves and float64 for float64 leaves, in the operation order of
+:func:`adamnp.backends.numpy.update_chunk`, without fast-math, so results equal the NumPy
+reference bit for bit and do not depend on the number of threads.
+
+Kernels are compiled on first use (one variant per dtype; flags are runtime values) and cached
+on disk (``NUMBA_CACHE_DIR`` or ``__pycache__``). A step allocates nothing proportional to the
+leaves' size. Host-memory helpers (``owns``, ``zeros``, ...) are the NumPy backend's.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import numpy as np
+
+from .numpy import (  # host memory: the same helpers as the reference
+    address_range,
+    copy_from_host,
+    from_host,
+    full,
+    is_contiguous,
+    is_writeable,
+    owns,
+    to_host,
+    zeros,
+)
+
+try:
+    import numba
+except ImportError:  # pragma: no cover - numba is a dependency
+    _MISSING = "the 'numba' backend needs Numba: pip install numba"
+else:
+    _MISSING = None
+    from ._numba_fp32 import step_fp32, traffic_kernel
+    from ._numba_reduce import first_nonfinite, sum_squares
+    from ._numba_util import CHUNK, chunk_table, data_addresses
+    from ._scalars import kernel_scalars
+
+NAME = "numba"
+
+__all__ = [
+    "NAME",
+    "address_range",
+    "availability",
+    "copy_from_host",
+    "data_addresses",
+    "from_host",
+    "full",
+    "grad_sq_norm",
+    "is_contiguous",
+    "is_writeable",
+    "nonfinite_leaf",
+    "owns",
+    "step_group",
+    "to_host",
+    "traffic_kernel",
+    "zeros",
+]
+
+
+def availability() -> str | None:
+    """None when Numba is importable, else what to install.
+
+    Examples
+    --------
+    >>> availability() is None
+    True
+    """
+    return _MISSING
+
+
+_TABLES: dict = {}  # chunk tables of recent gradient trees, keyed by their leaf sizes
+_MAX_TABLES = 16
+
+
+def _leaf_table(arrays):
+    """``(elements, chunk table, data addresses, item sizes)`` of a list of host arrays."""
+    sizes = np.fromiter((a.size for a in arrays), np.int64, len(arrays))
+    key = sizes.tobytes()
+    table = _TABLES.get(key)
+    if table is None:
+        if len(_TABLES) >= _MAX_TABLES:
+            _TABLES.clear()
+        table = _TABLES[key] = chunk_table(sizes, CHUNK)
+    itemsize = np.fromiter((a.itemsize for a in arrays), np.int64, len(arrays))
+    return int(sizes.sum()), table, data_addresses(arrays), itemsize
+
+
+PARALLEL_MIN = 1 << 16  # elements of work per extra thread (waking one costs ~10-50 us)
+
+
+def _launch(kernel, work: int, *args):
+    """Call the parallel ``kernel(*args)`` with one thread per ``PARALLEL_MIN`` elements of work.
+
+    Small calls then run on the calling thread without waking the pool: faster, and immune to
+    the multi-millisecond stalls a parallel region suffers when other processes hold the cores.
+    """
+    threads = numba.get_num_threads()
+    wanted = 1 + work // PARALLEL_MIN
+    if wanted >= threads:
+        return kernel(*args)
+    numba.set_num_threads(wanted)
+    try:
+        return kernel(*args)
+    finally:
+        numba.set_num_threads(threads)
+
+
+def nonfinite_leaf(grads) -> int:
+    """Index of the first gradient with a NaN or Inf element, or -1.
+
+    Examples
+    --------
+    >>> nonfinite_leaf([np.ones(3, np.float32), np.array([1.0, np.inf])])
+    1
+    """
+    if not grads:
+        return -1
+    return int(_launch(first_nonfinite, *_leaf_table(grads)))
+
+
+def grad_sq_norm(grads) -> float:
+    """Sum of squares of all gradient elements, accumulated in float64.
+
+    Deterministic: partial sums over fixed chunks are added in a fixed order, whatever the
+    number of threads (the order differs from the NumPy backend's, so the last bits may).
+
+    Examples
+    --------
+    >>> grad_sq_norm([np.full(3, 2.0, np.float32), np.ones(2)])
+    14.0
+    """
+    if not grads:
+        return 0.0
+    return float(_launch(sum_squares, *_leaf_table(grads)))
+
+
+_NO_VMAX = {}  # dtype -> empty array standing in for vmax when amsgrad is off
+_CACHES = weakref.WeakKeyDictionary()  # group -> dict, for groups without a ``cache`` field
+
+
+def _cache(group) -> dict:
+    """The group's backend-private cache (``group.cache``, or a dict living as long as it)."""
+    cache = getattr(group, "cache", None)
+    return _CACHES.setdefault(group, {}) if cache is None else cache
+
+
+def step_group(group, params, grads, scalars, maps=None) -> None:
+    """Update every leaf of ``group`` in place with one compiled call.
+
+    ``params`` and ``grads`` are the validated leaves of the whole tree (C-contiguous host
+    arrays of the group's dtype at ``group.leaf_ids``); ``scalars`` are the step's
+    :class:`~._scalars.StepScalars`. See :func:`adamnp.backends.numpy.update_chunk` for the
+    operations, which run in the same order.
+
+    Examples
+    --------
+    >>> import adamnp
+    >>> p = np.array([1.0, -2.0], np.float32)
+    >>> state = adamnp.init(p, adamnp.adam(lr=0.1), backend="numba")
+    >>> adamnp.step(p, np.array([0.5, -0.5], np.float32), state)  # calls step_group
+    >>> p.round(6)
+    array([ 0.9, -1.9], dtype=float32)
+    """
+    if group.kind != "fp32":
+        raise NotImplementedError(
+            f"the 'numba' backend does not implement {group.kind!r} state yet; "
+            "use backend='numpy' for 8-bit state"
+        )
+    cache = _cache(group)
+    table = cache.get("numba_chunks")
+    if table is None:
+        table = cache["numba_chunks"] = chunk_table(np.diff(group.offsets), CHUNK)
+    if table.shape[0] == 0:
+        return
+    vmax = group.buffers.get("vmax")
+    if scalars.amsgrad != (vmax is not None):
+        raise ValueError("amsgrad does not match the state's buffers (vmax)")
+    if vmax is None:
+        vmax = _NO_VMAX.setdefault(group.dtype, np.empty(0, group.dtype))
+    flags = (scalars.decoupled_decay, scalars.l2_decay, scalars.amsgrad, scalars.maximize)
+    _launch(
+        step_fp32,
+        int(group.offsets[-1]),
+        table,
+        group.leaf_ids,
+        group.offsets,
+        data_addresses(params),
+        data_addresses(grads),
+        group.buffers["m"],
+        group.buffers["v"],
+        vmax,
+        kernel_scalars(scalars, group.dtype),
+        flags,
+    )
