@@ -1,0 +1,202 @@
+"""Every backend against the NumPy reference: same params, moments and counters, bit for bit.
+
+Why bitwise. Each backend performs the operations of ``numpy.update_chunk`` in the same order,
+one IEEE-754 operation at a time in the leaf dtype, with the same scalars (rounded once by
+``_scalars.kernel_scalars``). Multiplication, division, addition and ``sqrt`` are correctly
+rounded in both NumPy's ufunc loops and LLVM's code, and Numba compiles without fast-math, so
+LLVM neither reassociates nor contracts a multiply and an add into an FMA (the tests in
+test_numba_cpu.py look at the assembly). So every element sees identical roundings, and the
+results are identical bits; any float32 tolerance (about 1e-7 relative per operation) would
+only hide a broken operation order. NaN compares equal to NaN: which NaN payload an operation
+returns depends on operand order, which the compiler may commute.
+
+One exception: with ``max_grad_norm`` the gradient norm is a sum whose order differs between
+backends (NumPy's BLAS dot per chunk, Numba's eight-lane partial sums), so the float64 norms
+agree only to a few ulps. float32 leaves still agree bitwise, because the scale is rounded to
+float32 before use; float64 leaves agree within :func:`clip_tolerance`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import adamnp
+from adamnp import backends
+from adamnp._tree import flatten, unflatten
+
+BACKENDS = [name for name in backends.NAMES if name != "numpy" and backends.available(name)]
+REF = backends.get("numpy")
+F32, F64 = np.dtype(np.float32), np.dtype(np.float64)
+
+CONFIGS = {
+    "adamw": lambda: adamnp.adamw(lr=1e-2),
+    "adam": lambda: adamnp.adam(lr=1e-2),
+    "adam-l2": lambda: adamnp.adam(lr=1e-2, weight_decay=0.1),
+    "adamw-no-decay": lambda: adamnp.adamw(lr=1e-2, weight_decay=0.0),
+    "amsgrad": lambda: adamnp.adamw(lr=1e-2, amsgrad=True),
+    "maximize": lambda: adamnp.adam(lr=1e-2, maximize=True, weight_decay=0.05),
+    "beta1-small": lambda: adamnp.adamw(lr=1e-2, betas=(0.3, 0.9)),  # the other lerp branch
+    "eps-zero": lambda: adamnp.adam(lr=1e-2, eps=0.0),  # 0/0 where g and m are zero
+    "schedule": lambda: adamnp.adamw(lr=lambda count: 0.05 / (1 + count)),
+    "clip": lambda: adamnp.adamw(lr=1e-2, max_grad_norm=0.5),
+    "skip-nan": lambda: adamnp.adamw(lr=1e-2, nonfinite="skip"),
+    "propagate-nan": lambda: adamnp.adamw(lr=1e-2, nonfinite="propagate", amsgrad=True),
+    "raise-nan": lambda: adamnp.adamw(lr=1e-2),
+}
+NAN_STEP = 1  # configs ending in "-nan" see NaN and +-Inf in the gradients of this step
+SIZES = (0, 1, 255, 256, 257, 4095, 4096)
+
+
+def make_tree(kind: str, size: int, dtype, rng):
+    """Initial params: one array, a nested dict/list/tuple, many leaves, or mixed dtypes."""
+
+    def a(n, dt=dtype):
+        return rng.standard_normal(n).astype(dt)
+
+    if kind == "single":
+        return a(size)
+    if kind == "nested":
+        return {
+            "w": a(size).reshape(1, size),
+            "blocks": [a(3), (a(size), {"gain": a(1), "empty": a(0)}), a(4097)],
+        }
+    if kind == "many":
+        return [a(1 + (37 * i) % size) for i in range(300)]
+    if kind == "mixed":
+        return {"f32": [a(n, F32) for n in (size, 1, 300)], "f64": [a(n, F64) for n in (size, 7)]}
+    raise ValueError(kind)
+
+
+def make_grads(params, step: int, special: bool):
+    """Gradients of one step: normal values, exact zeros, tiny and huge magnitudes (v = inf)."""
+    leaves, treedef, _ = flatten(params)
+    rng = np.random.default_rng(1000 + step)
+    out = []
+    for leaf in leaves:
+        g = rng.standard_normal(leaf.shape)
+        picks = rng.random(leaf.shape)
+        g[picks < 0.05] = 0.0
+        g[(picks >= 0.05) & (picks < 0.08)] *= 1e-30  # squares underflow in float32
+        g[(picks >= 0.08) & (picks < 0.09)] *= 3e19  # squares overflow in float32
+        g = g.astype(leaf.dtype)
+        if special and g.size:
+            flat = g.reshape(-1)
+            flat[rng.integers(flat.size, size=3)] = [np.nan, np.inf, -np.inf]
+        out.append(g)
+    return unflatten(treedef, out)
+
+
+def on(be, tree):
+    """A copy of a host tree in backend ``be``'s memory."""
+    leaves, treedef, _ = flatten(tree)
+    return unflatten(treedef, [be.from_host(np.asarray(x)) for x in leaves])
+
+
+def host_view(be, params, state):
+    """Params, moment buffers and counters as host arrays, for comparison."""
+    leaves = [np.asarray(be.to_host(x)) for x in flatten(params)[0]]
+    buffers = {
+        (i, name): np.asarray(be.to_host(buf))
+        for i, group in enumerate(state.groups)
+        for name, buf in sorted(group.buffers.items())
+    }
+    return leaves, buffers, (state.step, state.skipped_steps)
+
+
+def run(backend: str, case, steps: int):
+    """Take ``steps`` steps of ``case``; return the final host view and the errors raised."""
+    kind, size, dtype, config = case
+    be = backends.get(backend)
+    params = on(be, make_tree(kind, size, dtype, np.random.default_rng(7)))
+    state = adamnp.init(params, CONFIGS[config](), backend=backend)
+    errors = []
+    for t in range(steps):
+        grads = make_grads(params, t, special=config.endswith("-nan") and t == NAN_STEP)
+        try:
+            with np.errstate(all="ignore"):  # NumPy warns where v overflows; others are silent
+                adamnp.step(params, on(be, grads), state)
+        except ValueError as exc:
+            errors.append(str(exc))
+    return host_view(be, params, state), errors
+
+
+def assert_same_bits(got, want, what):
+    """Bitwise equality; any NaN equals any NaN."""
+    assert got.dtype == want.dtype and got.shape == want.shape, what
+    nan = np.isnan(want)
+    np.testing.assert_array_equal(np.isnan(got), nan, err_msg=f"{what}: NaN positions")
+    bits = np.dtype(f"i{want.itemsize}")
+    diff = np.flatnonzero(np.where(nan, 0, got).view(bits) != np.where(nan, 0, want).view(bits))
+    assert diff.size == 0, (
+        f"{what}: {diff.size} of {want.size} elements differ, first at {diff[0]}: "
+        f"{got.reshape(-1)[diff[0]]!r} vs {want.reshape(-1)[diff[0]]!r}"
+    )
+
+
+def clip_tolerance(want):
+    """Allowed |difference| for float64 results of a clipped step.
+
+    The two float64 norms are sums of the same squares in different orders: their relative
+    difference is at most ``n * eps64`` (recursive-summation bound; n <= 1e6 here, so 2e-10)
+    and in practice a few ulps. It reaches the scale ``max_grad_norm / (norm + 1e-6)`` and then
+    ``m``, ``v`` (twice) and the update (relative error about 3x that), while ``p`` itself only
+    adds roundings identical on both sides. Bound: 1e-9 relative, and 1e-9 * lr absolute where
+    an update cancels ``p``.
+    """
+    return dict(rtol=1e-9, atol=1e-11)
+
+
+def compare(got, want, case):
+    (g_leaves, g_bufs, g_counts), (w_leaves, w_bufs, w_counts) = got, want
+    assert g_counts == w_counts
+    assert sorted(g_bufs) == sorted(w_bufs)
+    pairs = [(f"leaf {i}", g, w) for i, (g, w) in enumerate(zip(g_leaves, w_leaves))]
+    pairs += [(f"group {k[0]} {k[1]}", g_bufs[k], w_bufs[k]) for k in sorted(w_bufs)]
+    for what, g, w in pairs:
+        if case[3] == "clip" and w.dtype == F64:
+            np.testing.assert_allclose(g, w, err_msg=what, **clip_tolerance(w))
+        else:
+            assert_same_bits(g, w, what)
+
+
+# One table drives the matrix: (tree kind, size, dtype, config), steps.
+CASES = (
+    [(("single", n, dt, "adamw"), 3) for n in SIZES for dt in (F32, F64)]
+    + [(("nested", 257, dt, c), 3) for c in CONFIGS for dt in (F32, F64)]
+    + [(("many", 70, F32, c), 3) for c in ("adamw", "amsgrad", "clip")]
+    + [(("mixed", 4096, None, c), 3) for c in ("adam-l2", "clip", "propagate-nan")]
+    + [(("single", 1_000_000, F32, "adamw"), 2), (("nested", 1_000_000, F64, "amsgrad"), 2)]
+)
+
+
+def case_id(case):
+    (kind, size, dtype, config), _ = case
+    return f"{kind}-{size}-{dtype.name if dtype else 'mixed'}-{config}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", CASES, ids=[case_id(c) for c in CASES])
+def test_backend_matches_reference(backend, case):
+    case, steps = case
+    (got, got_errors), (want, want_errors) = run(backend, case, steps), run("numpy", case, steps)
+    assert got_errors == want_errors
+    assert (len(want_errors) == 1) == (case[3] == "raise-nan")
+    compare(got, want, case)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [F32, F64])
+def test_reductions_match_reference(backend, dtype):
+    be = backends.get(backend)
+    params = make_tree("nested", 40_000, dtype, np.random.default_rng(3))
+    grads = flatten(make_grads(params, 0, special=False))[0]
+    dev = [be.from_host(g) for g in grads]
+    assert be.nonfinite_leaf(dev) == REF.nonfinite_leaf(grads) == -1
+    want = REF.grad_sq_norm(grads)
+    assert be.grad_sq_norm(dev) == pytest.approx(want, rel=1e-13)
+    for leaf in (0, 3, len(grads) - 1):
+        bad = [g.copy() for g in grads]
+        bad[leaf].reshape(-1)[-1] = np.inf if leaf % 2 else np.nan
+        dev = [be.from_host(g) for g in bad]
+        assert be.nonfinite_leaf(dev) == REF.nonfinite_leaf(bad) == leaf

@@ -1,0 +1,255 @@
+"""The Numba CPU backend: multi-tensor dispatch, threads, memory, reductions, generated code.
+
+Agreement with the NumPy reference is in test_backends_agree.py; this file checks what is
+particular to the Numba kernels.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import re
+import subprocess
+import sys
+import textwrap
+import tracemalloc
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import adamnp
+from adamnp import backends
+
+pytestmark = pytest.mark.skipif(not backends.available("numba"), reason="needs numba")
+if backends.available("numba"):
+    import numba
+
+    from adamnp.backends import _numba_util, numba_cpu
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tree(n_leaves, rng, sizes=(1, 100, 5000), dtypes=(np.float32,)):
+    return {
+        f"l{i:04d}": rng.standard_normal(sizes[i % len(sizes)]).astype(dtypes[i % len(dtypes)])
+        for i in range(n_leaves)
+    }
+
+
+def like(params, rng):
+    return {k: rng.standard_normal(a.shape).astype(a.dtype) for k, a in params.items()}
+
+
+def test_one_compiled_call_per_group(monkeypatch):
+    calls = []
+    kernel = numba_cpu.step_fp32
+    monkeypatch.setattr(numba_cpu, "step_fp32", lambda *a: calls.append(a[0].shape) or kernel(*a))
+    rng = np.random.default_rng(0)
+    params = tree(500, rng, dtypes=(np.float32, np.float64))
+    state = adamnp.init(params, adamnp.adamw(), backend="numba")
+    adamnp.step(params, like(params, rng), state)
+    assert len(state.groups) == 2 and len(calls) == 2  # 500 leaves, two dtypes, two calls
+    assert sum(rows for rows, _ in calls) == 500  # all leaves below CHUNK: one chunk each
+
+
+def _run_steps(params, grads, cfg, threads):
+    numba.set_num_threads(threads)
+    try:
+        params = {k: a.copy() for k, a in params.items()}
+        state = adamnp.init(params, cfg, backend="numba")
+        for g in grads:
+            adamnp.step(params, g, state)
+        norm = numba_cpu.grad_sq_norm(list(grads[0].values()))
+    finally:
+        numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+    bufs = [b.tobytes() for grp in state.groups for b in grp.buffers.values()]
+    return [a.tobytes() for a in params.values()], bufs, norm.hex()
+
+
+@pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="needs 2 threads")
+def test_results_do_not_depend_on_threads(monkeypatch):
+    monkeypatch.setattr(numba_cpu, "PARALLEL_MIN", 1)  # use every thread even for small trees
+    rng = np.random.default_rng(1)
+    params = tree(40, rng, sizes=(3, 40_000, 70_001), dtypes=(np.float32, np.float64))
+    grads = [like(params, rng) for _ in range(3)]
+    cfg = adamnp.adamw(amsgrad=True, max_grad_norm=10.0)
+    one = _run_steps(params, grads, cfg, 1)
+    assert _run_steps(params, grads, cfg, numba.config.NUMBA_NUM_THREADS) == one
+
+
+def test_small_calls_restore_thread_count():
+    before = numba.get_num_threads()
+    p = np.ones(10, np.float32)
+    state = adamnp.init(p, adamnp.adamw(max_grad_norm=1.0), backend="numba")
+    adamnp.step(p, np.ones(10, np.float32), state)
+    assert numba.get_num_threads() == before
+
+
+def _vm_kb(field):
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M).group(1))
+
+
+def test_step_allocates_nothing_proportional_to_size():
+    n = 4 << 20  # 16 MB per float32 array
+    rng = np.random.default_rng(2)
+    p = rng.standard_normal(n).astype(np.float32)
+    g = rng.standard_normal(n).astype(np.float32)
+    state = adamnp.init(p, adamnp.adamw(amsgrad=True, max_grad_norm=1.0), backend="numba")
+    adamnp.step(p, g, state)  # compile, touch the state's pages
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        adamnp.step(p, g, state)
+        peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20, f"a step allocated {peak} bytes through Python/NumPy"
+    try:  # peak resident memory also covers Numba's own allocator: reset it, step, read it
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pytest.skip("cannot reset the peak RSS here (needs Linux /proc/self/clear_refs)")
+    rss = _vm_kb("VmRSS")
+    adamnp.step(p, g, state)
+    grown = _vm_kb("VmHWM") - rss
+    assert grown < 4096, f"peak RSS grew by {grown} kB during a step of 4M elements"
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_nonfinite_leaf_finds_the_first_bad_leaf(dtype):
+    info = np.finfo(dtype)
+    chunk = _numba_util.CHUNK
+    grads = [np.zeros(n, dtype) for n in (5, 1, chunk + 3, 3 * chunk, 0, 17)]
+    fine = [info.max, -info.max, info.smallest_subnormal, -0.0, info.tiny]
+    for g in grads:
+        g[: len(fine)] = fine[: g.size]
+    assert numba_cpu.nonfinite_leaf(grads) == -1
+    assert numba_cpu.nonfinite_leaf([]) == -1
+    size = np.dtype(dtype).itemsize
+    signaling = np.array([{4: 0x7F800001, 8: 0x7FF0000000000001}[size]], f"u{size}").view(dtype)
+    for bad in (np.nan, -np.nan, np.inf, -np.inf, signaling[0]):
+        for leaf, pos in ((0, 0), (2, chunk - 1), (2, chunk), (3, 3 * chunk - 1), (5, 16)):
+            trial = [g.copy() for g in grads]
+            trial[leaf][pos] = bad
+            trial[-1][0] = np.inf  # a later bad leaf does not matter
+            assert numba_cpu.nonfinite_leaf(trial) == leaf, (bad, leaf, pos)
+
+
+def test_grad_sq_norm_is_accurate_and_reproducible():
+    rng = np.random.default_rng(4)
+    grads = [rng.standard_normal(n).astype(d) for n, d in ((100_003, np.float32), (7, np.float64))]
+    grads += [np.zeros(0, np.float32), np.full(3 * _numba_util.CHUNK + 5, 1e-3, np.float32)]
+    exact = math.fsum(float(x) ** 2 for g in grads for x in g.astype(np.float64))
+    got = numba_cpu.grad_sq_norm(grads)
+    assert got == pytest.approx(exact, rel=1e-14)
+    assert all(numba_cpu.grad_sq_norm(grads) == got for _ in range(3))
+    assert numba_cpu.grad_sq_norm([]) == 0.0
+
+
+def test_traffic_kernel_touches_what_a_step_touches():
+    rng = np.random.default_rng(5)
+    p, g, m, v = (rng.standard_normal(100_001).astype(np.float32) for _ in range(4))
+    want = (p + g, m + g, v + g)
+    g0 = g.copy()
+    numba_cpu.traffic_kernel(p, g, m, v)
+    for got, expected in zip((p, m, v), want):
+        np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(g, g0)
+
+
+def test_q8_groups_are_not_implemented_yet():
+    from adamnp._state import LeafGroup
+    from adamnp.backends._scalars import host_scalars
+
+    ids, offsets = np.zeros(1, np.int64), np.array([0, 4], np.int64)
+    group = LeafGroup("q8", np.dtype(np.float32), ids, offsets, offsets, 256, {})
+    p = [np.zeros(4, np.float32)]
+    s = host_scalars(adamnp.adamw(), 1, 1e-3)
+    with pytest.raises(NotImplementedError, match="'q8'"):
+        numba_cpu.step_group(group, p, p, s)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_data_addresses(monkeypatch, fast):
+    if not fast:
+        monkeypatch.setattr(_numba_util, "_DATA_OFFSET", None)
+    base = np.arange(100.0)
+    arrays = [base, base[3:], base[:0], np.ones((2, 3), np.float32), np.array(1.0)]
+    arrays = arrays * 3  # more than the short-list threshold
+    want = [a.__array_interface__["data"][0] for a in arrays]
+    assert _numba_util.data_addresses(arrays).tolist() == want
+
+
+# -- the fast validation path in _api (taken for host backends) rejects what the full one does
+
+
+def _big_tree(rng, n=100):
+    params = {f"k{i:03d}": rng.standard_normal(8).astype(np.float32) for i in range(n)}
+    return params, like(params, rng)
+
+
+def test_fast_validation_rejects_aliasing_in_big_trees():
+    rng = np.random.default_rng(6)
+    params, grads = _big_tree(rng)
+    state = adamnp.init(params, adamnp.adamw(), backend="numba")
+    grads["k050"] = params["k010"][2:6].repeat(2)  # a copy: fine
+    adamnp.step(params, grads, state)
+    grads["k050"] = np.concatenate([params["k049"], params["k051"]])[4:12]  # still a copy
+    adamnp.step(params, grads, state)
+    whole = np.zeros(16, np.float32)
+    params["k020"], grads["k070"] = whole[:8], whole[4:12]
+    with pytest.raises(ValueError, match=r"grads\['k070'\] shares memory with params\['k020'\]"):
+        adamnp.step(params, grads, state)
+    assert state.step == 2
+
+
+def test_fast_validation_never_inserts_keys_or_rejects_valid_subclasses():
+    rng = np.random.default_rng(7)
+    params, grads = _big_tree(rng, 70)
+    state = adamnp.init(params, adamnp.adamw(), backend="numba")
+    missing = defaultdict(lambda: np.zeros(8, np.float32), list(grads.items())[1:])
+    with pytest.raises(ValueError, match="tree structure"):
+        adamnp.step(params, missing, state)
+    assert len(missing) == 69
+
+    class Sub(np.ndarray):
+        pass
+
+    grads["k003"] = grads["k003"].view(Sub)
+    adamnp.step(params, grads, state)
+    assert state.step == 1
+
+
+# -- generated code
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 assembly")
+def test_hot_loops_are_simd_and_fma_free(tmp_path):
+    """Compile in a fresh process and cache (cached code cannot be inspected)."""
+    script = textwrap.dedent(
+        """
+        import re, numpy as np, adamnp
+        from adamnp.backends._numba_fp32 import step_fp32
+        from adamnp.backends._numba_reduce import first_nonfinite
+        p = np.ones(1000, np.float32)
+        state = adamnp.init(p, adamnp.adamw(), backend="numba")
+        adamnp.step(p, np.ones(1000, np.float32), state)
+        pattern = re.compile(r"^\\s+(v?(?:divps|sqrtps|pmaxsd|fmadd\\w*|fnmadd\\w*))\\s", re.M)
+        for f in (step_fp32, first_nonfinite):
+            ops = sorted(set(pattern.findall(f.inspect_asm(f.signatures[0]))))
+            print(f.__name__, *ops)
+        """
+    )
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path), "PYTHONPATH": str(ROOT)}
+    out = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True
+    ).stdout
+    ops = {line.split()[0]: set(line.split()[1:]) for line in out.splitlines()}
+    step_ops, check_ops = ops["step_fp32"], ops["first_nonfinite"]
+    assert {"divps", "sqrtps"} <= {op.removeprefix("v") for op in step_ops}, out
+    assert not any("fmadd" in op or "fnmadd" in op for op in step_ops), out
+    assert "pmaxsd" in {op.removeprefix("v") for op in check_ops}, out
