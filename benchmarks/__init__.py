@@ -1,0 +1,1 @@
+"""asv benchmarks of adamnp (run from the repository root; see benchmarks/README.md)."""

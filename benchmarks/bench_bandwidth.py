@@ -1,0 +1,81 @@
+"""How close a step runs to memory bandwidth, and to torch's fused AdamW on the same data."""
+
+from __future__ import annotations
+
+import numpy as np
+
+import adamnp
+from adamnp import backends
+
+from ._common import BACKENDS, interleaved_medians, warm_state
+
+SIZES = [1_000_000, 16_000_000, 64_000_000]
+
+
+def _traffic_kernel():
+    if not backends.available("numba"):
+        raise NotImplementedError("traffic_kernel needs numba")
+    from adamnp.backends.numba_cpu import traffic_kernel
+
+    return traffic_kernel
+
+
+class Bandwidth:
+    """Step time over ``traffic_kernel`` time on the same bytes (28 per float32 element).
+
+    ``traffic_kernel`` reads p, g, m, v and writes p, m, v with trivial arithmetic, so the
+    ratio is the step's cost relative to one pure memory pass: 1.0 is bandwidth-bound. The
+    default ``nonfinite="raise"`` adds one read of g (4 bytes); ``"propagate"`` does not.
+    """
+
+    params = (BACKENDS, SIZES, ["raise", "propagate"])
+    param_names = ["backend", "n", "nonfinite"]
+    timeout = 600
+
+    def setup(self, backend, n, nonfinite):
+        traffic_kernel = _traffic_kernel()
+        self.step = warm_state(backend, 1, n, nonfinite=nonfinite)
+        buffers = [np.ones(n, np.float32) for _ in range(4)]
+        self.traffic = lambda: traffic_kernel(*buffers)
+        self.traffic()
+
+    def track_step_over_traffic(self, backend, n, nonfinite):
+        step, traffic = interleaved_medians(lambda: adamnp.step(*self.step), self.traffic)
+        return step / traffic
+
+    track_step_over_traffic.unit = "ratio"
+
+
+class Torch:
+    """torch.optim.AdamW(fused=True) on the CPU, same data and hyperparameters."""
+
+    params = (SIZES, ["raise", "propagate"])
+    param_names = ["n", "nonfinite"]
+    timeout = 600
+
+    def setup(self, n, nonfinite):
+        try:
+            import torch
+        except ImportError:
+            raise NotImplementedError("torch is not installed") from None
+        if not backends.available("numba"):
+            raise NotImplementedError("needs numba")
+        self.step = warm_state("numba", 1, n, nonfinite=nonfinite)
+        p, g, _ = self.step
+        param = torch.from_numpy(p["l00000"].copy()).requires_grad_()
+        param.grad = torch.from_numpy(g["l00000"].copy())
+        config = self.step[2].config
+        self.opt = torch.optim.AdamW(
+            [param], lr=config.lr, betas=config.betas, eps=config.eps,
+            weight_decay=config.weight_decay, fused=True,
+        )  # fmt: skip
+        self.opt.step()
+
+    def time_torch_fused_step(self, n, nonfinite):
+        self.opt.step()
+
+    def track_numba_over_torch(self, n, nonfinite):
+        ours, theirs = interleaved_medians(lambda: adamnp.step(*self.step), self.opt.step)
+        return ours / theirs
+
+    track_numba_over_torch.unit = "ratio"
