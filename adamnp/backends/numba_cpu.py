@@ -9,8 +9,11 @@ float32 for float32 leaves and float64 for float64 leaves, in the operation orde
 reference bit for bit and do not depend on the number of threads.
 
 Kernels are compiled on first use (one variant per dtype; flags are runtime values) and cached
-on disk (``NUMBA_CACHE_DIR`` or ``__pycache__``). A step allocates nothing proportional to the
-leaves' size. Host-memory helpers (``owns``, ``zeros``, ...) are the NumPy backend's.
+on disk (``NUMBA_CACHE_DIR`` or ``__pycache__``). Numba keys a cached kernel on its own source
+file only: after editing ``_elem.py`` or ``_numba_util.py``, delete the ``*.nbi``/``*.nbc``
+files. A step allocates nothing proportional to the leaves' size. Arenas are cache-line
+aligned; the other host-memory helpers (``owns``, ``to_host``, ...) are the NumPy backend's.
+Small calls run on fewer threads (:data:`PARALLEL_MIN`); results never depend on it.
 """
 
 from __future__ import annotations
