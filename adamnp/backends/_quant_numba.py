@@ -32,10 +32,8 @@ def quantize_blockwise(x, block_size, table, shift, lo, nb, codes, absmax):
     for b in prange(absmax.size):
         start = b * block_size
         stop = min(start + block_size, n)
-        amax = 0
-        for i in range(
-            np.uint64(start), np.uint64(stop)
-        ):  # an integer max over |x|'s bits vectorizes
+        amax = 0  # an integer max over the bits of |x| vectorizes, a float max does not
+        for i in range(np.uint64(start), np.uint64(stop)):
             amax = max(amax, np.float32(x[i]).view(np.int32) & 0x7FFFFFFF)
         scale = np.int32(amax).view(np.float32)
         absmax[b] = scale
