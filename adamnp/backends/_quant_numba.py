@@ -20,6 +20,12 @@ _KERNEL = {"parallel": True, "cache": True, "fastmath": False, "error_model": "n
 quantize_bits = njit(inline="always", error_model="numpy")(_q8_elem.quantize_bits)
 
 
+@njit(inline="always", error_model="numpy")
+def quantize_scaled(s, table, shift, lo, nb):
+    """The code of the float32 scaled value `s`: `quantize_bits` of its bit pattern."""
+    return quantize_bits(np.float32(s).view(np.int32), table, shift, lo, nb)
+
+
 @njit(**_KERNEL)
 def quantize_blockwise(x, block_size, table, shift, lo, nb, codes, absmax):
     """Quantize the 1-D float32 array `x` into `codes` (uint8, like `x`) and `absmax`.
@@ -42,8 +48,7 @@ def quantize_blockwise(x, block_size, table, shift, lo, nb, codes, absmax):
         if amax == 0:
             scale = np.float32(1.0)
         for i in range(np.uint64(start), np.uint64(stop)):
-            s = x[i] / scale
-            codes[i] = quantize_bits(np.float32(s).view(np.int32), table, shift, lo, nb)
+            codes[i] = quantize_scaled(x[i] / scale, table, shift, lo, nb)
 
 
 @njit(**_KERNEL)
