@@ -19,6 +19,8 @@ from functools import lru_cache
 
 import numpy as np
 
+from adamnp.backends import _q8_elem
+
 __all__ = ["dequantize_blockwise", "dynamic_map", "quantize_blockwise"]
 
 _BACKENDS = ("auto", "numpy", "numba")
@@ -171,8 +173,6 @@ def _quantize_into(flat, code, block_size, codes_out, absmax_out, backend="auto"
     ``ceil(flat.size / block_size)``. Raises ValueError on NaN or Inf, possibly after writing
     part of the outputs.
     """
-    from adamnp.backends import _q8_elem
-
     kernels = _numba_module(backend)
     tables = None
     if kernels is not None:
