@@ -12,11 +12,12 @@ Examples
 array([-0.1, -0.1, -0.1, -0.1], dtype=float32)
 """
 
-from . import schedules
+from . import quant, schedules
 from ._api import init, step
 from ._checkpoint import CheckpointError, load_state, save_state
 from ._config import AdamConfig, adam, adamw
 from ._state import AdamState, Fp32Slot, QuantSlot
+from .quant import dequantize_blockwise, dynamic_map, quantize_blockwise
 
 __version__ = "0.1.0"
 
@@ -28,8 +29,12 @@ __all__ = [
     "QuantSlot",
     "adam",
     "adamw",
+    "dequantize_blockwise",
+    "dynamic_map",
     "init",
     "load_state",
+    "quant",
+    "quantize_blockwise",
     "save_state",
     "schedules",
     "step",
