@@ -163,14 +163,16 @@ def verify(backends, bits, size, steps, out=None) -> tuple[list, int]:
     shapes = leaf_shapes(size)
     configs = hyperparameter_sets()
     rows, failures, notes = [], 0, {}
-    refs = {}
+    refs, problems = {}, {}
     for backend in [b for b in backends if b != "numpy"]:
         for k in bits:
             dtypes = (np.float32, np.float64) if k == 32 else (np.float32,)
             for dtype in dtypes:
                 for label, config in configs.items():
                     key = (k, np.dtype(dtype).name, label)
-                    params0, grads = _problem(shapes, dtype, steps)
+                    if dtype not in problems:
+                        problems[dtype] = _problem(shapes, dtype, steps)
+                    params0, grads = problems[dtype]
                     if key not in refs:
                         refs[key] = run_once("numpy", config, k, params0, grads)
                     ref = refs[key]

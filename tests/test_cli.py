@@ -10,6 +10,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,6 +22,7 @@ from adamnp.backends import numpy as numpy_backend
 
 DEMO_HEADER = ["problem", "backend", "bits", "final loss", "steps/s", "state MB", "max |dp| vs"]
 VERIFY_HEADER = ["backend", "bits", "dtype", "hyperparameters", "params [u]", "codes differing"]
+ROOT = Path(__file__).resolve().parent.parent  # run the checkout's adamnp, not an installed one
 BENCH_HEADER = ["backend", "bits", "size", "us/step", "ns/elem", "GB/s", "% traffic"]
 
 
@@ -181,7 +183,7 @@ def test_module_entry_point():
     done = subprocess.run(
         [sys.executable, "-m", "adamnp", "demo", "--problem", "rosenbrock", "--steps", "3",
          "--backend", "numpy", "--bits", "32"],
-        capture_output=True, text=True, check=False, timeout=60,
+        capture_output=True, text=True, check=False, timeout=60, cwd=ROOT,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "final loss" in done.stdout
