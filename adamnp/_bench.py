@@ -133,7 +133,8 @@ def _row(name, bits, n, seconds, nbytes, traffic):
         row += ["-", "-"]
     else:
         tgbs = 28.0 * n / traffic[0] / 1e9
-        row += [f"{tgbs:.2f} ({traffic[1]})", f"{100 * gbs / tgbs:.0f}%"]
+        share = 100 * gbs / tgbs
+        row += [f"{tgbs:.2f} ({traffic[1]})", f"{share:.0f}%" if share < 1000 else ">999%"]
         data["traffic_gbs"] = tgbs
     return row, data
 

@@ -186,9 +186,10 @@ def main(args, out=None) -> int:
     print("training (loss on all data at 0%, 20%, ..., 100% of the steps):", file=out)
     run_demo(problems, backends, bits, args.steps, out=out)
     print(
-        "\nsteps/s: adamnp.step calls per second (gradients excluded; first step, which may "
-        "compile, excluded).\nstate MB: optimizer state (state.nbytes()). max |dp| vs numpy: "
-        "largest parameter difference from the NumPy reference run with the same bits.",
+        "\nsteps/s: adamnp.step calls per second; gradients and the first step (which may "
+        "compile) excluded\nstate MB: optimizer state, state.nbytes() / 1e6\n"
+        "max |dp| vs numpy: largest parameter difference from the NumPy reference run with "
+        "the same bits",
         file=out,
     )
     return 0

@@ -31,8 +31,12 @@ def run(capsys, *argv):
     return code, capsys.readouterr().out
 
 
-def fake_backend(monkeypatch, name="numba", nudge=False):
-    """Register the NumPy reference as backend ``name``; ``nudge``: move params by 1000 ulps."""
+def fake_backend(monkeypatch, name="numba", nudge=False, code_shift=0):
+    """Register the NumPy reference as backend ``name``.
+
+    ``nudge``: move params by 1000 ulps per step; ``code_shift``: move the first 8-bit code of
+    the first moment by this much after every step.
+    """
     attrs = {k: getattr(numpy_backend, k) for k in dir(numpy_backend) if not k.startswith("__")}
     fake = types.SimpleNamespace(**attrs)
     fake.NAME = name
@@ -43,6 +47,10 @@ def fake_backend(monkeypatch, name="numba", nudge=False):
             for i in group.leaf_ids:
                 p = params[i]
                 p[...] = p + 1000 * np.spacing(p)
+        if code_shift and group.kind == "q8":
+            codes = group.buffers["codes_m"]
+            c = int(codes[0])
+            codes[0] = c + code_shift if c + code_shift <= 255 else c - code_shift
 
     fake.step_group = step_group
     real_get = backends.get
@@ -149,6 +157,31 @@ def test_verify_skips_missing_eight_bit(capsys, monkeypatch):
                     "--bits", "8")  # fmt: skip
     assert code == 0
     assert "skip: 8-bit state not available" in out and "4 skipped" in out
+
+
+def eight_bit_works() -> bool:
+    try:
+        p = np.zeros(4096, np.float32)
+        adamnp.step(
+            p, np.ones_like(p), adamnp.init(p, adamnp.adamw(), backend="numpy", state_bits=8)
+        )
+    except (ImportError, NotImplementedError):
+        return False
+    return True
+
+
+@pytest.mark.parametrize("shift, verdict, code", [(0, "pass", 0), (1, "pass", 0), (3, "FAIL", 1)])
+def test_verify_counts_eight_bit_codes(capsys, monkeypatch, shift, verdict, code):
+    if not eight_bit_works():
+        pytest.skip("8-bit state is not built into this installation")
+    fake_backend(monkeypatch, code_shift=shift)
+    code_got, out = run(capsys, "verify", "--backend", "numba", "--size", "300", "--steps", "1",
+                        "--bits", "8")  # fmt: skip
+    rows = [line.split() for line in out.splitlines() if line.startswith("numba       8")]
+    assert len(rows) == 4 and all(r[-1] == verdict for r in rows)
+    # the shifted code is the one counted (the last step's shift; earlier ones are overwritten)
+    assert all(r[-2].startswith(f"{int(shift > 0)}/") for r in rows)
+    assert code_got == code
 
 
 def test_bench_table(capsys):
