@@ -127,8 +127,8 @@ def run_demo(problems, backends, bits, steps=None, out=None) -> list[Run]:
 
         start = time.perf_counter()
         run = train(problem, backend, k, steps, on_loss=show)
-        tail = run.error if run.error else f"  ({time.perf_counter() - start:.1f} s)"
-        print(f" {tail}" if run.error else tail, file=out, flush=True)
+        tail = "  n/a (see below)" if run.error else f"  ({time.perf_counter() - start:.1f} s)"
+        print(tail, file=out, flush=True)
         runs.append(run)
     ref = {(r.problem, r.bits): r for r in runs if r.backend == "numpy" and r.error is None}
     rows = []
@@ -158,6 +158,8 @@ def run_demo(problems, backends, bits, steps=None, out=None) -> list[Run]:
     ]
     print(file=out)
     print(cli.table(headers, rows), file=out)
+    for reason in dict.fromkeys(r.error for r in runs if r.error):
+        print(f"n/a: {reason}", file=out)
     return runs
 
 
