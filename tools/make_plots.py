@@ -58,8 +58,8 @@ def convergence(path: Path, steps: int | None) -> None:
                     print(f"{problem.name} {name} {bits}-bit: {run.error}", file=sys.stderr)
                     continue
                 t, loss = zip(*run.history)
-                ax.plot(t, loss, STYLE[name], color=COLOR[bits], lw=2.4 if name == "numpy" else 1.2,
-                        label=f"{name}, {bits}-bit state")  # fmt: skip
+                ax.plot(t, loss, STYLE[name], color=COLOR[bits], lw=3.0 if bits == 32 else 1.4,
+                        label=f"{name}, {bits}-bit state (final {run.loss:.4g})")  # fmt: skip
                 print(f"{problem.name:<10} {name:<6} {bits:2d}-bit  final loss {run.loss:.4g}")
         ax.set_yscale("log")
         ax.set_xlabel("optimizer step")
