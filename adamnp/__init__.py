@@ -21,6 +21,16 @@ from .quant import dequantize_blockwise, dynamic_map, quantize_blockwise
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    # adamnp.scipy imports scipy.optimize; load it on first use so `import adamnp` stays light.
+    if name == "scipy":
+        import importlib
+
+        return importlib.import_module(".scipy", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "AdamConfig",
     "AdamState",
