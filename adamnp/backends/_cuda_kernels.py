@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import math
 from types import SimpleNamespace
 
 import numpy as np
@@ -177,7 +178,7 @@ def build() -> SimpleNamespace:
         acc = f64(0.0)
         for i in range(lo + t, hi, threads):
             x = g[i]
-            if x - x != 0:  # NaN or Inf
+            if not math.isfinite(x):
                 bad[c] = 1
             y = f64(x)
             acc += y * y

@@ -28,6 +28,7 @@ from ._scalars import kernel_scalars
 
 NAME = "cuda"
 INSTALL = 'pip install "adamnp[cuda]"'
+NO_8BIT = "8-bit state is not implemented on the 'cuda' backend yet; use state_bits=32"
 
 
 def _k():
@@ -120,9 +121,11 @@ def _launch(kernel, blocks: int, *args) -> None:
 
 def full(n: int, value, dtype):
     """A flat device array of ``n`` elements equal to ``value``."""
+    if np.dtype(dtype) == np.uint8:  # codes of 8-bit state: refuse at init, not mid-step
+        raise NotImplementedError(NO_8BIT)
     a = _k().cuda.device_array(n, dtype)
     if n:
-        blocks = min(-(-n // _k().threads), 1 << 14)
+        blocks = min(-(-n // _k().chunk), 1 << 14)
         _launch(_k().fill, blocks, a, np.dtype(dtype).type(value))
     return a
 
@@ -218,9 +221,7 @@ def step_group(group, params, grads, scalars, maps=None) -> None:
     The math and its order are those of :func:`adamnp.backends.numpy.update_chunk`.
     """
     if group.kind != "fp32":
-        raise NotImplementedError(
-            "8-bit state is not implemented on the 'cuda' backend yet; use state_bits=32"
-        )
+        raise NotImplementedError(NO_8BIT)
     plan = _plan(group)
     if plan.nchunks == 0:
         return
