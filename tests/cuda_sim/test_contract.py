@@ -244,3 +244,16 @@ def test_interface_helpers_on_device_arrays():
     assert be.is_contiguous(a) and be.is_writeable(a)
     assert not be.is_contiguous(a[:, ::2])
     assert be.address_range(a[1:2]) == (lo + 24, lo + 48)
+
+
+def test_gpu_check_script_runs(capsys):
+    # The GPU check cannot run without a GPU; exercise its code paths at simulator sizes.
+    from adamnp import _gpu_check as check
+
+    assert check.main([]) == 2  # refuses the simulator
+    assert check.reductions(cuda, sizes=(300, 3, 700))
+    assert check.agreement(cuda, [300, 5], np.float32, "adam-l2-amsgrad", steps=2)
+    assert check.agreement(cuda, [257], np.float64, "maximize-clip", steps=2)
+    check.bandwidth(cuda, n=600, repeat=1, many=3)
+    out = capsys.readouterr().out
+    assert "FAIL" not in out and out.count("of traffic") == 4
