@@ -67,6 +67,8 @@ def assert_same(host_params, dev_params, s_ref, s_dev) -> None:
 def grads_like(params, rng, steps: int, scale: float = 1.0) -> list:
     leaves, treedef, _ = flatten(params)
     return [
-        unflatten(treedef, [(rng.standard_normal(a.shape) * scale).astype(a.dtype) for a in leaves])
+        unflatten(
+            treedef, [np.asarray(rng.standard_normal(a.shape) * scale, a.dtype) for a in leaves]
+        )
         for _ in range(steps)
     ]

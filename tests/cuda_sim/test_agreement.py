@@ -28,6 +28,7 @@ def tree(rng):
         "d": rng.standard_normal(300).astype(np.float64),
         "layers": [np.zeros(0, np.float32), rng.standard_normal((3, 2)).astype(np.float64)],
         "s": np.float32([0.25]),
+        "scalar": np.array(-1.5, np.float64),  # 0-d
     }
 
 
