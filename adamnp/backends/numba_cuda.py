@@ -117,6 +117,11 @@ def _stream():
     return _k().cuda.default_stream()
 
 
+def synchronize() -> None:
+    """Wait until all queued device work has finished (for timings)."""
+    _k().cuda.synchronize()
+
+
 def _launch(kernel, blocks: int, *args) -> None:
     k = _k()
     with k.exact_arithmetic():

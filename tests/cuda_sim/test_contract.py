@@ -231,6 +231,7 @@ def test_traffic_kernel_touches_the_step_bytes():
     host = [np.full(n, x, np.float32) for x in (1.0, 2.0, 3.0, 4.0)]
     p, g, m, v = (cuda.to_device(a) for a in host)
     be.traffic_kernel(p, g, m, v)
+    be.synchronize()
     np.testing.assert_array_equal(p.copy_to_host(), host[0] + host[1])
     np.testing.assert_array_equal(m.copy_to_host(), host[2] + host[1])
     np.testing.assert_array_equal(v.copy_to_host(), host[3] + host[1])
