@@ -12,13 +12,24 @@ Examples
 array([-0.1, -0.1, -0.1, -0.1], dtype=float32)
 """
 
-from . import schedules
+from . import quant, schedules
 from ._api import init, step
 from ._checkpoint import CheckpointError, load_state, save_state
 from ._config import AdamConfig, adam, adamw
 from ._state import AdamState, Fp32Slot, QuantSlot
+from .quant import dequantize_blockwise, dynamic_map, quantize_blockwise
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # adamnp.scipy imports scipy.optimize; load it on first use so `import adamnp` stays light.
+    if name == "scipy":
+        import importlib
+
+        return importlib.import_module(".scipy", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "AdamConfig",
@@ -28,8 +39,12 @@ __all__ = [
     "QuantSlot",
     "adam",
     "adamw",
+    "dequantize_blockwise",
+    "dynamic_map",
     "init",
     "load_state",
+    "quant",
+    "quantize_blockwise",
     "save_state",
     "schedules",
     "step",

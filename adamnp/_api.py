@@ -19,7 +19,20 @@ FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 def _is_device_array(a) -> bool:
-    return hasattr(a, "__cuda_array_interface__") and not isinstance(a, np.ndarray)
+    """CUDA memory: ``__cuda_array_interface__`` (CuPy, PyTorch, Numba) or a Numba device
+    array (including the CUDA simulator's, which have no such interface)."""
+    if isinstance(a, np.ndarray):
+        return False
+    return hasattr(a, "__cuda_array_interface__") or bool(getattr(a, "__cuda_ndarray__", False))
+
+
+def _dtype_shape(a) -> tuple[np.dtype, tuple]:
+    """dtype and shape of a leaf; device arrays report them through their CUDA interface
+    (a PyTorch tensor's ``dtype`` is not a NumPy dtype)."""
+    cai = None if isinstance(a, np.ndarray) else getattr(a, "__cuda_array_interface__", None)
+    if cai is not None:
+        return np.dtype(cai["typestr"]), tuple(int(d) for d in cai["shape"])
+    return np.dtype(a.dtype), tuple(int(d) for d in a.shape)
 
 
 def _resolve_backend(name: str, leaves: list) -> str:
@@ -30,6 +43,11 @@ def _resolve_backend(name: str, leaves: list) -> str:
             raise RuntimeError(f"backend {name!r} cannot run here: {why}")
         return name
     if any(_is_device_array(a) for a in leaves):
+        why = backends.get("cuda").availability()
+        if why is not None:
+            raise RuntimeError(
+                f"params hold CUDA device arrays, but the 'cuda' backend cannot run here: {why}"
+            )
         return "cuda"
     return "numba" if backends.available("numba") else "numpy"
 
@@ -45,15 +63,15 @@ def _leaf_error(path: str, a, be, role: str, shape=None, dtype=None) -> Exceptio
                 "(backend='cuda' for device arrays, 'numba' or 'numpy' for host arrays)"
             )
         return TypeError(f"{path} is a {type(a).__name__}, not an array")
-    a_dtype = np.dtype(a.dtype)
+    a_dtype, a_shape = _dtype_shape(a)
     if a_dtype not in FLOAT_DTYPES:
         return TypeError(
             f"{path} has dtype {a_dtype}; adamnp updates float32 and float64 arrays only"
         )
     if dtype is not None and a_dtype != dtype:
         return TypeError(f"{path} has dtype {a_dtype}, expected {np.dtype(dtype)}")
-    if shape is not None and tuple(a.shape) != tuple(shape):
-        return ValueError(f"{path} has shape {tuple(a.shape)}, expected {tuple(shape)}")
+    if shape is not None and a_shape != tuple(shape):
+        return ValueError(f"{path} has shape {a_shape}, expected {tuple(shape)}")
     if not be.is_contiguous(a):
         return ValueError(
             f"{path} is not C-contiguous; adamnp updates arrays in place and needs "
@@ -171,8 +189,8 @@ def init(
         if unknown:
             raise ValueError(f"keep_fp32 names {unknown[0]!r}, which is not a leaf of params")
         keep = [p in wanted for p in paths]
-    shapes = tuple(tuple(int(d) for d in a.shape) for a in leaves)
-    dtypes = tuple(np.dtype(a.dtype) for a in leaves)
+    shapes = tuple(_dtype_shape(a)[1] for a in leaves)
+    dtypes = tuple(_dtype_shape(a)[0] for a in leaves)
     use_q8 = [
         state_bits == 8 and d == np.float32 and math.prod(s) >= max(min_8bit_size, 1) and not k
         for s, d, k in zip(shapes, dtypes, keep)

@@ -1,0 +1,244 @@
+"""CUDA kernels of the ``"cuda"`` backend, built by :func:`build` on first use.
+
+Nothing here imports numba-cuda until :func:`build` runs, so ``import adamnp`` (and doctest
+collection) works without it.
+
+Multi-tensor launches
+---------------------
+A group of leaves is updated by ONE launch. The kernels receive
+
+* ``ptrs``: ``uint64[k, ncols]``, the device address of each leaf's param (column 0) and
+  gradient (column 1), uploaded each step (gradients are usually new arrays every step);
+* ``chunks``: ``int64[nchunks, 2]``, ``(leaf, first element)`` of each chunk of
+  ``THREADS * PER_THREAD`` consecutive elements of one leaf (never crossing a leaf boundary);
+* ``offsets``: ``int64[k + 1]``, where leaf ``j`` starts in the moment arenas.
+
+Block ``c`` handles chunk ``c`` and its threads stride through the chunk, so reads and writes
+are coalesced. The 8-bit kernels will use the same tables, with one block per quantization
+block.
+
+A raw address becomes a typed pointer through ``leaf_ptr``, an intrinsic (``inttoptr``); in
+the CUDA simulator, where kernels run as Python, it returns a NumPy view of the host memory
+that the simulator's "device" arrays live in.
+
+Arithmetic
+----------
+The per-element math is :func:`._elem.adam_elem`, compiled as a device function. NVVM fuses
+multiplies and adds into FMAs by default, which rounds differently from the NumPy reference.
+``exact_arithmetic()`` compiles the kernels launched inside it with NVVM's ``-fma=0``
+(numba-cuda 0.30 has no public switch yet: NVIDIA/numba-cuda#118), which makes float32 and
+float64 results bit-identical to the reference; division and square root are IEEE-rounded
+and subnormals kept by NVVM's defaults (``-prec-div=1 -prec-sqrt=1 -ftz=0``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import math
+from types import SimpleNamespace
+
+import numpy as np
+
+from ._elem import adam_elem
+
+THREADS = 256  # threads per block
+SIM_THREADS = 32  # in the simulator, where every thread is a Python thread
+PER_THREAD = 8  # elements per thread and chunk: a chunk has THREADS * PER_THREAD elements
+
+# numba.cuda, set by build(). A module global, not a closure variable, because the simulator
+# swaps the `cuda` globals of a kernel's module for its fake module while the kernel runs.
+cuda = None
+
+
+def _sim_leaf_ptr(addr, n, like):
+    """The ``n`` elements at host address ``addr`` (the simulator's "device" memory)."""
+    buf = (ctypes.c_char * (int(n) * like.dtype.itemsize)).from_address(int(addr))
+    return np.frombuffer(buf, like.dtype)
+
+
+def _device_leaf_ptr(types):
+    from numba.cuda.extending import intrinsic
+
+    @intrinsic
+    def leaf_ptr(typingctx, addr, n, like):
+        """A ``like.dtype`` pointer to device address ``addr`` (``n`` is for the simulator)."""
+        sig = types.CPointer(like.dtype)(addr, n, like)
+
+        def codegen(context, builder, sig, args):
+            return builder.inttoptr(args[0], context.get_value_type(sig.return_type))
+
+        return sig, codegen
+
+    return leaf_ptr
+
+
+def _exact_arithmetic_factory():
+    """``(exact, context manager)``: compile with ``-fma=0`` while the context is active."""
+    from numba.cuda.core.compiler_lock import global_compiler_lock
+    from numba.cuda.cudadrv import nvvm
+
+    if not callable(getattr(nvvm, "compile_ir", None)):  # pragma: no cover - API changed
+        return False, contextlib.nullcontext
+
+    @contextlib.contextmanager
+    def exact_arithmetic():
+        # Kernels compile lazily, on their first launch, through nvvm.compile_ir; holding the
+        # compiler lock keeps other threads' compilations out of this window.
+        with global_compiler_lock:
+            original = nvvm.compile_ir
+
+            def compile_ir(llvmir, **options):
+                options["fma"] = False
+                return original(llvmir, **options)
+
+            nvvm.compile_ir = compile_ir
+            try:
+                yield
+            finally:
+                nvvm.compile_ir = original
+
+    return True, exact_arithmetic
+
+
+def simulating() -> bool:
+    """Whether numba-cuda runs in its simulator (``NUMBA_ENABLE_CUDASIM=1``)."""
+    try:
+        from numba.cuda.core.config import ENABLE_CUDASIM
+    except ImportError:  # pragma: no cover - older numba-cuda
+        from numba.core.config import ENABLE_CUDASIM
+    return bool(ENABLE_CUDASIM)
+
+
+@functools.cache
+def build() -> SimpleNamespace:
+    """Import numba-cuda and define the kernels; raises ImportError without numba-cuda."""
+    global cuda
+    from numba import cuda
+    from numba.cuda import types
+
+    sim = simulating()
+    threads = SIM_THREADS if sim else THREADS
+    chunk = threads * PER_THREAD
+    elem = cuda.jit(device=True)(adam_elem)
+    leaf_ptr = _sim_leaf_ptr if sim else _device_leaf_ptr(types)
+    if sim:  # NumPy scalar arithmetic: never contracted
+        exact, exact_arithmetic = True, contextlib.nullcontext
+    else:
+        exact, exact_arithmetic = _exact_arithmetic_factory()
+    f64 = types.float64
+
+    @cuda.jit
+    def adam_step(
+        ptrs, chunks, offsets, m, v, vmax,
+        grad_scale, decay, weight_decay, lerp_weight, lerp_keep, beta2, one_minus_beta2,
+        neg_step_size, bc2_sqrt, eps, lerp_small,
+        decoupled_decay, l2_decay, amsgrad, maximize,
+    ):  # fmt: skip
+        """One Adam/AdamW step of every leaf of a group (block c: chunk c)."""
+        c = cuda.blockIdx.x
+        leaf = chunks[c, 0]
+        lo = chunks[c, 1]
+        base = offsets[leaf]
+        n = offsets[leaf + 1] - base
+        hi = min(lo + chunk, n)
+        p = leaf_ptr(ptrs[leaf, 0], n, m)
+        g = leaf_ptr(ptrs[leaf, 1], n, m)
+        zero = m.dtype.type(0)
+        for i in range(lo + cuda.threadIdx.x, hi, threads):
+            e = base + i
+            old_max = vmax[e] if amsgrad else zero
+            p_new, m_new, v_new, max_new = elem(
+                p[i], g[i], m[e], v[e], old_max,
+                grad_scale, decay, weight_decay, lerp_weight, lerp_keep, beta2,
+                one_minus_beta2, neg_step_size, bc2_sqrt, eps, lerp_small,
+                decoupled_decay, l2_decay, amsgrad, maximize,
+            )  # fmt: skip
+            p[i] = p_new
+            m[e] = m_new
+            v[e] = v_new
+            if amsgrad:
+                vmax[e] = max_new
+
+    @cuda.jit
+    def grad_stats(ptrs, chunks, offsets, like, sumsq, bad):
+        """Per chunk: float64 sum of squares, and bad[c] = 1 if an element is NaN or Inf.
+
+        Each thread sums a fixed set of elements and the block adds the thread sums in a
+        fixed tree, so the result does not depend on scheduling.
+        """
+        c = cuda.blockIdx.x
+        t = cuda.threadIdx.x
+        leaf = chunks[c, 0]
+        lo = chunks[c, 1]
+        n = offsets[leaf + 1] - offsets[leaf]
+        hi = min(lo + chunk, n)
+        g = leaf_ptr(ptrs[leaf, 0], n, like)
+        acc = f64(0.0)
+        for i in range(lo + t, hi, threads):
+            x = g[i]
+            if not math.isfinite(x):
+                bad[c] = 1
+            y = f64(x)
+            acc += y * y
+        part = cuda.shared.array(threads, f64)
+        part[t] = acc
+        cuda.syncthreads()
+        s = threads // 2
+        while s > 0:
+            if t < s:
+                part[t] += part[t + s]
+            cuda.syncthreads()
+            s //= 2
+        if t == 0:
+            sumsq[c] = part[0]
+
+    @cuda.jit
+    def fill(a, value):
+        """``a[:] = value`` (grid-stride)."""
+        for i in range(cuda.grid(1), a.size, cuda.gridsize(1)):
+            a[i] = value
+
+    @cuda.jit
+    def traffic(p, g, m, v):
+        """The memory traffic of a float32 step (read p, g, m, v; write p, m, v), no math."""
+        for i in range(cuda.grid(1), p.size, cuda.gridsize(1)):
+            x = g[i]
+            p[i] = p[i] + x
+            m[i] = m[i] + x
+            v[i] = v[i] + x
+
+    return SimpleNamespace(
+        cuda=cuda,
+        sim=sim,
+        threads=threads,
+        chunk=chunk,
+        exact=exact,
+        exact_arithmetic=exact_arithmetic,
+        adam_step=adam_step,
+        grad_stats=grad_stats,
+        fill=fill,
+        traffic=traffic,
+    )
+
+
+def signatures() -> dict:
+    """``{name: (kernel, [argument types, ...])}`` for every kernel (for PTX builds)."""
+    from numba.cuda import types
+
+    k = build()
+    table, ints, offs = types.uint64[:, ::1], types.int64[:, ::1], types.int64[::1]
+    step, stats, filler = [], [], [(types.uint8[::1], types.uint8)]
+    for f in (types.float32, types.float64):
+        a = f[::1]
+        step.append((table, ints, offs, a, a, a) + (f,) * 10 + (types.boolean,) * 5)
+        stats.append((table, ints, offs, a, types.float64[::1], types.int32[::1]))
+        filler.append((a, f))
+    f32 = types.float32[::1]
+    return {
+        "adam_step": (k.adam_step, step),
+        "grad_stats": (k.grad_stats, stats),
+        "fill": (k.fill, filler),
+        "traffic": (k.traffic, [(f32, f32, f32, f32)]),
+    }

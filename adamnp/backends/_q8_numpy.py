@@ -1,0 +1,77 @@
+"""The 8-bit step of the NumPy reference backend.
+
+For each chunk of whole quantization blocks of a leaf: dequantize the moments with the old
+absmax (:func:`adamnp.quant.dequantize_blockwise`), run exactly the float32 update of
+:func:`adamnp.backends.numpy.update_chunk` on them, then requantize each moment with the new
+absmax of its block (:func:`adamnp.quant.quantize_blockwise`). The parameter update uses the
+unquantized float32 moments.
+
+A block whose updated moment holds NaN or Inf (possible only with ``nonfinite="propagate"``)
+is stored as absmax NaN with every code at the map's zero, so it dequantizes to NaN: the
+non-finite value stays visible instead of being rounded into a finite code.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import quant
+from ._scalars import kernel_scalars
+
+
+def _requantize(x, code, zero_code, block_size, codes_out, absmax_out) -> None:
+    """Quantize ``x`` (whole blocks, the last may be partial) into the given outputs."""
+    n = x.size
+    nb = absmax_out.size
+    full = n // block_size
+    ok = np.ones(nb, bool)
+    if full:
+        ok[:full] = np.isfinite(x[: full * block_size].reshape(full, block_size)).all(axis=1)
+    if nb > full:
+        ok[full] = np.isfinite(x[full * block_size :]).all()
+    if ok.all():
+        quant._quantize_into(x, code, block_size, codes_out, absmax_out, backend="numpy")
+        return
+    bad = np.repeat(~ok, block_size)[:n]
+    clean = np.where(bad, np.float32(0), x)
+    quant._quantize_into(clean, code, block_size, codes_out, absmax_out, backend="numpy")
+    absmax_out[~ok] = np.nan
+    codes_out[bad] = zero_code
+
+
+def step_q8(group, params, grads, scalars, maps=None) -> None:
+    """Update every leaf of an 8-bit ``group`` in place."""
+    from .numpy import CHUNK, update_chunk
+
+    k = kernel_scalars(scalars, np.float32)
+    bs = group.block_size
+    chunk = max(bs, CHUNK // bs * bs)
+    code_m, code_v = quant.dynamic_map(True), quant.dynamic_map(False)
+    zero_m = int(np.flatnonzero(code_m == 0)[0])
+    zero_v = int(np.flatnonzero(code_v == 0)[0])
+    names = ("m", "v", "vmax") if scalars.amsgrad else ("m", "v")
+    t1 = np.empty(chunk, np.float32)
+    t2 = np.empty(chunk, np.float32)
+    scratch = {x: np.empty(chunk, np.float32) for x in names}
+    buf = group.buffers
+    for j, leaf in enumerate(group.leaf_ids):
+        p = params[leaf].reshape(-1)
+        g = grads[leaf].reshape(-1)
+        e0, b0 = int(group.offsets[j]), int(group.block_offsets[j])
+        for lo in range(0, p.size, chunk):
+            hi = min(lo + chunk, p.size)
+            n = hi - lo
+            blo, bhi = b0 + lo // bs, b0 + -(-hi // bs)
+            codes = {x: buf[f"codes_{x}"][e0 + lo : e0 + hi] for x in names}
+            absmax = {x: buf[f"absmax_{x}"][blo:bhi] for x in names}
+            maps_ = {x: code_m if x == "m" else code_v for x in names}
+            moments = {x: scratch[x][:n] for x in names}
+            for x in names:
+                quant._dequantize_into(codes[x], absmax[x], maps_[x], bs, moments[x], "numpy")
+            update_chunk(
+                p[lo:hi], g[lo:hi], moments["m"], moments["v"], moments.get("vmax"),
+                k, scalars, t1[:n], t2[:n],
+            )  # fmt: skip
+            for x in names:
+                zero = zero_m if x == "m" else zero_v
+                _requantize(moments[x], maps_[x], zero, bs, codes[x], absmax[x])

@@ -1,0 +1,1 @@
+"""CUDA backend tests executed under numba-cuda's simulator (see conftest.py)."""

@@ -1,0 +1,100 @@
+"""Every CUDA kernel compiles to real PTX for sm_80 and sm_90 (NVVM) and assembles (ptxas).
+
+No GPU is needed. Runs in the main test process, never in the simulator's (the simulator
+replaces numba.cuda). A kernel that stops compiling fails here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+
+if importlib.util.find_spec("numba_cuda") is None:
+    pytest.skip("numba-cuda is not installed (adamnp[cuda])", allow_module_level=True)
+
+KERNELS = ("adam_step", "grad_stats", "fill", "traffic")
+CCS = ((8, 0), (9, 0))
+
+
+class _Device:
+    """What numba-cuda asks the current device while compiling a device function."""
+
+    def __init__(self, cc):
+        self.compute_capability = cc
+
+
+@functools.cache
+def _ptx(name: str, cc: tuple, exact: bool = True) -> list[str]:
+    from numba import cuda
+
+    from adamnp.backends import _cuda_kernels
+
+    k = _cuda_kernels.build()
+    assert not k.sim, "the PTX tests must not run under NUMBA_ENABLE_CUDASIM"
+    kernel, sigs = _cuda_kernels.signatures()[name]
+    with k.exact_arithmetic() if exact else contextlib.nullcontext():
+        return [cuda.compile_ptx(kernel.py_func, sig, cc=cc)[0] for sig in sigs]
+
+
+@pytest.fixture(autouse=True)
+def _no_gpu_needed(monkeypatch):
+    # Compiling a kernel that calls a device function asks numba-cuda for the current
+    # device's compute capability, even for compile_ptx; answer for the target instead.
+    from numba.cuda import dispatcher
+
+    monkeypatch.setattr(dispatcher, "get_current_device", lambda: _Device((8, 0)))
+
+
+def test_every_kernel_is_listed():
+    from adamnp.backends import _cuda_kernels
+
+    assert set(_cuda_kernels.signatures()) == set(KERNELS)
+
+
+@pytest.mark.parametrize("cc", CCS, ids=lambda cc: f"sm_{cc[0]}{cc[1]}")
+@pytest.mark.parametrize("name", KERNELS)
+def test_kernel_compiles_to_ptx(name, cc):
+    for ptx in _ptx(name, cc):
+        assert f".target sm_{cc[0]}{cc[1]}" in ptx
+        assert ".entry" in ptx
+        # Exact arithmetic: no multiply-add contraction (the reference rounds every operation).
+        assert "fma." not in ptx
+
+
+def test_contraction_is_what_exact_arithmetic_removes():
+    # Control for the check above: NVVM's default fuses the Adam step's multiply-adds.
+    assert all("fma.rn" in ptx for ptx in _ptx("adam_step", (9, 0), exact=False))
+
+
+def _ptxas() -> str | None:
+    found = shutil.which("ptxas")
+    if found is None and os.path.exists("/usr/local/cuda/bin/ptxas"):
+        found = "/usr/local/cuda/bin/ptxas"
+    return found
+
+
+@pytest.mark.parametrize("cc", CCS, ids=lambda cc: f"sm_{cc[0]}{cc[1]}")
+@pytest.mark.parametrize("name", KERNELS)
+def test_ptx_assembles(name, cc, tmp_path):
+    ptxas = _ptxas()
+    if ptxas is None:
+        pytest.skip("ptxas not found (install the CUDA toolkit or put ptxas on PATH)")
+    arch = f"sm_{cc[0]}{cc[1]}"
+    for i, ptx in enumerate(_ptx(name, cc)):
+        src = tmp_path / f"{name}{i}.ptx"
+        src.write_text(ptx)
+        run = subprocess.run(
+            [ptxas, f"-arch={arch}", str(src), "-o", str(tmp_path / f"{name}{i}.cubin")],
+            capture_output=True,
+            text=True,
+        )
+        if run.returncode and re.search(r"Unsupported \.version|newer than", run.stderr):
+            pytest.skip(f"{ptxas} is older than the PTX NVVM emits: {run.stderr.strip()}")
+        assert run.returncode == 0, run.stderr
