@@ -236,7 +236,7 @@ def _validate_full(params, grads, state: AdamState, be):
         if err is not None:
             raise err
     _check_aliasing(p_leaves, g_leaves, paths, be)
-    return p_leaves, g_leaves
+    return p_leaves, g_leaves, paths
 
 
 # The fast path below accepts exactly what _validate_full accepts, minus some unusual but
@@ -319,7 +319,11 @@ def _disjoint(leaves, be) -> bool:
 
 
 def _validate_fast(params, grads, state: AdamState, be):
-    """``(p_leaves, g_leaves)`` if everything is valid and cheap to check, else None."""
+    """``(p_leaves, g_leaves, paths)`` if all is valid and cheap to check, else None.
+
+    The paths are ``state.paths``: the tree has exactly the state's structure, so
+    :func:`flatten` would name its leaves the same way.
+    """
     if state.treedef is None:
         if isinstance(params, _CONTAINERS) or isinstance(grads, _CONTAINERS):
             return None
@@ -338,11 +342,11 @@ def _validate_fast(params, grads, state: AdamState, be):
             _check_aliasing(p_leaves, g_leaves, state.paths, be)
         except ValueError:
             return None  # let _validate_full name the leaves
-    return p_leaves, g_leaves
+    return p_leaves, g_leaves, state.paths
 
 
 def _validate(params, grads, state: AdamState):
-    """Check everything about ``params``, ``grads`` and ``state``; ``(p_leaves, g_leaves, be)``."""
+    """Check everything; return ``(p_leaves, g_leaves, paths, backend module)``."""
     if not isinstance(state, AdamState):
         raise TypeError(f"state must be an AdamState from adamnp.init, got {type(state).__name__}")
     be = backends.get(state.backend)
@@ -385,7 +389,7 @@ def step(params, grads, state: AdamState) -> None:
     >>> p.round(6), state.step
     (array([ 0.9, -1.9], dtype=float32), 1)
     """
-    p_leaves, g_leaves, be = _validate(params, grads, state)
+    p_leaves, g_leaves, paths, be = _validate(params, grads, state)
     cfg = state.config
     lr = cfg.lr_at(state.step)
     nonfinite = -1
@@ -400,7 +404,7 @@ def step(params, grads, state: AdamState) -> None:
         if cfg.nonfinite == "skip":
             state.skipped_steps += 1
             return
-        gpath = flatten(grads, "grads")[2][nonfinite]
+        gpath = paths[nonfinite].replace("params", "grads", 1)
         raise ValueError(
             f"{gpath} contains NaN or Inf (nonfinite='raise'); nothing was updated. "
             "Use nonfinite='skip' to skip such steps or 'propagate' to compute through them"

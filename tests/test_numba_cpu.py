@@ -161,16 +161,15 @@ def test_traffic_kernel_touches_what_a_step_touches():
     np.testing.assert_array_equal(g, g0)
 
 
-def test_q8_groups_are_not_implemented_yet():
+def test_unknown_group_kinds_are_refused():
     from adamnp._state import LeafGroup
     from adamnp.backends._scalars import host_scalars
 
     ids, offsets = np.zeros(1, np.int64), np.array([0, 4], np.int64)
-    group = LeafGroup("q8", np.dtype(np.float32), ids, offsets, offsets, 256, {})
+    group = LeafGroup("q4", np.dtype(np.float32), ids, offsets, offsets, 256, {})
     p = [np.zeros(4, np.float32)]
-    s = host_scalars(adamnp.adamw(), 1, 1e-3)
-    with pytest.raises(NotImplementedError, match="'q8'"):
-        numba_cpu.step_group(group, p, p, s)
+    with pytest.raises(NotImplementedError, match="'q4'"):
+        numba_cpu.step_group(group, p, p, host_scalars(adamnp.adamw(), 1, 1e-3))
 
 
 @pytest.mark.parametrize("fast", [True, False])

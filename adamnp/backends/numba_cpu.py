@@ -183,7 +183,8 @@ def step_group(group, params, grads, scalars, maps=None) -> None:
     ``params`` and ``grads`` are the validated leaves of the whole tree (C-contiguous host
     arrays of the group's dtype at ``group.leaf_ids``); ``scalars`` are the step's
     :class:`~._scalars.StepScalars`. See :func:`adamnp.backends.numpy.update_chunk` for the
-    operations, which run in the same order.
+    operations, which run in the same order. 8-bit (``"q8"``) groups run the NumPy
+    reference's 8-bit step for now (single-threaded, same results).
 
     Examples
     --------
@@ -194,11 +195,13 @@ def step_group(group, params, grads, scalars, maps=None) -> None:
     >>> p.round(6)
     array([ 0.9, -1.9], dtype=float32)
     """
+    if group.kind == "q8":  # interim, until fused 8-bit kernels land: the reference's step
+        from ._q8_numpy import step_q8
+
+        step_q8(group, params, grads, scalars, maps)
+        return
     if group.kind != "fp32":
-        raise NotImplementedError(
-            f"the 'numba' backend does not implement {group.kind!r} state yet; "
-            "use backend='numpy' for 8-bit state"
-        )
+        raise NotImplementedError(f"the 'numba' backend does not implement {group.kind!r} state")
     cache = _cache(group)
     table = cache.get("numba_chunks")
     if table is None:
