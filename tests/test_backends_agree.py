@@ -14,6 +14,14 @@ One exception: with ``max_grad_norm`` the gradient norm is a sum whose order dif
 backends (NumPy's BLAS dot per chunk, Numba's eight-lane partial sums), so the float64 norms
 agree only to a few ulps. float32 leaves still agree bitwise, because the scale is rounded to
 float32 before use; float64 leaves agree within :func:`clip_tolerance`.
+
+8-bit state (cases with a block size): each block is dequantized with the old absmax, updated
+with the same element math and requantized, so params and absmax agree bitwise too. Codes are
+``nearest(x / absmax)`` with both sides computing the same float32 quotient and the same exact
+rounding, so they agree exactly as well; the design tolerates an off-by-one where a quotient
+lies within one float32 rounding of a midpoint between two map values, so
+:func:`code_mismatches` counts differing codes and :data:`CODE_MISMATCH_BUDGET` bounds them
+(expected and observed: 0, which the bitwise params then confirm).
 """
 
 from __future__ import annotations
@@ -46,6 +54,11 @@ CONFIGS = {
 }
 NAN_STEP = 1  # configs ending in "-nan" see NaN and +-Inf in the gradients of this step
 SIZES = (0, 1, 255, 256, 257, 4095, 4096)
+Q8_SIZES = (1, 255, 256, 257, 4095, 4096)
+BLOCK_SIZES = (64, 256, 4096)
+Q8_CONFIGS = ("adam", "adamw", "adam-l2", "amsgrad", "maximize", "beta1-small", "clip",
+              "skip-nan", "propagate-nan", "raise-nan")  # fmt: skip
+CODE_MISMATCH_BUDGET = 1e-5  # off-by-one codes allowed per element (at float32 midpoints)
 
 
 def make_tree(kind: str, size: int, dtype, rng):
@@ -106,10 +119,11 @@ def host_view(be, params, state):
 
 def run(backend: str, case, steps: int):
     """Take ``steps`` steps of ``case``; return the final host view and the errors raised."""
-    kind, size, dtype, config = case
+    kind, size, dtype, config, block_size = case
     be = backends.get(backend)
     params = on(be, make_tree(kind, size, dtype, np.random.default_rng(7)))
-    state = adamnp.init(params, CONFIGS[config](), backend=backend)
+    q8 = dict(state_bits=8, block_size=block_size, min_8bit_size=1) if block_size else {}
+    state = adamnp.init(params, CONFIGS[config](), backend=backend, **q8)
     errors = []
     for t in range(steps):
         grads = make_grads(params, t, special=config.endswith("-nan") and t == NAN_STEP)
@@ -147,6 +161,16 @@ def clip_tolerance(want):
     return dict(rtol=1e-9, atol=1e-11)
 
 
+def code_mismatches(got, want, what):
+    """Number of differing 8-bit codes; each must be an off-by-one, within the budget."""
+    diff = np.flatnonzero(got != want)
+    assert np.all(np.abs(got[diff].astype(int) - want[diff]) == 1), f"{what}: codes differ by > 1"
+    assert diff.size <= CODE_MISMATCH_BUDGET * want.size, (
+        f"{what}: {diff.size} of {want.size} codes differ, first at {diff[:1]}"
+    )
+    return diff.size
+
+
 def compare(got, want, case):
     (g_leaves, g_bufs, g_counts), (w_leaves, w_bufs, w_counts) = got, want
     assert g_counts == w_counts
@@ -154,25 +178,39 @@ def compare(got, want, case):
     pairs = [(f"leaf {i}", g, w) for i, (g, w) in enumerate(zip(g_leaves, w_leaves))]
     pairs += [(f"group {k[0]} {k[1]}", g_bufs[k], w_bufs[k]) for k in sorted(w_bufs)]
     for what, g, w in pairs:
-        if case[3] == "clip" and w.dtype == F64:
+        if w.dtype == np.uint8:
+            code_mismatches(g, w, what)
+        elif case[3] == "clip" and w.dtype == F64:
             np.testing.assert_allclose(g, w, err_msg=what, **clip_tolerance(w))
         else:
             assert_same_bits(g, w, what)
 
 
-# One table drives the matrix: (tree kind, size, dtype, config), steps.
+# One table drives the matrix: (tree kind, size, dtype, config, block size), steps. Block size
+# 0 means float32 moments; otherwise every float32 leaf gets 8-bit moments in such blocks.
 CASES = (
-    [(("single", n, dt, "adamw"), 3) for n in SIZES for dt in (F32, F64)]
-    + [(("nested", 257, dt, c), 3) for c in CONFIGS for dt in (F32, F64)]
-    + [(("many", 70, F32, c), 3) for c in ("adamw", "amsgrad", "clip")]
-    + [(("mixed", 4096, None, c), 3) for c in ("adam-l2", "clip", "propagate-nan")]
-    + [(("single", 1_000_000, F32, "adamw"), 2), (("nested", 1_000_000, F64, "amsgrad"), 2)]
+    [(("single", n, dt, "adamw", 0), 3) for n in SIZES for dt in (F32, F64)]
+    + [(("nested", 257, dt, c, 0), 3) for c in CONFIGS for dt in (F32, F64)]
+    + [(("many", 70, F32, c, 0), 3) for c in ("adamw", "amsgrad", "clip")]
+    + [(("mixed", 4096, None, c, 0), 3) for c in ("adam-l2", "clip", "propagate-nan")]
+    + [(("single", 1_000_000, F32, "adamw", 0), 2), (("nested", 1_000_000, F64, "amsgrad", 0), 2)]
+    # 8-bit state: partial and whole blocks, every block size, the configs that change the
+    # element math or the non-finite handling (NaN blocks), many leaves, mixed dtypes, 1e6.
+    + [(("single", n, F32, "adamw", bs), 4) for n in Q8_SIZES for bs in BLOCK_SIZES]
+    + [(("nested", 257, F32, c, 256), 4) for c in Q8_CONFIGS]
+    + [(("nested", 4095, F32, c, bs), 3) for c in ("amsgrad", "propagate-nan") for bs in (64, 4096)]
+    + [(("many", 70, F32, "adamw", 64), 3), (("mixed", 4096, None, "propagate-nan", 256), 3)]
+    + [
+        (("single", 1_000_000, F32, c, bs), 3)
+        for c, bs in (("adamw", 256), ("amsgrad", 4096), ("propagate-nan", 64), ("clip", 256))
+    ]
 )
 
 
 def case_id(case):
-    (kind, size, dtype, config), _ = case
-    return f"{kind}-{size}-{dtype.name if dtype else 'mixed'}-{config}"
+    (kind, size, dtype, config, block_size), _ = case
+    bits = f"-q8b{block_size}" if block_size else ""
+    return f"{kind}-{size}-{dtype.name if dtype else 'mixed'}-{config}{bits}"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

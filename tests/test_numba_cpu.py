@@ -25,6 +25,7 @@ from adamnp import backends
 
 pytestmark = pytest.mark.skipif(not backends.available("numba"), reason="needs numba")
 if backends.available("numba"):
+    import llvmlite.binding
     import numba
 
     from adamnp.backends import _numba_util, numba_cpu
@@ -55,11 +56,11 @@ def test_one_compiled_call_per_group(monkeypatch):
     assert sum(rows for rows, _ in calls) == 500  # all leaves below CHUNK: one chunk each
 
 
-def _run_steps(params, grads, cfg, threads):
+def _run_steps(params, grads, cfg, threads, **init):
     numba.set_num_threads(threads)
     try:
         params = {k: a.copy() for k, a in params.items()}
-        state = adamnp.init(params, cfg, backend="numba")
+        state = adamnp.init(params, cfg, backend="numba", **init)
         for g in grads:
             adamnp.step(params, g, state)
         norm = numba_cpu.grad_sq_norm(list(grads[0].values()))
@@ -80,6 +81,32 @@ def test_results_do_not_depend_on_threads(monkeypatch):
     assert _run_steps(params, grads, cfg, numba.config.NUMBA_NUM_THREADS) == one
 
 
+@pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="needs 2 threads")
+@pytest.mark.parametrize("block_size", [64, 4096])
+def test_8bit_results_do_not_depend_on_threads(monkeypatch, block_size):
+    monkeypatch.setattr(numba_cpu, "PARALLEL_MIN", 1)
+    rng = np.random.default_rng(8)
+    params = tree(12, rng, sizes=(3, 40_000, 70_001, 4097))
+    grads = [like(params, rng) for _ in range(3)]
+    grads[1]["l0001"][123] = np.nan  # a NaN block, kept with "propagate"
+    cfg = adamnp.adamw(amsgrad=True, nonfinite="propagate")
+    init = dict(state_bits=8, block_size=block_size, min_8bit_size=1)
+    one = _run_steps(params, grads, cfg, 1, **init)
+    assert _run_steps(params, grads, cfg, numba.config.NUMBA_NUM_THREADS, **init) == one
+
+
+def test_one_compiled_call_per_8bit_group(monkeypatch):
+    calls = []
+    kernel = numba_cpu.step_q8
+    monkeypatch.setattr(numba_cpu, "step_q8", lambda *a: calls.append(a[0].shape) or kernel(*a))
+    rng = np.random.default_rng(9)
+    params = tree(300, rng, sizes=(1, 100, 5000, 70_000))
+    state = adamnp.init(params, adamnp.adamw(), backend="numba", state_bits=8, min_8bit_size=1)
+    adamnp.step(params, like(params, rng), state)
+    assert [g.kind for g in state.groups] == ["q8"] and len(calls) == 1
+    assert calls[0][0] == 75 * 3 + 75 * 3  # one chunk per small leaf, 3 per 70 000 elements
+
+
 def test_small_calls_restore_thread_count():
     before = numba.get_num_threads()
     p = np.ones(10, np.float32)
@@ -93,12 +120,14 @@ def _vm_kb(field):
         return int(re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M).group(1))
 
 
-def test_step_allocates_nothing_proportional_to_size():
+@pytest.mark.parametrize("bits", [32, 8])
+def test_step_allocates_nothing_proportional_to_size(bits):
     n = 4 << 20  # 16 MB per float32 array
     rng = np.random.default_rng(2)
     p = rng.standard_normal(n).astype(np.float32)
     g = rng.standard_normal(n).astype(np.float32)
-    state = adamnp.init(p, adamnp.adamw(amsgrad=True, max_grad_norm=1.0), backend="numba")
+    cfg = adamnp.adamw(amsgrad=True, max_grad_norm=1.0)
+    state = adamnp.init(p, cfg, backend="numba", state_bits=bits, block_size=4096)
     adamnp.step(p, g, state)  # compile, touch the state's pages
     tracemalloc.start()
     try:
@@ -228,17 +257,26 @@ def test_fast_validation_never_inserts_keys_or_rejects_valid_subclasses():
 
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 assembly")
 def test_hot_loops_are_simd_and_fma_free(tmp_path):
-    """Compile in a fresh process and cache (cached code cannot be inspected)."""
+    """Compile in a fresh process and cache (cached code cannot be inspected).
+
+    The 8-bit kernel vectorizes only while Numba marks its array arguments ``noalias`` (no
+    array views inside the parallel loop, see ``_numba_q8``); without that, LLVM cannot prove
+    that the map and table lookups (gathers) do not alias the stores, and every loop is scalar.
+    """
     script = textwrap.dedent(
         """
         import re, numpy as np, adamnp
         from adamnp.backends._numba_fp32 import step_fp32
+        from adamnp.backends._numba_q8 import step_q8
         from adamnp.backends._numba_reduce import first_nonfinite
-        p = np.ones(1000, np.float32)
-        state = adamnp.init(p, adamnp.adamw(), backend="numba")
-        adamnp.step(p, np.ones(1000, np.float32), state)
-        pattern = re.compile(r"^\\s+(v?(?:divps|sqrtps|pmaxsd|fmadd\\w*|fnmadd\\w*))\\s", re.M)
-        for f in (step_fp32, first_nonfinite):
+        p = np.ones(5000, np.float32)
+        for bits in (32, 8):
+            state = adamnp.init(p, adamnp.adamw(), backend="numba", state_bits=bits)
+            adamnp.step(p, np.ones(5000, np.float32), state)
+        pattern = re.compile(
+            r"^\\s+(v?(?:divps|sqrtps|pmaxsd|p?gather\\w+|fmadd\\w*|fnmadd\\w*))\\s", re.M
+        )
+        for f in (step_fp32, first_nonfinite, step_q8):
             ops = sorted(set(pattern.findall(f.inspect_asm(f.signatures[0]))))
             print(f.__name__, *ops)
         """
@@ -247,8 +285,16 @@ def test_hot_loops_are_simd_and_fma_free(tmp_path):
     out = subprocess.run(
         [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True
     ).stdout
-    ops = {line.split()[0]: set(line.split()[1:]) for line in out.splitlines()}
-    step_ops, check_ops = ops["step_fp32"], ops["first_nonfinite"]
-    assert {"divps", "sqrtps"} <= {op.removeprefix("v") for op in step_ops}, out
-    assert not any("fmadd" in op or "fnmadd" in op for op in step_ops), out
-    assert "pmaxsd" in {op.removeprefix("v") for op in check_ops}, out
+    ops = {
+        line.split()[0]: {op.removeprefix("v") for op in line.split()[1:]}
+        for line in out.splitlines()
+    }
+    step_ops, check_ops, q8_ops = ops["step_fp32"], ops["first_nonfinite"], ops["step_q8"]
+    assert {"divps", "sqrtps"} <= step_ops, out
+    assert "pmaxsd" in check_ops, out
+    assert {"divps", "sqrtps", "pmaxsd"} <= q8_ops, out  # update, new absmax as an integer max
+    if "+avx2" in llvmlite.binding.get_host_cpu_features().flatten():
+        assert "gatherdps" in q8_ops, out  # map[code] lookups
+        assert any(op.startswith("pgather") for op in q8_ops), out  # quantizer table lookups
+    for kernel_ops in (step_ops, q8_ops):
+        assert not any("fmadd" in op or "fnmadd" in op for op in kernel_ops), out

@@ -18,6 +18,7 @@ Small calls run on fewer threads (:data:`PARALLEL_MIN`); results never depend on
 
 from __future__ import annotations
 
+import functools
 import weakref
 
 import numpy as np
@@ -39,6 +40,7 @@ except ImportError:  # pragma: no cover - numba is a dependency
 else:
     _MISSING = None
     from ._numba_fp32 import step_fp32, traffic_kernel
+    from ._numba_q8 import step_q8
     from ._numba_reduce import first_nonfinite, sum_squares
     from ._numba_util import CHUNK, chunk_table, data_addresses
     from ._scalars import kernel_scalars
@@ -183,8 +185,8 @@ def step_group(group, params, grads, scalars, maps=None) -> None:
     ``params`` and ``grads`` are the validated leaves of the whole tree (C-contiguous host
     arrays of the group's dtype at ``group.leaf_ids``); ``scalars`` are the step's
     :class:`~._scalars.StepScalars`. See :func:`adamnp.backends.numpy.update_chunk` for the
-    operations, which run in the same order. 8-bit (``"q8"``) groups run the NumPy
-    reference's 8-bit step for now (single-threaded, same results).
+    operations, which run in the same order. 8-bit (``"q8"``) groups run the fused kernel
+    of :mod:`._numba_q8` (dequantize, update, requantize in one pass per block).
 
     Examples
     --------
@@ -195,12 +197,7 @@ def step_group(group, params, grads, scalars, maps=None) -> None:
     >>> p.round(6)
     array([ 0.9, -1.9], dtype=float32)
     """
-    if group.kind == "q8":  # interim, until fused 8-bit kernels land: the reference's step
-        from ._q8_numpy import step_q8
-
-        step_q8(group, params, grads, scalars, maps)
-        return
-    if group.kind != "fp32":
+    if group.kind not in ("fp32", "q8"):
         raise NotImplementedError(f"the 'numba' backend does not implement {group.kind!r} state")
     cache = _cache(group)
     table = cache.get("numba_chunks")
@@ -208,23 +205,72 @@ def step_group(group, params, grads, scalars, maps=None) -> None:
         table = cache["numba_chunks"] = chunk_table(np.diff(group.offsets), CHUNK)
     if table.shape[0] == 0:
         return
-    vmax = group.buffers.get("vmax")
-    if scalars.amsgrad != (vmax is not None):
+    q8 = group.kind == "q8"
+    if scalars.amsgrad != (("codes_vmax" if q8 else "vmax") in group.buffers):
         raise ValueError("amsgrad does not match the state's buffers (vmax)")
+    flags = (scalars.decoupled_decay, scalars.l2_decay, scalars.amsgrad, scalars.maximize)
+    p_addr, g_addr = data_addresses(params), data_addresses(grads)
+    if q8:
+        _step_q8(group, table, p_addr, g_addr, kernel_scalars(scalars, np.float32), flags)
+        return
+    vmax = group.buffers.get("vmax")
     if vmax is None:
         vmax = _NO_VMAX.setdefault(group.dtype, np.empty(0, group.dtype))
-    flags = (scalars.decoupled_decay, scalars.l2_decay, scalars.amsgrad, scalars.maximize)
     _launch(
         step_fp32,
         int(group.offsets[-1]),
         table,
         group.leaf_ids,
         group.offsets,
-        data_addresses(params),
-        data_addresses(grads),
+        p_addr,
+        g_addr,
         group.buffers["m"],
         group.buffers["v"],
         vmax,
         kernel_scalars(scalars, group.dtype),
+        flags,
+    )
+
+
+@functools.cache
+def _q8_maps() -> tuple:
+    """``(map_m, map_v, tables_m, tables_v, zero codes)``: the 8-bit kernel's constant inputs.
+
+    The state always uses the signed dynamic map for ``m`` and the unsigned one for ``v`` and
+    ``vmax`` (:mod:`adamnp._state`); the tables are the O(1) quantizer's
+    (:func:`~._q8_elem.build_quant_tables`), the zero codes those of 0.0 in each map.
+    """
+    from ..quant import dynamic_map
+    from ._q8_elem import build_quant_tables
+
+    maps = (dynamic_map(True), dynamic_map(False))
+    tables = tuple(tuple(build_quant_tables(c)) for c in maps)
+    zeros = tuple(np.uint8(np.flatnonzero(c == 0)[0]) for c in maps)
+    return (*maps, *tables, zeros)
+
+
+_NO_CODES = np.empty(0, np.uint8)  # stands in for codes_vmax when amsgrad is off
+_NO_ABSMAX = np.empty(0, np.float32)
+
+
+def _step_q8(group, table, p_addr, g_addr, k, flags) -> None:
+    """One :func:`~._numba_q8.step_q8` call for the 8-bit ``group``."""
+    if CHUNK % group.block_size:  # chunks must hold whole blocks
+        raise ValueError(f"block_size {group.block_size} does not divide the chunk {CHUNK}")
+    buf = group.buffers
+    _launch(
+        step_q8,
+        int(group.offsets[-1]),
+        table,
+        group.leaf_ids,
+        group.offsets,
+        group.block_offsets,
+        group.block_size,
+        p_addr,
+        g_addr,
+        (buf["codes_m"], buf["codes_v"], buf.get("codes_vmax", _NO_CODES)),
+        (buf["absmax_m"], buf["absmax_v"], buf.get("absmax_vmax", _NO_ABSMAX)),
+        *_q8_maps(),
+        k,
         flags,
     )

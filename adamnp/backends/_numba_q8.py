@@ -1,0 +1,150 @@
+"""Numba CPU kernel of the fused multi-tensor 8-bit step.
+
+One call of :func:`step_q8` updates every leaf of an 8-bit
+:class:`~adamnp._state.LeafGroup`. ``prange`` runs over a table of chunks ``(leaf, start,
+stop)`` whose starts are multiples of the block size, so every chunk holds whole quantization
+blocks (the leaf's last block may be partial). Each block is two passes over L1-resident data:
+
+1. *update*: dequantize ``m`` and ``v`` (and amsgrad's ``vmax``) with the old absmax
+   (``map[code] * absmax``, two gathers), run :func:`~adamnp.backends._elem.adam_elem`
+   inlined, write ``p``, keep the new moments in a per-thread scratch of one block, and take
+   their new absmax as an integer max over the bits of ``|x|`` (vectorizes; a float max does
+   not; a result ``>= 0x7F800000`` means NaN or Inf in the block);
+2. *requantize*: ``code = quantize(x / absmax)`` with the exact O(1) lookup of
+   :func:`~adamnp.backends._q8_elem.quantize_bits` (absmax 0 divides by 1, giving the zero
+   code). A block holding NaN or Inf stores absmax NaN and the map's zero code everywhere.
+
+Memory traffic per element: read ``p``, ``g`` and two codes, write ``p`` and two codes
+(16 bytes against 28 for float32 moments). The scratch is allocated once per chunk (Numba
+hoists it to once per thread and call); nothing proportional to the leaves. The order of
+operations is the reference's (:mod:`._q8_numpy`), without fast-math, so params and absmax
+equal it bit for bit and codes are identical, whatever the number of threads.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from numba import prange
+
+from ._numba_util import as_pointer, elem, jit
+from ._quant_numba import quantize_scaled
+
+_SIGN_OFF = np.int32(0x7FFFFFFF)
+_INF_BITS = np.int32(0x7F800000)
+
+
+@jit(inline="always")
+def _abs_bits(x):
+    """The bits of ``|x|`` as int32 (monotone in ``|x|``; NaN and Inf above 0x7F7FFFFF)."""
+    return np.int32(np.float32(x).view(np.int32) & _SIGN_OFF)
+
+
+@jit(inline="always")
+def _update_block(p, g, s, n, codes_m, codes_v, codes_x, e, am, av, ax, sm, sv, sx, map_m, map_v,
+                  k, decoupled, l2, amsgrad, maximize):  # fmt: skip
+    """Pass 1 over the ``n`` elements of one block; returns the new absmax bits of each moment.
+
+    The block is ``p[s:s + n]``, ``g[s:s + n]`` and ``codes_*[e:e + n]``; the new moments go
+    to ``sm``, ``sv`` and ``sx``. Offsets are added to unsigned loop indices instead of slicing:
+    a slice inside the parallel loop makes Numba drop the ``noalias`` attributes that let LLVM
+    vectorize the map lookups (gathers) next to the stores.
+    """
+    gs, dec, wd, w, keep = k.grad_scale, k.decay, k.weight_decay, k.lerp_weight, k.lerp_keep
+    b2, omb2, nss, bc2, eps = k.beta2, k.one_minus_beta2, k.neg_step_size, k.bc2_sqrt, k.eps
+    small = k.lerp_small
+    s = np.uint64(s)
+    e = np.uint64(e)
+    xm = np.int32(0)
+    xv = np.int32(0)
+    xx = np.int32(0)
+    if amsgrad:
+        for i in range(np.uint64(0), np.uint64(n)):
+            m0 = map_m[codes_m[e + i]] * am
+            v0 = map_v[codes_v[e + i]] * av
+            x0 = map_v[codes_x[e + i]] * ax
+            p[s + i], m, v, x = elem(
+                p[s + i], g[s + i], m0, v0, x0,
+                gs, dec, wd, w, keep, b2, omb2, nss, bc2, eps, small,
+                decoupled, l2, True, maximize,
+            )  # fmt: skip
+            sm[i], sv[i], sx[i] = m, v, x
+            xm = max(xm, _abs_bits(m))
+            xv = max(xv, _abs_bits(v))
+            xx = max(xx, _abs_bits(x))
+    else:
+        for i in range(np.uint64(0), np.uint64(n)):
+            m0 = map_m[codes_m[e + i]] * am
+            v0 = map_v[codes_v[e + i]] * av
+            p[s + i], m, v, _ = elem(
+                p[s + i], g[s + i], m0, v0, m0,
+                gs, dec, wd, w, keep, b2, omb2, nss, bc2, eps, small,
+                decoupled, l2, False, maximize,
+            )  # fmt: skip
+            sm[i], sv[i] = m, v
+            xm = max(xm, _abs_bits(m))
+            xv = max(xv, _abs_bits(v))
+    return xm, xv, xx
+
+
+@jit(inline="always")
+def _requantize(x, n, bits, codes, e, absmax, b, zero, table, shift, lo, nb):
+    """Pass 2: store block ``b``'s absmax (from ``bits``) and the codes of ``x[:n]``."""
+    e = np.uint64(e)
+    if bits >= _INF_BITS:  # NaN or Inf in the block: keep it visible as absmax NaN
+        absmax[b] = np.float32(np.nan)
+        for i in range(np.uint64(0), np.uint64(n)):
+            codes[e + i] = zero
+        return
+    scale = np.int32(bits).view(np.float32)
+    absmax[b] = scale
+    if bits == 0:
+        scale = np.float32(1.0)
+    for i in range(np.uint64(0), np.uint64(n)):
+        codes[e + i] = quantize_scaled(x[i] / scale, table, shift, lo, nb)
+
+
+@jit(parallel=True)
+def step_q8(
+    table, leaf_ids, offsets, block_offsets, block_size, p_addr, g_addr,
+    codes, absmax, map_m, map_v, quant_m, quant_v, zeros, k, flags,
+):  # fmt: skip
+    """Update all chunks of ``table`` in place.
+
+    ``p_addr``/``g_addr`` hold the data addresses of all leaves of the tree, ``leaf_ids`` maps
+    a group's leaf to its tree index, ``offsets`` and ``block_offsets`` locate it in the code
+    buffers ``codes = (m, v, vmax)`` and absmax buffers ``absmax = (m, v, vmax)`` (the vmax
+    entries are empty unless amsgrad). ``map_m``/``map_v`` are the 256-value maps, ``quant_m``
+    and ``quant_v`` their ``(table, shift, lo, nb)`` lookup tables, ``zeros`` the codes of 0.0
+    in each map; ``k`` are the :class:`~._scalars.KernelScalars` and ``flags =
+    (decoupled_decay, l2_decay, amsgrad, maximize)``. Chunk starts must be multiples of
+    ``block_size``. The loop body creates no array views (see :func:`_update_block`).
+    """
+    decoupled, l2, amsgrad, maximize = flags
+    codes_m, codes_v, codes_x = codes
+    absmax_m, absmax_v, absmax_x = absmax
+    tm, shm, lom, nbm = quant_m
+    tv, shv, lov, nbv = quant_v
+    zero_m, zero_v = zeros
+    width = block_size if amsgrad else 0
+    for c in prange(table.shape[0]):
+        j, lo, hi = table[c, 0], table[c, 1], table[c, 2]
+        sm = np.empty(block_size, np.float32)
+        sv = np.empty(block_size, np.float32)
+        sx = np.empty(width, np.float32)
+        p = numba.carray(as_pointer(p_addr[leaf_ids[j]] + lo * 4, np.float32), hi - lo)
+        g = numba.carray(as_pointer(g_addr[leaf_ids[j]] + lo * 4, np.float32), hi - lo)
+        b = block_offsets[j] + lo // block_size
+        for s in range(0, hi - lo, block_size):
+            n = min(block_size, hi - lo - s)
+            e = offsets[j] + lo + s
+            xm, xv, xx = _update_block(
+                p, g, s, n, codes_m, codes_v, codes_x, e, absmax_m[b], absmax_v[b],
+                absmax_x[b] if amsgrad else np.float32(0), sm, sv, sx, map_m, map_v, k,
+                decoupled, l2, amsgrad, maximize,
+            )  # fmt: skip
+            _requantize(sm, n, xm, codes_m, e, absmax_m, b, zero_m, tm, shm, lom, nbm)
+            _requantize(sv, n, xv, codes_v, e, absmax_v, b, zero_v, tv, shv, lov, nbv)
+            if amsgrad:
+                _requantize(sx, n, xx, codes_x, e, absmax_x, b, zero_v, tv, shv, lov, nbv)
+            b += 1
