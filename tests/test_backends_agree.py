@@ -45,6 +45,9 @@ CONFIGS = {
     "skip-nan": lambda: adamnp.adamw(lr=1e-2, nonfinite="skip"),
     "propagate-nan": lambda: adamnp.adamw(lr=1e-2, nonfinite="propagate", amsgrad=True),
     "raise-nan": lambda: adamnp.adamw(lr=1e-2),
+    "all-flags": lambda: adamnp.adam(
+        lr=1e-2, betas=(0.3, 0.9), weight_decay=0.1, amsgrad=True, maximize=True
+    ),
 }
 NAN_STEP = 1  # configs ending in "-nan" see NaN and +-Inf in the gradients of this step
 SIZES = (0, 1, 255, 256, 257, 4095, 4096)
