@@ -19,7 +19,9 @@ import pytest
 if importlib.util.find_spec("numba_cuda") is None:
     pytest.skip("numba-cuda is not installed (adamnp[cuda])", allow_module_level=True)
 
-KERNELS = ("adam_step", "grad_stats", "fill", "traffic")
+KERNELS = ("adam_step", "grad_stats", "fill", "traffic", "traffic_q8")
+Q8_KERNELS = ("adam_step_q8_bs64", "adam_step_q8_bs256", "adam_step_q8_bs1024",
+              "adam_step_q8_bs4096")  # fmt: skip
 CCS = ((8, 0), (9, 0))
 
 
@@ -34,13 +36,23 @@ class _Device:
 def _ptx(name: str, cc: tuple, exact: bool = True) -> list[str]:
     from numba import cuda
 
-    from adamnp.backends import _cuda_kernels
-
-    k = _cuda_kernels.build()
+    k = _cuda_kernels().build()
     assert not k.sim, "the PTX tests must not run under NUMBA_ENABLE_CUDASIM"
-    kernel, sigs = _cuda_kernels.signatures()[name]
+    kernel, sigs = _signatures()[name]
     with k.exact_arithmetic() if exact else contextlib.nullcontext():
         return [cuda.compile_ptx(kernel.py_func, sig, cc=cc)[0] for sig in sigs]
+
+
+def _cuda_kernels():
+    from adamnp.backends import _cuda_kernels
+
+    return _cuda_kernels
+
+
+def _signatures() -> dict:
+    from adamnp.backends import _cuda_q8
+
+    return {**_cuda_kernels().signatures(), **_cuda_q8.signatures()}
 
 
 @pytest.fixture(autouse=True)
@@ -53,13 +65,11 @@ def _no_gpu_needed(monkeypatch):
 
 
 def test_every_kernel_is_listed():
-    from adamnp.backends import _cuda_kernels
-
-    assert set(_cuda_kernels.signatures()) == set(KERNELS)
+    assert set(_signatures()) == set(KERNELS + Q8_KERNELS)
 
 
 @pytest.mark.parametrize("cc", CCS, ids=lambda cc: f"sm_{cc[0]}{cc[1]}")
-@pytest.mark.parametrize("name", KERNELS)
+@pytest.mark.parametrize("name", KERNELS + Q8_KERNELS)
 def test_kernel_compiles_to_ptx(name, cc):
     for ptx in _ptx(name, cc):
         assert f".target sm_{cc[0]}{cc[1]}" in ptx
@@ -68,9 +78,20 @@ def test_kernel_compiles_to_ptx(name, cc):
         assert "fma." not in ptx
 
 
+@pytest.mark.parametrize("name", Q8_KERNELS)
+def test_q8_values_stay_in_registers(name):
+    # The 8-bit kernels keep each thread's elements of a tile in per-thread arrays between
+    # the absmax reduction and the requantization: fully unrolled, they are registers. A
+    # `.local` declaration would mean they went to (cached) local memory instead.
+    for ptx in _ptx(name, (9, 0)):
+        assert ".local" not in ptx
+        assert "shfl.sync.bfly" in ptx and "atom.shared.max" in ptx
+
+
 def test_contraction_is_what_exact_arithmetic_removes():
     # Control for the check above: NVVM's default fuses the Adam step's multiply-adds.
     assert all("fma.rn" in ptx for ptx in _ptx("adam_step", (9, 0), exact=False))
+    assert all("fma.rn" in ptx for ptx in _ptx("adam_step_q8_bs256", (9, 0), exact=False))
 
 
 def _ptxas() -> str | None:
@@ -81,7 +102,7 @@ def _ptxas() -> str | None:
 
 
 @pytest.mark.parametrize("cc", CCS, ids=lambda cc: f"sm_{cc[0]}{cc[1]}")
-@pytest.mark.parametrize("name", KERNELS)
+@pytest.mark.parametrize("name", KERNELS + Q8_KERNELS)
 def test_ptx_assembles(name, cc, tmp_path):
     ptxas = _ptxas()
     if ptxas is None:
