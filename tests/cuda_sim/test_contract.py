@@ -242,5 +242,9 @@ def test_gpu_check_script_runs(capsys):
     assert check.agreement(cuda, [300, 5], np.float32, "adam-l2-amsgrad", steps=2)
     assert check.agreement(cuda, [257], np.float64, "maximize-clip", steps=2)
     check.bandwidth(cuda, n=600, repeat=1, many=3)
+    assert check.agreement_q8(cuda, [300, 5], "adam-l2-amsgrad", 64, steps=2)
+    assert check.agreement_q8(cuda, [257], "maximize-clip", 256, steps=2)
+    check.bandwidth_q8(cuda, n=600, repeat=1, many=3, block_sizes=(64,))
     out = capsys.readouterr().out
-    assert "FAIL" not in out and out.count("of traffic") == 4
+    assert "FAIL" not in out and out.count("of traffic") == 8
+    assert out.count("0 of 915 codes differ") == 1  # m, v, vmax
