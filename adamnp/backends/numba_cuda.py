@@ -17,6 +17,12 @@ Results are bit-identical to the NumPy reference: the kernels run the shared ele
 (:func:`._elem.adam_elem`) compiled without FMA contraction. The one exception is clipping:
 the gradient norm is summed in another (fixed, deterministic) order than NumPy's, so the
 clipping factor may differ in its last bit.
+
+8-bit groups (``state_bits=8``) have their own kernel, one per block size
+(:mod:`._cuda_q8`), also one launch per group: dequantize, the same element math, new
+absmax per block, requantize with the shared exact lookup (:func:`._q8_elem.quantize_bits`),
+so codes and absmax values equal the reference's too. Its maps and lookup tables are
+uploaded once per group.
 """
 
 from __future__ import annotations
