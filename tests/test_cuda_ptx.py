@@ -40,7 +40,10 @@ def _ptx(name: str, cc: tuple, exact: bool = True) -> list[str]:
     assert not k.sim, "the PTX tests must not run under NUMBA_ENABLE_CUDASIM"
     kernel, sigs = _signatures()[name]
     with k.exact_arithmetic() if exact else contextlib.nullcontext():
-        return [cuda.compile_ptx(kernel.py_func, sig, cc=cc)[0] for sig in sigs]
+        bounds = kernel.targetoptions.get("launch_bounds")  # as the kernel is compiled
+        return [
+            cuda.compile_ptx(kernel.py_func, sig, cc=cc, launch_bounds=bounds)[0] for sig in sigs
+        ]
 
 
 def _cuda_kernels():
@@ -86,6 +89,27 @@ def test_q8_values_stay_in_registers(name):
     for ptx in _ptx(name, (9, 0)):
         assert ".local" not in ptx
         assert "shfl.sync.bfly" in ptx and "atom.shared.max" in ptx
+
+
+@pytest.mark.parametrize("cc", CCS, ids=lambda cc: f"sm_{cc[0]}{cc[1]}")
+@pytest.mark.parametrize("name", ["adam_step_q8_bs64", "adam_step_q8_bs1024"])
+def test_q8_launch_bounds_hold_without_spills(name, cc, tmp_path):
+    # 4 elements per thread: at most 64 registers, so 4 blocks of 256 threads (and their
+    # 4 x 36 KiB of shared memory) fit on one SM; the bound must not cost spills.
+    (ptx,) = _ptx(name, cc)
+    assert ".maxntid 256, 1, 1" in ptx and ".minnctapersm 4" in ptx
+    ptxas = _ptxas()
+    if ptxas is None:
+        pytest.skip("ptxas not found")
+    src = tmp_path / "k.ptx"
+    src.write_text(ptx)
+    run = subprocess.run([ptxas, "-v", f"-arch=sm_{cc[0]}{cc[1]}", str(src), "-o",
+                          str(tmp_path / "k.cubin")], capture_output=True, text=True)  # fmt: skip
+    if run.returncode and re.search(r"Unsupported \.version|newer than", run.stderr):
+        pytest.skip(f"{ptxas} is older than the PTX NVVM emits")
+    assert run.returncode == 0, run.stderr
+    registers = int(re.search(r"Used (\d+) registers", run.stderr).group(1))
+    assert registers <= 64 and "0 bytes spill stores" in run.stderr, run.stderr
 
 
 def test_contraction_is_what_exact_arithmetic_removes():

@@ -101,6 +101,10 @@ def build(block_size: int) -> SimpleNamespace:
     device = (lambda f: f) if sim else cuda.jit(device=True)
     elem, quantize = device(adam_elem), device(quantize_bits)
     nan = np.float32(np.nan)
+    # At most 64 registers per thread for tiles of 4 elements per thread: 4 blocks of 256
+    # threads (and 4 x 36 KiB of shared memory) fit on an SM of sm_80 and sm_90.
+    bounds = (threads, 4) if per_thread == MIN_PER_THREAD else (threads,)
+    kernel_jit = cuda.jit if sim else cuda.jit(launch_bounds=bounds)
     if sim:
         f2i, i2f = _sim_f2i, _sim_i2f
 
@@ -149,7 +153,7 @@ def build(block_size: int) -> SimpleNamespace:
         scale = i2f(amax_bits) if amax_bits != 0 else f32(1)
         return quantize(f2i(x / scale), table, shift, lo, nb)
 
-    @cuda.jit
+    @kernel_jit
     def adam_step_q8(
         ptrs, tiles, offsets, block_offsets,
         codes_m, codes_v, codes_w, absmax_m, absmax_v, absmax_w,
@@ -201,17 +205,19 @@ def build(block_size: int) -> SimpleNamespace:
             # of the tile can be in flight at once; elements past the leaf are masked below.
             old_m = absmax_m[b]
             old_v = absmax_v[b]
+            # (Unsigned indices: no negative-index wraparound code.)
             for j in range(per_thread):
                 i = min(first + j * group + r, n - 1)
+                e = np.uint64(base + i)
                 in_p[j] = p[i]
                 in_g[j] = g[i]
-                new_m[j] = s_map_m[codes_m[base + i]] * old_m
-                new_v[j] = s_map_v[codes_v[base + i]] * old_v
+                new_m[j] = s_map_m[codes_m[e]] * old_m
+                new_v[j] = s_map_v[codes_v[e]] * old_v
             if amsgrad:
                 old_w = absmax_w[b]
                 for j in range(per_thread):
-                    i = min(first + j * group + r, n - 1)
-                    new_w[j] = s_map_v[codes_w[base + i]] * old_w
+                    e = np.uint64(base + min(first + j * group + r, n - 1))
+                    new_w[j] = s_map_v[codes_w[e]] * old_w
             hi_m = np.int32(0)
             hi_v = np.int32(0)
             hi_w = np.int32(0)
@@ -242,7 +248,7 @@ def build(block_size: int) -> SimpleNamespace:
             for j in range(per_thread):
                 i = first + j * group + r
                 if i < n:
-                    e = base + i
+                    e = np.uint64(base + i)
                     codes_m[e] = requantize(new_m[j], bits_m, s_tab_m, shift_m, lo_m, nb_m, zero_m)
                     codes_v[e] = requantize(new_v[j], bits_v, s_tab_v, shift_v, lo_v, nb_v, zero_v)
                     if amsgrad:
