@@ -7,31 +7,42 @@ block whose updated moment holds NaN or Inf stores absmax NaN and the map's zero
 
 Work split
 ----------
-Each leaf is cut into *tiles* of ``max(block_size, 4 * threads)`` elements: whole
-quantization blocks of one leaf (the leaf's last tile and block may be partial), listed in
-a tile table ``(leaf, first element)`` like the float32 kernel's chunks. One launch per
-group; CUDA block ``c`` handles tiles ``c, c + grid, c + 2 grid, ...``, so the lookup tables
-(both maps and both quantize tables, 36 KiB) are copied into shared memory once per CUDA
-block rather than once per quantization block. In a tile, thread ``t`` owns elements
-``j * threads + t`` for ``j < per_thread`` (coalesced loads and stores):
+Each leaf is cut into *tiles* of ``threads * per_thread`` elements, ``per_thread =
+max(4, block_size / threads)``: whole quantization blocks of one leaf (the leaf's last tile
+and block may be partial), listed in a tile table ``(leaf, first element)`` like the float32
+kernel's chunks. One launch per group; CUDA block ``c`` handles tiles ``c, c + grid, ...``
+and the grid is the number of blocks resident at once, so the lookup tables (both maps and
+both quantize tables, 36 KiB) are copied into shared memory once per resident block, not
+once per quantization block.
 
-1. dequantize (map lookups in shared memory), ``adam_elem``, store ``p``; the updated moments
-   stay in registers (``per_thread`` values per moment);
+In a tile, quantization block ``q`` belongs to ``group = block_size / per_thread`` threads
+(16 to 256) and thread ``r`` of the group owns its elements ``r + j * group``, ``j <
+per_thread``: a warp reads and writes runs of at least 16 consecutive elements, and all
+of a thread's elements share one absmax. Per tile:
+
+1. load everything first (indices clamped to the leaf, no branches, so all loads are in
+   flight together), dequantize (maps in shared memory), ``adam_elem``, store ``p``; the
+   updated moments stay in registers;
 2. new absmax = integer max of ``bits(x) & 0x7FFFFFFF`` (monotone in ``|x|``; NaN and Inf
-   give ``>= 0x7F800000``): a thread's own elements of one quantization block, then the
-   warp (xor shuffles), then one shared-memory ``atomicMax`` per warp into a slot per
-   (moment, quantization block of the tile); one ``syncthreads``;
+   give ``>= 0x7F800000``): over the thread's elements, then over the group's lanes of the
+   warp (xor shuffles), then one shared-memory ``atomicMax`` per warp and moment; one
+   ``syncthreads``;
 3. requantize from registers: ``x / absmax`` (IEEE division) and ``quantize_bits`` on the
-   table in shared memory; store codes, and the tile's absmax values.
+   table in shared memory; store the codes, and the group's first thread stores the absmax.
 
 The absmax slots rotate through three buffers, one per tile in turn: a tile clears the
-buffer of the next tile, whose last readers (two tiles back) have all passed this tile's
-barrier, so one barrier per tile suffices. Blocks of at least 64 elements make every
-warp's 32 consecutive elements belong to one quantization block.
+buffer of the next tile, whose last readers (two tiles back) have all passed the previous
+tile's barrier, so one barrier per tile suffices.
+
+Registers: with 4 elements per thread (block sizes up to 1024) the kernel is compiled with
+launch bounds of 256 threads and 4 blocks per SM (at most 64 registers, no spills), so 4
+blocks of 256 threads and their shared memory fit on an SM of sm_80 or sm_90. Larger block
+sizes keep 8 or 16 elements per thread in registers, at lower occupancy.
 
 Arithmetic is exact as in :mod:`._cuda_kernels` (launched inside ``exact_arithmetic()``,
-no FMA contraction). The simulator has neither warp shuffles nor libdevice: there every
-thread does its own ``atomicMax`` (same maximum) and bit casts go through NumPy views.
+no FMA contraction). The simulator has neither warp shuffles nor libdevice: there the warp
+reduction goes through a shared array (same groups, same leader lanes) and bit casts go
+through NumPy views; device functions are called as plain Python.
 """
 
 from __future__ import annotations
