@@ -62,7 +62,7 @@ SIZES = (0, 1, 255, 256, 257, 4095, 4096)
 Q8_SIZES = (1, 255, 256, 257, 4095, 4096)
 BLOCK_SIZES = (64, 256, 4096)
 Q8_CONFIGS = ("adam", "adamw", "adam-l2", "amsgrad", "maximize", "beta1-small", "clip",
-              "skip-nan", "propagate-nan", "raise-nan")  # fmt: skip
+              "skip-nan", "propagate-nan", "raise-nan", "all-flags")  # fmt: skip
 CODE_MISMATCH_BUDGET = 1e-5  # off-by-one codes allowed per element (at float32 midpoints)
 
 
