@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 import adamnp
-from adamnp import quant
+from adamnp import backends, quant
 
 from ._common import BACKENDS, interleaved_medians, warm_state
 
@@ -53,6 +53,11 @@ class Step8bitOverFloat32:
             raise NotImplementedError(f"backend {backend!r} is not available")
         self.q8 = warm_state(backend, 1, n, state_bits=8, nonfinite=nonfinite)
         self.fp32 = warm_state(backend, 1, n, nonfinite=nonfinite)
+        kernel = backends.get(backend).traffic_kernel_q8
+        arrays = [np.ones(n, np.float32), np.ones(n, np.float32)]
+        arrays += [np.zeros(n, np.uint8), np.zeros(n, np.uint8)]
+        self.traffic = lambda: kernel(*arrays)
+        self.traffic()
 
     def track_8bit_over_float32(self, backend, n, nonfinite):
         q8, fp32 = interleaved_medians(
@@ -67,6 +72,13 @@ class Step8bitOverFloat32:
         return q8 / n * 1e9
 
     track_8bit_ns_per_element.unit = "ns/element"
+
+    def track_8bit_over_traffic(self, backend, n, nonfinite):
+        """8-bit step time over ``traffic_kernel_q8`` time (its 16 bytes, no math)."""
+        q8, traffic = interleaved_medians(lambda: adamnp.step(*self.q8), self.traffic)
+        return q8 / traffic
+
+    track_8bit_over_traffic.unit = "ratio"
 
 
 class StateBytes:

@@ -190,6 +190,18 @@ def test_traffic_kernel_touches_what_a_step_touches():
     np.testing.assert_array_equal(g, g0)
 
 
+def test_traffic_kernel_q8_touches_what_an_8bit_step_touches():
+    rng = np.random.default_rng(5)
+    p, g = (rng.standard_normal(100_001).astype(np.float32) for _ in range(2))
+    cm, cv = (rng.integers(0, 256, 100_001).astype(np.uint8) for _ in range(2))
+    want = (p + g, cm + np.uint8(1), cv + np.uint8(1))  # uint8 wraps around like the kernel
+    g0 = g.copy()
+    numba_cpu.traffic_kernel_q8(p, g, cm, cv)
+    for got, expected in zip((p, cm, cv), want):
+        np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(g, g0)
+
+
 def test_unknown_group_kinds_are_refused():
     from adamnp._state import LeafGroup
     from adamnp.backends._scalars import host_scalars

@@ -40,7 +40,7 @@ except ImportError:  # pragma: no cover - numba is a dependency
 else:
     _MISSING = None
     from ._numba_fp32 import step_fp32, traffic_kernel
-    from ._numba_q8 import step_q8
+    from ._numba_q8 import step_q8, traffic_kernel_q8
     from ._numba_reduce import first_nonfinite, sum_squares
     from ._numba_util import CHUNK, chunk_table, data_addresses
     from ._scalars import kernel_scalars
@@ -63,6 +63,7 @@ __all__ = [
     "step_group",
     "to_host",
     "traffic_kernel",
+    "traffic_kernel_q8",
     "zeros",
 ]
 
