@@ -3,10 +3,17 @@
 1. Agreement with the NumPy reference at full size (1e6 to 6.4e7 elements, a tree of 1000
    leaves, several configurations, float32 and float64): bit-identical when the kernels are
    compiled without FMA contraction (the default), else within a relative 1e-5.
-2. Effective bandwidth of the step as a fraction of ``traffic_kernel``, a kernel that moves
+2. The same for 8-bit state (``state_bits=8``, block sizes 64, 256 and 4096): params and
+   absmax bitwise, code mismatches counted (expected 0: the same float32 division and the
+   same exact lookup as the reference).
+3. Effective bandwidth of the step as a fraction of ``traffic_kernel``, a kernel that moves
    the same bytes (read p, g, m, v; write p, m, v) without the math, at 64M float32 elements
    as one leaf and as 1000 leaves: the kernels alone (CUDA events) and ``adamnp.step`` end
    to end (wall clock, with validation and host work).
+4. The same for the 8-bit step against ``traffic_kernel_q8`` (16 B per element: read and
+   write p and both code arrays, read g). The step's byte model is 16 B per element plus
+   16 B per block (absmax of m and v read and written), ``16 + 16 / block_size`` B per
+   element; the fraction compares bandwidths (bytes / time). Goal: at least 70%.
 
 Prints one line per check; exits 1 if any check fails, 2 if no GPU can be used.
 """
@@ -76,6 +83,44 @@ def agreement(cuda, sizes, dtype, cfg_name, steps=3) -> bool:
     return ok
 
 
+def agreement_q8(cuda, sizes, cfg_name, block_size, steps=3) -> bool:
+    """``agreement`` for 8-bit state: params and absmax bitwise, code mismatches counted."""
+    cfg = CONFIGS[cfg_name]
+    rng = np.random.default_rng(len(sizes) + block_size)
+    host = [rng.standard_normal(n).astype(np.float32) for n in sizes]
+    dev = [cuda.to_device(a) for a in host]
+    kw = dict(state_bits=8, min_8bit_size=1, block_size=block_size)
+    s_ref = adamnp.init(host, cfg, backend="numpy", **kw)
+    s_dev = adamnp.init(dev, cfg, backend="cuda", **kw)
+    for _ in range(steps):
+        grads = [rng.standard_normal(n).astype(np.float32) for n in sizes]
+        adamnp.step(host, grads, s_ref)
+        adamnp.step(dev, [cuda.to_device(g) for g in grads], s_dev)
+    exact = be._k().exact and cfg.max_grad_norm is None
+    ok, codes, mismatches = True, 0, 0
+    for i in range(len(sizes)):
+        ok &= _compare(f"params[{i}]", dev[i].copy_to_host(), host[i], exact)
+        for field, expected in s_ref.slots[i]._asdict().items():
+            if not isinstance(expected, np.ndarray):
+                continue
+            got = be.to_host(getattr(s_dev.slots[i], field))
+            if field.startswith("absmax"):
+                ok &= _compare(f"{field}[{i}]", got, expected, exact)
+            else:
+                codes += got.size
+                mismatches += int(np.count_nonzero(got != expected))
+        if not ok:
+            break
+    # Exact arithmetic: no code may differ. Otherwise (FMA contraction, or a clipping factor
+    # off in its last bit) a few codes next to midpoints may.
+    ok &= mismatches == 0 if exact else mismatches <= 1e-4 * codes
+    how = "bitwise" if exact else "rtol 1e-5"
+    print(f"{'ok  ' if ok else 'FAIL'} agreement {cfg_name:16} 8-bit/{block_size:<4} "
+          f"{len(sizes):4} leaves {sum(sizes):>11,} elements ({how}; {mismatches} of "
+          f"{codes:,} codes differ)")  # fmt: skip
+    return ok
+
+
 def reductions(cuda, sizes=(10**6, 3, 5 * 10**6 + 7)) -> bool:
     rng = np.random.default_rng(1)
     host = [rng.standard_normal(n).astype(np.float32) for n in sizes]
@@ -129,6 +174,44 @@ def bandwidth(cuda, n=1 << 26, repeat=20, many=1000) -> None:
         del params, grads, state
 
 
+def bandwidth_q8(cuda, n=1 << 26, repeat=20, many=1000, block_sizes=(256, 4096)) -> None:
+    """Bandwidth of the 8-bit step against the 16 B/element traffic kernel."""
+    traffic_bytes = 16 * n
+    arrays = [cuda.to_device(np.ones(n, np.float32)) for _ in range(2)]
+    arrays += [cuda.to_device(np.zeros(n, np.uint8)) for _ in range(2)]
+    be.traffic_kernel_q8(*arrays)
+    t_traffic = _events_time(cuda, functools.partial(be.traffic_kernel_q8, *arrays), repeat)
+    traffic_gbs = traffic_bytes / t_traffic / 1e9
+    print(f"     8-bit traffic kernel ({n:,} elements, 16 B each): {traffic_gbs:8.1f} GB/s")
+    arrays.clear()  # free device memory for the step's arrays
+    for bs in block_sizes:
+        nbytes = n * (16 + 16 / bs)
+        for leaves in (1, many):
+            sizes = [n // leaves] * leaves
+            sizes[-1] += n - sum(sizes)
+            params = [cuda.to_device(np.zeros(k, np.float32)) for k in sizes]
+            grads = [cuda.to_device(np.full(k, 1e-3, np.float32)) for k in sizes]
+            state = adamnp.init(params, adamnp.adamw(nonfinite="propagate"), backend="cuda",
+                                state_bits=8, min_8bit_size=1, block_size=bs)  # fmt: skip
+            adamnp.step(params, grads, state)  # compile, allocate the tables
+            cuda.synchronize()
+            p_leaves, g_leaves, _, _ = _validate(params, grads, state)
+            scalars = host_scalars(state.config, 2, 1e-3)
+            group = state.groups[0]
+            launch = functools.partial(be.step_group, group, p_leaves, g_leaves, scalars)
+            t_kernel = _events_time(cuda, launch, repeat)
+            t0 = time.perf_counter()
+            for _ in range(repeat):
+                adamnp.step(params, grads, state)
+            cuda.synchronize()
+            t_step = (time.perf_counter() - t0) / repeat
+            for what, t in (("kernel", t_kernel), ("adamnp.step", t_step)):
+                gbs = nbytes / t / 1e9
+                print(f"     8-bit/{bs:<4} {leaves:4} leaves, {what:11}: {gbs:8.1f} GB/s = "
+                      f"{gbs / traffic_gbs:6.1%} of traffic ({t * 1e3:.3f} ms)")  # fmt: skip
+            del params, grads, state
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m adamnp._gpu_check", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="sizes up to 4e6 only")
@@ -152,10 +235,16 @@ def main(argv=None) -> int:
     cases += [([4 * 10**6 + 1], np.float32, "adamw")]
     cases += [(tree, np.float32, "adamw"), (tree, np.float64, "maximize-clip")]
     cases += [([n], np.float32, "adamw") for n in big]
+    q8_cases = [([10**6], name, bs) for name in CONFIGS for bs in (64, 256)]
+    q8_cases += [([4 * 10**6 + 1], "adam-l2-amsgrad", 4096), (tree, "adamw", 256)]
+    q8_cases += [([n], "adamw", 256) for n in big]
     ok = reductions(cuda)
     for sizes, dtype, name in cases:
         ok &= agreement(cuda, sizes, dtype, name)
+    for sizes, name, bs in q8_cases:
+        ok &= agreement_q8(cuda, sizes, name, bs)
     bandwidth(cuda, n=(1 << 22) if args.quick else (1 << 26))
+    bandwidth_q8(cuda, n=(1 << 22) if args.quick else (1 << 26))
     print("all checks passed" if ok else "SOME CHECKS FAILED")
     return 0 if ok else 1
 

@@ -19,7 +19,9 @@ import pytest
 if importlib.util.find_spec("numba_cuda") is None:
     pytest.skip("numba-cuda is not installed (adamnp[cuda])", allow_module_level=True)
 
-KERNELS = ("adam_step", "grad_stats", "fill", "traffic")
+KERNELS = ("adam_step", "grad_stats", "fill", "traffic", "traffic_q8")
+Q8_KERNELS = ("adam_step_q8_bs64", "adam_step_q8_bs256", "adam_step_q8_bs1024",
+              "adam_step_q8_bs4096")  # fmt: skip
 CCS = ((8, 0), (9, 0))
 
 
@@ -34,13 +36,26 @@ class _Device:
 def _ptx(name: str, cc: tuple, exact: bool = True) -> list[str]:
     from numba import cuda
 
+    k = _cuda_kernels().build()
+    assert not k.sim, "the PTX tests must not run under NUMBA_ENABLE_CUDASIM"
+    kernel, sigs = _signatures()[name]
+    with k.exact_arithmetic() if exact else contextlib.nullcontext():
+        bounds = kernel.targetoptions.get("launch_bounds")  # as the kernel is compiled
+        return [
+            cuda.compile_ptx(kernel.py_func, sig, cc=cc, launch_bounds=bounds)[0] for sig in sigs
+        ]
+
+
+def _cuda_kernels():
     from adamnp.backends import _cuda_kernels
 
-    k = _cuda_kernels.build()
-    assert not k.sim, "the PTX tests must not run under NUMBA_ENABLE_CUDASIM"
-    kernel, sigs = _cuda_kernels.signatures()[name]
-    with k.exact_arithmetic() if exact else contextlib.nullcontext():
-        return [cuda.compile_ptx(kernel.py_func, sig, cc=cc)[0] for sig in sigs]
+    return _cuda_kernels
+
+
+def _signatures() -> dict:
+    from adamnp.backends import _cuda_q8
+
+    return {**_cuda_kernels().signatures(), **_cuda_q8.signatures()}
 
 
 @pytest.fixture(autouse=True)
@@ -53,13 +68,11 @@ def _no_gpu_needed(monkeypatch):
 
 
 def test_every_kernel_is_listed():
-    from adamnp.backends import _cuda_kernels
-
-    assert set(_cuda_kernels.signatures()) == set(KERNELS)
+    assert set(_signatures()) == set(KERNELS + Q8_KERNELS)
 
 
 @pytest.mark.parametrize("cc", CCS, ids=lambda cc: f"sm_{cc[0]}{cc[1]}")
-@pytest.mark.parametrize("name", KERNELS)
+@pytest.mark.parametrize("name", KERNELS + Q8_KERNELS)
 def test_kernel_compiles_to_ptx(name, cc):
     for ptx in _ptx(name, cc):
         assert f".target sm_{cc[0]}{cc[1]}" in ptx
@@ -68,9 +81,41 @@ def test_kernel_compiles_to_ptx(name, cc):
         assert "fma." not in ptx
 
 
+@pytest.mark.parametrize("name", Q8_KERNELS)
+def test_q8_values_stay_in_registers(name):
+    # The 8-bit kernels keep each thread's elements of a tile in per-thread arrays between
+    # the absmax reduction and the requantization: fully unrolled, they are registers. A
+    # `.local` declaration would mean they went to (cached) local memory instead.
+    for ptx in _ptx(name, (9, 0)):
+        assert ".local" not in ptx
+        assert "shfl.sync.bfly" in ptx and "atom.shared.max" in ptx
+
+
+@pytest.mark.parametrize("cc", CCS, ids=lambda cc: f"sm_{cc[0]}{cc[1]}")
+@pytest.mark.parametrize("name", ["adam_step_q8_bs64", "adam_step_q8_bs1024"])
+def test_q8_launch_bounds_hold_without_spills(name, cc, tmp_path):
+    # 4 elements per thread: at most 64 registers, so 4 blocks of 256 threads (and their
+    # 4 x 36 KiB of shared memory) fit on one SM; the bound must not cost spills.
+    (ptx,) = _ptx(name, cc)
+    assert ".maxntid 256, 1, 1" in ptx and ".minnctapersm 4" in ptx
+    ptxas = _ptxas()
+    if ptxas is None:
+        pytest.skip("ptxas not found")
+    src = tmp_path / "k.ptx"
+    src.write_text(ptx)
+    run = subprocess.run([ptxas, "-v", f"-arch=sm_{cc[0]}{cc[1]}", str(src), "-o",
+                          str(tmp_path / "k.cubin")], capture_output=True, text=True)  # fmt: skip
+    if run.returncode and re.search(r"Unsupported \.version|newer than", run.stderr):
+        pytest.skip(f"{ptxas} is older than the PTX NVVM emits")
+    assert run.returncode == 0, run.stderr
+    registers = int(re.search(r"Used (\d+) registers", run.stderr).group(1))
+    assert registers <= 64 and "0 bytes spill stores" in run.stderr, run.stderr
+
+
 def test_contraction_is_what_exact_arithmetic_removes():
     # Control for the check above: NVVM's default fuses the Adam step's multiply-adds.
     assert all("fma.rn" in ptx for ptx in _ptx("adam_step", (9, 0), exact=False))
+    assert all("fma.rn" in ptx for ptx in _ptx("adam_step_q8_bs256", (9, 0), exact=False))
 
 
 def _ptxas() -> str | None:
@@ -81,7 +126,7 @@ def _ptxas() -> str | None:
 
 
 @pytest.mark.parametrize("cc", CCS, ids=lambda cc: f"sm_{cc[0]}{cc[1]}")
-@pytest.mark.parametrize("name", KERNELS)
+@pytest.mark.parametrize("name", KERNELS + Q8_KERNELS)
 def test_ptx_assembles(name, cc, tmp_path):
     ptxas = _ptxas()
     if ptxas is None:

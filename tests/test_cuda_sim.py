@@ -117,3 +117,24 @@ def test_device_dtype_and_shape_come_from_the_interface():
 
     assert _dtype_shape(DeviceArray((2, 3), "<f8")) == (np.dtype(np.float64), (2, 3))
     assert _dtype_shape(np.zeros((4,), np.float32)) == (np.dtype(np.float32), (4,))
+
+
+def test_q8_grid_is_the_resident_block_count():
+    # The 8-bit kernel loops over tiles: after its first launch the grid is the occupancy
+    # of the compiled kernel (as many blocks as fit at once), never more than the tiles.
+    from types import SimpleNamespace
+
+    calls = []
+
+    def occupancy(threads):
+        calls.append(threads)
+        return 396
+
+    kernel = SimpleNamespace(overloads={"sig": SimpleNamespace(
+        max_cooperative_grid_blocks=occupancy)})  # fmt: skip
+    q = SimpleNamespace(grid_cap=None, adam_step_q8=kernel, threads=256)
+    plan = SimpleNamespace(nchunks=10_000, q8=SimpleNamespace(resident=None))
+    assert be._q8_grid(q, plan) == 396 and be._q8_grid(q, plan) == 396
+    assert calls == [256]  # asked once, then kept in the plan
+    plan.nchunks = 7
+    assert be._q8_grid(q, plan) == 7

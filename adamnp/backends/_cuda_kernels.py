@@ -14,8 +14,8 @@ A group of leaves is updated by ONE launch. The kernels receive
 * ``offsets``: ``int64[k + 1]``, where leaf ``j`` starts in the moment arenas.
 
 Block ``c`` handles chunk ``c`` and its threads stride through the chunk, so reads and writes
-are coalesced. The 8-bit kernels will use the same tables, with one block per quantization
-block.
+are coalesced. The 8-bit kernels (:mod:`._cuda_q8`) use the same tables, with tiles of whole
+quantization blocks instead of chunks.
 
 A raw address becomes a typed pointer through ``leaf_ptr``, an intrinsic (``inttoptr``); in
 the CUDA simulator, where kernels run as Python, it returns a NumPy view of the host memory
@@ -209,6 +209,14 @@ def build() -> SimpleNamespace:
             m[i] = m[i] + x
             v[i] = v[i] + x
 
+    @cuda.jit
+    def traffic_q8(p, g, codes_m, codes_v):
+        """The element traffic of an 8-bit step (read p, g, 2 codes; write p, 2 codes)."""
+        for i in range(cuda.grid(1), p.size, cuda.gridsize(1)):
+            p[i] = p[i] + g[i]
+            codes_m[i] = codes_m[i] + 1
+            codes_v[i] = codes_v[i] + 1
+
     return SimpleNamespace(
         cuda=cuda,
         sim=sim,
@@ -216,10 +224,13 @@ def build() -> SimpleNamespace:
         chunk=chunk,
         exact=exact,
         exact_arithmetic=exact_arithmetic,
+        elem=elem,
+        leaf_ptr=leaf_ptr,
         adam_step=adam_step,
         grad_stats=grad_stats,
         fill=fill,
         traffic=traffic,
+        traffic_q8=traffic_q8,
     )
 
 
@@ -241,4 +252,5 @@ def signatures() -> dict:
         "grad_stats": (k.grad_stats, stats),
         "fill": (k.fill, filler),
         "traffic": (k.traffic, [(f32, f32, f32, f32)]),
+        "traffic_q8": (k.traffic_q8, [(f32, f32, types.uint8[::1], types.uint8[::1])]),
     }

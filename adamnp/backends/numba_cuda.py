@@ -17,6 +17,12 @@ Results are bit-identical to the NumPy reference: the kernels run the shared ele
 (:func:`._elem.adam_elem`) compiled without FMA contraction. The one exception is clipping:
 the gradient norm is summed in another (fixed, deterministic) order than NumPy's, so the
 clipping factor may differ in its last bit.
+
+8-bit groups (``state_bits=8``) have their own kernel, one per block size
+(:mod:`._cuda_q8`), also one launch per group: dequantize, the same element math, new
+absmax per block, requantize with the shared exact lookup (:func:`._q8_elem.quantize_bits`),
+so codes and absmax values equal the reference's too. Its maps and lookup tables are
+uploaded once per group.
 """
 
 from __future__ import annotations
@@ -32,7 +38,6 @@ from ._scalars import kernel_scalars
 
 NAME = "cuda"
 INSTALL = 'pip install "adamnp[cuda]"'
-NO_8BIT = "8-bit state is not implemented on the 'cuda' backend yet; use state_bits=32"
 
 
 def _k():
@@ -122,16 +127,14 @@ def synchronize() -> None:
     _k().cuda.synchronize()
 
 
-def _launch(kernel, blocks: int, *args) -> None:
+def _launch(kernel, blocks: int, *args, threads: int | None = None) -> None:
     k = _k()
     with k.exact_arithmetic():
-        kernel[blocks, k.threads, _stream()](*args)
+        kernel[blocks, threads or k.threads, _stream()](*args)
 
 
 def full(n: int, value, dtype):
     """A flat device array of ``n`` elements equal to ``value``."""
-    if np.dtype(dtype) == np.uint8:  # codes of 8-bit state: refuse at init, not mid-step
-        raise NotImplementedError(NO_8BIT)
     a = _k().cuda.device_array(n, dtype)
     if n:
         blocks = min(-(-n // _k().chunk), 1 << 14)
@@ -164,9 +167,9 @@ def copy_from_host(dst, src: np.ndarray) -> None:
         _numba_array(dst).copy_to_device(np.ascontiguousarray(src))
 
 
-def _tables(sizes) -> tuple[np.ndarray, np.ndarray]:
+def _tables(sizes, chunk: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``(chunks, offsets)`` for leaves of ``sizes`` (see :mod:`._cuda_kernels`)."""
-    chunk = _k().chunk
+    chunk = chunk or _k().chunk
     sizes = np.asarray(sizes, np.int64)
     offsets = np.zeros(len(sizes) + 1, np.int64)
     offsets[1:] = np.cumsum(sizes)
@@ -190,10 +193,12 @@ def _plan(group) -> SimpleNamespace:
     plan = _PLANS.get(group)
     if plan is None:
         cuda = _k().cuda
-        chunks, offsets = _tables(np.diff(group.offsets))
+        tile = _q8(group.block_size).tile if group.kind == "q8" else None
+        chunks, offsets = _tables(np.diff(group.offsets), tile)
         k = len(group.leaf_ids)
         plan = SimpleNamespace(
             nchunks=len(chunks),
+            q8=None if tile is None else _q8_plan(group),
             chunks=cuda.to_device(chunks),
             offsets=cuda.to_device(offsets),
             ptrs=cuda.device_array((k, 2), np.uint64),
@@ -227,10 +232,9 @@ def _upload(plan, table: np.ndarray) -> None:
 def step_group(group, params, grads, scalars, maps=None) -> None:
     """Update every leaf of ``group`` with one kernel launch (asynchronous).
 
-    The math and its order are those of :func:`adamnp.backends.numpy.update_chunk`.
+    The math and its order are those of :func:`adamnp.backends.numpy.update_chunk`; for
+    8-bit groups, of :func:`adamnp.backends._q8_numpy.step_q8`.
     """
-    if group.kind != "fp32":
-        raise NotImplementedError(NO_8BIT)
     plan = _plan(group)
     if plan.nchunks == 0:
         return
@@ -239,6 +243,9 @@ def step_group(group, params, grads, scalars, maps=None) -> None:
     ).reshape(-1, 2)
     _upload(plan, table)
     k = kernel_scalars(scalars, group.dtype)
+    if group.kind == "q8":
+        _step_q8(group, plan, k, scalars)
+        return
     m, v = group.buffers["m"], group.buffers["v"]
     vmax = group.buffers.get("vmax", m)  # a placeholder unless amsgrad: never touched
     s = scalars
@@ -246,6 +253,61 @@ def step_group(group, params, grads, scalars, maps=None) -> None:
     _launch(
         _k().adam_step, plan.nchunks, plan.ptrs, plan.chunks, plan.offsets, m, v, vmax,
         *k[:10], *flags,
+    )  # fmt: skip
+
+
+def _q8(block_size: int):
+    from ._cuda_q8 import build
+
+    return build(block_size)
+
+
+def _q8_plan(group) -> SimpleNamespace:
+    """The device tables an 8-bit group adds to its plan: block offsets, both maps and
+    quantize tables (uploaded per group, so each lives on the group's device)."""
+    from ._cuda_q8 import quant_tables
+
+    cuda = _k().cuda
+    (code_m, tm, zero_m), (code_v, tv, zero_v) = quant_tables()
+    # np.array: the simulator cannot copy read-only host arrays.
+    arrays = tuple(cuda.to_device(np.array(a)) for a in (code_m, code_v, tm.table, tv.table))
+    ints = tuple(np.int32(x) for x in (tm.shift, tm.lo, tm.nb, zero_m, tv.shift, tv.lo, tv.nb))
+    return SimpleNamespace(
+        block_offsets=cuda.to_device(group.block_offsets),
+        constants=arrays + ints + (np.int32(zero_v),),
+        resident=None,
+    )
+
+
+def _q8_grid(q, plan) -> int:
+    """Blocks to launch: every tile, or as many blocks as fit on the GPU at once (each
+    loops over tiles), so that no block waits for a second wave and the lookup tables are
+    copied into shared memory once per resident block."""
+    if q.grid_cap:  # the simulator
+        return min(plan.nchunks, q.grid_cap)
+    cap = plan.q8.resident
+    if cap is None:
+        compiled = list(q.adam_step_q8.overloads.values())
+        if compiled:  # occupancy (registers, shared memory) of the compiled kernel
+            cap = plan.q8.resident = compiled[0].max_cooperative_grid_blocks(q.threads)
+        else:  # first launch: bounded by threads per SM only
+            from ._cuda_q8 import RESIDENT_THREADS
+
+            sms = _k().cuda.get_current_device().MULTIPROCESSOR_COUNT
+            cap = sms * max(1, RESIDENT_THREADS // q.threads)
+    return min(plan.nchunks, max(cap, 1))
+
+
+def _step_q8(group, plan, k, s) -> None:
+    q = _q8(group.block_size)
+    b = group.buffers
+    codes_w = b.get("codes_vmax", b["codes_v"])  # placeholders unless amsgrad: never touched
+    absmax_w = b.get("absmax_vmax", b["absmax_v"])
+    flags = (k.lerp_small, s.decoupled_decay, s.l2_decay, s.amsgrad, s.maximize)
+    _launch(
+        q.adam_step_q8, _q8_grid(q, plan), plan.ptrs, plan.chunks, plan.offsets,
+        plan.q8.block_offsets, b["codes_m"], b["codes_v"], codes_w, b["absmax_m"],
+        b["absmax_v"], absmax_w, *plan.q8.constants, *k[:10], *flags, threads=q.threads,
     )  # fmt: skip
 
 
@@ -302,3 +364,13 @@ def traffic_kernel(p, g, m, v) -> None:
     n = p.size
     if n:
         _launch(_k().traffic, -(-n // _k().chunk), p, g, m, v)
+
+
+def traffic_kernel_q8(p, g, codes_m, codes_v) -> None:
+    """Launch a kernel that moves the element bytes of an 8-bit step (read p, g and two
+    uint8 code arrays; write p and the codes: 16 B per element) without its math; the
+    per-block absmax traffic (16 B per block) is left out. Asynchronous."""
+    p, g, codes_m, codes_v = (_numba_array(x) for x in (p, g, codes_m, codes_v))
+    n = p.size
+    if n:
+        _launch(_k().traffic_q8, -(-n // _k().chunk), p, g, codes_m, codes_v)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import numpy as np
 import pytest
 from numba import cuda
@@ -132,14 +130,6 @@ def test_mixed_tree_at_init():
         adamnp.init(mixed, adamnp.adam())
 
 
-def test_8bit_state_is_refused_at_init():
-    if importlib.util.find_spec("adamnp.quant") is None:
-        pytest.skip("adamnp.quant (8-bit state) is not part of this build")
-    params = cuda.to_device(np.zeros(8192, np.float32))
-    with pytest.raises(NotImplementedError, match="8-bit state is not implemented"):
-        adamnp.init(params, adamnp.adam(), backend="cuda", state_bits=8)
-
-
 def test_nonfinite_leaf_finds_the_first_leaf_across_dtypes():
     rng = np.random.default_rng(7)
     grads = [rng.standard_normal(n).astype(d) for n, d in
@@ -212,10 +202,6 @@ def test_state_lives_on_the_device():
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.uint8])
 @pytest.mark.parametrize("n", [0, 1, 300])
 def test_allocation_and_copies(n, dtype):
-    if dtype == np.uint8:
-        with pytest.raises(NotImplementedError):
-            be.full(n, 7, dtype)
-        return
     z, f = be.zeros(n, dtype), be.full(n, 2.5, dtype)
     assert be.owns(z) and be.to_host(z).dtype == dtype
     np.testing.assert_array_equal(be.to_host(z), np.zeros(n, dtype))
@@ -256,5 +242,9 @@ def test_gpu_check_script_runs(capsys):
     assert check.agreement(cuda, [300, 5], np.float32, "adam-l2-amsgrad", steps=2)
     assert check.agreement(cuda, [257], np.float64, "maximize-clip", steps=2)
     check.bandwidth(cuda, n=600, repeat=1, many=3)
+    assert check.agreement_q8(cuda, [300, 5], "adam-l2-amsgrad", 64, steps=2)
+    assert check.agreement_q8(cuda, [257], "maximize-clip", 256, steps=2)
+    check.bandwidth_q8(cuda, n=600, repeat=1, many=3, block_sizes=(64,))
     out = capsys.readouterr().out
-    assert "FAIL" not in out and out.count("of traffic") == 4
+    assert "FAIL" not in out and out.count("of traffic") == 8
+    assert out.count("0 of 915 codes differ") == 1  # m, v, vmax
