@@ -23,12 +23,13 @@ import pytest
 import adamnp
 from adamnp import backends
 
-pytestmark = pytest.mark.skipif(not backends.available("numba"), reason="needs numba")
-if backends.available("numba"):
-    import llvmlite.binding
-    import numba
+if not backends.available("numba"):
+    pytest.skip("the numba backend is not available", allow_module_level=True)
 
-    from adamnp.backends import _numba_util, numba_cpu
+import llvmlite.binding
+import numba
+
+from adamnp.backends import _numba_util, numba_cpu
 
 ROOT = Path(__file__).resolve().parents[1]
 
