@@ -3,17 +3,19 @@
 A step of a :class:`~adamnp._state.LeafGroup` is one compiled call, whatever the number of
 leaves: the leaves' data addresses go to a ``prange`` loop over fixed chunks of at most
 :data:`~._numba_util.CHUNK` elements, and each chunk is one SIMD pass over memory with the
-element math of :func:`~._elem.adam_elem` inlined (see :mod:`._numba_fp32`). Arithmetic is
+element math of :func:`~._elem.adam_elem` inlined (see :mod:`._numba_fp32`; 8-bit groups:
+:mod:`._numba_q8`, chunks of whole quantization blocks, two passes per block). Arithmetic is
 float32 for float32 leaves and float64 for float64 leaves, in the operation order of
 :func:`adamnp.backends.numpy.update_chunk`, without fast-math, so results equal the NumPy
 reference bit for bit and do not depend on the number of threads.
 
 Kernels are compiled on first use (one variant per dtype; flags are runtime values) and cached
 on disk (``NUMBA_CACHE_DIR`` or ``__pycache__``). Numba keys a cached kernel on its own source
-file only: after editing ``_elem.py`` or ``_numba_util.py``, delete the ``*.nbi``/``*.nbc``
-files. A step allocates nothing proportional to the leaves' size. Arenas are cache-line
-aligned; the other host-memory helpers (``owns``, ``to_host``, ...) are the NumPy backend's.
-Small calls run on fewer threads (:data:`PARALLEL_MIN`); results never depend on it.
+file only: after editing ``_elem.py``, ``_numba_util.py``, ``_q8_elem.py`` or
+``_quant_numba.py``, delete the ``*.nbi``/``*.nbc`` files. A step allocates nothing
+proportional to the leaves' size. Arenas are cache-line aligned; the other host-memory helpers
+(``owns``, ``to_host``, ...) are the NumPy backend's. Small calls run on fewer threads
+(:data:`PARALLEL_MIN`); results never depend on it.
 """
 
 from __future__ import annotations
