@@ -128,7 +128,11 @@ def save_state(path, state: AdamState) -> None:
 
 
 class CheckpointError(ValueError):
-    """A file that is not a readable adamnp checkpoint of a supported version."""
+    """A file that is not a readable adamnp checkpoint of a supported version.
+
+    Raised by :func:`load_state` for truncated, corrupted (CRC mismatch), foreign or
+    newer-format files and for arrays that disagree with the header. A ``ValueError``.
+    """
 
 
 def _read_all(path) -> dict:

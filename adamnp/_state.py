@@ -20,7 +20,17 @@ UNSIGNED_MAP = "dynamic-unsigned-8bit"  # map of the second moment (v) and of am
 
 
 class Fp32Slot(NamedTuple):
-    """Full-precision moments of one leaf (float32 leaves get float32, float64 get float64)."""
+    """Full-precision moments of one leaf (float32 leaves get float32, float64 get float64).
+
+    The arrays are views into the state's flat buffers: writing into them changes the state.
+
+    Examples
+    --------
+    >>> import numpy as np, adamnp
+    >>> state = adamnp.init(np.zeros(3, np.float32), adamnp.adam(), backend="numpy")
+    >>> state.slots[0].m.dtype, state.slots[0].vmax
+    (dtype('float32'), None)
+    """
 
     m: np.ndarray  # shape=leaf.shape, dtype=leaf dtype; first moment
     v: np.ndarray  # shape=leaf.shape, dtype=leaf dtype; second moment
@@ -28,7 +38,20 @@ class Fp32Slot(NamedTuple):
 
 
 class QuantSlot(NamedTuple):
-    """Blockwise 8-bit moments of one float32 leaf (bitsandbytes' blockwise layout)."""
+    """Blockwise 8-bit moments of one float32 leaf (bitsandbytes' blockwise layout).
+
+    Element ``i`` of a moment is ``dynamic_map(signed)[codes[i]] * absmax[i // block_size]``
+    (signed map for ``m``, unsigned for ``v`` and ``vmax``); see docs/eight_bit.md.
+
+    Examples
+    --------
+    >>> import numpy as np, adamnp
+    >>> p = np.zeros(1000, np.float32)
+    >>> slot = adamnp.init(p, adamnp.adamw(), state_bits=8, min_8bit_size=1,
+    ...                    backend="numpy").slots[0]
+    >>> slot.codes_m.dtype, slot.absmax_m.shape, slot.block_size
+    (dtype('uint8'), (4,), 256)
+    """
 
     codes_m: np.ndarray  # shape=leaf.shape, uint8; indices into the signed dynamic map
     codes_v: np.ndarray  # shape=leaf.shape, uint8; indices into the unsigned dynamic map
