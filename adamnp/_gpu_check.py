@@ -144,34 +144,40 @@ def _events_time(cuda, launch, repeat) -> float:
     return max(start.elapsed_time(stop), 1e-6) / 1e3 / repeat  # (the simulator says -1)
 
 
+def _tree_step_bandwidth(cuda, n, leaves, repeat, nbytes, t_traffic, label, **init) -> None:
+    """Print the step's GB/s on ``n`` elements split into ``leaves`` leaves: kernel only (CUDA
+    events) and end to end through ``adamnp.step``, each as a fraction of ``t_traffic``."""
+    sizes = [n // leaves] * leaves
+    sizes[-1] += n - sum(sizes)
+    params = [cuda.to_device(np.zeros(k, np.float32)) for k in sizes]
+    grads = [cuda.to_device(np.full(k, 1e-3, np.float32)) for k in sizes]
+    state = adamnp.init(params, adamnp.adamw(nonfinite="propagate"), backend="cuda", **init)
+    adamnp.step(params, grads, state)  # compile, allocate the tables
+    cuda.synchronize()
+    p_leaves, g_leaves, _, _ = _validate(params, grads, state)
+    scalars = host_scalars(state.config, 2, 1e-3)
+    launch = functools.partial(be.step_group, state.groups[0], p_leaves, g_leaves, scalars)
+    t_kernel = _events_time(cuda, launch, repeat)
+    t0 = time.perf_counter()
+    for _ in range(repeat):
+        adamnp.step(params, grads, state)
+    cuda.synchronize()
+    t_step = (time.perf_counter() - t0) / repeat
+    for what, t in (("kernel", t_kernel), ("adamnp.step", t_step)):
+        print(f"     {label}{leaves:4} leaves, {what:11}: {nbytes / t / 1e9:8.1f} GB/s = "
+              f"{t_traffic / t:6.1%} of traffic ({t * 1e3:.3f} ms)")  # fmt: skip
+
+
 def bandwidth(cuda, n=1 << 26, repeat=20, many=1000) -> None:
+    """Bandwidth of the float32-state step against the 28 B/element traffic kernel."""
     nbytes = 7 * 4 * n
     traffic_arrays = [cuda.to_device(np.ones(n, np.float32)) for _ in range(4)]
     be.traffic_kernel(*traffic_arrays)
     t_traffic = _events_time(cuda, lambda: be.traffic_kernel(*traffic_arrays), repeat)
     print(f"     traffic kernel ({n:,} float32): {nbytes / t_traffic / 1e9:8.1f} GB/s")
+    traffic_arrays.clear()  # free device memory for the step's arrays
     for leaves in (1, many):
-        sizes = [n // leaves] * leaves
-        sizes[-1] += n - sum(sizes)
-        params = [cuda.to_device(np.zeros(k, np.float32)) for k in sizes]
-        grads = [cuda.to_device(np.full(k, 1e-3, np.float32)) for k in sizes]
-        state = adamnp.init(params, adamnp.adamw(nonfinite="propagate"), backend="cuda")
-        adamnp.step(params, grads, state)  # compile, allocate the tables
-        cuda.synchronize()
-        p_leaves, g_leaves, _, _ = _validate(params, grads, state)
-        scalars = host_scalars(state.config, 2, 1e-3)
-        group = state.groups[0]
-        launch = functools.partial(be.step_group, group, p_leaves, g_leaves, scalars)
-        t_kernel = _events_time(cuda, launch, repeat)
-        t0 = time.perf_counter()
-        for _ in range(repeat):
-            adamnp.step(params, grads, state)
-        cuda.synchronize()
-        t_step = (time.perf_counter() - t0) / repeat
-        for what, t in (("kernel", t_kernel), ("adamnp.step", t_step)):
-            print(f"     {leaves:4} leaves, {what:11}: {nbytes / t / 1e9:8.1f} GB/s = "
-                  f"{t_traffic / t:6.1%} of traffic ({t * 1e3:.3f} ms)")  # fmt: skip
-        del params, grads, state
+        _tree_step_bandwidth(cuda, n, leaves, repeat, nbytes, t_traffic, "")
 
 
 def bandwidth_q8(cuda, n=1 << 26, repeat=20, many=1000, block_sizes=(256, 4096)) -> None:
@@ -181,35 +187,17 @@ def bandwidth_q8(cuda, n=1 << 26, repeat=20, many=1000, block_sizes=(256, 4096))
     arrays += [cuda.to_device(np.zeros(n, np.uint8)) for _ in range(2)]
     be.traffic_kernel_q8(*arrays)
     t_traffic = _events_time(cuda, functools.partial(be.traffic_kernel_q8, *arrays), repeat)
-    traffic_gbs = traffic_bytes / t_traffic / 1e9
-    print(f"     8-bit traffic kernel ({n:,} elements, 16 B each): {traffic_gbs:8.1f} GB/s")
+    print(f"     8-bit traffic kernel ({n:,} elements, 16 B each): "
+          f"{traffic_bytes / t_traffic / 1e9:8.1f} GB/s")  # fmt: skip
     arrays.clear()  # free device memory for the step's arrays
     for bs in block_sizes:
-        nbytes = n * (16 + 16 / bs)
+        # the step moves the traffic kernel's 16 B plus the absmax; compare time with time
+        # on the traffic kernel's bytes, as the float32 check does
+        t_equiv = t_traffic * (16 + 16 / bs) / 16
         for leaves in (1, many):
-            sizes = [n // leaves] * leaves
-            sizes[-1] += n - sum(sizes)
-            params = [cuda.to_device(np.zeros(k, np.float32)) for k in sizes]
-            grads = [cuda.to_device(np.full(k, 1e-3, np.float32)) for k in sizes]
-            state = adamnp.init(params, adamnp.adamw(nonfinite="propagate"), backend="cuda",
-                                state_bits=8, min_8bit_size=1, block_size=bs)  # fmt: skip
-            adamnp.step(params, grads, state)  # compile, allocate the tables
-            cuda.synchronize()
-            p_leaves, g_leaves, _, _ = _validate(params, grads, state)
-            scalars = host_scalars(state.config, 2, 1e-3)
-            group = state.groups[0]
-            launch = functools.partial(be.step_group, group, p_leaves, g_leaves, scalars)
-            t_kernel = _events_time(cuda, launch, repeat)
-            t0 = time.perf_counter()
-            for _ in range(repeat):
-                adamnp.step(params, grads, state)
-            cuda.synchronize()
-            t_step = (time.perf_counter() - t0) / repeat
-            for what, t in (("kernel", t_kernel), ("adamnp.step", t_step)):
-                gbs = nbytes / t / 1e9
-                print(f"     8-bit/{bs:<4} {leaves:4} leaves, {what:11}: {gbs:8.1f} GB/s = "
-                      f"{gbs / traffic_gbs:6.1%} of traffic ({t * 1e3:.3f} ms)")  # fmt: skip
-            del params, grads, state
+            _tree_step_bandwidth(cuda, n, leaves, repeat, n * (16 + 16 / bs), t_equiv,
+                                 f"8-bit/{bs:<4} ", state_bits=8, min_8bit_size=1,
+                                 block_size=bs)  # fmt: skip
 
 
 def main(argv=None) -> int:

@@ -41,8 +41,8 @@ def fake_backend(monkeypatch, name="numba", nudge=False, code_shift=0):
     fake = types.SimpleNamespace(**attrs)
     fake.NAME = name
 
-    def step_group(group, params, grads, scalars, maps=None):
-        numpy_backend.step_group(group, params, grads, scalars, maps)
+    def step_group(group, params, grads, scalars):
+        numpy_backend.step_group(group, params, grads, scalars)
         if nudge:
             for i in group.leaf_ids:
                 p = params[i]

@@ -14,7 +14,7 @@ Each backend module defines the same names:
     Index of the first gradient holding NaN or Inf, or -1.
 ``grad_sq_norm(grads) -> float``
     Sum of squares of all gradients (float64 accumulation).
-``step_group(group, params, grads, scalars, maps)``
+``step_group(group, params, grads, scalars)``
     Update one :class:`~adamnp._state.LeafGroup` in place; ``params``/``grads`` are the
     flattened leaves of the whole tree, ``scalars`` a :class:`~._scalars.StepScalars`.
 

@@ -39,17 +39,16 @@ def _requantize(x, code, zero_code, block_size, codes_out, absmax_out) -> None:
     codes_out[bad] = zero_code
 
 
-def step_q8(group, params, grads, scalars, maps=None) -> None:
+def step_q8(group, params, grads, scalars) -> None:
     """Update every leaf of an 8-bit ``group`` in place."""
     from .numpy import CHUNK, update_chunk
 
     k = kernel_scalars(scalars, np.float32)
     bs = group.block_size
     chunk = max(bs, CHUNK // bs * bs)
-    code_m, code_v = quant.dynamic_map(True), quant.dynamic_map(False)
-    zero_m = int(np.flatnonzero(code_m == 0)[0])
-    zero_v = int(np.flatnonzero(code_v == 0)[0])
     names = ("m", "v", "vmax") if scalars.amsgrad else ("m", "v")
+    maps = {x: quant.dynamic_map(x == "m") for x in names}  # signed map for m only
+    zeros = {x: int(np.flatnonzero(maps[x] == 0)[0]) for x in names}
     t1 = np.empty(chunk, np.float32)
     t2 = np.empty(chunk, np.float32)
     scratch = {x: np.empty(chunk, np.float32) for x in names}
@@ -64,14 +63,12 @@ def step_q8(group, params, grads, scalars, maps=None) -> None:
             blo, bhi = b0 + lo // bs, b0 + -(-hi // bs)
             codes = {x: buf[f"codes_{x}"][e0 + lo : e0 + hi] for x in names}
             absmax = {x: buf[f"absmax_{x}"][blo:bhi] for x in names}
-            maps_ = {x: code_m if x == "m" else code_v for x in names}
             moments = {x: scratch[x][:n] for x in names}
             for x in names:
-                quant._dequantize_into(codes[x], absmax[x], maps_[x], bs, moments[x], "numpy")
+                quant._dequantize_into(codes[x], absmax[x], maps[x], bs, moments[x], "numpy")
             update_chunk(
                 p[lo:hi], g[lo:hi], moments["m"], moments["v"], moments.get("vmax"),
                 k, scalars, t1[:n], t2[:n],
             )  # fmt: skip
             for x in names:
-                zero = zero_m if x == "m" else zero_v
-                _requantize(moments[x], maps_[x], zero, bs, codes[x], absmax[x])
+                _requantize(moments[x], maps[x], zeros[x], bs, codes[x], absmax[x])

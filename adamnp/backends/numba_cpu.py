@@ -182,7 +182,7 @@ def _cache(group) -> dict:
     return _CACHES.setdefault(group, {}) if cache is None else cache
 
 
-def step_group(group, params, grads, scalars, maps=None) -> None:
+def step_group(group, params, grads, scalars) -> None:
     """Update every leaf of ``group`` in place with one compiled call.
 
     ``params`` and ``grads`` are the validated leaves of the whole tree (C-contiguous host

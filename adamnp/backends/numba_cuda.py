@@ -229,7 +229,7 @@ def _upload(plan, table: np.ndarray) -> None:
     plan.last = table
 
 
-def step_group(group, params, grads, scalars, maps=None) -> None:
+def step_group(group, params, grads, scalars) -> None:
     """Update every leaf of ``group`` with one kernel launch (asynchronous).
 
     The math and its order are those of :func:`adamnp.backends.numpy.update_chunk`; for

@@ -171,11 +171,11 @@ def _step_fp32(group, params, grads, s) -> None:
             )
 
 
-def step_group(group, params, grads, scalars, maps=None) -> None:
+def step_group(group, params, grads, scalars) -> None:
     """Update every leaf of ``group`` in place (see :func:`update_chunk` for the math)."""
     if group.kind == "fp32":
         _step_fp32(group, params, grads, scalars)
     else:
         from ._q8_numpy import step_q8
 
-        step_q8(group, params, grads, scalars, maps)
+        step_q8(group, params, grads, scalars)
