@@ -19,7 +19,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from adamnp.backends import _q8_elem
+from adamnp.backends import _q8_decades, _q8_elem
 
 __all__ = ["dequantize_blockwise", "dynamic_map", "quantize_blockwise"]
 
@@ -186,9 +186,12 @@ def _quantize_into(flat, code, block_size, codes_out, absmax_out, backend="auto"
             raise ValueError("x contains NaN or Inf; it cannot be quantized")
         _quantize_numpy(flat, code, block_size, codes_out, absmax_out)
         return
-    kernels.quantize_blockwise(
-        flat, block_size, tables.table, tables.shift, tables.lo, tables.nb, codes_out, absmax_out
-    )
+    args = (flat, block_size, tables.table, tables.shift, tables.lo, tables.nb)
+    decades = _q8_decades.build_decade_tables(code) if kernels.HAVE_VBMI else None
+    if decades is None:
+        kernels.quantize_blockwise(*args, codes_out, absmax_out)
+    else:  # AVX-512 VBMI: the same codes by decade arithmetic
+        kernels.quantize_blockwise_simd(*args, codes_out, absmax_out, *decades)
     if not np.all(np.isfinite(absmax_out)):
         raise ValueError("x contains NaN or Inf; it cannot be quantized")
 

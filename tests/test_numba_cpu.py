@@ -6,6 +6,7 @@ particular to the Numba kernels.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import platform
@@ -98,8 +99,10 @@ def test_8bit_results_do_not_depend_on_threads(monkeypatch, block_size):
 
 def test_one_compiled_call_per_8bit_group(monkeypatch):
     calls = []
-    kernel = numba_cpu.step_q8
-    monkeypatch.setattr(numba_cpu, "step_q8", lambda *a: calls.append(a[0].shape) or kernel(*a))
+    for name in ("step_q8", "step_q8_simd"):  # the gather kernel or the AVX-512 VBMI one
+        kernel = getattr(numba_cpu, name)
+        recorder = functools.partial(lambda k, *a: calls.append(a[0].shape) or k(*a), kernel)
+        monkeypatch.setattr(numba_cpu, name, recorder)
     rng = np.random.default_rng(9)
     params = tree(300, rng, sizes=(1, 100, 5000, 70_000))
     state = adamnp.init(params, adamnp.adamw(), backend="numba", state_bits=8, min_8bit_size=1)
@@ -269,32 +272,42 @@ def test_fast_validation_never_inserts_keys_or_rejects_valid_subclasses():
 
 
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 assembly")
-def test_hot_loops_are_simd_and_fma_free(tmp_path):
+@pytest.mark.parametrize("cpu", ["host", "haswell"])
+def test_hot_loops_are_simd_and_fma_free(tmp_path, cpu):
     """Compile in a fresh process and cache (cached code cannot be inspected).
 
-    The 8-bit kernel vectorizes only while Numba marks its array arguments ``noalias`` (no
-    array views inside the parallel loop, see ``_numba_q8``); without that, LLVM cannot prove
-    that the map and table lookups (gathers) do not alias the stores, and every loop is scalar.
+    On a CPU with AVX-512 VBMI the 8-bit step is ``step_q8_simd`` (in-register lookups, no
+    gathers); elsewhere, and under ``NUMBA_CPU_NAME=haswell`` (AVX2), it is ``step_q8``, which
+    vectorizes only while Numba marks its array arguments ``noalias`` (no array views inside
+    the parallel loop, see ``_numba_q8``): without that, LLVM cannot prove that the map and
+    table lookups (gathers) do not alias the stores, and every loop is scalar.
     """
     script = textwrap.dedent(
         """
         import re, numpy as np, adamnp
+        from adamnp.backends import _numba_q8
         from adamnp.backends._numba_fp32 import step_fp32
-        from adamnp.backends._numba_q8 import step_q8
         from adamnp.backends._numba_reduce import first_nonfinite
+        from adamnp.backends._numba_simd import HAVE_VBMI
         p = np.ones(5000, np.float32)
         for bits in (32, 8):
             state = adamnp.init(p, adamnp.adamw(), backend="numba", state_bits=bits)
             adamnp.step(p, np.ones(5000, np.float32), state)
         pattern = re.compile(
-            r"^\\s+(v?(?:divps|sqrtps|pmaxsd|p?gather\\w+|fmadd\\w*|fnmadd\\w*))\\s", re.M
+            r"^\\s+(v?(?:divps|sqrtps|pmaxsd|p?gather\\w+|fmadd\\w*|fnmadd\\w*|permi2b|permi2ps"
+            r"|permt2b|permd|permps))\\s",
+            re.M,
         )
-        for f in (step_fp32, first_nonfinite, step_q8):
+        q8 = _numba_q8.step_q8_simd if HAVE_VBMI else _numba_q8.step_q8
+        print("vbmi", int(HAVE_VBMI))
+        for name, f in (("step_fp32", step_fp32), ("first_nonfinite", first_nonfinite), ("q8", q8)):
             ops = sorted(set(pattern.findall(f.inspect_asm(f.signatures[0]))))
-            print(f.__name__, *ops)
+            print(name, *ops)
         """
     )
     env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path), "PYTHONPATH": str(ROOT)}
+    if cpu != "host":
+        env["NUMBA_CPU_NAME"] = cpu
     out = subprocess.run(
         [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True
     ).stdout
@@ -302,11 +315,16 @@ def test_hot_loops_are_simd_and_fma_free(tmp_path):
         line.split()[0]: {op.removeprefix("v") for op in line.split()[1:]}
         for line in out.splitlines()
     }
-    step_ops, check_ops, q8_ops = ops["step_fp32"], ops["first_nonfinite"], ops["step_q8"]
+    vbmi = ops["vbmi"] == {"1"}
+    step_ops, check_ops, q8_ops = ops["step_fp32"], ops["first_nonfinite"], ops["q8"]
     assert {"divps", "sqrtps"} <= step_ops, out
     assert "pmaxsd" in check_ops, out
     assert {"divps", "sqrtps", "pmaxsd"} <= q8_ops, out  # update, new absmax as an integer max
-    if "+avx2" in llvmlite.binding.get_host_cpu_features().flatten():
+    if cpu == "haswell":
+        assert not vbmi, out
+    if vbmi:
+        assert {"permi2b", "permi2ps"} <= q8_ops | {"permt2b"} and "gatherdps" not in q8_ops, out
+    elif "+avx2" in llvmlite.binding.get_host_cpu_features().flatten():
         assert "gatherdps" in q8_ops, out  # map[code] lookups
         assert any(op.startswith("pgather") for op in q8_ops), out  # quantizer table lookups
     for kernel_ops in (step_ops, q8_ops):

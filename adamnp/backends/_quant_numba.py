@@ -14,6 +14,8 @@ import numpy as np
 from numba import njit, prange
 
 from adamnp.backends import _q8_elem
+from adamnp.backends._numba_simd import HAVE_VBMI as HAVE_VBMI  # used by adamnp.quant
+from adamnp.backends._numba_simd import requant64, requant64_nonneg
 
 _KERNEL = {"parallel": True, "cache": True, "fastmath": False, "error_model": "numpy"}
 
@@ -48,6 +50,60 @@ def quantize_blockwise(x, block_size, table, shift, lo, nb, codes, absmax):
         if amax == 0:
             scale = np.float32(1.0)
         for i in range(np.uint64(start), np.uint64(stop)):
+            codes[i] = quantize_scaled(x[i] / scale, table, shift, lo, nb)
+
+
+@njit(inline="always", error_model="numpy")
+def requant_group(x, x_at, o, scale, inverse, codes, codes_at, e, zero, decades, table, shift, lo,
+                  nb, nonneg):  # fmt: skip
+    """Codes of the 64 values ``x[o:o + 64] / scale`` into ``codes[e:e + 64]`` (AVX-512 VBMI).
+
+    :func:`~._numba_simd.requant64` (``requant64_nonneg`` if `nonneg`: all ``x >= 0`` with an
+    unsigned map) with ``inverse = 1 / scale``, then the values it flagged (about 1 in
+    10,000) again with the exact table lookup. ``x_at`` and ``codes_at`` are the data
+    addresses of ``x`` and ``codes``, ``decades`` those of the ``DecadeTables`` arrays.
+    """
+    o = np.uint64(o)
+    e = np.uint64(e)
+    src, dst = x_at + np.uint64(4) * o, codes_at + e
+    if nonneg:
+        flagged = requant64_nonneg(src, inverse, dst, decades[0], decades[1], zero)
+    else:
+        flagged = requant64(src, inverse, dst, decades[0], decades[1], zero)
+    if flagged:
+        for i in range(np.uint64(64)):
+            if (flagged >> i) & np.uint64(1):
+                codes[e + i] = quantize_scaled(x[o + i] / scale, table, shift, lo, nb)
+
+
+@njit(**_KERNEL)
+def quantize_blockwise_simd(x, block_size, table, shift, lo, nb, codes, absmax, binades, lines,
+                            zero):  # fmt: skip
+    """`quantize_blockwise` with the decade arithmetic of :func:`requant_group` (AVX-512 VBMI).
+
+    ``binades``, ``lines`` and ``zero`` are the map's ``DecadeTables``; the codes are the same.
+    """
+    n = x.size
+    x_at, codes_at = x.ctypes.data, codes.ctypes.data
+    decades = (binades.ctypes.data, lines.ctypes.data)
+    for b in prange(absmax.size):
+        start = b * block_size
+        stop = min(start + block_size, n)
+        amax = 0
+        for i in range(np.uint64(start), np.uint64(stop)):
+            amax = max(amax, np.float32(x[i]).view(np.int32) & 0x7FFFFFFF)
+        scale = np.int32(amax).view(np.float32)
+        absmax[b] = scale
+        if amax >= 0x7F800000:
+            continue
+        if amax == 0:
+            scale = np.float32(1.0)
+        inverse = np.float32(1) / scale
+        whole = start + ((stop - start) & ~63)
+        for o in range(start, whole, 64):
+            requant_group(x, x_at, o, scale, inverse, codes, codes_at, o, zero, decades, table,
+                          shift, lo, nb, False)  # fmt: skip
+        for i in range(np.uint64(whole), np.uint64(stop)):
             codes[i] = quantize_scaled(x[i] / scale, table, shift, lo, nb)
 
 

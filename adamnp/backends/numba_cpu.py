@@ -42,7 +42,7 @@ except ImportError:  # pragma: no cover - numba is a dependency
 else:
     _MISSING = None
     from ._numba_fp32 import step_fp32, traffic_kernel
-    from ._numba_q8 import step_q8, traffic_kernel_q8
+    from ._numba_q8 import step_q8, step_q8_simd, traffic_kernel_q8
     from ._numba_reduce import first_nonfinite, sum_squares
     from ._numba_util import CHUNK, chunk_table, data_addresses
     from ._scalars import kernel_scalars
@@ -252,6 +252,24 @@ def _q8_maps() -> tuple:
     return (*maps, *tables, zeros)
 
 
+@functools.cache
+def _q8_simd_inputs() -> tuple | None:
+    """``(planes, decades)`` of :func:`~._numba_q8.step_q8_simd`, or None where it cannot run.
+
+    None when the CPU lacks AVX-512 VBMI (:data:`~._numba_simd.HAVE_VBMI`) or a map lacks the
+    decade form (:func:`~._q8_decades.build_decade_tables`); the gather kernel runs then.
+    """
+    from ._numba_simd import HAVE_VBMI, byte_planes
+    from ._q8_decades import build_decade_tables
+
+    maps = _q8_maps()[:2]
+    decades = [build_decade_tables(c) for c in maps]
+    if not HAVE_VBMI or None in decades:
+        return None
+    planes = tuple(byte_planes(c) for c in maps)
+    return planes, tuple((d.binades, d.lines) for d in decades)
+
+
 _NO_CODES = np.empty(0, np.uint8)  # stands in for codes_vmax when amsgrad is off
 _NO_ABSMAX = np.empty(0, np.float32)
 
@@ -261,8 +279,9 @@ def _step_q8(group, table, p_addr, g_addr, k, flags) -> None:
     if CHUNK % group.block_size:  # chunks must hold whole blocks
         raise ValueError(f"block_size {group.block_size} does not divide the chunk {CHUNK}")
     buf = group.buffers
+    simd = _q8_simd_inputs()
     _launch(
-        step_q8,
+        step_q8 if simd is None else step_q8_simd,
         int(group.offsets[-1]),
         table,
         group.leaf_ids,
@@ -276,4 +295,5 @@ def _step_q8(group, table, p_addr, g_addr, k, flags) -> None:
         *_q8_maps(),
         k,
         flags,
+        *(() if simd is None else simd),
     )
