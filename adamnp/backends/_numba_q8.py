@@ -21,18 +21,21 @@ is allocated once per chunk; nothing proportional to the leaves. The order of op
 the reference's (:mod:`._q8_numpy`), without fast-math, so params and absmax equal it bit for
 bit and codes are identical, whatever the number of threads.
 
-Vectorization. LLVM turns the four table lookups per element (two ``map[code]``, two
-quantizer table entries) into gathers only if it knows that the tables do not alias the
-arrays being written. Numba's parallel backend declares the arguments of the outlined loop
-body ``noalias`` only when its alias analysis finds nothing there: no slice, and no tuple
-unpacked into non-numeric values (it counts booleans and tuples as possible aliases). So the
-loop body indexes the state buffers at unsigned offsets (no slicing, and no negative-index
-wraparound check), reads the kernel scalars by attribute and gets the flags as separate
-arguments; ``tests/test_numba_cpu.py`` checks the assembly for the gathers. Cost: the
-lookups, not memory, bound this kernel. On a Zen 4 core a gather costs 1 - 1.5 cycles per
-element, so the four lookups take about 75% of the
-time (about 2.5 ns per element on one core) and the 8-bit step is compute-bound where the
-float32 step is memory-bound; see ``docs/backends.md`` for measured numbers.
+Two kernels, the same bits. :func:`step_q8_simd` runs where the CPU has AVX-512 VBMI
+(:data:`~._numba_simd.HAVE_VBMI`, e.g. Zen 4, Ice Lake and later): its map lookups are
+``vpermi2b`` byte-plane permutes (:func:`~._numba_simd.dequant64`) and its requantization is
+the decade arithmetic of :mod:`._q8_decades` (:func:`~._numba_simd.requant64`), with the rare
+flagged value redone by the exact table lookup; no gathers. :func:`step_q8` runs elsewhere:
+LLVM turns its four table lookups per element (two ``map[code]``, two quantizer table
+entries) into gathers only if it knows that the tables do not alias the arrays being written.
+Numba's parallel backend declares the arguments of the outlined loop body ``noalias`` only
+when its alias analysis finds nothing there: no slice, and no tuple unpacked into
+non-numeric values (it counts booleans and tuples as possible aliases). So the loop body
+indexes the state buffers at unsigned offsets (no slicing, and no negative-index wraparound
+check), reads the kernel scalars by attribute and gets the flags as separate arguments;
+``tests/test_numba_cpu.py`` checks the assembly of both kernels. Either kernel is bound by
+its arithmetic (lookups, two divisions and a square root per element), not by memory, where
+the float32 step is memory-bound; see ``docs/backends.md`` for measured numbers.
 """
 
 from __future__ import annotations
@@ -284,11 +287,10 @@ def step_q8_simd(
     ((binades, lines) of map_m, of map_v)`` (:class:`~._q8_decades.DecadeTables`). Results
     are bit for bit those of :func:`step_q8`.
 
-    Software pipelining: the element math is bound by the divider (two divisions and a square
-    root per element) and the lookups by the vector ALUs, so each group of 64 elements of
-    block ``i`` is dequantized and updated next to the requantization of the same group of
-    block ``i - 1``, and out-of-order execution overlaps the two. The scratch holds two blocks.
-    A leaf's partial last block takes the unpipelined path.
+    Software pipelining: each group of 64 codes of block ``i`` is dequantized next to the
+    requantization of the same group of block ``i - 1`` (whose new absmax is known by then),
+    then block ``i`` is updated in one loop (one horizontal absmax reduction per block). The
+    scratch holds two blocks. A leaf's partial last block takes the unpipelined path.
     """
     decoupled, l2, amsgrad, maximize = flags
     codes_m, codes_v, codes_x = codes
@@ -349,30 +351,30 @@ def step_q8_simd(
                     if rq_x:
                         requant_group(sx, sx_at, prv + jj, sc_x, inv_x, codes_x, codes_at[2],
                                       ep, zero_v, dec_v, tv, shv, lov, nbv, True)  # fmt: skip
-                if amsgrad:
-                    for i in range(o, o + np.uint64(64)):
-                        q = s + i - cur
-                        p[q], m, v, x = elem(
-                            p[q], g[q], sm[i], sv[i], sx[i],
-                            gs, dec, wd, w, keep, b2, omb2, nss, bc2, eps, small,
-                            decoupled, l2, True, maximize,
-                        )  # fmt: skip
-                        sm[i], sv[i], sx[i] = m, v, x
-                        xm = max(xm, _abs_bits(m))
-                        xv = max(xv, _abs_bits(v))
-                        xx = max(xx, _abs_bits(x))
-                else:
-                    for i in range(o, o + np.uint64(64)):
-                        q = s + i - cur
-                        m0 = sm[i]
-                        p[q], m, v, _ = elem(
-                            p[q], g[q], m0, sv[i], m0,
-                            gs, dec, wd, w, keep, b2, omb2, nss, bc2, eps, small,
-                            decoupled, l2, False, maximize,
-                        )  # fmt: skip
-                        sm[i], sv[i] = m, v
-                        xm = max(xm, _abs_bits(m))
-                        xv = max(xv, _abs_bits(v))
+            if amsgrad:
+                for i in range(cur, cur + bs):
+                    q = s + i - cur
+                    p[q], m, v, x = elem(
+                        p[q], g[q], sm[i], sv[i], sx[i],
+                        gs, dec, wd, w, keep, b2, omb2, nss, bc2, eps, small,
+                        decoupled, l2, True, maximize,
+                    )  # fmt: skip
+                    sm[i], sv[i], sx[i] = m, v, x
+                    xm = max(xm, _abs_bits(m))
+                    xv = max(xv, _abs_bits(v))
+                    xx = max(xx, _abs_bits(x))
+            else:
+                for i in range(cur, cur + bs):
+                    q = s + i - cur
+                    m0 = sm[i]
+                    p[q], m, v, _ = elem(
+                        p[q], g[q], m0, sv[i], m0,
+                        gs, dec, wd, w, keep, b2, omb2, nss, bc2, eps, small,
+                        decoupled, l2, False, maximize,
+                    )  # fmt: skip
+                    sm[i], sv[i] = m, v
+                    xm = max(xm, _abs_bits(m))
+                    xv = max(xv, _abs_bits(v))
             rq_m, sc_m, inv_m = _close_block(xm, absmax_m, b, codes_m, e, bs, zero_m)
             rq_v, sc_v, inv_v = _close_block(xv, absmax_v, b, codes_v, e, bs, zero_v)
             if amsgrad:
