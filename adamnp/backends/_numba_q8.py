@@ -44,7 +44,7 @@ import numba
 import numpy as np
 from numba import prange
 
-from ._numba_simd import dequant64
+from ._numba_simd import dequant64, prefetch
 from ._numba_util import CHUNK, as_pointer, elem, jit
 from ._quant_numba import quantize_scaled, requant_group
 
@@ -317,6 +317,10 @@ def step_q8_simd(
         sm_at, sv_at, sx_at = sm.ctypes.data, sv.ctypes.data, sx.ctypes.data
         p = numba.carray(as_pointer(p_addr[leaf_ids[j]] + lo * 4, np.float32), hi - lo)
         g = numba.carray(as_pointer(g_addr[leaf_ids[j]] + lo * 4, np.float32), hi - lo)
+        p_at, g_at = (
+            np.uint64(p_addr[leaf_ids[j]] + lo * 4),
+            np.uint64(g_addr[leaf_ids[j]] + lo * 4),
+        )
         b = block_offsets[j] + lo // block_size
         full = np.uint64((hi - lo) // block_size)
         base = np.uint64(offsets[j] + lo)
@@ -334,6 +338,14 @@ def step_q8_simd(
             xm = np.int32(0)
             xv = np.int32(0)
             xx = np.int32(0)
+            if kb + np.uint64(2) < full:  # the block after next: p, g and the codes
+                ahead = s + np.uint64(2) * bs
+                for line in range(np.uint64(0), np.uint64(4) * bs, np.uint64(64)):
+                    prefetch(p_at + np.uint64(4) * ahead + line)
+                    prefetch(g_at + np.uint64(4) * ahead + line)
+                for line in range(np.uint64(0), bs, np.uint64(64)):
+                    prefetch(codes_at[0] + e + np.uint64(2) * bs + line)
+                    prefetch(codes_at[1] + e + np.uint64(2) * bs + line)
             for jj in range(np.uint64(0), bs, np.uint64(64)):
                 o = cur + jj
                 dequant64(codes_at[0] + e + jj, planes_m, sm_at + np.uint64(4) * o, am)

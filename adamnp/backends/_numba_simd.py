@@ -262,3 +262,21 @@ requant64_nonneg.__doc__ = """`requant64` for a map without negative values and 
 The second moments are never negative (nor -0.0), so the sign handling can go; a negative
 ``x`` would get the code of its magnitude. ``zero`` must be 0.
 """
+
+
+@intrinsic
+def prefetch(typingctx, address):
+    """``prefetch(address)``: ask for the cache line at ``address`` to be loaded (a hint)."""
+    if not isinstance(address, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        i8p = _I8.as_pointer()
+        fn = _declare(builder, "llvm.prefetch.p0", ir.VoidType(), [i8p, _I32, _I32, _I32])
+        # read access, high temporal locality, data cache
+        builder.call(
+            fn, [builder.inttoptr(args[0], i8p), *(ir.Constant(_I32, v) for v in (0, 3, 1))]
+        )
+        return context.get_dummy_value()
+
+    return types.void(address), codegen
