@@ -110,6 +110,24 @@ def _concatenate(builder, parts):
     return builder.shuffle_vector(pairs[0], pairs[1], ir.Constant(mask[1], list(range(64))))
 
 
+def _pack_bytes(builder, parts):
+    """The 64 low bytes of four vectors of 16 int32 in 0..255, in order: 4 shuffles.
+
+    ``vpackusdw`` and ``vpackuswb`` (identity on 0..255) work per 128-bit lane, which leaves
+    dword ``4 * lane + k`` holding values ``16 k + 4 lane ... + 3``; one ``vpermd`` transposes
+    that back (a ``vpmovdb`` per vector and three inserts would take 7 shuffles).
+    """
+    i16x32 = ir.VectorType(ir.IntType(16), 32)
+    words = _declare(builder, "llvm.x86.avx512.packusdw.512", i16x32, [_I32x16, _I32x16])
+    packb = _declare(builder, "llvm.x86.avx512.packuswb.512", _B64, [i16x32, i16x32])
+    low, high = builder.call(words, parts[:2]), builder.call(words, parts[2:])
+    packed = builder.bitcast(builder.call(packb, [low, high]), _I32x16)
+    order = [4 * (d % 4) + d // 4 for d in range(16)]  # out dword 4k + lane <- in 4 lane + k
+    return builder.bitcast(
+        builder.shuffle_vector(packed, packed, ir.Constant(_I32x16, order)), _B64
+    )
+
+
 def _address_args(*args):
     return all(isinstance(a, types.Integer) for a in args)
 
@@ -214,8 +232,9 @@ def _requant_codegen(signed, context, builder, signature, args):
         e = builder.lshr(a_bits, const_i(23))  # vpermi2ps reads its low 5 bits: E - 96
         entry_f = builder.call(permute2, [binades[0], e, binades[1]])
         entry = builder.bitcast(entry_f, _I32x16)
-        above = builder.zext(builder.fcmp_ordered(">=", a, entry_f), _I32x16)
-        d = builder.add(entry, above)  # vpermps reads its low 4 bits: the decade
+        above = builder.fcmp_ordered(">=", a, entry_f)
+        # vpermps reads the low 4 bits of d: the decade
+        d = builder.select(above, builder.add(entry, const_i(1)), entry)
         near = builder.icmp_unsigned(
             "<=", builder.add(builder.sub(a_bits, entry), const_i(32)), const_i(64)
         )
@@ -236,8 +255,8 @@ def _requant_codegen(signed, context, builder, signature, args):
             negative = builder.icmp_signed("<", bits, const_i(0))
             q_neg = builder.select(builder.icmp_signed("<", q, zero_v), q, zero_v)
             q = builder.select(negative, builder.sub(zero_v, q_neg), builder.add(zero_v, q))
-        pieces.append(builder.trunc(q, ir.VectorType(_I8, 16)))
-    builder.store(_concatenate(builder, pieces), _pointer(builder, codes_at, _B64), align=1)
+        pieces.append(q)
+    builder.store(_pack_bytes(builder, pieces), _pointer(builder, codes_at, _B64), align=1)
     return builder.bitcast(_concatenate(builder, flags), ir.IntType(64))
 
 
