@@ -11,12 +11,12 @@ blocks (the leaf's last block may be partial). Each block is two passes over L1-
    scratch of one block, and take their new absmax as an integer max over the bits of
    ``|x|`` (vectorizes; a float max does not; a result ``>= 0x7F800000`` means NaN or Inf in
    the block);
-2. *requantize*: ``code = quantize(x / absmax)`` with the exact O(1) lookup of
-   :func:`~adamnp.backends._q8_elem.quantize_bits` (absmax 0 divides by 1, giving the zero
-   code). A block holding NaN or Inf stores absmax NaN and the map's zero code everywhere.
+2. *requantize*: ``code = quantize(x / absmax)``, the nearest map value (absmax 0 divides
+   by 1, giving the zero code). A block holding NaN or Inf stores absmax NaN and the map's
+   zero code everywhere.
 
 Memory traffic per element: read ``p``, ``g`` and two codes, write ``p`` and two codes
-(16 bytes against 28 for float32 moments). The scratch (at most ``3 * block_size`` float32)
+(16 bytes against 28 for float32 moments). The scratch (at most ``6 * block_size`` float32)
 is allocated once per chunk; nothing proportional to the leaves. The order of operations is
 the reference's (:mod:`._q8_numpy`), without fast-math, so params and absmax equal it bit for
 bit and codes are identical, whatever the number of threads.
