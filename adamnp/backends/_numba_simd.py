@@ -9,13 +9,14 @@ that keeps every table in registers instead:
   values are stored as four byte planes (`byte_planes`); each plane is looked up with two
   ``vpermi2b`` (128 entries each) and a blend on the code's top bit, and two more
   ``vpermi2b`` and a blend per 16 values put the four bytes of each value together.
-* :func:`requant64`: the codes of ``x[i] / scale`` for 64 values by the decade arithmetic of
-  :func:`~._q8_decades.fast_code` (the same float32 operations, in the same order), with the
-  32-entry binade table looked up by ``vpermi2ps`` and the 16-entry decade tables by
-  ``vpermps``. It returns a mask of the values it flagged; the caller recomputes those with
-  the exact table quantizer.
+* :func:`requant64`: the codes of ``x[i] * (1 / absmax)`` for 64 values by the decade
+  arithmetic of :func:`~._q8_decades.fast_code` (the same float32 operations, in the same
+  order), with the 32-entry binade table looked up by ``vpermi2ps`` and the 16-entry decade
+  tables by ``vpermps``. It returns a mask of the values it flagged; the caller recomputes
+  those with the exact table quantizer.
+* :func:`prefetch`: a cache-line prefetch hint, for the kernel's blocks ahead.
 
-Both need AVX-512 F/BW/DQ/VBMI (Intel Ice Lake and later, AMD Zen 4 and later): `HAVE_VBMI`
+The lookups need AVX-512 F/BW/DQ/VBMI (Intel Ice Lake and later, AMD Zen 4 and later): `HAVE_VBMI`
 says whether the CPU Numba compiles for has them, and :mod:`._numba_q8` picks the kernel
 accordingly (a CPU without them keeps the gather kernel; results are identical). Addresses
 are raw integers (``array.ctypes.data``); loads and stores are unaligned. Compiled code only.
@@ -43,7 +44,7 @@ _TINY = 127 - _FIRST_EXP  # magnitudes below 2**-31 are lifted to it (all have t
 
 
 def _cpu_has_vbmi() -> bool:
-    """Whether Numba compiles for a CPU with AVX-512 F, BW and VBMI."""
+    """Whether Numba compiles for a CPU with AVX-512 F, BW, DQ and VBMI."""
     name = (config.CPU_NAME or "host").lower()
     features = config.CPU_FEATURES
     if name == "host" and not features:
