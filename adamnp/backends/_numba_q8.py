@@ -44,9 +44,9 @@ import numba
 import numpy as np
 from numba import prange
 
-from ._numba_simd import dequant64, prefetch
+from ._numba_simd import prefetch
 from ._numba_util import CHUNK, as_pointer, elem, jit
-from ._quant_numba import quantize_scaled, requant_group
+from ._quant_numba import dequantize_into, quantize_scaled, requantize_into
 
 _SIGN_OFF = np.int32(0x7FFFFFFF)
 _INF_BITS = np.int32(0x7F800000)
@@ -169,98 +169,8 @@ def step_q8(
 
 
 @jit(inline="always")
-def _dequantize(codes, codes_at, e, n, planes_at, qmap, scale, out, out_at):
-    """``out[:n] = qmap[codes[e:e + n]] * scale``: in-register lookups, 64 codes at a time.
-
-    ``codes_at``, ``planes_at`` and ``out_at`` are the data addresses of ``codes``, the map's
-    byte planes and ``out``, taken once per kernel or chunk (``array.ctypes`` inside the loop
-    costs a reference count update each time, an atomic shared by the threads).
-    """
-    whole = np.uint64(n) & ~np.uint64(63)
-    at = codes_at + np.uint64(e)
-    for j in range(np.uint64(0), whole, np.uint64(64)):
-        dequant64(at + j, planes_at, out_at + np.uint64(4) * j, scale)
-    for i in range(whole, np.uint64(n)):
-        out[i] = qmap[codes[np.uint64(e) + i]] * scale
-
-
-@jit(inline="always")
-def _update_block_simd(p, g, s, n, codes, codes_at, e, am, av, ax, scratch, scratch_at, qm, qv,
-                       k, decoupled, l2, amsgrad, maximize):  # fmt: skip
-    """:func:`_update_block` with the moments dequantized into the scratch first.
-
-    ``codes``/``scratch`` are the ``(m, v, vmax)`` code buffers and block scratches,
-    ``codes_at``/``scratch_at`` their data addresses, and ``qm``/``qv`` ``(address of the byte
-    planes, map)`` of each map (:func:`._numba_simd.dequant64`).
-    """
-    gs, dec, wd, w, keep = k.grad_scale, k.decay, k.weight_decay, k.lerp_weight, k.lerp_keep
-    b2, omb2, nss, bc2, eps = k.beta2, k.one_minus_beta2, k.neg_step_size, k.bc2_sqrt, k.eps
-    small = k.lerp_small
-    sm, sv, sx = scratch
-    _dequantize(codes[0], codes_at[0], e, n, qm[0], qm[1], am, sm, scratch_at[0])
-    _dequantize(codes[1], codes_at[1], e, n, qv[0], qv[1], av, sv, scratch_at[1])
-    s = np.uint64(s)
-    xm = np.int32(0)
-    xv = np.int32(0)
-    xx = np.int32(0)
-    if amsgrad:
-        _dequantize(codes[2], codes_at[2], e, n, qv[0], qv[1], ax, sx, scratch_at[2])
-        for i in range(np.uint64(0), np.uint64(n)):
-            p[s + i], m, v, x = elem(
-                p[s + i], g[s + i], sm[i], sv[i], sx[i],
-                gs, dec, wd, w, keep, b2, omb2, nss, bc2, eps, small,
-                decoupled, l2, True, maximize,
-            )  # fmt: skip
-            sm[i], sv[i], sx[i] = m, v, x
-            xm = max(xm, _abs_bits(m))
-            xv = max(xv, _abs_bits(v))
-            xx = max(xx, _abs_bits(x))
-    else:
-        for i in range(np.uint64(0), np.uint64(n)):
-            m0 = sm[i]
-            p[s + i], m, v, _ = elem(
-                p[s + i], g[s + i], m0, sv[i], m0,
-                gs, dec, wd, w, keep, b2, omb2, nss, bc2, eps, small,
-                decoupled, l2, False, maximize,
-            )  # fmt: skip
-            sm[i], sv[i] = m, v
-            xm = max(xm, _abs_bits(m))
-            xv = max(xv, _abs_bits(v))
-    return xm, xv, xx
-
-
-@jit(inline="always")
-def _requantize_simd(x, x_at, n, bits, codes, codes_at, e, absmax, b, zero, decades, table, shift,
-                     lo, nb):  # fmt: skip
-    """:func:`_requantize` by decade arithmetic (:func:`._numba_simd.requant64`), 64 at a time.
-
-    Values that lie too close to a code boundary for the arithmetic (about 1 in 10,000) and
-    the last ``n % 64`` values take the exact table lookup of ``x / absmax``. ``x_at`` and
-    ``codes_at`` are the data addresses of ``x`` and ``codes``, ``decades`` those of the
-    `DecadeTables` arrays.
-    """
-    e = np.uint64(e)
-    if bits >= _INF_BITS:
-        absmax[b] = np.float32(np.nan)
-        for i in range(np.uint64(0), np.uint64(n)):
-            codes[e + i] = zero
-        return
-    scale = np.int32(bits).view(np.float32)
-    absmax[b] = scale
-    if bits == 0:
-        scale = np.float32(1.0)
-    whole = np.uint64(n) & ~np.uint64(63)
-    inverse = np.float32(1) / scale
-    for j in range(np.uint64(0), whole, np.uint64(64)):
-        requant_group(x, x_at, j, scale, inverse, codes, codes_at, e + j, zero, decades, table,
-                      shift, lo, nb, zero == 0)  # fmt: skip
-    for i in range(whole, np.uint64(n)):
-        codes[e + i] = quantize_scaled(x[i] / scale, table, shift, lo, nb)
-
-
-@jit(inline="always")
 def _close_block(bits, absmax, b, codes, e, n, zero):
-    """Store block ``b``'s absmax from ``bits``; return ``(requantize?, absmax, 1 / absmax)``.
+    """Store block ``b``'s absmax from ``bits``; return ``(requantize?, divisor)``.
 
     A block holding NaN or Inf stores absmax NaN and gets the zero code right away.
     """
@@ -268,12 +178,12 @@ def _close_block(bits, absmax, b, codes, e, n, zero):
         absmax[b] = np.float32(np.nan)
         for i in range(np.uint64(0), np.uint64(n)):
             codes[np.uint64(e) + i] = zero
-        return False, np.float32(1), np.float32(1)
+        return False, np.float32(1)
     scale = np.int32(bits).view(np.float32)
     absmax[b] = scale
     if bits == 0:
         scale = np.float32(1.0)
-    return True, scale, np.float32(1) / scale
+    return True, scale
 
 
 @jit(parallel=True)
@@ -287,10 +197,11 @@ def step_q8_simd(
     ((binades, lines) of map_m, of map_v)`` (:class:`~._q8_decades.DecadeTables`). Results
     are bit for bit those of :func:`step_q8`.
 
-    Software pipelining: each group of 64 codes of block ``i`` is dequantized next to the
-    requantization of the same group of block ``i - 1`` (whose new absmax is known by then),
-    then block ``i`` is updated in one loop (one horizontal absmax reduction per block). The
-    scratch holds two blocks. A leaf's partial last block takes the unpipelined path.
+    Block ``i - 1`` is requantized right before block ``i`` is dequantized and updated (its
+    new absmax is known by then), and p, g and the codes two blocks ahead are prefetched; the
+    scratch holds two blocks. The vector code lives in :func:`~._quant_numba.dequantize_into`
+    and :func:`~._quant_numba.requantize_into`, called rather than inlined: inlined at every
+    call site it made the first compilation of this kernel take 30 s.
     """
     decoupled, l2, amsgrad, maximize = flags
     codes_m, codes_v, codes_x = codes
@@ -306,7 +217,6 @@ def step_q8_simd(
     dec_m = (decades[0][0].ctypes.data, decades[0][1].ctypes.data)
     dec_v = (decades[1][0].ctypes.data, decades[1][1].ctypes.data)
     planes_m, planes_v = planes[0].ctypes.data, planes[1].ctypes.data
-    qm, qv = (planes_m, map_m), (planes_v, map_v)
     bs = np.uint64(block_size)
     width = 2 * block_size if amsgrad else 0
     for c in prange(table.shape[0]):
@@ -315,30 +225,37 @@ def step_q8_simd(
         sv = np.empty(2 * block_size, np.float32)
         sx = np.empty(width, np.float32)
         sm_at, sv_at, sx_at = sm.ctypes.data, sv.ctypes.data, sx.ctypes.data
-        p = numba.carray(as_pointer(p_addr[leaf_ids[j]] + lo * 4, np.float32), hi - lo)
-        g = numba.carray(as_pointer(g_addr[leaf_ids[j]] + lo * 4, np.float32), hi - lo)
-        p_at, g_at = (
-            np.uint64(p_addr[leaf_ids[j]] + lo * 4),
-            np.uint64(g_addr[leaf_ids[j]] + lo * 4),
-        )
+        size = np.uint64(hi - lo)
+        p_at = np.uint64(p_addr[leaf_ids[j]] + lo * 4)
+        g_at = np.uint64(g_addr[leaf_ids[j]] + lo * 4)
+        p = numba.carray(as_pointer(p_at, np.float32), size)
+        g = numba.carray(as_pointer(g_at, np.float32), size)
         b = block_offsets[j] + lo // block_size
-        full = np.uint64((hi - lo) // block_size)
+        blocks = (size + bs - np.uint64(1)) // bs  # the last one may be partial
         base = np.uint64(offsets[j] + lo)
-        pending = False  # the previous block's codes are still to be written
-        rq_m, sc_m, inv_m = False, np.float32(1), np.float32(1)
-        rq_v, sc_v, inv_v = False, np.float32(1), np.float32(1)
-        rq_x, sc_x, inv_x = False, np.float32(1), np.float32(1)
-        for kb in range(np.uint64(0), full):
+        rq_m, sc_m = False, np.float32(1)  # the previous block's: requantize?, divisor
+        rq_v, sc_v = False, np.float32(1)
+        rq_x, sc_x = False, np.float32(1)
+        for kb in range(np.uint64(0), blocks + np.uint64(1)):
             s = kb * bs
             e = base + s
-            cur = (kb & np.uint64(1)) * bs
+            cur = (kb & np.uint64(1)) * bs  # this block's half of the scratch
             prv = bs - cur
-            am, av = absmax_m[b], absmax_v[b]
-            ax = absmax_x[b] if amsgrad else np.float32(0)
-            xm = np.int32(0)
-            xv = np.int32(0)
-            xx = np.int32(0)
-            if kb + np.uint64(2) < full:  # the block after next: p, g and the codes
+            if kb > 0:  # the previous (always full) block's codes, now its absmax is known
+                ep = e - bs
+                if rq_m:
+                    requantize_into(sm, sm_at, prv, bs, sc_m, codes_m, codes_at[0], ep, zero_m,
+                                    dec_m, tm, shm, lom, nbm, False)  # fmt: skip
+                if rq_v:
+                    requantize_into(sv, sv_at, prv, bs, sc_v, codes_v, codes_at[1], ep, zero_v,
+                                    dec_v, tv, shv, lov, nbv, True)  # fmt: skip
+                if rq_x:
+                    requantize_into(sx, sx_at, prv, bs, sc_x, codes_x, codes_at[2], ep, zero_v,
+                                    dec_v, tv, shv, lov, nbv, True)  # fmt: skip
+            if kb == blocks:
+                break
+            n = min(bs, size - s)
+            if kb + np.uint64(3) < blocks:  # the block after next: p, g and the codes
                 ahead = s + np.uint64(2) * bs
                 for line in range(np.uint64(0), np.uint64(4) * bs, np.uint64(64)):
                     prefetch(p_at + np.uint64(4) * ahead + line)
@@ -346,25 +263,16 @@ def step_q8_simd(
                 for line in range(np.uint64(0), bs, np.uint64(64)):
                     prefetch(codes_at[0] + e + np.uint64(2) * bs + line)
                     prefetch(codes_at[1] + e + np.uint64(2) * bs + line)
-            for jj in range(np.uint64(0), bs, np.uint64(64)):
-                o = cur + jj
-                dequant64(codes_at[0] + e + jj, planes_m, sm_at + np.uint64(4) * o, am)
-                dequant64(codes_at[1] + e + jj, planes_v, sv_at + np.uint64(4) * o, av)
-                if amsgrad:
-                    dequant64(codes_at[2] + e + jj, planes_v, sx_at + np.uint64(4) * o, ax)
-                if pending:
-                    ep = e - bs + jj
-                    if rq_m:
-                        requant_group(sm, sm_at, prv + jj, sc_m, inv_m, codes_m, codes_at[0],
-                                      ep, zero_m, dec_m, tm, shm, lom, nbm, False)  # fmt: skip
-                    if rq_v:
-                        requant_group(sv, sv_at, prv + jj, sc_v, inv_v, codes_v, codes_at[1],
-                                      ep, zero_v, dec_v, tv, shv, lov, nbv, True)  # fmt: skip
-                    if rq_x:
-                        requant_group(sx, sx_at, prv + jj, sc_x, inv_x, codes_x, codes_at[2],
-                                      ep, zero_v, dec_v, tv, shv, lov, nbv, True)  # fmt: skip
+            am, av = absmax_m[b], absmax_v[b]
+            dequantize_into(codes_m, codes_at[0], e, n, planes_m, map_m, am, sm, sm_at, cur)
+            dequantize_into(codes_v, codes_at[1], e, n, planes_v, map_v, av, sv, sv_at, cur)
+            xm = np.int32(0)
+            xv = np.int32(0)
+            xx = np.int32(0)
             if amsgrad:
-                for i in range(cur, cur + bs):
+                ax = absmax_x[b]
+                dequantize_into(codes_x, codes_at[2], e, n, planes_v, map_v, ax, sx, sx_at, cur)
+                for i in range(cur, cur + n):
                     q = s + i - cur
                     p[q], m, v, x = elem(
                         p[q], g[q], sm[i], sv[i], sx[i],
@@ -376,7 +284,7 @@ def step_q8_simd(
                     xv = max(xv, _abs_bits(v))
                     xx = max(xx, _abs_bits(x))
             else:
-                for i in range(cur, cur + bs):
+                for i in range(cur, cur + n):
                     q = s + i - cur
                     m0 = sm[i]
                     p[q], m, v, _ = elem(
@@ -387,48 +295,22 @@ def step_q8_simd(
                     sm[i], sv[i] = m, v
                     xm = max(xm, _abs_bits(m))
                     xv = max(xv, _abs_bits(v))
-            rq_m, sc_m, inv_m = _close_block(xm, absmax_m, b, codes_m, e, bs, zero_m)
-            rq_v, sc_v, inv_v = _close_block(xv, absmax_v, b, codes_v, e, bs, zero_v)
+            rq_m, sc_m = _close_block(xm, absmax_m, b, codes_m, e, n, zero_m)
+            rq_v, sc_v = _close_block(xv, absmax_v, b, codes_v, e, n, zero_v)
             if amsgrad:
-                rq_x, sc_x, inv_x = _close_block(xx, absmax_x, b, codes_x, e, bs, zero_v)
-            pending = True
-            b += 1
-        if pending:  # the last full block's codes
-            prv = ((full - np.uint64(1)) & np.uint64(1)) * bs
-            ep = base + (full - np.uint64(1)) * bs
-            for jj in range(np.uint64(0), bs, np.uint64(64)):
+                rq_x, sc_x = _close_block(xx, absmax_x, b, codes_x, e, n, zero_v)
+            if n < bs:  # a partial block is a leaf's last: its codes now
                 if rq_m:
-                    requant_group(sm, sm_at, prv + jj, sc_m, inv_m, codes_m, codes_at[0],
-                                  ep + jj, zero_m, dec_m, tm, shm, lom, nbm, False)  # fmt: skip
+                    requantize_into(sm, sm_at, cur, n, sc_m, codes_m, codes_at[0], e, zero_m,
+                                    dec_m, tm, shm, lom, nbm, False)  # fmt: skip
                 if rq_v:
-                    requant_group(sv, sv_at, prv + jj, sc_v, inv_v, codes_v, codes_at[1],
-                                  ep + jj, zero_v, dec_v, tv, shv, lov, nbv, True)  # fmt: skip
+                    requantize_into(sv, sv_at, cur, n, sc_v, codes_v, codes_at[1], e, zero_v,
+                                    dec_v, tv, shv, lov, nbv, True)  # fmt: skip
                 if rq_x:
-                    requant_group(sx, sx_at, prv + jj, sc_x, inv_x, codes_x, codes_at[2],
-                                  ep + jj, zero_v, dec_v, tv, shv, lov, nbv, True)  # fmt: skip
-        s = full * bs
-        if s < np.uint64(hi - lo):  # a leaf's partial last block
-            n = np.uint64(hi - lo) - s
-            e = base + s
-            scratch_at = (sm_at, sv_at, sx_at)
-            xm, xv, xx = _update_block_simd(
-                p, g, s, n, codes, codes_at, e, absmax_m[b], absmax_v[b],
-                absmax_x[b] if amsgrad else np.float32(0), (sm, sv, sx), scratch_at, qm, qv, k,
-                decoupled, l2, amsgrad, maximize,
-            )  # fmt: skip
-            _requantize_simd(
-                sm, sm_at, n, xm, codes_m, codes_at[0], e, absmax_m, b, zero_m, dec_m,
-                tm, shm, lom, nbm,
-            )  # fmt: skip
-            _requantize_simd(
-                sv, sv_at, n, xv, codes_v, codes_at[1], e, absmax_v, b, zero_v, dec_v,
-                tv, shv, lov, nbv,
-            )  # fmt: skip
-            if amsgrad:
-                _requantize_simd(
-                    sx, sx_at, n, xx, codes_x, codes_at[2], e, absmax_x, b, zero_v,
-                    dec_v, tv, shv, lov, nbv,
-                )  # fmt: skip
+                    requantize_into(sx, sx_at, cur, n, sc_x, codes_x, codes_at[2], e, zero_v,
+                                    dec_v, tv, shv, lov, nbv, True)  # fmt: skip
+                break
+            b += 1
 
 
 @jit()

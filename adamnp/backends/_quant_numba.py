@@ -15,7 +15,7 @@ from numba import njit, prange
 
 from adamnp.backends import _q8_elem
 from adamnp.backends._numba_simd import HAVE_VBMI as HAVE_VBMI  # used by adamnp.quant
-from adamnp.backends._numba_simd import requant64, requant64_nonneg
+from adamnp.backends._numba_simd import dequant64, requant64, requant64_nonneg
 
 _KERNEL = {"parallel": True, "cache": True, "fastmath": False, "error_model": "numpy"}
 
@@ -74,6 +74,44 @@ def requant_group(x, x_at, o, scale, inverse, codes, codes_at, e, zero, decades,
         for i in range(np.uint64(64)):
             if (flagged >> i) & np.uint64(1):
                 codes[e + i] = quantize_scaled(x[o + i] / scale, table, shift, lo, nb)
+
+
+# The two block functions below are compiled once and called (not inlined) by the 8-bit
+# step kernel: inlining their vector code at each of its call sites made the kernel's first
+# compilation take 30 s instead of a few.
+_BLOCK = {"cache": True, "error_model": "numpy", "nogil": True}
+
+
+@njit(**_BLOCK)
+def dequantize_into(codes, codes_at, e, n, planes_at, qmap, scale, out, out_at, o):
+    """``out[o:o + n] = qmap[codes[e:e + n]] * scale`` by in-register lookups (AVX-512 VBMI).
+
+    :func:`~._numba_simd.dequant64` for each 64 codes, a plain loop for the last ``n % 64``.
+    ``codes_at``, ``planes_at`` and ``out_at`` are the data addresses of ``codes``, the map's
+    byte planes and ``out``; offsets and ``n`` are uint64.
+    """
+    whole = n & ~np.uint64(63)
+    for j in range(np.uint64(0), whole, np.uint64(64)):
+        dequant64(codes_at + e + j, planes_at, out_at + np.uint64(4) * (o + j), scale)
+    for i in range(whole, n):
+        out[o + i] = qmap[codes[e + i]] * scale
+
+
+@njit(**_BLOCK)
+def requantize_into(x, x_at, o, n, scale, codes, codes_at, e, zero, decades, table, shift, lo,
+                    nb, nonneg):  # fmt: skip
+    """``codes[e:e + n]`` = the codes of ``x[o:o + n] / scale`` (AVX-512 VBMI).
+
+    :func:`requant_group` for each 64 values, the exact table lookup for the last ``n % 64``;
+    `nonneg` as there. Offsets and ``n`` are uint64.
+    """
+    inverse = np.float32(1) / scale
+    whole = n & ~np.uint64(63)
+    for j in range(np.uint64(0), whole, np.uint64(64)):
+        requant_group(x, x_at, o + j, scale, inverse, codes, codes_at, e + j, zero, decades,
+                      table, shift, lo, nb, nonneg)  # fmt: skip
+    for i in range(whole, n):
+        codes[e + i] = quantize_scaled(x[o + i] / scale, table, shift, lo, nb)
 
 
 @njit(**_KERNEL)
