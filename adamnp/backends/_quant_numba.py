@@ -28,6 +28,20 @@ def quantize_scaled(s, table, shift, lo, nb):
     return quantize_bits(np.float32(s).view(np.int32), table, shift, lo, nb)
 
 
+@njit(inline="always", error_model="numpy")
+def _block_divisor(x, start, stop):
+    """``(absmax, divisor)`` of ``x[start:stop]``; divisor 1 for a block of zeros.
+
+    The absmax is an integer max over the bits of ``|x|`` (it vectorizes; a float max does
+    not): NaN or Inf in the block give an absmax at or above ``inf``, the caller's signal.
+    """
+    amax = 0
+    for i in range(np.uint64(start), np.uint64(stop)):
+        amax = max(amax, np.float32(x[i]).view(np.int32) & 0x7FFFFFFF)
+    scale = np.int32(amax).view(np.float32)
+    return scale, np.float32(1.0) if amax == 0 else scale
+
+
 @njit(**_KERNEL)
 def quantize_blockwise(x, block_size, table, shift, lo, nb, codes, absmax):
     """Quantize the 1-D float32 array `x` into `codes` (uint8, like `x`) and `absmax`.
@@ -40,15 +54,9 @@ def quantize_blockwise(x, block_size, table, shift, lo, nb, codes, absmax):
     for b in prange(absmax.size):
         start = b * block_size
         stop = min(start + block_size, n)
-        amax = 0  # an integer max over the bits of |x| vectorizes, a float max does not
-        for i in range(np.uint64(start), np.uint64(stop)):
-            amax = max(amax, np.float32(x[i]).view(np.int32) & 0x7FFFFFFF)
-        scale = np.int32(amax).view(np.float32)
-        absmax[b] = scale
-        if amax >= 0x7F800000:
+        absmax[b], scale = _block_divisor(x, start, stop)
+        if not np.isfinite(absmax[b]):
             continue
-        if amax == 0:
-            scale = np.float32(1.0)
         for i in range(np.uint64(start), np.uint64(stop)):
             codes[i] = quantize_scaled(x[i] / scale, table, shift, lo, nb)
 
@@ -125,24 +133,12 @@ def quantize_blockwise_simd(x, block_size, table, shift, lo, nb, codes, absmax, 
     x_at, codes_at = x.ctypes.data, codes.ctypes.data
     decades = (binades.ctypes.data, lines.ctypes.data)
     for b in prange(absmax.size):
-        start = b * block_size
-        stop = min(start + block_size, n)
-        amax = 0
-        for i in range(np.uint64(start), np.uint64(stop)):
-            amax = max(amax, np.float32(x[i]).view(np.int32) & 0x7FFFFFFF)
-        scale = np.int32(amax).view(np.float32)
-        absmax[b] = scale
-        if amax >= 0x7F800000:
-            continue
-        if amax == 0:
-            scale = np.float32(1.0)
-        inverse = np.float32(1) / scale
-        whole = start + ((stop - start) & ~63)
-        for o in range(start, whole, 64):
-            requant_group(x, x_at, o, scale, inverse, codes, codes_at, o, zero, decades, table,
-                          shift, lo, nb, False)  # fmt: skip
-        for i in range(np.uint64(whole), np.uint64(stop)):
-            codes[i] = quantize_scaled(x[i] / scale, table, shift, lo, nb)
+        start = np.uint64(b * block_size)
+        stop = np.uint64(min(b * block_size + block_size, n))
+        absmax[b], scale = _block_divisor(x, start, stop)
+        if np.isfinite(absmax[b]):
+            requantize_into(x, x_at, start, stop - start, scale, codes, codes_at, start, zero,
+                            decades, table, shift, lo, nb, False)  # fmt: skip
 
 
 @njit(**_KERNEL)
