@@ -186,24 +186,6 @@ def _close_block(bits, absmax, b, codes, e, n, zero):
     return True, scale
 
 
-@jit(inline="always")
-def _requantize_moments(o, n, e, which, divisors, scratch, scratch_at, codes, codes_at, zeros,
-                        dec_m, dec_v, quant_m, quant_v):  # fmt: skip
-    """Codes of ``scratch[k][o:o + n]`` into ``codes[k][e:e + n]`` for the moments in `which`.
-
-    ``k`` = 0, 1, 2 for m, v and vmax; `divisors` are their blocks' absmax (1 for zeros).
-    """
-    t, sh, lo, nb = quant_m
-    if which[0]:
-        requantize_into(scratch[0], scratch_at[0], o, n, divisors[0], codes[0], codes_at[0], e,
-                        zeros[0], dec_m, t, sh, lo, nb, False)  # fmt: skip
-    t, sh, lo, nb = quant_v
-    for k in (1, 2):
-        if which[k]:  # v and vmax are never negative
-            requantize_into(scratch[k], scratch_at[k], o, n, divisors[k], codes[k], codes_at[k],
-                            e, zeros[1], dec_v, t, sh, lo, nb, True)  # fmt: skip
-
-
 @jit(parallel=True)
 def step_q8_simd(
     table, leaf_ids, offsets, block_offsets, block_size, p_addr, g_addr,
@@ -224,6 +206,8 @@ def step_q8_simd(
     decoupled, l2, amsgrad, maximize = flags
     codes_m, codes_v, codes_x = codes
     absmax_m, absmax_v, absmax_x = absmax
+    tm, shm, lom, nbm = quant_m
+    tv, shv, lov, nbv = quant_v
     zero_m, zero_v = zeros
     gs, dec, wd, w, keep = k.grad_scale, k.decay, k.weight_decay, k.lerp_weight, k.lerp_keep
     b2, omb2, nss, bc2, eps = k.beta2, k.one_minus_beta2, k.neg_step_size, k.bc2_sqrt, k.eps
@@ -241,7 +225,6 @@ def step_q8_simd(
         sv = np.empty(2 * block_size, np.float32)
         sx = np.empty(width, np.float32)
         sm_at, sv_at, sx_at = sm.ctypes.data, sv.ctypes.data, sx.ctypes.data
-        scratch, scratch_at = (sm, sv, sx), (sm_at, sv_at, sx_at)
         size = np.uint64(hi - lo)
         p_at = np.uint64(p_addr[leaf_ids[j]] + lo * 4)
         g_at = np.uint64(g_addr[leaf_ids[j]] + lo * 4)
@@ -259,9 +242,16 @@ def step_q8_simd(
             cur = (kb & np.uint64(1)) * bs  # this block's half of the scratch
             prv = bs - cur
             if kb > 0:  # the previous (always full) block's codes, now its absmax is known
-                _requantize_moments(prv, bs, e - bs, (rq_m, rq_v, rq_x), (sc_m, sc_v, sc_x),
-                                    scratch, scratch_at, codes, codes_at, zeros, dec_m, dec_v,
-                                    quant_m, quant_v)  # fmt: skip
+                ep = e - bs
+                if rq_m:
+                    requantize_into(sm, sm_at, prv, bs, sc_m, codes_m, codes_at[0], ep, zero_m,
+                                    dec_m, tm, shm, lom, nbm, False)  # fmt: skip
+                if rq_v:
+                    requantize_into(sv, sv_at, prv, bs, sc_v, codes_v, codes_at[1], ep, zero_v,
+                                    dec_v, tv, shv, lov, nbv, True)  # fmt: skip
+                if rq_x:
+                    requantize_into(sx, sx_at, prv, bs, sc_x, codes_x, codes_at[2], ep, zero_v,
+                                    dec_v, tv, shv, lov, nbv, True)  # fmt: skip
             if kb == blocks:
                 break
             n = min(bs, size - s)
@@ -310,9 +300,15 @@ def step_q8_simd(
             if amsgrad:
                 rq_x, sc_x = _close_block(xx, absmax_x, b, codes_x, e, n, zero_v)
             if n < bs:  # a partial block is a leaf's last: its codes now
-                _requantize_moments(cur, n, e, (rq_m, rq_v, rq_x), (sc_m, sc_v, sc_x), scratch,
-                                    scratch_at, codes, codes_at, zeros, dec_m, dec_v, quant_m,
-                                    quant_v)  # fmt: skip
+                if rq_m:
+                    requantize_into(sm, sm_at, cur, n, sc_m, codes_m, codes_at[0], e, zero_m,
+                                    dec_m, tm, shm, lom, nbm, False)  # fmt: skip
+                if rq_v:
+                    requantize_into(sv, sv_at, cur, n, sc_v, codes_v, codes_at[1], e, zero_v,
+                                    dec_v, tv, shv, lov, nbv, True)  # fmt: skip
+                if rq_x:
+                    requantize_into(sx, sx_at, cur, n, sc_x, codes_x, codes_at[2], e, zero_v,
+                                    dec_v, tv, shv, lov, nbv, True)  # fmt: skip
                 break
             b += 1
 
