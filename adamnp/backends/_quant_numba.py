@@ -136,9 +136,15 @@ def quantize_blockwise_simd(x, block_size, table, shift, lo, nb, codes, absmax, 
         start = np.uint64(b * block_size)
         stop = np.uint64(min(b * block_size + block_size, n))
         absmax[b], scale = _block_divisor(x, start, stop)
-        if np.isfinite(absmax[b]):
-            requantize_into(x, x_at, start, stop - start, scale, codes, codes_at, start, zero,
-                            decades, table, shift, lo, nb, False)  # fmt: skip
+        if not np.isfinite(absmax[b]):
+            continue
+        inverse = np.float32(1) / scale
+        whole = start + ((stop - start) & ~np.uint64(63))
+        for o in range(start, whole, np.uint64(64)):  # inlined here: a call per block costs 30%
+            requant_group(x, x_at, o, scale, inverse, codes, codes_at, o, zero, decades, table,
+                          shift, lo, nb, False)  # fmt: skip
+        for i in range(whole, stop):
+            codes[i] = quantize_scaled(x[i] / scale, table, shift, lo, nb)
 
 
 @njit(**_KERNEL)
