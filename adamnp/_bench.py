@@ -213,6 +213,10 @@ def main(args, out=None) -> int:
         file=out,
     )
     print(f"backends: {', '.join(backends) or 'none'}", file=out)
+    if "numba" in backends and 8 in bits:
+        from .backends import numba_cpu
+
+        print(f"numba 8-bit kernel: {numba_cpu.q8_kernel()}", file=out)
     for line in cli.describe_skips(skipped):
         print(line, file=out)
     if not backends:

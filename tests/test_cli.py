@@ -220,3 +220,11 @@ def test_module_entry_point():
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "final loss" in done.stdout
+
+
+@pytest.mark.skipif(not backends.available("numba"), reason="needs numba")
+def test_bench_names_the_numba_8bit_kernel(capsys):
+    code, out = run(capsys, "bench", "--backend", "numba", "--bits", "8", "--sizes", "5000",
+                    "--repeats", "1", "--torch", "no")  # fmt: skip
+    assert code == 0
+    assert "numba 8-bit kernel: " in out and ("in-register" in out or "gathers" in out)

@@ -62,6 +62,7 @@ __all__ = [
     "is_writeable",
     "nonfinite_leaf",
     "owns",
+    "q8_kernel",
     "step_group",
     "to_host",
     "traffic_kernel",
@@ -268,6 +269,19 @@ def _q8_simd_inputs() -> tuple | None:
         return None
     planes = tuple(byte_planes(c) for c in maps)
     return planes, tuple((d.binades, d.lines) for d in decades)
+
+
+def q8_kernel() -> str:
+    """Which 8-bit step kernel runs on this CPU, in words (for reports).
+
+    Examples
+    --------
+    >>> q8_kernel() in ("in-register lookups (AVX-512 VBMI)", "table gathers (no AVX-512 VBMI)")
+    True
+    """
+    if _q8_simd_inputs() is None:
+        return "table gathers (no AVX-512 VBMI)"
+    return "in-register lookups (AVX-512 VBMI)"
 
 
 _NO_CODES = np.empty(0, np.uint8)  # stands in for codes_vmax when amsgrad is off
