@@ -212,13 +212,7 @@ def main(args, out=None) -> int:
         "and torch)",
         file=out,
     )
-    print(f"backends: {', '.join(backends) or 'none'}", file=out)
-    if "numba" in backends and 8 in bits:
-        from .backends import numba_cpu
-
-        print(f"numba 8-bit kernel: {numba_cpu.q8_kernel()}", file=out)
-    for line in cli.describe_skips(skipped):
-        print(line, file=out)
+    cli.print_backends(backends, skipped, bits, out)
     if not backends:
         print(f"error: backend {args.backend!r} cannot run here", file=out)
         return 1

@@ -141,3 +141,14 @@ def bits_list(spec: str) -> list[int]:
 def describe_skips(skipped: dict[str, str]) -> list[str]:
     """One line per backend that does not run here."""
     return [f"  {name}: not available: {why}" for name, why in skipped.items()]
+
+
+def print_backends(backends: list[str], skipped: dict[str, str], bits: list[int], out) -> None:
+    """The backends that run, the numba 8-bit kernel when it is used, and those skipped."""
+    print(f"backends: {', '.join(backends) or 'none'}", file=out)
+    if "numba" in backends and 8 in bits:
+        from .backends import numba_cpu
+
+        print(f"numba 8-bit kernel: {numba_cpu.q8_kernel()}", file=out)
+    for line in describe_skips(skipped):
+        print(line, file=out)

@@ -173,9 +173,7 @@ def main(args, out=None) -> int:
     print("adamnp demo: AdamW on built-in problems (synthetic data, nothing downloaded)", file=out)
     for p in problems:
         print(f"  {p.name:<10}  {p.summary}", file=out)
-    print(f"backends: {', '.join(backends) or 'none'}", file=out)
-    for line in cli.describe_skips(skipped):
-        print(line, file=out)
+    cli.print_backends(backends, skipped, bits, out)
     if not backends:
         print(f"error: backend {args.backend!r} cannot run here", file=out)
         return 1

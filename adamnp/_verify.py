@@ -205,9 +205,7 @@ def main(args, out=None) -> int:
         f"leaves of {sizes} elements",
         file=out,
     )
-    print(f"backends: {', '.join(backends) or 'none'}", file=out)
-    for line in cli.describe_skips(skipped):
-        print(line, file=out)
+    cli.print_backends(backends, skipped, bits, out)
     others = [b for b in backends if b != "numpy"]
     if not others:
         print(
