@@ -117,6 +117,7 @@ def init(
     block_size: int = 256,
     min_8bit_size: int = 4096,
     keep_fp32: Collection[str] | Callable[[str, object], bool] | None = None,
+    v_rounding: str = "nearest",
 ) -> AdamState:
     """Create zeroed optimizer state for ``params``.
 
@@ -141,6 +142,14 @@ def init(
     keep_fp32 : collection of str or callable, optional
         Leaves to keep at full precision with 8-bit state: paths such as ``"params['emb']"``,
         or a predicate ``keep_fp32(path, array) -> bool``.
+    v_rounding : {"nearest", "stochastic"}, default "nearest"
+        How 8-bit state stores the second moment ``v`` after each step. ``"nearest"``: the
+        nearest map value, as bitsandbytes does. ``"stochastic"``: one of the two map values
+        around it, the upper with probability proportional to the distance from the lower
+        (unbiased; deterministic given the step and the element). With nearest rounding a
+        decaying ``v`` sticks at its old code, which makes steps too small for many steps
+        after a gradient shrinks; see docs/eight_bit.md for when this matters. ``m`` and
+        amsgrad's max are always rounded to nearest.
 
     Returns
     -------
@@ -179,6 +188,8 @@ def init(
         raise TypeError(f"min_8bit_size must be an int, got {min_8bit_size!r}")
     if min_8bit_size < 0:
         raise ValueError(f"min_8bit_size must be >= 0, got {min_8bit_size}")
+    if v_rounding not in ("nearest", "stochastic"):
+        raise ValueError(f"v_rounding must be 'nearest' or 'stochastic', got {v_rounding!r}")
     if keep_fp32 is None:
         keep = [False] * len(leaves)
     elif callable(keep_fp32):
@@ -195,7 +206,9 @@ def init(
         state_bits == 8 and d == np.float32 and math.prod(s) >= max(min_8bit_size, 1) and not k
         for s, d, k in zip(shapes, dtypes, keep)
     ]
-    slots, groups = build_groups(shapes, dtypes, use_q8, config.amsgrad, int(block_size), be)
+    slots, groups = build_groups(
+        shapes, dtypes, use_q8, config.amsgrad, int(block_size), be, v_rounding
+    )
     return AdamState(
         config=config,
         backend=name,
@@ -209,6 +222,7 @@ def init(
         groups=groups,
         state_bits=state_bits,
         block_size=int(block_size),
+        v_rounding=v_rounding,
     )
 
 

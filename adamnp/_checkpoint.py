@@ -100,6 +100,7 @@ def save_state(path, state: AdamState) -> None:
         "skipped_steps": int(state.skipped_steps),
         "state_bits": state.state_bits,
         "block_size": state.block_size,
+        "v_rounding": state.v_rounding,
         "treedef": treedef_to_json(state.treedef),
         "leaves": leaves,
     }
@@ -226,6 +227,7 @@ def load_state(path, *, backend: str | None = None, config: AdamConfig | None = 
         step, skipped = header["step"], header["skipped_steps"]
         state_bits, block_size = header["state_bits"], header["block_size"]
         saved_backend = header["backend"]
+        v_rounding = header.get("v_rounding", "nearest")  # files from before the option
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{os.fspath(path)}: incomplete header: {exc}") from exc
     if config is None:
@@ -257,6 +259,7 @@ def load_state(path, *, backend: str | None = None, config: AdamConfig | None = 
         "bad step counters",
     )
     _expect(isinstance(leaves, list), path, "bad leaf table")
+    _expect(v_rounding in ("nearest", "stochastic"), path, f"bad v_rounding {v_rounding!r}")
     shapes, dtypes, use_q8, paths = [], [], [], []
     for entry in leaves:
         try:
@@ -266,7 +269,7 @@ def load_state(path, *, backend: str | None = None, config: AdamConfig | None = 
             paths.append(entry["path"])
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"{os.fspath(path)}: bad leaf entry: {exc}") from exc
-    slots, groups = build_groups(shapes, dtypes, use_q8, config.amsgrad, block_size, be)
+    slots, groups = build_groups(shapes, dtypes, use_q8, config.amsgrad, block_size, be, v_rounding)
     expected = set()
     for i, slot in enumerate(slots):
         for field, dst in _slot_fields(slot).items():
@@ -309,4 +312,5 @@ def load_state(path, *, backend: str | None = None, config: AdamConfig | None = 
         groups=groups,
         state_bits=state_bits,
         block_size=block_size,
+        v_rounding=v_rounding,
     )

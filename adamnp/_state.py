@@ -86,6 +86,7 @@ class LeafGroup:
     buffers: dict = field(
         default_factory=dict
     )  # name -> flat array (m, v, vmax / codes_*, absmax_*)
+    v_rounding: str = "nearest"  # q8: "nearest" or "stochastic" requantization of v
 
 
 @dataclass(eq=False)
@@ -119,6 +120,7 @@ class AdamState:
     groups: tuple
     state_bits: int
     block_size: int
+    v_rounding: str = "nearest"
 
     def nbytes(self) -> int:
         """Bytes held by the moment buffers (all slots, all groups)."""
@@ -142,7 +144,7 @@ def _views(buffer, offsets, shapes):
     return [buffer[offsets[j] : offsets[j + 1]].reshape(shapes[j]) for j in range(len(shapes))]
 
 
-def build_groups(shapes, dtypes, use_q8, amsgrad, block_size, xp):
+def build_groups(shapes, dtypes, use_q8, amsgrad, block_size, xp, v_rounding="nearest"):
     """Allocate zero moments for every leaf; return ``(slots, groups)``.
 
     ``use_q8[i]`` says whether leaf ``i`` gets 8-bit moments; ``xp`` is the backend module,
@@ -202,7 +204,8 @@ def build_groups(shapes, dtypes, use_q8, amsgrad, block_size, xp):
                     block_size,
                 )
             group = LeafGroup(
-                kind, dtype, np.array(ids, np.int64), offsets, blocks, block_size, buffers
-            )
+                kind, dtype, np.array(ids, np.int64), offsets, blocks, block_size, buffers,
+                v_rounding,
+            )  # fmt: skip
         groups.append(group)
     return tuple(slots), tuple(groups)

@@ -122,12 +122,20 @@ def host_view(be, params, state):
     return leaves, buffers, (state.step, state.skipped_steps)
 
 
+def config_name(config: str) -> str:
+    """The config without its ``+sr`` suffix (8-bit state with stochastic rounding of v)."""
+    return config.removesuffix("+sr")
+
+
 def run(backend: str, case, steps: int):
     """Take ``steps`` steps of ``case``; return the final host view and the errors raised."""
     kind, size, dtype, config, block_size = case
     be = backends.get(backend)
     params = on(be, make_tree(kind, size, dtype, np.random.default_rng(7)))
     q8 = dict(state_bits=8, block_size=block_size, min_8bit_size=1) if block_size else {}
+    if config.endswith("+sr"):
+        q8["v_rounding"] = "stochastic"
+    config = config_name(config)
     state = adamnp.init(params, CONFIGS[config](), backend=backend, **q8)
     errors = []
     for t in range(steps):
@@ -185,14 +193,15 @@ def compare(got, want, case):
     for what, g, w in pairs:
         if w.dtype == np.uint8:
             code_mismatches(g, w, what)
-        elif case[3] == "clip" and w.dtype == F64:
+        elif config_name(case[3]) == "clip" and w.dtype == F64:
             np.testing.assert_allclose(g, w, err_msg=what, **clip_tolerance(w))
         else:
             assert_same_bits(g, w, what)
 
 
 # One table drives the matrix: (tree kind, size, dtype, config, block size), steps. Block size
-# 0 means float32 moments; otherwise every float32 leaf gets 8-bit moments in such blocks.
+# 0 means float32 moments; otherwise every float32 leaf gets 8-bit moments in such blocks
+# (a config ending in "+sr" rounds their v stochastically).
 CASES = (
     [(("single", n, dt, "adamw", 0), 3) for n in SIZES for dt in (F32, F64)]
     + [(("nested", 257, dt, c, 0), 3) for c in CONFIGS for dt in (F32, F64)]
@@ -209,6 +218,10 @@ CASES = (
         (("single", 1_000_000, F32, c, bs), 3)
         for c, bs in (("adamw", 256), ("amsgrad", 4096), ("propagate-nan", 64), ("clip", 256))
     ]
+    # 8-bit state with stochastic rounding of v ("+sr"): the same bits on every backend.
+    + [(("single", n, F32, "adamw+sr", bs), 4) for n in (257, 4096) for bs in (64, 256)]
+    + [(("nested", 257, F32, f"{c}+sr", 256), 4) for c in ("amsgrad", "propagate-nan", "all-flags")]
+    + [(("many", 70, F32, "adamw+sr", 64), 3), (("single", 1_000_000, F32, "clip+sr", 4096), 3)]
 )
 
 
@@ -234,7 +247,7 @@ def test_backend_matches_reference(backend, case):
         pytest.skip("the CUDA simulator runs small cases only")
     (got, got_errors), (want, want_errors) = run(backend, case, steps), run("numpy", case, steps)
     assert got_errors == want_errors
-    assert (len(want_errors) == 1) == (case[3] == "raise-nan")
+    assert (len(want_errors) == 1) == (config_name(case[3]) == "raise-nan")
     compare(got, want, case)
 
 

@@ -21,7 +21,8 @@ SCRIPT = textwrap.dedent(
     """
     import sys, numpy as np, adamnp
     mode, backend, bits, path, out, n, m = sys.argv[1:8]
-    n, m, bits = int(n), int(m), int(bits)
+    n, m = int(n), int(m)
+    bits, rounding = (8, "stochastic") if bits == "8s" else (int(bits), "nearest")
     rng = np.random.default_rng(0)
     params = {"w": rng.standard_normal((64, 80)).astype(np.float32),
               "b": rng.standard_normal(17).astype(np.float64), "s": np.float32([0.5])}
@@ -30,10 +31,10 @@ SCRIPT = textwrap.dedent(
         return {key: r.standard_normal(a.shape).astype(a.dtype) for key, a in params.items()}
     cfg = adamnp.adamw(lr=1e-2, amsgrad=True, nonfinite="skip")
     if mode == "all":
-        state = adamnp.init(params, cfg, backend=backend, state_bits=bits)
+        state = adamnp.init(params, cfg, backend=backend, state_bits=bits, v_rounding=rounding)
         steps = range(n + m)
     elif mode == "first":
-        state = adamnp.init(params, cfg, backend=backend, state_bits=bits)
+        state = adamnp.init(params, cfg, backend=backend, state_bits=bits, v_rounding=rounding)
         steps = range(n)
     else:
         loaded = np.load(out + ".params.npz")
@@ -65,10 +66,8 @@ def _run(tmp_path, *args):
     subprocess.run([sys.executable, str(script), *map(str, args)], check=True, env=env)
 
 
-@pytest.mark.parametrize("bits", [32, 8])
+@pytest.mark.parametrize("bits", [32, 8, "8s"])  # 8s: 8-bit, stochastic rounding of v
 def test_resume_in_new_process_is_bit_identical(tmp_path, backend, bits):
-    if bits == 8:
-        pytest.importorskip("adamnp.quant")
     ckpt, full, resumed = tmp_path / "s.npz", tmp_path / "full", tmp_path / "resumed"
     _run(tmp_path, "all", backend, bits, ckpt, full, 5, 4)
     _run(tmp_path, "first", backend, bits, ckpt, resumed, 5, 4)
@@ -136,6 +135,21 @@ def _rewrite_header(path, edit):
     edit(header, arrays)
     arrays["__adamnp__"] = np.array(json.dumps(header))
     np.savez(path, **arrays)
+
+
+def test_v_rounding_is_saved_and_checked(tmp_path):
+    p = {"w": np.ones(5000, np.float32)}
+    state = adamnp.init(p, adamnp.adamw(), backend="numpy", state_bits=8, v_rounding="stochastic")
+    path = tmp_path / "sr.npz"
+    adamnp.save_state(path, state)
+    assert adamnp.load_state(path).v_rounding == "stochastic"
+    assert all(g.v_rounding == "stochastic" for g in adamnp.load_state(path).groups)
+    # files written before the option existed hold nearest-rounded state
+    _rewrite_header(path, lambda h, a: h.pop("v_rounding"))
+    assert adamnp.load_state(path).v_rounding == "nearest"
+    _rewrite_header(path, lambda h, a: h.update(v_rounding="dithered"))
+    with pytest.raises(CheckpointError, match="v_rounding"):
+        adamnp.load_state(path)
 
 
 def test_newer_format_version(tmp_path):

@@ -178,7 +178,8 @@ def test_quantize_blockwise_on_midpoints_matches_the_reference(name):
 
 
 def test_gather_kernels_without_vbmi_match_the_reference(tmp_path):
-    """Under NUMBA_CPU_NAME=haswell (AVX2) the gather kernels run; same bits as NumPy."""
+    """Under NUMBA_CPU_NAME=haswell (AVX2) the gather kernels run; same bits as NumPy (both
+    roundings of v)."""
     script = textwrap.dedent(
         """
         import numpy as np, adamnp
@@ -186,28 +187,29 @@ def test_gather_kernels_without_vbmi_match_the_reference(tmp_path):
         from adamnp.backends import _numba_simd
         assert not _numba_simd.HAVE_VBMI
         rng = np.random.default_rng(5)
-        for amsgrad in (False, True):
-            for block_size in (64, 256):
-                params = [rng.standard_normal(n).astype(np.float32) for n in (5000, 70_001)]
-                cfg = adamnp.adamw(lr=1e-2, amsgrad=amsgrad, nonfinite="propagate")
-                states, ps = [], []
-                for backend in ("numpy", "numba"):
-                    p = [a.copy() for a in params]
-                    states.append(adamnp.init(p, cfg, backend=backend, state_bits=8,
-                                              block_size=block_size, min_8bit_size=1))
-                    ps.append(p)
-                for t in range(4):
-                    grads = [rng.standard_normal(a.size).astype(np.float32) for a in params]
-                    if t == 2:
-                        grads[1][300] = np.nan
-                    for p, s in zip(ps, states):
-                        adamnp.step(p, [g.copy() for g in grads], s)
-                for a, b in zip(ps[0], ps[1]):
-                    assert np.array_equal(a.view(np.int32), b.view(np.int32))
-                for a, b in zip(states[0].groups, states[1].groups):
-                    for key in a.buffers:
-                        assert np.array_equal(a.buffers[key].view(np.uint8),
-                                              b.buffers[key].view(np.uint8)), key
+        for amsgrad, block_size, rounding in ((False, 64, "nearest"), (True, 256, "nearest"),
+                                          (False, 256, "stochastic"), (True, 64, "stochastic")):
+            params = [rng.standard_normal(n).astype(np.float32) for n in (5000, 70_001)]
+            cfg = adamnp.adamw(lr=1e-2, amsgrad=amsgrad, nonfinite="propagate")
+            states, ps = [], []
+            for backend in ("numpy", "numba"):
+                p = [a.copy() for a in params]
+                states.append(adamnp.init(p, cfg, backend=backend, state_bits=8,
+                                          block_size=block_size, min_8bit_size=1,
+                                          v_rounding=rounding))
+                ps.append(p)
+            for t in range(4):
+                grads = [rng.standard_normal(a.size).astype(np.float32) for a in params]
+                if t == 2:
+                    grads[1][300] = np.nan
+                for p, s in zip(ps, states):
+                    adamnp.step(p, [g.copy() for g in grads], s)
+            for a, b in zip(ps[0], ps[1]):
+                assert np.array_equal(a.view(np.int32), b.view(np.int32))
+            for a, b in zip(states[0].groups, states[1].groups):
+                for key in a.buffers:
+                    assert np.array_equal(a.buffers[key].view(np.uint8),
+                                          b.buffers[key].view(np.uint8)), key
         x = rng.standard_normal(100_000).astype(np.float32)
         ref = quant.quantize_blockwise(x, backend="numpy")
         got = quant.quantize_blockwise(x, backend="numba")

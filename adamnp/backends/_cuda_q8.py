@@ -39,6 +39,17 @@ launch bounds of 256 threads and 4 blocks per SM (at most 64 registers, no spill
 blocks of 256 threads and their shared memory fit on an SM of sm_80 or sm_90. Larger block
 sizes keep 8 or 16 elements per thread in registers, at lower occupancy.
 
+Stochastic rounding of ``v`` (``v_rounding="stochastic"``, :mod:`._stochastic`): when the
+kernel's ``stochastic`` argument is set (the step's uint32 hash ``key`` comes with it), a
+second loop after step 3 moves each finite block's nearest ``v`` code, just stored, to one of
+the two map values around ``s = x * (1 / absmax)`` (``round_up``, the element's ``uniform``
+from ``key`` and its index in the group's buffer, the ``v`` map in shared memory). A loop of
+its own keeps the nearest loop as it was (fully unrolled at 16 elements per thread, where
+the merged body was not); with the flag off it is skipped. The functions of
+:mod:`._stochastic` are compiled as device functions: their uint32 products are typed uint64
+and cast back to uint32, so they wrap mod 2**32 as on the CPU. ``m`` and amsgrad's ``vmax``
+are always rounded to nearest.
+
 Arithmetic is exact as in :mod:`._cuda_kernels` (launched inside ``exact_arithmetic()``,
 no FMA contraction). The simulator has neither warp shuffles nor libdevice: there the warp
 reduction goes through a shared array (same groups, same leader lanes) and bit casts go
@@ -48,12 +59,14 @@ through NumPy views; device functions are called as plain Python.
 from __future__ import annotations
 
 import functools
+import types as pytypes
 from types import SimpleNamespace
 
 import numpy as np
 
 from ._elem import adam_elem
 from ._q8_elem import build_quant_tables, quantize_bits
+from ._stochastic import block_key, mix32, round_up, uniform
 
 THREADS = 256  # threads per block
 SIM_THREADS = 64  # in the simulator: two "warps", tiles of 4 blocks of 64 elements
@@ -71,6 +84,25 @@ def _sim_f2i(x):
 
 def _sim_i2f(x):
     return np.int32(x).view(np.float32)
+
+
+def _sim_quiet(f):
+    """``f`` run with NumPy's overflow warning off: in the simulator the uint32 hash runs on
+    NumPy scalars, whose products wrap like the compiled ones but warn."""
+
+    def quiet(*args):
+        with np.errstate(over="ignore"):
+            return f(*args)
+
+    return quiet
+
+
+def _rebind(f, **names):
+    """A copy of function ``f`` whose global ``names`` are replaced (by device functions)."""
+    g = pytypes.FunctionType(f.__code__, {**f.__globals__, **names}, f.__name__,
+                             f.__defaults__, f.__closure__)  # fmt: skip
+    g.__kwdefaults__ = f.__kwdefaults__
+    return g
 
 
 @functools.cache
@@ -111,6 +143,17 @@ def build(block_size: int) -> SimpleNamespace:
     # module swap (a lock shared by all threads), which would dominate the run time.
     device = (lambda f: f) if sim else cuda.jit(device=True)
     elem, quantize = device(adam_elem), device(quantize_bits)
+    if sim:
+        hash_key, hash_uniform = _sim_quiet(block_key), _sim_quiet(uniform)
+        stochastic_up = round_up
+    else:
+        # block_key and uniform call mix32: compiled, they must call its device version.
+        mix = device(mix32)
+        hash_key = device(_rebind(block_key, mix32=mix))
+        hash_uniform = device(_rebind(uniform, mix32=mix))
+        stochastic_up = device(round_up)
+    low32 = np.uint64(0xFFFFFFFF)
+    high_shift = np.uint64(32)
     nan = np.float32(np.nan)
     # At most 64 registers per thread for tiles of 4 elements per thread: 4 blocks of 256
     # threads (and 4 x 36 KiB of shared memory) fit on an SM of sm_80 and sm_90.
@@ -164,6 +207,16 @@ def build(block_size: int) -> SimpleNamespace:
         scale = i2f(amax_bits) if amax_bits != 0 else f32(1)
         return quantize(f2i(x / scale), table, shift, lo, nb)
 
+    @device
+    def round_v(x, code, amax_bits, qmap, key, e):
+        """The stochastic code of ``v`` element ``e`` (group index) of nearest code ``code``."""
+        if amax_bits >= 0x7F800000:  # NaN or Inf in the block: the zero code stays
+            return code
+        scale = i2f(amax_bits) if amax_bits != 0 else f32(1)
+        s = x * (f32(1) / scale)
+        u = hash_uniform(hash_key(key, e >> high_shift), e & low32)
+        return stochastic_up(s, code, qmap, u)
+
     @kernel_jit
     def adam_step_q8(
         ptrs, tiles, offsets, block_offsets,
@@ -172,9 +225,10 @@ def build(block_size: int) -> SimpleNamespace:
         shift_m, lo_m, nb_m, zero_m, shift_v, lo_v, nb_v, zero_v,
         grad_scale, decay, weight_decay, lerp_weight, lerp_keep, beta2, one_minus_beta2,
         neg_step_size, bc2_sqrt, eps, lerp_small,
-        decoupled_decay, l2_decay, amsgrad, maximize,
+        decoupled_decay, l2_decay, amsgrad, maximize, stochastic, key,
     ):  # fmt: skip
-        """One 8-bit Adam/AdamW step of every leaf of a group (``w`` is amsgrad's vmax)."""
+        """One 8-bit Adam/AdamW step of every leaf of a group (``w`` is amsgrad's vmax);
+        ``stochastic``: round ``v`` stochastically with the step's uint32 hash ``key``."""
         t = cuda.threadIdx.x
         q = t // group  # the thread's quantization block in each tile
         r = t % group  # its first element in that block; then every group-th
@@ -266,6 +320,12 @@ def build(block_size: int) -> SimpleNamespace:
                         codes_w[e] = requantize(
                             new_w[j], bits_w, s_tab_v, shift_v, lo_v, nb_v, zero_v
                         )
+            if stochastic:  # a loop of its own: the nearest loop stays as it was
+                for j in range(per_thread):
+                    i = first + j * group + r
+                    if i < n:
+                        e = np.uint64(base + i)
+                        codes_v[e] = round_v(new_v[j], codes_v[e], bits_v, s_map_v, key, e)
             if r == 0 and first < n:
                 absmax_m[b] = nan if bits_m >= 0x7F800000 else i2f(bits_m)
                 absmax_v[b] = nan if bits_v >= 0x7F800000 else i2f(bits_v)
@@ -292,6 +352,6 @@ def signatures(block_sizes=(64, 256, 1024, 4096)) -> dict:
     f32, i32 = types.float32, types.int32
     sig = (
         (table, ints, offs, offs) + (codes,) * 3 + (f32a,) * 3 + (f32a, f32a, i32a, i32a)
-        + (i32,) * 8 + (f32,) * 10 + (types.boolean,) * 5
+        + (i32,) * 8 + (f32,) * 10 + (types.boolean,) * 6 + (types.uint32,)
     )  # fmt: skip
     return {f"adam_step_q8_bs{bs}": (build(bs).adam_step_q8, [sig]) for bs in block_sizes}

@@ -46,7 +46,13 @@ from numba import prange
 
 from ._numba_simd import prefetch
 from ._numba_util import CHUNK, as_pointer, elem, jit
-from ._quant_numba import dequantize_into, quantize_scaled, requantize_into
+from ._quant_numba import (
+    dequantize_into,
+    quantize_scaled,
+    requantize_into,
+    round_stochastic,
+    stochastic_into,
+)
 
 _SIGN_OFF = np.int32(0x7FFFFFFF)
 _INF_BITS = np.int32(0x7F800000)
@@ -125,7 +131,7 @@ def _requantize(x, n, bits, codes, e, absmax, b, zero, table, shift, lo, nb):
 @jit(parallel=True)
 def step_q8(
     table, leaf_ids, offsets, block_offsets, block_size, p_addr, g_addr,
-    codes, absmax, map_m, map_v, quant_m, quant_v, zeros, k, flags,
+    codes, absmax, map_m, map_v, quant_m, quant_v, zeros, k, flags, stochastic, key,
 ):  # fmt: skip
     """Update all chunks of ``table`` in place.
 
@@ -135,8 +141,10 @@ def step_q8(
     entries are empty unless amsgrad). ``map_m``/``map_v`` are the 256-value maps, ``quant_m``
     and ``quant_v`` their ``(table, shift, lo, nb)`` lookup tables, ``zeros`` the codes of 0.0
     in each map; ``k`` are the :class:`~._scalars.KernelScalars` and ``flags =
-    (decoupled_decay, l2_decay, amsgrad, maximize)``. Chunk starts must be multiples of
-    ``block_size``. The loop body creates no array views (see :func:`_update_block`).
+    (decoupled_decay, l2_decay, amsgrad, maximize)``. With ``stochastic`` the codes of ``v``
+    are then rounded stochastically (:mod:`._stochastic`) with the step's hash ``key``. Chunk
+    starts must be multiples of ``block_size``. The loop body creates no array views (see
+    :func:`_update_block`).
     """
     decoupled, l2, amsgrad, maximize = flags
     codes_m, codes_v, codes_x = codes
@@ -145,6 +153,7 @@ def step_q8(
     tv, shv, lov, nbv = quant_v
     zero_m, zero_v = zeros
     width = block_size if amsgrad else 0
+    map_v_at = map_v.ctypes.data
     for c in prange(table.shape[0]):
         j, lo, hi = table[c, 0], table[c, 1], table[c, 2]
         sm = np.empty(block_size, np.float32)
@@ -163,6 +172,12 @@ def step_q8(
             )  # fmt: skip
             _requantize(sm, n, xm, codes_m, e, absmax_m, b, zero_m, tm, shm, lom, nbm)
             _requantize(sv, n, xv, codes_v, e, absmax_v, b, zero_v, tv, shv, lov, nbv)
+            if stochastic and xv < _INF_BITS:
+                # the map through a pointer: map_v itself passed here makes Numba drop the
+                # loop body's noalias (every loop of this kernel then stays scalar, 3x slower)
+                qmap = numba.carray(as_pointer(map_v_at, np.float32), 256)
+                round_stochastic(sv, 0, n, absmax_v[b] if xv else np.float32(1), codes_v, e,
+                                 qmap, key)  # fmt: skip
             if amsgrad:
                 _requantize(sx, n, xx, codes_x, e, absmax_x, b, zero_v, tv, shv, lov, nbv)
             b += 1
@@ -189,11 +204,13 @@ def _close_block(bits, absmax, b, codes, e, n, zero):
 @jit(parallel=True)
 def step_q8_simd(
     table, leaf_ids, offsets, block_offsets, block_size, p_addr, g_addr,
-    codes, absmax, map_m, map_v, quant_m, quant_v, zeros, k, flags, planes, decades,
+    codes, absmax, map_m, map_v, quant_m, quant_v, zeros, k, flags, stochastic, key, planes,
+    decades,
 ):  # fmt: skip
     """:func:`step_q8` with in-register table lookups (AVX-512 VBMI, :mod:`._numba_simd`).
 
-    The extra arguments are ``planes = (byte planes of map_m, of map_v)`` and ``decades =
+    The extra arguments are ``planes`` (byte planes of map_m, map_v and map_v's gap tables,
+    the last two for stochastic rounding) and ``decades =
     ((binades, lines) of map_m, of map_v)`` (:class:`~._q8_decades.DecadeTables`). Results
     are bit for bit those of :func:`step_q8`.
 
@@ -217,6 +234,7 @@ def step_q8_simd(
     dec_m = (decades[0][0].ctypes.data, decades[0][1].ctypes.data)
     dec_v = (decades[1][0].ctypes.data, decades[1][1].ctypes.data)
     planes_m, planes_v = planes[0].ctypes.data, planes[1].ctypes.data
+    planes_sr = (planes_v, planes[2].ctypes.data, planes[3].ctypes.data)  # map_v and its gaps
     bs = np.uint64(block_size)
     width = 2 * block_size if amsgrad else 0
     for c in prange(table.shape[0]):
@@ -224,7 +242,9 @@ def step_q8_simd(
         sm = np.empty(2 * block_size, np.float32)
         sv = np.empty(2 * block_size, np.float32)
         sx = np.empty(width, np.float32)
+        tmp = np.empty(192 if stochastic else 0, np.float32)
         sm_at, sv_at, sx_at = sm.ctypes.data, sv.ctypes.data, sx.ctypes.data
+        tmp_at = tmp.ctypes.data
         size = np.uint64(hi - lo)
         p_at = np.uint64(p_addr[leaf_ids[j]] + lo * 4)
         g_at = np.uint64(g_addr[leaf_ids[j]] + lo * 4)
@@ -249,6 +269,9 @@ def step_q8_simd(
                 if rq_v:
                     requantize_into(sv, sv_at, prv, bs, sc_v, codes_v, codes_at[1], ep, zero_v,
                                     dec_v, tv, shv, lov, nbv, True)  # fmt: skip
+                    if stochastic:
+                        stochastic_into(sv, prv, bs, sc_v, codes_v, codes_at[1], ep, planes_sr,
+                                        map_v, key, tmp, tmp_at)  # fmt: skip
                 if rq_x:
                     requantize_into(sx, sx_at, prv, bs, sc_x, codes_x, codes_at[2], ep, zero_v,
                                     dec_v, tv, shv, lov, nbv, True)  # fmt: skip
@@ -306,6 +329,9 @@ def step_q8_simd(
                 if rq_v:
                     requantize_into(sv, sv_at, cur, n, sc_v, codes_v, codes_at[1], e, zero_v,
                                     dec_v, tv, shv, lov, nbv, True)  # fmt: skip
+                    if stochastic:
+                        stochastic_into(sv, cur, n, sc_v, codes_v, codes_at[1], e, planes_sr,
+                                        map_v, key, tmp, tmp_at)  # fmt: skip
                 if rq_x:
                     requantize_into(sx, sx_at, cur, n, sc_x, codes_x, codes_at[2], e, zero_v,
                                     dec_v, tv, shv, lov, nbv, True)  # fmt: skip

@@ -9,6 +9,9 @@ unquantized float32 moments.
 A block whose updated moment holds NaN or Inf (possible only with ``nonfinite="propagate"``)
 is stored as absmax NaN with every code at the map's zero, so it dequantizes to NaN: the
 non-finite value stays visible instead of being rounded into a finite code.
+
+With ``v_rounding="stochastic"`` the codes of ``v`` are then rounded stochastically
+(:mod:`._stochastic`, applied here to whole arrays).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import numpy as np
 
 from .. import quant
 from ._scalars import kernel_scalars
+from ._stochastic import block_key, gap_tables, step_key, uniform
 
 
 def _requantize(x, code, zero_code, block_size, codes_out, absmax_out) -> None:
@@ -39,6 +43,26 @@ def _requantize(x, code, zero_code, block_size, codes_out, absmax_out) -> None:
     codes_out[bad] = zero_code
 
 
+def round_stochastic(x, code, block_size, codes, absmax, key, index0) -> None:
+    """Stochastic rounding of ``codes`` (the nearest codes of ``x``) in place.
+
+    ``index0`` is the index of ``x[0]`` in its group's buffer; ``key`` the step's
+    :func:`~._stochastic.step_key`. Blocks with a non-finite absmax keep their codes.
+    """
+    n = x.size
+    divisor = np.where(absmax > 0, absmax, np.float32(1))
+    s = x * np.repeat(np.float32(1) / divisor, block_size)[:n]
+    c = codes.astype(np.int32)
+    d = s - code[c]
+    up, down = gap_tables(code)
+    gap = np.where(d >= 0, up[c], down[c])
+    index = np.arange(index0, index0 + n, dtype=np.uint64)
+    u = uniform(block_key(key, index >> np.uint64(32)), index & np.uint64(0xFFFFFFFF))
+    move = (u * gap < np.abs(d)).astype(np.int32)
+    finite = np.repeat(np.isfinite(absmax), block_size)[:n]
+    codes[finite] = (c + np.where(d >= 0, move, -move))[finite]
+
+
 def step_q8(group, params, grads, scalars) -> None:
     """Update every leaf of an 8-bit ``group`` in place."""
     from .numpy import CHUNK, update_chunk
@@ -53,6 +77,8 @@ def step_q8(group, params, grads, scalars) -> None:
     t2 = np.empty(chunk, np.float32)
     scratch = {x: np.empty(chunk, np.float32) for x in names}
     buf = group.buffers
+    key = step_key(scalars.step, int(group.leaf_ids[0]))
+    stochastic = group.v_rounding == "stochastic"
     for j, leaf in enumerate(group.leaf_ids):
         p = params[leaf].reshape(-1)
         g = grads[leaf].reshape(-1)
@@ -72,3 +98,6 @@ def step_q8(group, params, grads, scalars) -> None:
             )  # fmt: skip
             for x in names:
                 _requantize(moments[x], maps[x], zeros[x], bs, codes[x], absmax[x])
+            if stochastic:
+                round_stochastic(moments["v"], maps["v"], bs, codes["v"], absmax["v"], key,
+                                 e0 + lo)  # fmt: skip

@@ -13,13 +13,17 @@ development, delete ``adamnp/backends/__pycache__`` (or touch this file).
 import numpy as np
 from numba import njit, prange
 
-from adamnp.backends import _q8_elem
+from adamnp.backends import _q8_elem, _stochastic
 from adamnp.backends._numba_simd import HAVE_VBMI as HAVE_VBMI  # used by adamnp.quant
 from adamnp.backends._numba_simd import dequant64, requant64, requant64_nonneg
 
 _KERNEL = {"parallel": True, "cache": True, "fastmath": False, "error_model": "numpy"}
 
 quantize_bits = njit(inline="always", error_model="numpy")(_q8_elem.quantize_bits)
+mix32 = njit(inline="always", error_model="numpy")(_stochastic.mix32)
+round_up = njit(inline="always", error_model="numpy")(_stochastic.round_up)
+_HIGH = np.uint64(32)
+_LOW = np.uint64(0xFFFFFFFF)
 
 
 @njit(inline="always", error_model="numpy")
@@ -40,6 +44,46 @@ def _block_divisor(x, start, stop):
         amax = max(amax, np.float32(x[i]).view(np.int32) & 0x7FFFFFFF)
     scale = np.int32(amax).view(np.float32)
     return scale, np.float32(1.0) if amax == 0 else scale
+
+
+@njit(inline="always", error_model="numpy")
+def block_keys(key, e):
+    """The hash keys of the element indices from ``e`` on: ``(key0, key1, low)``.
+
+    ``key0`` and ``key1`` are :func:`~._stochastic.block_key` for ``e``'s high 32 bits and
+    the next (a block of at most 4096 elements crosses at most one multiple of 2**32); ``low``
+    is ``e``'s low 32 bits. Three scalars: a nested tuple here trips Numba's parfor analysis.
+    """
+    high = np.uint32(np.uint64(e) >> _HIGH)
+    key = np.uint32(key)
+    low = np.uint32(np.uint64(e) & _LOW)
+    return mix32(key ^ high), mix32(key ^ np.uint32(high + np.uint32(1))), low
+
+
+@njit(inline="always", error_model="numpy")
+def element_uniform(i, key0, key1, low):
+    """:func:`~._stochastic.uniform` of element ``e + i`` (``key0, key1, low`` from
+    :func:`block_keys` of ``e``), in uint32 arithmetic."""
+    index = np.uint32(low + np.uint32(i))
+    h = mix32(index ^ (key0 if index >= low else key1))
+    return np.float32(h >> np.uint32(8)) * np.float32(2.0**-24)
+
+
+@njit(inline="always", error_model="numpy")
+def round_stochastic(x, o, n, scale, codes, e, qmap, key):
+    """Stochastic rounding of ``codes[e:e + n]``, the nearest codes of ``x[o:o + n] / scale``.
+
+    Element by element (:func:`~._stochastic.round_up`); offsets and ``n`` are uint64. Called,
+    not inlined: inlined into the gather kernel's parallel loop it cost that loop its
+    ``noalias`` and with it all vectorization.
+    """
+    inverse = np.float32(1) / scale
+    key0, key1, low = block_keys(key, e)
+    o = np.uint64(o)
+    e = np.uint64(e)
+    for i in range(np.uint64(0), np.uint64(n)):
+        u = element_uniform(i, key0, key1, low)
+        codes[e + i] = round_up(x[o + i] * inverse, codes[e + i], qmap, u)
 
 
 @njit(**_KERNEL)
@@ -120,6 +164,34 @@ def requantize_into(x, x_at, o, n, scale, codes, codes_at, e, zero, decades, tab
                       table, shift, lo, nb, nonneg)  # fmt: skip
     for i in range(whole, n):
         codes[e + i] = quantize_scaled(x[o + i] / scale, table, shift, lo, nb)
+
+
+@njit(**_BLOCK)
+def stochastic_into(x, o, n, scale, codes, codes_at, e, planes_at, qmap, key, tmp, tmp_at):
+    """:func:`round_stochastic` with in-register lookups (AVX-512 VBMI).
+
+    ``planes_at`` holds the addresses of the byte planes of the map and of its two
+    :func:`~._stochastic.gap_tables`; :func:`~._numba_simd.dequant64` looks up all three for
+    64 codes at a time into ``tmp`` (at least 192 float32, address ``tmp_at``).
+    """
+    inverse = np.float32(1) / scale
+    key0, key1, low = block_keys(key, e)
+    at = np.uint64(tmp_at)
+    whole = n & ~np.uint64(63)
+    for j in range(np.uint64(0), whole, np.uint64(64)):
+        ej, oj = e + j, o + j
+        dequant64(codes_at + ej, planes_at[0], at, np.float32(1))  # map[c]
+        dequant64(codes_at + ej, planes_at[1], at + np.uint64(256), np.float32(1))  # up gap
+        dequant64(codes_at + ej, planes_at[2], at + np.uint64(512), np.float32(1))  # down gap
+        for i in range(np.uint64(64)):  # both moves, no select of loads (it became a gather)
+            d = x[oj + i] * inverse - tmp[i]
+            u = element_uniform(j + i, key0, key1, low)
+            up = np.uint8(d >= np.float32(0) and u * tmp[64 + i] < d)
+            down = np.uint8(d < np.float32(0) and u * tmp[128 + i] < -d)
+            codes[ej + i] = np.uint8(codes[ej + i] + up - down)
+    for i in range(whole, n):
+        u = element_uniform(i, key0, key1, low)
+        codes[e + i] = round_up(x[o + i] * inverse, codes[e + i], qmap, u)
 
 
 @njit(**_KERNEL)

@@ -28,6 +28,7 @@ class StepScalars(NamedTuple):
     l2_decay: bool  # apply g += wd * p (Adam with weight_decay != 0)
     amsgrad: bool
     maximize: bool
+    step: int = 0  # t, the 1-based step number (keys the stochastic rounding of 8-bit v)
 
 
 def host_scalars(config, t: int, lr: float, grad_scale: float = 1.0) -> StepScalars:
@@ -50,6 +51,7 @@ def host_scalars(config, t: int, lr: float, grad_scale: float = 1.0) -> StepScal
         l2_decay=(not config.decoupled) and wd != 0.0,
         amsgrad=config.amsgrad,
         maximize=config.maximize,
+        step=int(t),
     )
 
 

@@ -46,6 +46,7 @@ else:
     from ._numba_reduce import first_nonfinite, sum_squares
     from ._numba_util import CHUNK, chunk_table, data_addresses
     from ._scalars import kernel_scalars
+    from ._stochastic import step_key
 
 NAME = "numba"
 
@@ -215,7 +216,9 @@ def step_group(group, params, grads, scalars) -> None:
     flags = (scalars.decoupled_decay, scalars.l2_decay, scalars.amsgrad, scalars.maximize)
     p_addr, g_addr = data_addresses(params), data_addresses(grads)
     if q8:
-        _step_q8(group, table, p_addr, g_addr, kernel_scalars(scalars, np.float32), flags)
+        key = step_key(scalars.step, int(group.leaf_ids[0]))
+        k = kernel_scalars(scalars, np.float32)
+        _step_q8(group, table, p_addr, g_addr, k, flags, np.uint32(key))
         return
     vmax = group.buffers.get("vmax")
     if vmax is None:
@@ -257,17 +260,21 @@ def _q8_maps() -> tuple:
 def _q8_simd_inputs() -> tuple | None:
     """``(planes, decades)`` of :func:`~._numba_q8.step_q8_simd`, or None where it cannot run.
 
+    ``planes`` are the byte planes of ``map_m``, ``map_v`` and the two gap tables of
+    ``map_v`` (:func:`~._stochastic.gap_tables`, for stochastic rounding).
+
     None when the CPU lacks AVX-512 VBMI (:data:`~._numba_simd.HAVE_VBMI`) or a map lacks the
     decade form (:func:`~._q8_decades.build_decade_tables`); the gather kernel runs then.
     """
     from ._numba_simd import HAVE_VBMI, byte_planes
     from ._q8_decades import build_decade_tables
+    from ._stochastic import gap_tables
 
     maps = _q8_maps()[:2]
     decades = [build_decade_tables(c) for c in maps]
     if not HAVE_VBMI or None in decades:
         return None
-    planes = tuple(byte_planes(c) for c in maps)
+    planes = tuple(byte_planes(c) for c in (*maps, *gap_tables(maps[1])))
     return planes, tuple((d.binades, d.lines) for d in decades)
 
 
@@ -288,7 +295,7 @@ _NO_CODES = np.empty(0, np.uint8)  # stands in for codes_vmax when amsgrad is of
 _NO_ABSMAX = np.empty(0, np.float32)
 
 
-def _step_q8(group, table, p_addr, g_addr, k, flags) -> None:
+def _step_q8(group, table, p_addr, g_addr, k, flags, key) -> None:
     """One :func:`~._numba_q8.step_q8` call for the 8-bit ``group``."""
     if CHUNK % group.block_size:  # chunks must hold whole blocks
         raise ValueError(f"block_size {group.block_size} does not divide the chunk {CHUNK}")
@@ -309,5 +316,7 @@ def _step_q8(group, table, p_addr, g_addr, k, flags) -> None:
         *_q8_maps(),
         k,
         flags,
+        group.v_rounding == "stochastic",
+        key,
         *(() if simd is None else simd),
     )

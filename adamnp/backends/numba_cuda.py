@@ -22,7 +22,9 @@ clipping factor may differ in its last bit.
 (:mod:`._cuda_q8`), also one launch per group: dequantize, the same element math, new
 absmax per block, requantize with the shared exact lookup (:func:`._q8_elem.quantize_bits`),
 so codes and absmax values equal the reference's too. Its maps and lookup tables are
-uploaded once per group.
+uploaded once per group. With ``v_rounding="stochastic"`` the same kernel also rounds the
+codes of ``v`` stochastically (:mod:`._stochastic`), keyed by the step and the group's first
+leaf as in the reference.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from ._scalars import kernel_scalars
+from ._stochastic import step_key
 
 NAME = "cuda"
 INSTALL = 'pip install "adamnp[cuda]"'
@@ -304,10 +307,13 @@ def _step_q8(group, plan, k, s) -> None:
     codes_w = b.get("codes_vmax", b["codes_v"])  # placeholders unless amsgrad: never touched
     absmax_w = b.get("absmax_vmax", b["absmax_v"])
     flags = (k.lerp_small, s.decoupled_decay, s.l2_decay, s.amsgrad, s.maximize)
+    stochastic = group.v_rounding == "stochastic"
+    key = step_key(s.step, int(group.leaf_ids[0])) if stochastic else 0
     _launch(
         q.adam_step_q8, _q8_grid(q, plan), plan.ptrs, plan.chunks, plan.offsets,
         plan.q8.block_offsets, b["codes_m"], b["codes_v"], codes_w, b["absmax_m"],
-        b["absmax_v"], absmax_w, *plan.q8.constants, *k[:10], *flags, threads=q.threads,
+        b["absmax_v"], absmax_w, *plan.q8.constants, *k[:10], *flags, stochastic,
+        np.uint32(key), threads=q.threads,
     )  # fmt: skip
 
 

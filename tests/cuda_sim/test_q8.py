@@ -201,6 +201,52 @@ def test_nan_block_propagates_like_reference(monkeypatch):
     assert np.isnan(p[256:320]).all() and np.isfinite(np.delete(p, np.s_[256:320])).all()
 
 
+STOCHASTIC = {
+    # Two 8-bit leaves in one group (partial last blocks, the second at offset 257).
+    "adamw": (adamnp.adamw(lr=1e-2, weight_decay=0.1), 1),
+    # vmax stays nearest; a float32 leaf first, so the group's hash tag is leaf 1, not 0.
+    "amsgrad": (adamnp.adam(lr=1e-2, amsgrad=True), 100),
+    # A NaN block (leaf "b", block 4 from step 2) keeps the zero code of v.
+    "nan": (adamnp.adamw(lr=1e-2, nonfinite="propagate"), 100),
+}
+
+
+@pytest.mark.parametrize("name", sorted(STOCHASTIC))
+def test_stochastic_v_matches_reference(name, monkeypatch):
+    config, min_size = STOCHASTIC[name]
+    rng = np.random.default_rng(16)
+    params = {"a": rng.standard_normal(40).astype(np.float32),
+              "b": rng.standard_normal(700).astype(np.float32),
+              "c": rng.standard_normal(257).astype(np.float32)}  # fmt: skip
+    if min_size == 1:
+        del params["a"]
+    grads = grads_like(params, rng, 3)
+    if name == "nan":
+        grads[1]["b"][300] = np.nan
+    out = run_q8(params, grads, config, monkeypatch, min_8bit_size=min_size,
+                 v_rounding="stochastic")  # fmt: skip
+    assert_q8_same(*out)
+    (group,) = [g for g in out[3].groups if g.kind == "q8"]
+    assert group.v_rounding == "stochastic" and len(group.leaf_ids) == 2
+    assert int(group.leaf_ids[0]) == (0 if min_size == 1 else 1)
+    # The same steps rounded to nearest (the reference) store other codes of v, the same of
+    # m (which does not depend on v; amsgrad's vmax does).
+    host = {k: v.copy() for k, v in params.items()}
+    nearest = adamnp.init(host, config, backend="numpy", state_bits=8, block_size=64,
+                          min_8bit_size=min_size)  # fmt: skip
+    for g in grads:
+        adamnp.step(host, g, nearest)
+    for got, ref in zip(out[3].slots, nearest.slots, strict=True):
+        if isinstance(ref, adamnp._state.QuantSlot):
+            assert (be.to_host(got.codes_v) != ref.codes_v).any()
+            assert be.to_host(got.codes_m).tobytes() == ref.codes_m.tobytes()
+    if name == "nan":
+        slot = out[3].slots[1]
+        zero = int(np.flatnonzero(quant.dynamic_map(False) == 0)[0])
+        assert np.isnan(be.to_host(slot.absmax_v)[4])
+        assert (be.to_host(slot.codes_v)[256:320] == zero).all()
+
+
 def test_mixed_tree_with_fp32_leaves(monkeypatch):
     # 8-bit leaves, float32 leaves below min_8bit_size and float64 leaves: three groups.
     rng = np.random.default_rng(13)

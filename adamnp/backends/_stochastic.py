@@ -1,0 +1,116 @@
+"""Stochastic rounding of the 8-bit second moment, written once for every backend.
+
+With nearest rounding an 8-bit ``v`` sticks: it decays by ``beta2`` (0.1% per step) while its
+codes lie 1.4-12% apart, so the decayed value rounds back to the same code and ``v`` stays at
+its old size long after the gradient has shrunk (docs/eight_bit.md). Stochastic rounding moves
+it on average: the code goes to the upper of the two map values around ``s`` with probability
+``(s - lo) / (hi - lo)``, so the dequantized ``v`` is unbiased.
+
+Definition (every backend computes exactly these float32 and uint32 operations):
+
+* ``s = x * (1 / absmax)``, with ``1 / absmax`` rounded to float32 (1 for a block of zeros);
+* ``c`` is the nearest code of ``x / absmax`` (what nearest rounding stores) and ``d = s -
+  map[c]``;
+* ``u`` is a 24-bit uniform in [0, 1) from a counter-based hash of the step, the group and the
+  element's index (`uniform`);
+* if ``d >= 0`` the code moves up to ``c + 1`` when ``u * (map[c + 1] - map[c]) < d``, else it
+  moves down to ``c - 1`` when ``u * (map[c] - map[c - 1]) < -d`` (never past either end of
+  the map). So it lands on the upper of the two map values around ``s`` with probability
+  ``(s - lo) / (hi - lo)``.
+
+No random state is kept: the same step of the same state gives the same codes on every
+backend and after a checkpoint round trip. The functions are plain scalar Python with
+``np.uint32`` casts, compiled by Numba for the CPU and CUDA kernels; `uniform` also works
+elementwise on NumPy uint32 arrays (the reference).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+_U32 = np.uint32
+_TWO_M24 = np.float32(2.0**-24)
+
+
+def mix32(x):
+    """A 32-bit integer hash (xor-shift-multiply; the "lowbias32" constants of hash-prospector).
+
+    Examples
+    --------
+    >>> mix32(np.array([0, 1, 2], np.uint32)).tolist()
+    [0, 1753845952, 3507691905]
+    """
+    x = _U32(x)
+    x = _U32(x ^ (x >> _U32(16)))
+    x = _U32(x * _U32(0x7FEB352D))
+    x = _U32(x ^ (x >> _U32(15)))
+    x = _U32(x * _U32(0x846CA68B))
+    return _U32(x ^ (x >> _U32(16)))
+
+
+def step_key(step: int, group_tag: int) -> int:
+    """The hash key of step ``step`` (1-based) of the group whose first leaf is ``group_tag``.
+
+    Examples
+    --------
+    >>> step_key(1, 0) != step_key(2, 0) and step_key(1, 0) != step_key(1, 1)
+    True
+    """
+    one = np.array([step & 0xFFFFFFFF], np.uint32)  # arrays: uint32 products wrap silently
+    return int(mix32(mix32(one) ^ _U32(group_tag & 0xFFFFFFFF))[0])
+
+
+def block_key(key, index_high):
+    """The key for the elements whose index has the high 32 bits ``index_high``."""
+    return mix32(_U32(key) ^ _U32(index_high))
+
+
+def uniform(bkey, index_low):
+    """The float32 uniform in [0, 1) of an element: 24 bits of ``mix32(index_low ^ bkey)``."""
+    h = mix32(_U32(index_low) ^ _U32(bkey))
+    return np.float32(h >> _U32(8)) * _TWO_M24
+
+
+def round_up(s, c, qmap, u):
+    """The stochastically rounded code of ``s`` (float32) given its nearest code ``c``.
+
+    ``qmap`` is the 256-value float32 map and ``u`` the element's `uniform`. Scalar code
+    (Numba); the NumPy reference and the vector kernels use the gaps of `gap_tables`, the
+    same float32 differences.
+
+    Examples
+    --------
+    >>> qmap = np.array([0.0, 0.5, 1.0] + [1.0] * 253, np.float32)
+    >>> [int(round_up(np.float32(0.2), 0, qmap, np.float32(u))) for u in (0.3, 0.5)]
+    [1, 0]
+    """
+    c = np.int32(c)
+    mc = qmap[c]
+    d = s - mc
+    if d >= 0:
+        if c == 255:
+            return np.uint8(c)
+        return np.uint8(c + np.int32(u * (qmap[c + 1] - mc) < d))
+    if c == 0:
+        return np.uint8(c)
+    return np.uint8(c - np.int32(u * (mc - qmap[c - 1]) < -d))
+
+
+def gap_tables(qmap):
+    """``(up, down)``: float32 ``map[c + 1] - map[c]`` and ``map[c] - map[c - 1]`` per code.
+
+    The missing ends (``up[255]``, ``down[0]``) are NaN, so that ``u * gap < |d|`` is false
+    there and the code never leaves the map.
+
+    Examples
+    --------
+    >>> up, down = gap_tables(np.linspace(0, 1, 256, dtype=np.float32))
+    >>> bool(np.isnan(up[255])), bool(np.isnan(down[0])), bool(up[0] == down[1])
+    (True, True, True)
+    """
+    qmap = np.asarray(qmap, np.float32)
+    up = np.full(256, np.nan, np.float32)
+    down = np.full(256, np.nan, np.float32)
+    up[:-1] = qmap[1:] - qmap[:-1]
+    down[1:] = up[:-1]
+    return up, down
