@@ -18,14 +18,17 @@ def leaves(count: int, size: int, seed: int = 0) -> dict:
     return {f"l{i:05d}": rng.standard_normal(size, dtype=np.float32) for i in range(count)}
 
 
-def warm_state(backend: str, count: int, size: int, *, state_bits=32, block_size=256, **config):
+def warm_state(backend: str, count: int, size: int, *, state_bits=32, block_size=256,
+               v_rounding="nearest", **config):  # fmt: skip
     """``(params, grads, state)`` after one step: kernels compiled, state pages touched.
 
-    ``state_bits=8`` gives every leaf 8-bit moments in blocks of ``block_size``; ``config``
-    goes to :func:`adamnp.adamw`.
+    ``state_bits=8`` gives every leaf 8-bit moments in blocks of ``block_size``, their ``v``
+    rounded by ``v_rounding``; ``config`` goes to :func:`adamnp.adamw`.
     """
     params, grads = leaves(count, size, 0), leaves(count, size, 1)
-    bits = dict(state_bits=8, block_size=block_size, min_8bit_size=1) if state_bits == 8 else {}
+    bits = {}
+    if state_bits == 8:
+        bits = dict(state_bits=8, block_size=block_size, min_8bit_size=1, v_rounding=v_rounding)
     state = adamnp.init(params, adamnp.adamw(**config), backend=backend, **bits)
     adamnp.step(params, grads, state)
     return params, grads, state

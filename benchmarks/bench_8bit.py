@@ -81,6 +81,39 @@ class Step8bitOverFloat32:
     track_8bit_over_traffic.unit = "ratio"
 
 
+class StochasticV:
+    """The 8-bit step with ``v_rounding="stochastic"``: its time over the nearest-rounding
+    8-bit step and over the float32 step (numba, one process, interleaved medians)."""
+
+    params = (["numba"], [1_000_000, 16_000_000])
+    param_names = ["backend", "n"]
+    timeout = 600
+
+    def setup(self, backend, n):
+        if backend not in BACKENDS:
+            raise NotImplementedError(f"backend {backend!r} is not available")
+        self.sr = warm_state(backend, 1, n, state_bits=8, v_rounding="stochastic")
+        self.q8 = warm_state(backend, 1, n, state_bits=8)
+        self.fp32 = warm_state(backend, 1, n)
+
+    def _medians(self):
+        return interleaved_medians(
+            *(lambda s=s: adamnp.step(*s) for s in (self.sr, self.q8, self.fp32)), budget_s=6.0
+        )
+
+    def track_stochastic_over_nearest(self, backend, n):
+        sr, q8, _ = self._medians()
+        return sr / q8
+
+    track_stochastic_over_nearest.unit = "ratio"
+
+    def track_stochastic_over_float32(self, backend, n):
+        sr, _, fp32 = self._medians()
+        return sr / fp32
+
+    track_stochastic_over_float32.unit = "ratio"
+
+
 class StateBytes:
     """Bytes of optimizer state per parameter element: 2 + 8 / block_size for 8-bit, 8 else."""
 
