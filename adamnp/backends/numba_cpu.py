@@ -216,7 +216,8 @@ def step_group(group, params, grads, scalars) -> None:
     flags = (scalars.decoupled_decay, scalars.l2_decay, scalars.amsgrad, scalars.maximize)
     p_addr, g_addr = data_addresses(params), data_addresses(grads)
     if q8:
-        key = step_key(scalars.step, int(group.leaf_ids[0]))
+        stochastic = group.v_rounding == "stochastic"
+        key = step_key(scalars.step, int(group.leaf_ids[0])) if stochastic else 0
         k = kernel_scalars(scalars, np.float32)
         _step_q8(group, table, p_addr, g_addr, k, flags, np.uint32(key))
         return
