@@ -70,14 +70,15 @@ class Outcome:
     error: str | None = None
 
 
-def run_once(backend, config, bits, params0, grads) -> Outcome:
+def run_once(backend, config, bits, params0, grads, v_rounding="nearest") -> Outcome:
     """Take ``len(grads)`` steps from ``params0`` on ``backend``; return host copies."""
     import adamnp
 
     mover = cli.Mover(backend)
     params = mover.to_backend({k: v.copy() for k, v in params0.items()})
     try:
-        state = adamnp.init(params, config, backend=backend, state_bits=bits, min_8bit_size=0)
+        state = adamnp.init(params, config, backend=backend, state_bits=bits, min_8bit_size=0,
+                            v_rounding=v_rounding)  # fmt: skip
         for g in grads:
             adamnp.step(params, mover.to_backend(g), state)
         mover.sync()
@@ -167,16 +168,21 @@ def verify(backends, bits, size, steps, out=None) -> tuple[list, int]:
     for backend in [b for b in backends if b != "numpy"]:
         for k in bits:
             dtypes = (np.float32, np.float64) if k == 32 else (np.float32,)
+            runs = [(label, config, "nearest") for label, config in configs.items()]
+            if k == 8:  # and once with stochastic rounding of v
+                runs.append(("adamw, v stochastic", configs["adamw"], "stochastic"))
             for dtype in dtypes:
-                for label, config in configs.items():
+                for label, config, rounding in runs:
                     key = (k, np.dtype(dtype).name, label)
                     if dtype not in problems:
                         problems[dtype] = _problem(shapes, dtype, steps)
                     params0, grads = problems[dtype]
                     if key not in refs:
-                        refs[key] = run_once("numpy", config, k, params0, grads)
+                        refs[key] = run_once("numpy", config, k, params0, grads, rounding)
                     ref = refs[key]
-                    got = ref if ref.error else run_once(backend, config, k, params0, grads)
+                    got = ref
+                    if not ref.error:
+                        got = run_once(backend, config, k, params0, grads, rounding)
                     row = [backend, k, np.dtype(dtype).name, label]
                     if got.error:
                         rows.append([*row, "-", "-", "-", "skip"])
