@@ -209,8 +209,8 @@ def step_q8_simd(
 ):  # fmt: skip
     """:func:`step_q8` with in-register table lookups (AVX-512 VBMI, :mod:`._numba_simd`).
 
-    The extra arguments are ``planes`` (byte planes of map_m, map_v and map_v's upward gaps,
-    the last for stochastic rounding) and ``decades =
+    The extra arguments are ``planes`` (byte planes of map_m, map_v and map_v's two gap
+    tables, the last two for stochastic rounding) and ``decades =
     ((binades, lines) of map_m, of map_v)`` (:class:`~._q8_decades.DecadeTables`). Results
     are bit for bit those of :func:`step_q8`.
 
@@ -234,7 +234,7 @@ def step_q8_simd(
     dec_m = (decades[0][0].ctypes.data, decades[0][1].ctypes.data)
     dec_v = (decades[1][0].ctypes.data, decades[1][1].ctypes.data)
     planes_m, planes_v = planes[0].ctypes.data, planes[1].ctypes.data
-    planes_sr = (planes_v, planes[2].ctypes.data)  # map_v and its upward gaps
+    planes_sr = (planes_v, planes[2].ctypes.data, planes[3].ctypes.data)  # map_v, gaps
     bs = np.uint64(block_size)
     width = 2 * block_size if amsgrad else 0
     for c in prange(table.shape[0]):
@@ -242,7 +242,7 @@ def step_q8_simd(
         sm = np.empty(2 * block_size, np.float32)
         sv = np.empty(2 * block_size, np.float32)
         sx = np.empty(width, np.float32)
-        tmp = np.empty(144 if stochastic else 0, np.float32)
+        tmp = np.empty(192 if stochastic else 0, np.float32)
         sm_at, sv_at, sx_at = sm.ctypes.data, sv.ctypes.data, sx.ctypes.data
         tmp_at = tmp.ctypes.data
         size = np.uint64(hi - lo)

@@ -172,31 +172,27 @@ def requantize_into(x, x_at, o, n, scale, codes, codes_at, e, zero, decades, tab
 def stochastic_into(x, o, n, scale, codes, codes_at, e, planes_at, qmap, key, tmp, tmp_at):
     """:func:`round_stochastic` with in-register lookups (AVX-512 VBMI).
 
-    ``planes_at`` holds the addresses of the byte planes of the map and of its upward gaps
-    (``up`` of :func:`~._stochastic.gap_tables`); ``tmp`` is a scratch of at least 144
-    float32 at address ``tmp_at``. For 64 codes at a time, :func:`~._numba_simd.dequant64`
-    looks up ``map[c]``, then the gap below or above ``s``: ``up[c]`` or ``up[c - 1]`` (which
-    is ``down[c]``; at code 0 the index wraps to 255, whose gap is NaN as ``down[0]`` is).
+    ``planes_at`` holds the addresses of the byte planes of the map and of its two
+    :func:`~._stochastic.gap_tables`; :func:`~._numba_simd.dequant64` looks up all three for
+    64 codes at a time into ``tmp`` (at least 192 float32, address ``tmp_at``). (Looking up
+    one gap by an index computed into memory first was slower: the 64-byte load of that
+    index waits for its smaller stores.)
     """
     inverse = np.float32(1) / scale
     key0, key1, low = block_keys(key, e)
     at = np.uint64(tmp_at)
-    below_at = at + np.uint64(512)  # 64 bytes: the index of each value's gap
-    gap_index = numba.carray(as_pointer(below_at, np.uint8), 64)
     whole = n & ~np.uint64(63)
     for j in range(np.uint64(0), whole, np.uint64(64)):
         ej, oj = e + j, o + j
-        dequant64(codes_at + ej, planes_at[0], at, np.float32(1))  # tmp[:64] = map[c]
-        for i in range(np.uint64(64)):
-            below = x[oj + i] * inverse < tmp[i]
-            gap_index[i] = np.uint8(codes[ej + i] - np.uint8(below))
-        dequant64(below_at, planes_at[1], at + np.uint64(256), np.float32(1))  # the gaps
-        for i in range(np.uint64(64)):
+        dequant64(codes_at + ej, planes_at[0], at, np.float32(1))  # map[c]
+        dequant64(codes_at + ej, planes_at[1], at + np.uint64(256), np.float32(1))  # up gap
+        dequant64(codes_at + ej, planes_at[2], at + np.uint64(512), np.float32(1))  # down gap
+        for i in range(np.uint64(64)):  # both moves, no select of loads (it became a gather)
             d = x[oj + i] * inverse - tmp[i]
             u = element_uniform(j + i, key0, key1, low)
-            move = np.uint8(u * tmp[64 + i] < abs(d))
-            c = codes[ej + i]
-            codes[ej + i] = np.uint8(c + move) if d >= np.float32(0) else np.uint8(c - move)
+            up = np.uint8(d >= np.float32(0) and u * tmp[64 + i] < d)
+            down = np.uint8(d < np.float32(0) and u * tmp[128 + i] < -d)
+            codes[ej + i] = np.uint8(codes[ej + i] + up - down)
     for i in range(whole, n):
         u = element_uniform(i, key0, key1, low)
         codes[e + i] = round_up(x[o + i] * inverse, codes[e + i], qmap, u)

@@ -261,7 +261,7 @@ def _q8_maps() -> tuple:
 def _q8_simd_inputs() -> tuple | None:
     """``(planes, decades)`` of :func:`~._numba_q8.step_q8_simd`, or None where it cannot run.
 
-    ``planes`` are the byte planes of ``map_m``, ``map_v`` and the upward gaps of ``map_v``
+    ``planes`` are the byte planes of ``map_m``, ``map_v`` and the two gap tables of ``map_v``
     (:func:`~._stochastic.gap_tables`, for stochastic rounding).
 
     None when the CPU lacks AVX-512 VBMI (:data:`~._numba_simd.HAVE_VBMI`) or a map lacks the
@@ -275,7 +275,7 @@ def _q8_simd_inputs() -> tuple | None:
     decades = [build_decade_tables(c) for c in maps]
     if not HAVE_VBMI or None in decades:
         return None
-    planes = tuple(byte_planes(c) for c in (*maps, gap_tables(maps[1])[0]))
+    planes = tuple(byte_planes(c) for c in (*maps, *gap_tables(maps[1])))
     return planes, tuple((d.binades, d.lines) for d in decades)
 
 
