@@ -10,14 +10,12 @@ treating the accesses as contiguous (gathers and scatters instead of plain vecto
 development, delete ``adamnp/backends/__pycache__`` (or touch this file).
 """
 
-import numba
 import numpy as np
 from numba import njit, prange
 
 from adamnp.backends import _q8_elem, _stochastic
 from adamnp.backends._numba_simd import HAVE_VBMI as HAVE_VBMI  # used by adamnp.quant
 from adamnp.backends._numba_simd import dequant64, requant64, requant64_nonneg
-from adamnp.backends._numba_util import as_pointer
 
 _KERNEL = {"parallel": True, "cache": True, "fastmath": False, "error_model": "numpy"}
 
