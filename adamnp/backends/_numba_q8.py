@@ -215,10 +215,11 @@ def step_q8_simd(
     are bit for bit those of :func:`step_q8`.
 
     Block ``i - 1`` is requantized right before block ``i`` is dequantized and updated (its
-    new absmax is known by then), and p, g and the codes two blocks ahead are prefetched; the
-    scratch holds two blocks. The vector code lives in :func:`~._quant_numba.dequantize_into`
-    and :func:`~._quant_numba.requantize_into`, called rather than inlined: inlined at every
-    call site it made the first compilation of this kernel take 30 s.
+    new absmax is known by then), and p, g and the codes two blocks ahead are prefetched into
+    L2; the scratch holds two blocks. The vector code lives in
+    :func:`~._quant_numba.dequantize_into` and :func:`~._quant_numba.requantize_into`, called
+    rather than inlined: inlined at every call site it made the first compilation of this
+    kernel take 30 s.
     """
     decoupled, l2, amsgrad, maximize = flags
     codes_m, codes_v, codes_x = codes
