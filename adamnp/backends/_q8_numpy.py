@@ -20,7 +20,7 @@ import numpy as np
 
 from .. import quant
 from ._scalars import kernel_scalars
-from ._stochastic import block_key, gap_tables, step_key, uniform
+from ._stochastic import block_key, gap_tables, group_key, uniform
 
 
 def _requantize(x, code, zero_code, block_size, codes_out, absmax_out) -> None:
@@ -77,8 +77,7 @@ def step_q8(group, params, grads, scalars) -> None:
     t2 = np.empty(chunk, np.float32)
     scratch = {x: np.empty(chunk, np.float32) for x in names}
     buf = group.buffers
-    key = step_key(scalars.step, int(group.leaf_ids[0]))
-    stochastic = group.v_rounding == "stochastic"
+    key = group_key(group, scalars.step)  # None: v rounded to nearest
     for j, leaf in enumerate(group.leaf_ids):
         p = params[leaf].reshape(-1)
         g = grads[leaf].reshape(-1)
@@ -98,6 +97,6 @@ def step_q8(group, params, grads, scalars) -> None:
             )  # fmt: skip
             for x in names:
                 _requantize(moments[x], maps[x], zeros[x], bs, codes[x], absmax[x])
-            if stochastic:
+            if key is not None:
                 round_stochastic(moments["v"], maps["v"], bs, codes["v"], absmax["v"], key,
                                  e0 + lo)  # fmt: skip

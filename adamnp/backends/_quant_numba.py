@@ -73,8 +73,9 @@ def element_uniform(i, key0, key1, low):
 def round_stochastic(x, o, n, scale, codes, e, qmap, key):
     """Stochastic rounding of ``codes[e:e + n]``, the nearest codes of ``x[o:o + n] / scale``.
 
-    Element by element (:func:`~._stochastic.round_up`); offsets and ``n`` are uint64. Called,
-    not inlined: inlined into the gather kernel's parallel loop it cost that loop its
+    Element by element (:func:`~._stochastic.round_up`); offsets and ``n`` are uint64. The
+    gather kernel inlines it and must pass ``qmap`` as a view made from a raw pointer: the map
+    array itself, passed a second time inside its parallel loop, cost that loop its
     ``noalias`` and with it all vectorization.
     """
     inverse = np.float32(1) / scale

@@ -64,6 +64,24 @@ def step_key(step: int, group_tag: int) -> int:
     return _mix32_int(_mix32_int(step & 0xFFFFFFFF) ^ (group_tag & 0xFFFFFFFF))
 
 
+def group_key(group, step: int) -> int | None:
+    """The hash key of step ``step`` for an 8-bit ``group``, or None if it rounds ``v`` to
+    nearest. Every backend takes its key from here (the group's first leaf is its tag).
+
+    Examples
+    --------
+    >>> from types import SimpleNamespace
+    >>> ids = np.array([3])
+    >>> group_key(SimpleNamespace(v_rounding="stochastic", leaf_ids=ids), 5) == step_key(5, 3)
+    True
+    >>> group_key(SimpleNamespace(v_rounding="nearest", leaf_ids=ids), 5) is None
+    True
+    """
+    if group.v_rounding != "stochastic":
+        return None
+    return step_key(step, int(group.leaf_ids[0]))
+
+
 def _mix32_int(x: int) -> int:
     """`mix32` of a Python integer in 0..2**32-1."""
     x ^= x >> 16

@@ -46,7 +46,7 @@ else:
     from ._numba_reduce import first_nonfinite, sum_squares
     from ._numba_util import CHUNK, chunk_table, data_addresses
     from ._scalars import kernel_scalars
-    from ._stochastic import step_key
+    from ._stochastic import group_key
 
 NAME = "numba"
 
@@ -216,10 +216,8 @@ def step_group(group, params, grads, scalars) -> None:
     flags = (scalars.decoupled_decay, scalars.l2_decay, scalars.amsgrad, scalars.maximize)
     p_addr, g_addr = data_addresses(params), data_addresses(grads)
     if q8:
-        stochastic = group.v_rounding == "stochastic"
-        key = step_key(scalars.step, int(group.leaf_ids[0])) if stochastic else 0
         k = kernel_scalars(scalars, np.float32)
-        _step_q8(group, table, p_addr, g_addr, k, flags, np.uint32(key))
+        _step_q8(group, table, p_addr, g_addr, k, flags, group_key(group, scalars.step))
         return
     vmax = group.buffers.get("vmax")
     if vmax is None:
@@ -297,7 +295,10 @@ _NO_ABSMAX = np.empty(0, np.float32)
 
 
 def _step_q8(group, table, p_addr, g_addr, k, flags, key) -> None:
-    """One :func:`~._numba_q8.step_q8` call for the 8-bit ``group``."""
+    """One :func:`~._numba_q8.step_q8` call for the 8-bit ``group``.
+
+    ``key`` is the step's :func:`~._stochastic.group_key`, None for nearest rounding of v.
+    """
     if CHUNK % group.block_size:  # chunks must hold whole blocks
         raise ValueError(f"block_size {group.block_size} does not divide the chunk {CHUNK}")
     buf = group.buffers
@@ -317,7 +318,7 @@ def _step_q8(group, table, p_addr, g_addr, k, flags, key) -> None:
         *_q8_maps(),
         k,
         flags,
-        group.v_rounding == "stochastic",
-        key,
+        key is not None,
+        np.uint32(key or 0),
         *(() if simd is None else simd),
     )

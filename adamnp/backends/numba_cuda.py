@@ -37,7 +37,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from ._scalars import kernel_scalars
-from ._stochastic import step_key
+from ._stochastic import group_key
 
 NAME = "cuda"
 INSTALL = 'pip install "adamnp[cuda]"'
@@ -307,13 +307,12 @@ def _step_q8(group, plan, k, s) -> None:
     codes_w = b.get("codes_vmax", b["codes_v"])  # placeholders unless amsgrad: never touched
     absmax_w = b.get("absmax_vmax", b["absmax_v"])
     flags = (k.lerp_small, s.decoupled_decay, s.l2_decay, s.amsgrad, s.maximize)
-    stochastic = group.v_rounding == "stochastic"
-    key = step_key(s.step, int(group.leaf_ids[0])) if stochastic else 0
+    key = group_key(group, s.step)  # None: v rounded to nearest
     _launch(
         q.adam_step_q8, _q8_grid(q, plan), plan.ptrs, plan.chunks, plan.offsets,
         plan.q8.block_offsets, b["codes_m"], b["codes_v"], codes_w, b["absmax_m"],
-        b["absmax_v"], absmax_w, *plan.q8.constants, *k[:10], *flags, stochastic,
-        np.uint32(key), threads=q.threads,
+        b["absmax_v"], absmax_w, *plan.q8.constants, *k[:10], *flags, key is not None,
+        np.uint32(key or 0), threads=q.threads,
     )  # fmt: skip
 
 
