@@ -195,7 +195,12 @@ def _requant_codegen(signed, context, builder, signature, args):
         builder, "llvm.x86.avx512.vpermi2var.ps.512", _F32x16, [_F32x16, _I32x16, _F32x16]
     )
     permute = _declare(builder, "llvm.x86.avx512.permvar.sf.512", _F32x16, [_F32x16, _I32x16])
-    floor = _declare(builder, "llvm.floor.v16f32", _F32x16, [_F32x16])
+    reduce = _declare(
+        builder,
+        "llvm.x86.avx512.mask.reduce.ps.512",
+        _F32x16,
+        [_F32x16, _I32, _F32x16, ir.IntType(16), _I32],
+    )
     range_ = _declare(
         builder,
         "llvm.x86.avx512.mask.range.ps.512",
@@ -231,27 +236,27 @@ def _requant_codegen(signed, context, builder, signature, args):
         )  # fmt: skip
         a_bits = builder.bitcast(a, _I32x16)
         e = builder.lshr(a_bits, const_i(23))  # vpermi2ps reads its low 5 bits: E - 96
-        entry_f = builder.call(permute2, [binades[0], e, binades[1]])
-        entry = builder.bitcast(entry_f, _I32x16)
-        above = builder.fcmp_ordered(">=", a, entry_f)
-        # vpermps reads the low 4 bits of d: the decade
-        d = builder.select(above, builder.add(entry, const_i(1)), entry)
-        near = builder.icmp_unsigned(
-            "<=", builder.add(builder.sub(a_bits, entry), const_i(32)), const_i(64)
-        )
+        entry = builder.bitcast(builder.call(permute2, [binades[0], e, binades[1]]), _I32x16)
+        above = builder.sub(a_bits, entry)
+        # vpermps reads the low 4 bits of d: the decade above the boundary, or the one below
+        d = builder.add(entry, builder.ashr(above, const_i(31)))
+        near = builder.icmp_unsigned("<=", above, const_i(64))
         est = builder.fadd(
             builder.fmul(a, builder.call(permute, [scales, d])),
             builder.call(permute, [offsets, d]),
         )
-        low = builder.call(floor, [est])
-        frac = builder.fsub(est, low)
-        off_grid = builder.or_(
-            builder.fcmp_ordered("<", frac, const_f(DELTA)),
-            builder.fcmp_ordered(">", frac, const_f(np.float32(1) - DELTA)),
+        # vreduceps, imm 8: est - rint(est) (nearest, ties to even; no precision exception)
+        every_lane = ir.Constant(ir.IntType(16), -1)
+        off = builder.call(
+            reduce, [est, ir.Constant(_I32, 8), const_f(0), every_lane, ir.Constant(_I32, 4)]
+        )
+        off_grid = builder.and_(
+            builder.fcmp_ordered("<", off, const_f(DELTA)),
+            builder.fcmp_ordered(">", off, const_f(-DELTA)),
         )
         flags.append(builder.or_(near, off_grid))
         last = builder.call(permute, [lasts, d])
-        q = builder.fptosi(builder.select(builder.fcmp_ordered("<", low, last), low, last), _I32x16)
+        q = builder.fptosi(builder.select(builder.fcmp_ordered("<", est, last), est, last), _I32x16)
         if signed:
             negative = builder.icmp_signed("<", bits, const_i(0))
             q_neg = builder.select(builder.icmp_signed("<", q, zero_v), q, zero_v)

@@ -4,10 +4,13 @@ The dynamic maps are a linear grid inside each decade (:func:`adamnp.quant.dynam
 inside decade ``d`` the nearest code of a magnitude ``a`` is ``floor(a * scale[d] +
 offset[d])``, clamped to the decade's last code. Which decade ``a`` is in follows from its
 binary exponent: a binade (``[2**k, 2**(k+1))``) holds at most one decade boundary, so a
-32-entry table indexed by the exponent gives the decade at the binade's start and the boundary
-inside it (if any), and one compare finishes. All tables fit in five 16-lane registers, which
-is what lets the AVX-512 kernel (:mod:`._numba_simd`) replace table gathers by in-register
-permutes.
+32-entry table indexed by the exponent gives the boundary inside it (if any) and the decade
+above that boundary, and the sign of one integer difference of bit patterns picks that decade
+or the one below (no compare, no select: each costs an instruction per 16 values in the
+AVX-512 kernel). All tables fit in five 16-lane registers, which is what lets the AVX-512
+kernel (:mod:`._numba_simd`) replace table gathers by in-register permutes. The code is the
+truncation of the clamped multiply-add, and its distance to the nearest code boundary is one
+``vreduceps`` there.
 
 The multiply-add is not exact everywhere: the map values are float32 roundings of the grid and
 the arithmetic rounds. `fast_code` therefore also returns a flag, set when the scaled position
@@ -30,12 +33,13 @@ import numpy as np
 DELTA = np.float32(4e-5)
 _FIRST_EXP = 96  # binade index 0 is [2**-31, 2**-30); smaller magnitudes share it
 _NO_BOUNDARY = np.float32(4.0)  # above every scaled magnitude (<= 1)
+_NEAR = 32  # patterns either side of a decade boundary that are flagged
 
 
 class DecadeTables(NamedTuple):
     """Tables of `fast_code` for one map (pass the fields as separate arguments)."""
 
-    binades: np.ndarray  # int32 (32,): a decade boundary's float32 bits, low 4 bits = decade
+    binades: np.ndarray  # int32 (32,): boundary bits - 32, low 4 bits = the decade above it
     lines: np.ndarray  # float32 (3, 16): per decade scale, offset, last code
     zero: int  # the code of 0.0 (signed maps: 127; unsigned: 0)
 
@@ -76,13 +80,13 @@ def fast_code(bits, binades, lines, zero):
     a_bits = np.int32(bits & 0x7FFFFFFF)
     a = np.int32(a_bits).view(np.float32)
     entry = np.int32(binades[max(np.int32(a_bits >> 23) - _FIRST_EXP, 0) & 31])
-    d = np.int32(entry & 15) + np.int32(a >= np.int32(entry).view(np.float32))
-    near = abs(np.int32(a_bits - entry)) <= 32
+    above = np.int32(a_bits - entry)  # >= 0 from 32 patterns below the boundary on
+    d = np.int32(entry + (above >> 31)) & 15  # the decade above, or (-1) the one below
+    near = np.uint32(above) <= np.uint32(64)  # within 32 patterns of the boundary
     est = a * lines[0, d] + lines[1, d]
-    low = np.floor(est)
-    frac = est - low
-    flag = near or frac < DELTA or frac > np.float32(1) - DELTA
-    q = np.int32(min(low, lines[2, d]))
+    off = est - np.rint(est)  # distance to the nearest code boundary, exact
+    flag = near or abs(off) < DELTA
+    q = np.int32(min(est, lines[2, d]))  # truncation: est >= 0 wherever not flagged
     if bits < 0:
         code = np.int32(zero - min(q, zero))  # unsigned maps (zero 0): the code of 0.0
     else:
@@ -162,7 +166,8 @@ def _build_cached(key):
         if inside.size > 1:
             return None
         edge = np.float32(inside[0] if inside.size else _NO_BOUNDARY)
-        binades[e] = (int(edge.view(np.int32)) & ~15) | int(np.sum(bounds < first))
+        above = int(np.sum(bounds < first)) + 1  # the decade above the edge
+        binades[e] = (int(edge.view(np.int32)) & ~15) + above - _NEAR
     tables = DecadeTables(binades.astype(np.int32), lines.astype(np.float32), zero)
     for a in tables[:2]:
         a.flags.writeable = False
