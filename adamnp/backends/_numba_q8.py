@@ -236,16 +236,17 @@ def step_q8_simd(
     dec_v = (decades[1][0].ctypes.data, decades[1][1].ctypes.data)
     planes_m, planes_v = planes[0].ctypes.data, planes[1].ctypes.data
     planes_sr = (planes_v, planes[2].ctypes.data, planes[3].ctypes.data)  # map_v, gaps
+    maps_at = (map_m.ctypes.data, map_v.ctypes.data)
+    q_m = (tm.ctypes.data, tm.size, shm, lom, nbm)
+    q_v = (tv.ctypes.data, tv.size, shv, lov, nbv)
     bs = np.uint64(block_size)
     width = 2 * block_size if amsgrad else 0
     for c in prange(table.shape[0]):
         j, lo, hi = table[c, 0], table[c, 1], table[c, 2]
         sm = np.empty(2 * block_size, np.float32)
-        sv = np.empty(2 * block_size, np.float32)
+        sv = np.empty(2 * block_size + (192 if stochastic else 0), np.float32)  # tail: SR's
         sx = np.empty(width, np.float32)
-        tmp = np.empty(192 if stochastic else 0, np.float32)
-        sm_at, sv_at, sx_at = sm.ctypes.data, sv.ctypes.data, sx.ctypes.data
-        tmp_at = tmp.ctypes.data
+        tmp = np.uint64(2) * bs  # the stochastic pass's scratch in sv
         size = np.uint64(hi - lo)
         p_at = np.uint64(p_addr[leaf_ids[j]] + lo * 4)
         g_at = np.uint64(g_addr[leaf_ids[j]] + lo * 4)
@@ -265,17 +266,17 @@ def step_q8_simd(
             if kb > 0:  # the previous (always full) block's codes, now its absmax is known
                 ep = e - bs
                 if rq_m:
-                    requantize_into(sm, sm_at, prv, bs, sc_m, codes_m, codes_at[0], ep, zero_m,
-                                    dec_m, tm, shm, lom, nbm, False)  # fmt: skip
+                    requantize_into(sm, prv, bs, sc_m, codes_at[0], ep, zero_m,
+                                    dec_m, q_m, False)  # fmt: skip
                 if rq_v:
-                    requantize_into(sv, sv_at, prv, bs, sc_v, codes_v, codes_at[1], ep, zero_v,
-                                    dec_v, tv, shv, lov, nbv, True)  # fmt: skip
+                    requantize_into(sv, prv, bs, sc_v, codes_at[1], ep, zero_v,
+                                    dec_v, q_v, True)  # fmt: skip
                     if stochastic:
-                        stochastic_into(sv, prv, bs, sc_v, codes_v, codes_at[1], ep, planes_sr,
-                                        map_v, key, tmp, tmp_at)  # fmt: skip
+                        stochastic_into(sv, prv, bs, sc_v, codes_at[1], ep, planes_sr,
+                                        maps_at[1], key, tmp)  # fmt: skip
                 if rq_x:
-                    requantize_into(sx, sx_at, prv, bs, sc_x, codes_x, codes_at[2], ep, zero_v,
-                                    dec_v, tv, shv, lov, nbv, True)  # fmt: skip
+                    requantize_into(sx, prv, bs, sc_x, codes_at[2], ep, zero_v,
+                                    dec_v, q_v, True)  # fmt: skip
             if kb == blocks:
                 break
             n = min(bs, size - s)
@@ -288,14 +289,14 @@ def step_q8_simd(
                     prefetch(codes_at[0] + e + np.uint64(2) * bs + line)
                     prefetch(codes_at[1] + e + np.uint64(2) * bs + line)
             am, av = absmax_m[b], absmax_v[b]
-            dequantize_into(codes_m, codes_at[0], e, n, planes_m, map_m, am, sm, sm_at, cur)
-            dequantize_into(codes_v, codes_at[1], e, n, planes_v, map_v, av, sv, sv_at, cur)
+            dequantize_into(codes_at[0], e, n, planes_m, maps_at[0], am, sm, cur)
+            dequantize_into(codes_at[1], e, n, planes_v, maps_at[1], av, sv, cur)
             xm = np.int32(0)
             xv = np.int32(0)
             xx = np.int32(0)
             if amsgrad:
                 ax = absmax_x[b]
-                dequantize_into(codes_x, codes_at[2], e, n, planes_v, map_v, ax, sx, sx_at, cur)
+                dequantize_into(codes_at[2], e, n, planes_v, maps_at[1], ax, sx, cur)
                 for i in range(cur, cur + n):
                     q = s + i - cur
                     p[q], m, v, x = elem(
@@ -325,17 +326,17 @@ def step_q8_simd(
                 rq_x, sc_x = _close_block(xx, absmax_x, b, codes_x, e, n, zero_v)
             if n < bs:  # a partial block is a leaf's last: its codes now
                 if rq_m:
-                    requantize_into(sm, sm_at, cur, n, sc_m, codes_m, codes_at[0], e, zero_m,
-                                    dec_m, tm, shm, lom, nbm, False)  # fmt: skip
+                    requantize_into(sm, cur, n, sc_m, codes_at[0], e, zero_m,
+                                    dec_m, q_m, False)  # fmt: skip
                 if rq_v:
-                    requantize_into(sv, sv_at, cur, n, sc_v, codes_v, codes_at[1], e, zero_v,
-                                    dec_v, tv, shv, lov, nbv, True)  # fmt: skip
+                    requantize_into(sv, cur, n, sc_v, codes_at[1], e, zero_v,
+                                    dec_v, q_v, True)  # fmt: skip
                     if stochastic:
-                        stochastic_into(sv, cur, n, sc_v, codes_v, codes_at[1], e, planes_sr,
-                                        map_v, key, tmp, tmp_at)  # fmt: skip
+                        stochastic_into(sv, cur, n, sc_v, codes_at[1], e, planes_sr,
+                                        maps_at[1], key, tmp)  # fmt: skip
                 if rq_x:
-                    requantize_into(sx, sx_at, cur, n, sc_x, codes_x, codes_at[2], e, zero_v,
-                                    dec_v, tv, shv, lov, nbv, True)  # fmt: skip
+                    requantize_into(sx, cur, n, sc_x, codes_at[2], e, zero_v,
+                                    dec_v, q_v, True)  # fmt: skip
                 break
             b += 1
 

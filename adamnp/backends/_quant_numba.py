@@ -10,12 +10,14 @@ treating the accesses as contiguous (gathers and scatters instead of plain vecto
 development, delete ``adamnp/backends/__pycache__`` (or touch this file).
 """
 
+import numba
 import numpy as np
 from numba import njit, prange
 
 from adamnp.backends import _q8_elem, _stochastic
 from adamnp.backends._numba_simd import HAVE_VBMI as HAVE_VBMI  # used by adamnp.quant
 from adamnp.backends._numba_simd import dequant64, requant64, requant64_nonneg
+from adamnp.backends._numba_util import as_pointer
 
 _KERNEL = {"parallel": True, "cache": True, "fastmath": False, "error_model": "numpy"}
 
@@ -129,35 +131,51 @@ def requant_group(x, x_at, o, scale, inverse, codes, codes_at, e, zero, decades,
                 codes[e + i] = quantize_scaled(x[o + i] / scale, table, shift, lo, nb)
 
 
-# The two block functions below are compiled once and called (not inlined) by the 8-bit
-# step kernel: inlining their vector code at each of its call sites made the kernel's first
-# compilation take 30 s instead of a few.
+# The block functions below are compiled once and called (not inlined) by the 8-bit step
+# kernel: inlining their vector code at each of its call sites made the kernel's first
+# compilation take 30 s instead of a few. They take data addresses instead of arrays except
+# for the scratch they read or write, which must stay an argument so that the kernel keeps it
+# alive up to the call: Numba passes an array as seven machine words, and pushing three of
+# them per call cost the step about 3% (profile of the kernel at 1e6 elements).
 _BLOCK = {"cache": True, "error_model": "numpy", "nogil": True}
 
 
+@njit(inline="always", error_model="numpy")
+def _view(address, like, n):
+    """The ``n`` elements of type ``like`` at ``address``, as an array (no copy, no owner)."""
+    return numba.carray(as_pointer(np.uint64(address), like), np.uint64(n))
+
+
 @njit(**_BLOCK)
-def dequantize_into(codes, codes_at, e, n, planes_at, qmap, scale, out, out_at, o):
-    """``out[o:o + n] = qmap[codes[e:e + n]] * scale`` by in-register lookups (AVX-512 VBMI).
+def dequantize_into(codes_at, e, n, planes_at, map_at, scale, out, o):
+    """``out[o:o + n] = map[codes[e:e + n]] * scale`` by in-register lookups (AVX-512 VBMI).
 
     :func:`~._numba_simd.dequant64` for each 64 codes, a plain loop for the last ``n % 64``.
-    ``codes_at``, ``planes_at`` and ``out_at`` are the data addresses of ``codes``, the map's
-    byte planes and ``out``; offsets and ``n`` are uint64.
+    ``codes_at``, ``planes_at`` and ``map_at`` are the data addresses of the codes (uint8),
+    the map's byte planes and the map (256 float32); offsets and ``n`` are uint64.
     """
+    out_at = out.ctypes.data
     whole = n & ~np.uint64(63)
     for j in range(np.uint64(0), whole, np.uint64(64)):
         dequant64(codes_at + e + j, planes_at, out_at + np.uint64(4) * (o + j), scale)
-    for i in range(whole, n):
-        out[o + i] = qmap[codes[e + i]] * scale
+    if whole < n:
+        codes, qmap = _view(codes_at, np.uint8, e + n), _view(map_at, np.float32, 256)
+        for i in range(whole, n):
+            out[o + i] = qmap[codes[e + i]] * scale
 
 
 @njit(**_BLOCK)
-def requantize_into(x, x_at, o, n, scale, codes, codes_at, e, zero, decades, table, shift, lo,
-                    nb, nonneg):  # fmt: skip
+def requantize_into(x, o, n, scale, codes_at, e, zero, decades, quant, nonneg):
     """``codes[e:e + n]`` = the codes of ``x[o:o + n] / scale`` (AVX-512 VBMI).
 
     :func:`requant_group` for each 64 values, the exact table lookup for the last ``n % 64``;
-    `nonneg` as there. Offsets and ``n`` are uint64.
+    `nonneg` as there. ``codes_at`` is the data address of the codes (uint8), ``quant =
+    (address, size, shift, lo, nb)`` the exact quantizer's table and parameters
+    (:func:`~._q8_elem.build_quant_tables`). Offsets and ``n`` are uint64.
     """
+    x_at, codes = x.ctypes.data, _view(codes_at, np.uint8, e + n)
+    table_at, size, shift, lo, nb = quant
+    table = _view(table_at, np.int32, size)
     inverse = np.float32(1) / scale
     whole = n & ~np.uint64(63)
     for j in range(np.uint64(0), whole, np.uint64(64)):
@@ -168,15 +186,18 @@ def requantize_into(x, x_at, o, n, scale, codes, codes_at, e, zero, decades, tab
 
 
 @njit(**_BLOCK)
-def stochastic_into(x, o, n, scale, codes, codes_at, e, planes_at, qmap, key, tmp, tmp_at):
+def stochastic_into(x, o, n, scale, codes_at, e, planes_at, map_at, key, t):
     """:func:`round_stochastic` with in-register lookups (AVX-512 VBMI).
 
-    ``planes_at`` holds the addresses of the byte planes of the map and of its two
-    :func:`~._stochastic.gap_tables`; :func:`~._numba_simd.dequant64` looks up all three for
-    64 codes at a time into ``tmp`` (at least 192 float32, address ``tmp_at``). (Looking up
-    one gap by an index computed into memory first was slower: the 64-byte load of that
-    index waits for its smaller stores.)
+    Arguments as in :func:`requantize_into`; ``planes_at`` holds the addresses of the byte
+    planes of the map and of its two :func:`~._stochastic.gap_tables`, ``map_at`` that of the
+    map. :func:`~._numba_simd.dequant64` looks up all three for 64 codes at a time into
+    ``x[t:t + 192]``, a scratch. (Looking up one gap by an index computed into memory first
+    was slower: the 64-byte load of that index waits for its smaller stores.)
     """
+    codes, qmap = _view(codes_at, np.uint8, e + n), _view(map_at, np.float32, 256)
+    tmp_at = x.ctypes.data + np.uint64(4) * np.uint64(t)
+    tmp = _view(tmp_at, np.float32, 192)
     inverse = np.float32(1) / scale
     key0, key1, low = block_keys(key, e)
     at = np.uint64(tmp_at)
