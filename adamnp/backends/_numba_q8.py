@@ -65,6 +65,13 @@ def _abs_bits(x):
 
 
 @jit(inline="always")
+def _prefetch_lines(address, size):
+    """Prefetch (into L2) the cache lines of ``size`` bytes from ``address``."""
+    for line in range(np.uint64(0), np.uint64(size), np.uint64(64)):
+        prefetch(np.uint64(address) + line)
+
+
+@jit(inline="always")
 def _update_block(p, g, s, n, codes_m, codes_v, codes_x, e, am, av, ax, sm, sv, sx, map_m, map_v,
                   k, decoupled, l2, amsgrad, maximize):  # fmt: skip
     """Pass 1 over the ``n`` elements of one block; returns the new absmax bits of each moment.
@@ -263,6 +270,10 @@ def step_q8_simd(
             e = base + s
             cur = (kb & np.uint64(1)) * bs  # this block's half of the scratch
             prv = bs - cur
+            ahead = kb + np.uint64(3) < blocks  # prefetch the block after next, in 3 parts
+            pf = s + np.uint64(2) * bs
+            if ahead:
+                _prefetch_lines(p_at + np.uint64(4) * pf, np.uint64(4) * bs)
             if kb > 0:  # the previous (always full) block's codes, now its absmax is known
                 ep = e - bs
                 if rq_m:
@@ -280,16 +291,13 @@ def step_q8_simd(
             if kb == blocks:
                 break
             n = min(bs, size - s)
-            if kb + np.uint64(3) < blocks:  # the block after next: p, g and the codes
-                ahead = s + np.uint64(2) * bs
-                for line in range(np.uint64(0), np.uint64(4) * bs, np.uint64(64)):
-                    prefetch(p_at + np.uint64(4) * ahead + line)
-                    prefetch(g_at + np.uint64(4) * ahead + line)
-                for line in range(np.uint64(0), bs, np.uint64(64)):
-                    prefetch(codes_at[0] + e + np.uint64(2) * bs + line)
-                    prefetch(codes_at[1] + e + np.uint64(2) * bs + line)
+            if ahead:
+                _prefetch_lines(g_at + np.uint64(4) * pf, np.uint64(4) * bs)
             am, av = absmax_m[b], absmax_v[b]
             dequantize_into(codes_at[0], e, n, planes_m, maps_at[0], am, sm, cur)
+            if ahead:
+                _prefetch_lines(codes_at[0] + base + pf, bs)
+                _prefetch_lines(codes_at[1] + base + pf, bs)
             dequantize_into(codes_at[1], e, n, planes_v, maps_at[1], av, sv, cur)
             xm = np.int32(0)
             xv = np.int32(0)
