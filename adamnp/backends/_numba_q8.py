@@ -52,6 +52,7 @@ from ._quant_numba import (
     requantize_into,
     round_stochastic,
     stochastic_into,
+    turn_over,
 )
 
 _SIGN_OFF = np.int32(0x7FFFFFFF)
@@ -270,35 +271,30 @@ def step_q8_simd(
             e = base + s
             cur = (kb & np.uint64(1)) * bs  # this block's half of the scratch
             prv = bs - cur
-            ahead = kb + np.uint64(3) < blocks  # prefetch the block after next, in 3 parts
+            last = kb == blocks
+            ahead = kb + np.uint64(3) < blocks  # prefetch the block after next, in 2 parts
             pf = s + np.uint64(2) * bs
             if ahead:
                 _prefetch_lines(p_at + np.uint64(4) * pf, np.uint64(4) * bs)
-            if kb > 0:  # the previous (always full) block's codes, now its absmax is known
-                ep = e - bs
-                if rq_m:
-                    requantize_into(sm, prv, bs, sc_m, codes_at[0], ep, zero_m,
-                                    dec_m, q_m, False)  # fmt: skip
-                if rq_v:
-                    requantize_into(sv, prv, bs, sc_v, codes_at[1], ep, zero_v,
-                                    dec_v, q_v, True)  # fmt: skip
-                    if stochastic:
-                        stochastic_into(sv, prv, bs, sc_v, codes_at[1], ep, planes_sr,
-                                        maps_at[1], key, tmp)  # fmt: skip
-                if rq_x:
-                    requantize_into(sx, prv, bs, sc_x, codes_at[2], ep, zero_v,
-                                    dec_v, q_v, True)  # fmt: skip
-            if kb == blocks:
-                break
-            n = min(bs, size - s)
-            if ahead:
                 _prefetch_lines(g_at + np.uint64(4) * pf, np.uint64(4) * bs)
-            am, av = absmax_m[b], absmax_v[b]
-            dequantize_into(codes_at[0], e, n, planes_m, maps_at[0], am, sm, cur)
+            n = np.uint64(0) if last else min(bs, size - s)
+            am = np.float32(1) if last else absmax_m[b]
+            av = np.float32(1) if last else absmax_v[b]
+            # the previous (always full) block's codes, now its absmax is known; this block's
+            # moments
+            redo = (rq_m, rq_v)
+            turn_over(sm, sv, prv, bs, redo, (sc_m, sc_v), cur, n, (am, av), e, codes_at, zeros,
+                      (dec_m, dec_v), (q_m, q_v), (planes_m, planes_v), maps_at)  # fmt: skip
             if ahead:
                 _prefetch_lines(codes_at[0] + base + pf, bs)
                 _prefetch_lines(codes_at[1] + base + pf, bs)
-            dequantize_into(codes_at[1], e, n, planes_v, maps_at[1], av, sv, cur)
+            if rq_v and stochastic:
+                stochastic_into(sv, prv, bs, sc_v, codes_at[1], e - bs, planes_sr, maps_at[1],
+                                key, tmp)  # fmt: skip
+            if rq_x:
+                requantize_into(sx, prv, bs, sc_x, codes_at[2], e - bs, zero_v, dec_v, q_v, True)
+            if last:
+                break
             xm = np.int32(0)
             xv = np.int32(0)
             xx = np.int32(0)

@@ -146,14 +146,8 @@ def _view(address, like, n):
     return numba.carray(as_pointer(np.uint64(address), like), np.uint64(n))
 
 
-@njit(**_BLOCK)
-def dequantize_into(codes_at, e, n, planes_at, map_at, scale, out, o):
-    """``out[o:o + n] = map[codes[e:e + n]] * scale`` by in-register lookups (AVX-512 VBMI).
-
-    :func:`~._numba_simd.dequant64` for each 64 codes, a plain loop for the last ``n % 64``.
-    ``codes_at``, ``planes_at`` and ``map_at`` are the data addresses of the codes (uint8),
-    the map's byte planes and the map (256 float32); offsets and ``n`` are uint64.
-    """
+@njit(inline="always", error_model="numpy")
+def _dequantize(codes_at, e, n, planes_at, map_at, scale, out, o):
     out_at = out.ctypes.data
     whole = n & ~np.uint64(63)
     for j in range(np.uint64(0), whole, np.uint64(64)):
@@ -162,6 +156,31 @@ def dequantize_into(codes_at, e, n, planes_at, map_at, scale, out, o):
         codes, qmap = _view(codes_at, np.uint8, e + n), _view(map_at, np.float32, 256)
         for i in range(whole, n):
             out[o + i] = qmap[codes[e + i]] * scale
+
+
+@njit(inline="always", error_model="numpy")
+def _requantize(x, o, n, scale, codes_at, e, zero, decades, quant, nonneg):
+    x_at, codes = x.ctypes.data, _view(codes_at, np.uint8, e + n)
+    table_at, size, shift, lo, nb = quant
+    table = _view(table_at, np.int32, size)
+    inverse = np.float32(1) / scale
+    whole = n & ~np.uint64(63)
+    for j in range(np.uint64(0), whole, np.uint64(64)):
+        requant_group(x, x_at, o + j, scale, inverse, codes, codes_at, e + j, zero, decades,
+                      table, shift, lo, nb, nonneg)  # fmt: skip
+    for i in range(whole, n):
+        codes[e + i] = quantize_scaled(x[o + i] / scale, table, shift, lo, nb)
+
+
+@njit(**_BLOCK)
+def dequantize_into(codes_at, e, n, planes_at, map_at, scale, out, o):
+    """``out[o:o + n] = map[codes[e:e + n]] * scale`` by in-register lookups (AVX-512 VBMI).
+
+    :func:`~._numba_simd.dequant64` for each 64 codes, a plain loop for the last ``n % 64``.
+    ``codes_at``, ``planes_at`` and ``map_at`` are the data addresses of the codes (uint8),
+    the map's byte planes and the map (256 float32); offsets and ``n`` are uint64.
+    """
+    _dequantize(codes_at, e, n, planes_at, map_at, scale, out, o)
 
 
 @njit(**_BLOCK)
@@ -173,16 +192,30 @@ def requantize_into(x, o, n, scale, codes_at, e, zero, decades, quant, nonneg):
     (address, size, shift, lo, nb)`` the exact quantizer's table and parameters
     (:func:`~._q8_elem.build_quant_tables`). Offsets and ``n`` are uint64.
     """
-    x_at, codes = x.ctypes.data, _view(codes_at, np.uint8, e + n)
-    table_at, size, shift, lo, nb = quant
-    table = _view(table_at, np.int32, size)
-    inverse = np.float32(1) / scale
-    whole = n & ~np.uint64(63)
-    for j in range(np.uint64(0), whole, np.uint64(64)):
-        requant_group(x, x_at, o + j, scale, inverse, codes, codes_at, e + j, zero, decades,
-                      table, shift, lo, nb, nonneg)  # fmt: skip
-    for i in range(whole, n):
-        codes[e + i] = quantize_scaled(x[o + i] / scale, table, shift, lo, nb)
+    _requantize(x, o, n, scale, codes_at, e, zero, decades, quant, nonneg)
+
+
+@njit(**_BLOCK)
+def turn_over(sm, sv, prv, bs, redo, scales, cur, n, scales_now, e, codes_at, zeros, decades,
+              quants, planes, maps_at):  # fmt: skip
+    """One call per block of the 8-bit step for both moments: finish one block, open the next.
+
+    First :func:`requantize_into` the previous block (``bs`` values at ``x[prv:]``, codes from
+    ``e - bs``) where ``redo = (m?, v?)`` with its divisors ``scales``, then
+    :func:`dequantize_into` the ``n`` codes from ``e`` (none when ``n`` is 0) to ``x[cur:]``
+    with the absmax ``scales_now``; ``x`` is ``sm`` for m (signed map) and ``sv`` for v. The
+    other arguments are pairs (m, v) of the arguments of those functions. One call instead of
+    four: each call pushes its arguments and saves registers.
+    """
+    if redo[0]:
+        _requantize(sm, prv, bs, scales[0], codes_at[0], e - bs, zeros[0], decades[0],
+                    quants[0], False)  # fmt: skip
+    if redo[1]:
+        _requantize(sv, prv, bs, scales[1], codes_at[1], e - bs, zeros[1], decades[1],
+                    quants[1], True)  # fmt: skip
+    if n:
+        _dequantize(codes_at[0], e, n, planes[0], maps_at[0], scales_now[0], sm, cur)
+        _dequantize(codes_at[1], e, n, planes[1], maps_at[1], scales_now[1], sv, cur)
 
 
 @njit(**_BLOCK)
