@@ -7,8 +7,9 @@ that keeps every table in registers instead:
 
 * :func:`dequant64`: ``out[i] = map[codes[i]] * scale`` for 64 codes. The 256 float32 map
   values are stored as four byte planes (`byte_planes`); each plane is looked up with two
-  ``vpermi2b`` (128 entries each) and a blend on the code's top bit, and two more
-  ``vpermi2b`` and a blend per 16 values put the four bytes of each value together.
+  ``vpermi2b`` (128 entries each) and a blend on the code's top bit, and byte and word
+  unpacks put the four bytes of each value together (the codes are permuted first so that
+  the unpacks, which work inside 128-bit lanes, leave the values in order).
 * :func:`requant64`: the codes of ``x[i] * (1 / absmax)`` for 64 values by the decade
   arithmetic of :func:`~._q8_decades.fast_code` (the same float32 operations, in the same
   order), with the 32-entry binade table looked up by ``vpermi2ps`` and the 16-entry decade
@@ -39,6 +40,7 @@ _F32 = ir.FloatType()
 _B64 = ir.VectorType(_I8, 64)
 _I32x16 = ir.VectorType(_I32, 16)
 _F32x16 = ir.VectorType(_F32, 16)
+_I16x32 = ir.VectorType(ir.IntType(16), 32)
 _REQUIRED = ("avx512f", "avx512bw", "avx512dq", "avx512vbmi")
 _TINY = 127 - _FIRST_EXP  # magnitudes below 2**-31 are lifted to it (all have the zero code)
 
@@ -112,11 +114,12 @@ def _concatenate(builder, parts):
 
 
 def _pack_bytes(builder, parts):
-    """The 64 low bytes of four vectors of 16 int32 in 0..255, in order: 4 shuffles.
+    """Four vectors of 16 int32 as 64 bytes, in order, negative values as 0: 4 shuffles.
 
-    ``vpackusdw`` and ``vpackuswb`` (identity on 0..255) work per 128-bit lane, which leaves
-    dword ``4 * lane + k`` holding values ``16 k + 4 lane ... + 3``; one ``vpermd`` transposes
-    that back (a ``vpmovdb`` per vector and three inserts would take 7 shuffles).
+    ``vpackusdw`` and ``vpackuswb`` (identity on 0..255, saturating) work per 128-bit lane,
+    which leaves dword ``4 * lane + k`` holding values ``16 k + 4 lane ... + 3``; one
+    ``vpermd`` transposes that back (a ``vpmovdb`` per vector and three inserts would take 7
+    shuffles).
     """
     i16x32 = ir.VectorType(ir.IntType(16), 32)
     words = _declare(builder, "llvm.x86.avx512.packusdw.512", i16x32, [_I32x16, _I32x16])
@@ -127,6 +130,19 @@ def _pack_bytes(builder, parts):
     return builder.bitcast(
         builder.shuffle_vector(packed, packed, ir.Constant(_I32x16, order)), _B64
     )
+
+
+def _unpack(builder, a, b, bits, half):
+    """``vpunpck{l,h}{bw,wd}``: the elements of `half` (0 low, 1 high) of each 128-bit lane of
+    ``a`` and ``b`` (``bits``-bit elements), interleaved ``a0 b0 a1 b1 ...``."""
+    n = a.type.count
+    per_lane = 128 // bits
+    order = []
+    for lane in range(n // per_lane):
+        for i in range(per_lane // 2):
+            source = lane * per_lane + half * per_lane // 2 + i
+            order += [source, n + source]
+    return builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(_I32, n), order))
 
 
 def _address_args(*args):
@@ -148,7 +164,11 @@ def dequant64(typingctx, codes_addr, planes_addr, out_addr, scale):
     def codegen(context, builder, signature, args):
         codes_at, planes_at, out_at, scale = args
         permute = _declare(builder, "llvm.x86.avx512.vpermi2var.qi.512", _B64, [_B64] * 3)
-        index = builder.load(_pointer(builder, codes_at, _B64), align=1)
+        codes = builder.load(_pointer(builder, codes_at, _B64), align=1)
+        # the unpacks below interleave within 128-bit lanes: output vector q, lane l, value k
+        # comes from byte 16 l + 4 q + k of the planes, so the codes are put there first
+        order = [16 * (t % 16 // 4) + 4 * (t // 16) + t % 4 for t in range(64)]
+        index = builder.shuffle_vector(codes, codes, ir.Constant(ir.VectorType(_I32, 64), order))
         upper = builder.icmp_signed("<", index, ir.Constant(_B64, None))  # code >= 128
         planes = []
         for k in range(4):
@@ -159,16 +179,17 @@ def dequant64(typingctx, codes_addr, planes_addr, out_addr, scale):
             low = builder.call(permute, [quarter[0], index, quarter[1]])
             high = builder.call(permute, [quarter[2], index, quarter[3]])
             planes.append(builder.select(upper, high, low))
-        # gather the four bytes of each value: two more vpermi2b per 16 values, one taking
-        # bytes 0 and 1 from planes 0 and 1, one bytes 2 and 3 from planes 2 and 3, and a blend
-        first_pair = ir.Constant(ir.VectorType(_I1, 64), [int(t % 4 < 2) for t in range(64)])
+        # the four bytes of each value: byte unpacks (planes 0, 1 and 2, 3) to words, word
+        # unpacks to dwords (vpunpck{l,h}{bw,wd}: 8 shuffles for 64 values)
+        words = [
+            _unpack(builder, planes[a], planes[a + 1], 8, half) for half in (0, 1) for a in (0, 2)
+        ]  # (low half: planes 0 1, planes 2 3), (high half: ...)
         factor = _splat(builder, scale, _F32x16)
         for q in range(4):
-            index = ir.Constant(_B64, [16 * q + t // 4 + 64 * (t % 2) for t in range(64)])
-            low = builder.call(permute, [planes[0], index, planes[1]])
-            high = builder.call(permute, [planes[2], index, planes[3]])
-            both = builder.select(first_pair, low, high)
-            product = builder.fmul(builder.bitcast(both, _F32x16), factor)
+            pair = words[2 * (q // 2)], words[2 * (q // 2) + 1]
+            value = _unpack(builder, builder.bitcast(pair[0], _I16x32),
+                            builder.bitcast(pair[1], _I16x32), 16, q % 2)  # fmt: skip
+            product = builder.fmul(builder.bitcast(value, _F32x16), factor)
             builder.store(product, _pointer(builder, out_at, _F32x16, 64 * q), align=4)
         return context.get_dummy_value()
 
@@ -257,10 +278,9 @@ def _requant_codegen(signed, context, builder, signature, args):
         flags.append(builder.or_(near, off_grid))
         last = builder.call(permute, [lasts, d])
         q = builder.fptosi(builder.select(builder.fcmp_ordered("<", est, last), est, last), _I32x16)
-        if signed:
-            negative = builder.icmp_signed("<", bits, const_i(0))
-            q_neg = builder.select(builder.icmp_signed("<", q, zero_v), q, zero_v)
-            q = builder.select(negative, builder.sub(zero_v, q_neg), builder.add(zero_v, q))
+        if signed:  # zero + q, or zero - q below 0.0; the pack saturates what falls below 0
+            sign = builder.ashr(bits, const_i(31))
+            q = builder.add(zero_v, builder.sub(builder.xor(q, sign), sign))
         pieces.append(q)
     builder.store(_pack_bytes(builder, pieces), _pointer(builder, codes_at, _B64), align=1)
     return builder.bitcast(_concatenate(builder, flags), ir.IntType(64))
