@@ -216,6 +216,7 @@ def _requant_codegen(signed, context, builder, signature, args):
         builder, "llvm.x86.avx512.vpermi2var.ps.512", _F32x16, [_F32x16, _I32x16, _F32x16]
     )
     permute = _declare(builder, "llvm.x86.avx512.permvar.sf.512", _F32x16, [_F32x16, _I32x16])
+    fma = _declare(builder, "llvm.fma.v16f32", _F32x16, [_F32x16] * 3)
     reduce = _declare(
         builder,
         "llvm.x86.avx512.mask.reduce.ps.512",
@@ -262,10 +263,8 @@ def _requant_codegen(signed, context, builder, signature, args):
         # vpermps reads the low 4 bits of d: the decade above the boundary, or the one below
         d = builder.add(entry, builder.ashr(above, const_i(31)))
         near = builder.icmp_unsigned("<=", above, const_i(64))
-        est = builder.fadd(
-            builder.fmul(a, builder.call(permute, [scales, d])),
-            builder.call(permute, [offsets, d]),
-        )
+        est = builder.call(fma, [a, builder.call(permute, [scales, d]),
+                                 builder.call(permute, [offsets, d])])  # fmt: skip
         # vreduceps, imm 8: est - rint(est) (nearest, ties to even; no precision exception)
         every_lane = ir.Constant(ir.IntType(16), -1)
         off = builder.call(
@@ -279,8 +278,8 @@ def _requant_codegen(signed, context, builder, signature, args):
         last = builder.call(permute, [lasts, d])
         q = builder.fptosi(builder.select(builder.fcmp_ordered("<", est, last), est, last), _I32x16)
         if signed:  # zero + q, or zero - q below 0.0; the pack saturates what falls below 0
-            sign = builder.ashr(bits, const_i(31))
-            q = builder.add(zero_v, builder.sub(builder.xor(q, sign), sign))
+            negative = builder.icmp_signed("<", bits, const_i(0))
+            q = builder.select(negative, builder.sub(zero_v, q), builder.add(zero_v, q))
         pieces.append(q)
     builder.store(_pack_bytes(builder, pieces), _pointer(builder, codes_at, _B64), align=1)
     return builder.bitcast(_concatenate(builder, flags), ir.IntType(64))

@@ -8,9 +8,9 @@ binary exponent: a binade (``[2**k, 2**(k+1))``) holds at most one decade bounda
 above that boundary, and the sign of one integer difference of bit patterns picks that decade
 or the one below (no compare, no select: each costs an instruction per 16 values in the
 AVX-512 kernel). All tables fit in five 16-lane registers, which is what lets the AVX-512
-kernel (:mod:`._numba_simd`) replace table gathers by in-register permutes. The code is the
-truncation of the clamped multiply-add, and its distance to the nearest code boundary is one
-``vreduceps`` there.
+kernel (:mod:`._numba_simd`) replace table gathers by in-register permutes. The
+multiply-add is fused (one rounding, one instruction), the code is its truncation after the
+clamp, and its distance to the nearest code boundary is one ``vreduceps`` there.
 
 The multiply-add is not exact everywhere: the map values are float32 roundings of the grid and
 the arithmetic rounds. `fast_code` therefore also returns a flag, set when the scaled position
@@ -28,6 +28,8 @@ from functools import lru_cache
 from typing import NamedTuple
 
 import numpy as np
+
+from ._numba_util import fma32
 
 #: Positions closer than this (in codes) to a code boundary are flagged for the exact path.
 DELTA = np.float32(4e-5)
@@ -63,17 +65,18 @@ def fast_code(bits, binades, lines, zero):
 
     Notes
     -----
-    Plain scalar code, compiled by Numba for the sweep and the tests. The AVX-512 kernel
-    (:func:`~._numba_simd.requant64`) performs the same float32 operations, in this order,
-    on 16 lanes.
+    Scalar code for Numba (it calls the compiled-only `fma32`), for the sweep and the tests.
+    The AVX-512 kernel (:func:`~._numba_simd.requant64`) performs the same float32 operations,
+    in this order, on 16 lanes.
 
     Examples
     --------
     >>> import numpy as np
     >>> from adamnp.quant import dynamic_map
+    >>> import numba
     >>> t = build_decade_tables(dynamic_map(True))
-    >>> bits = int(np.float32(-0.5).view(np.int32))
-    >>> code, flag = fast_code(bits, t.binades, t.lines, t.zero)
+    >>> bits = np.int32(np.float32(-0.5).view(np.int32))
+    >>> code, flag = numba.njit(fast_code)(bits, t.binades, t.lines, t.zero)
     >>> int(code), bool(flag), int(np.abs(dynamic_map(True) + np.float32(0.5)).argmin())
     (35, False, 35)
     """
@@ -83,7 +86,7 @@ def fast_code(bits, binades, lines, zero):
     above = np.int32(a_bits - entry)  # >= 0 from 32 patterns below the boundary on
     d = np.int32(entry + (above >> 31)) & 15  # the decade above, or (-1) the one below
     near = np.uint32(above) <= np.uint32(64)  # within 32 patterns of the boundary
-    est = a * lines[0, d] + lines[1, d]
+    est = fma32(a, lines[0, d], lines[1, d])  # one rounding
     off = est - np.rint(est)  # distance to the nearest code boundary, exact
     flag = near or abs(off) < DELTA
     q = np.int32(min(est, lines[2, d]))  # truncation: est >= 0 wherever not flagged
