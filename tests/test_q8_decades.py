@@ -25,7 +25,7 @@ simd = pytest.importorskip("adamnp.backends._numba_simd")
 
 ROOT = Path(__file__).resolve().parent.parent
 MAPS = {"signed": dynamic_map(True), "unsigned": dynamic_map(False)}
-fast_code = numba.njit(error_model="numpy")(_q8_decades.fast_code)
+fast_code = numba.njit(error_model="numpy")(simd.fast_code)
 needs_vbmi = pytest.mark.skipif(not simd.HAVE_VBMI, reason="CPU without AVX-512 VBMI")
 
 

@@ -1,7 +1,7 @@
 """Check the quantizer's fast path against the exact one on every float32 in [-1, 1].
 
 For both dynamic maps, every float32 bit pattern ``s`` with ``|s| <= 1`` (2 x 1.07e9) goes
-through :func:`adamnp.backends._q8_decades.fast_code` and the exact table lookup
+through :func:`adamnp.backends._numba_simd.fast_code` and the exact table lookup
 :func:`adamnp.backends._q8_elem.quantize_bits`; an unflagged pattern whose codes differ is a
 failure. Prints the counts; exits non-zero on any mismatch. About 30 s on 2 cores:
 
@@ -14,10 +14,10 @@ import time
 import numba
 import numpy as np
 
-from adamnp.backends import _q8_decades, _q8_elem
+from adamnp.backends import _numba_simd, _q8_decades, _q8_elem
 from adamnp.quant import dynamic_map
 
-fast_code = numba.njit(inline="always", error_model="numpy")(_q8_decades.fast_code)
+fast_code = numba.njit(inline="always", error_model="numpy")(_numba_simd.fast_code)
 exact_code = numba.njit(inline="always", error_model="numpy")(_q8_elem.quantize_bits)
 _PIECES = 4096
 _ULPS = 4  # pattern distance covered around each value

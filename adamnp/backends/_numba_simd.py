@@ -11,11 +11,12 @@ that keeps every table in registers instead:
   unpacks put the four bytes of each value together (the codes are permuted first so that
   the unpacks, which work inside 128-bit lanes, leave the values in order).
 * :func:`requant64`: the codes of ``x[i] * (1 / absmax)`` for 64 values by the decade
-  arithmetic of :func:`~._q8_decades.fast_code` (the same float32 operations, in the same
+  arithmetic of :func:`fast_code` (the same float32 operations, in the same
   order), with the 32-entry binade table looked up by ``vpermi2ps`` and the 16-entry decade
   tables by ``vpermps``. It returns a mask of the values it flagged; the caller recomputes
   those with the exact table quantizer.
 * :func:`prefetch`: a cache-line prefetch hint (into L2), for the kernel's blocks ahead.
+* :func:`fast_code`: the scalar twin of :func:`requant64`, for the tests and the sweep.
 
 The lookups need AVX-512 F/BW/DQ/VBMI (Intel Ice Lake and later, AMD Zen 4 and later): `HAVE_VBMI`
 says whether the CPU Numba compiles for has them, and :mod:`._numba_q8` picks the kernel
@@ -33,6 +34,7 @@ from numba import types
 from numba.core import config
 from numba.extending import intrinsic
 
+from ._numba_util import fma32
 from ._q8_decades import _FIRST_EXP, DELTA
 
 _I1, _I8, _I32 = ir.IntType(1), ir.IntType(8), ir.IntType(32)
@@ -147,6 +149,58 @@ def _unpack(builder, a, b, bits, half):
 
 def _address_args(*args):
     return all(isinstance(a, types.Integer) for a in args)
+
+
+def fast_code(bits, binades, lines, zero):
+    """The code of a scaled value by decade arithmetic, and whether it must be checked.
+
+    Parameters
+    ----------
+    bits : int
+        The float32 bit pattern of the scaled value ``s`` (``|s| <= 1``), as a signed int32.
+    binades, lines, zero
+        The fields of :class:`~._q8_decades.DecadeTables` from
+        :func:`~._q8_decades.build_decade_tables`.
+
+    Returns
+    -------
+    code : int32
+        The code; equal to the exact quantizer's unless `flag` is set.
+    flag : bool
+        True where ``s`` lies too close to a code or decade boundary for the arithmetic.
+
+    Notes
+    -----
+    The scalar twin of :func:`requant64`, which performs the same float32 operations, in this
+    order, on 16 lanes; for the sweep and the tests. Compiled code only (`fma32`).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import numba
+    >>> from adamnp.quant import dynamic_map
+    >>> from adamnp.backends._q8_decades import build_decade_tables
+    >>> t = build_decade_tables(dynamic_map(True))
+    >>> bits = np.int32(np.float32(-0.5).view(np.int32))
+    >>> code, flag = numba.njit(fast_code)(bits, t.binades, t.lines, t.zero)
+    >>> int(code), bool(flag), int(np.abs(dynamic_map(True) + np.float32(0.5)).argmin())
+    (35, False, 35)
+    """
+    a_bits = np.int32(bits & 0x7FFFFFFF)
+    a = np.int32(a_bits).view(np.float32)
+    entry = np.int32(binades[max(np.int32(a_bits >> 23) - _FIRST_EXP, 0) & 31])
+    above = np.int32(a_bits - entry)  # >= 0 from 32 patterns below the boundary on
+    d = np.int32(entry + (above >> 31)) & 15  # the decade above, or (-1) the one below
+    near = np.uint32(above) <= np.uint32(64)  # within 32 patterns of the boundary
+    est = fma32(a, lines[0, d], lines[1, d])  # one rounding
+    off = est - np.rint(est)  # distance to the nearest code boundary, exact
+    flag = near or abs(off) < DELTA
+    q = np.int32(min(est, lines[2, d]))  # truncation: est >= 0 wherever not flagged
+    if bits < 0:
+        code = np.int32(zero - min(q, zero))  # unsigned maps (zero 0): the code of 0.0
+    else:
+        code = np.int32(zero + q)
+    return code, flag
 
 
 @intrinsic
@@ -289,7 +343,7 @@ requant64 = _requant_intrinsic(signed=True)
 requant64.__doc__ = """``requant64(x_addr, inverse, codes_addr, binades_addr, lines_addr, zero)``.
 
 Writes the 64 uint8 codes of ``x[i] * inverse`` (``x_addr``: 64 float32; ``inverse``: float32
-``1 / absmax``) computed as :func:`~._q8_decades.fast_code` does, with the tables of
+``1 / absmax``) computed as :func:`fast_code` does, with the tables of
 :class:`~._q8_decades.DecadeTables` (``binades_addr``: 32 int32, ``lines_addr``: 3 x 16
 float32; ``zero``: the code of 0.0). Returns a uint64 mask with bit ``i`` set where value ``i``
 was flagged: its code may differ from the exact one, and the caller must recompute it.

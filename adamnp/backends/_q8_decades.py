@@ -13,13 +13,14 @@ multiply-add is fused (one rounding, one instruction), the code is its truncatio
 clamp, and its distance to the nearest code boundary is one ``vreduceps`` there.
 
 The multiply-add is not exact everywhere: the map values are float32 roundings of the grid and
-the arithmetic rounds. `fast_code` therefore also returns a flag, set when the scaled position
-lies within `DELTA` (in code units) of a code boundary, or within 32 float32 ulps of a decade
-boundary; the kernels recompute a block with a flagged element with the exact table quantizer
-(:func:`~._q8_elem.quantize_bits`). An exhaustive sweep of every float32 in ``[-1, 1]``
-(``python tools/sweep_fast_quantizer.py``) finds no unflagged element whose code differs from
-the exact one, for both maps; with ``DELTA = 4e-5`` about 1e-5 of all patterns are flagged
-(``8e-5`` of uniformly spread values), and the largest error seen is below ``1e-5`` codes.
+the arithmetic rounds. :func:`~._numba_simd.fast_code` therefore also returns a flag, set when
+the scaled position lies within `DELTA` (in code units) of a code boundary, or within 32
+float32 ulps of a decade boundary; the kernels recompute each flagged element with
+the exact table quantizer (:func:`~._q8_elem.quantize_bits`). An exhaustive sweep of every
+float32 in ``[-1, 1]`` (``python tools/sweep_fast_quantizer.py``) finds no unflagged element
+whose code differs from the exact one, for both maps; with ``DELTA = 4e-5`` about 1e-5 of all
+patterns are flagged (``8e-5`` of uniformly spread values), and the largest error seen is below
+``1e-5`` codes.
 """
 
 from __future__ import annotations
@@ -29,8 +30,6 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ._numba_util import fma32
-
 #: Positions closer than this (in codes) to a code boundary are flagged for the exact path.
 DELTA = np.float32(4e-5)
 _FIRST_EXP = 96  # binade index 0 is [2**-31, 2**-30); smaller magnitudes share it
@@ -39,66 +38,15 @@ _NEAR = 32  # patterns either side of a decade boundary that are flagged
 
 
 class DecadeTables(NamedTuple):
-    """Tables of `fast_code` for one map (pass the fields as separate arguments)."""
+    """Tables of :func:`~._numba_simd.fast_code` for one map (fields as separate arguments)."""
 
     binades: np.ndarray  # int32 (32,): boundary bits - 32, low 4 bits = the decade above it
     lines: np.ndarray  # float32 (3, 16): per decade scale, offset, last code
     zero: int  # the code of 0.0 (signed maps: 127; unsigned: 0)
 
 
-def fast_code(bits, binades, lines, zero):
-    """The code of a scaled value by decade arithmetic, and whether it must be checked.
-
-    Parameters
-    ----------
-    bits : int
-        The float32 bit pattern of the scaled value ``s`` (``|s| <= 1``), as a signed int32.
-    binades, lines, zero
-        The fields of `DecadeTables` from `build_decade_tables`.
-
-    Returns
-    -------
-    code : int32
-        The code; equal to the exact quantizer's unless `flag` is set.
-    flag : bool
-        True where ``s`` lies too close to a code or decade boundary for the arithmetic.
-
-    Notes
-    -----
-    Scalar code for Numba (it calls the compiled-only `fma32`), for the sweep and the tests.
-    The AVX-512 kernel (:func:`~._numba_simd.requant64`) performs the same float32 operations,
-    in this order, on 16 lanes.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> from adamnp.quant import dynamic_map
-    >>> import numba
-    >>> t = build_decade_tables(dynamic_map(True))
-    >>> bits = np.int32(np.float32(-0.5).view(np.int32))
-    >>> code, flag = numba.njit(fast_code)(bits, t.binades, t.lines, t.zero)
-    >>> int(code), bool(flag), int(np.abs(dynamic_map(True) + np.float32(0.5)).argmin())
-    (35, False, 35)
-    """
-    a_bits = np.int32(bits & 0x7FFFFFFF)
-    a = np.int32(a_bits).view(np.float32)
-    entry = np.int32(binades[max(np.int32(a_bits >> 23) - _FIRST_EXP, 0) & 31])
-    above = np.int32(a_bits - entry)  # >= 0 from 32 patterns below the boundary on
-    d = np.int32(entry + (above >> 31)) & 15  # the decade above, or (-1) the one below
-    near = np.uint32(above) <= np.uint32(64)  # within 32 patterns of the boundary
-    est = fma32(a, lines[0, d], lines[1, d])  # one rounding
-    off = est - np.rint(est)  # distance to the nearest code boundary, exact
-    flag = near or abs(off) < DELTA
-    q = np.int32(min(est, lines[2, d]))  # truncation: est >= 0 wherever not flagged
-    if bits < 0:
-        code = np.int32(zero - min(q, zero))  # unsigned maps (zero 0): the code of 0.0
-    else:
-        code = np.int32(zero + q)
-    return code, flag
-
-
 def build_decade_tables(code):
-    """Build (and cache) the `fast_code` tables of a 256-value map, or None if it has no such form.
+    """Build (and cache) the decade tables of a 256-value map, or None if it has no such form.
 
     Parameters
     ----------
