@@ -223,11 +223,11 @@ def step_q8_simd(
     are bit for bit those of :func:`step_q8`.
 
     Block ``i - 1`` is requantized right before block ``i`` is dequantized and updated (its
-    new absmax is known by then), and p, g and the codes two blocks ahead are prefetched into
-    L2; the scratch holds two blocks. The vector code lives in
-    :func:`~._quant_numba.dequantize_into` and :func:`~._quant_numba.requantize_into`, called
-    rather than inlined: inlined at every call site it made the first compilation of this
-    kernel take 30 s.
+    new absmax is known by then), in one call per block (:func:`~._quant_numba.turn_over`),
+    and p, g and the codes two blocks ahead are prefetched into L2; the scratch holds two
+    blocks. The vector code lives in the called functions of :mod:`._quant_numba`, not
+    inlined: inlined at every call site it made the first compilation of this kernel take
+    30 s.
     """
     decoupled, l2, amsgrad, maximize = flags
     codes_m, codes_v, codes_x = codes
@@ -280,8 +280,8 @@ def step_q8_simd(
             n = np.uint64(0) if last else min(bs, size - s)
             am = np.float32(1) if last else absmax_m[b]
             av = np.float32(1) if last else absmax_v[b]
-            # the previous (always full) block's codes, now its absmax is known; this block's
-            # moments
+            # codes of the previous (always full) block, now that its absmax is known, and the
+            # moments of this one
             redo = (rq_m, rq_v)
             turn_over(sm, sv, prv, bs, redo, (sc_m, sc_v), cur, n, (am, av), e, codes_at, zeros,
                       (dec_m, dec_v), (q_m, q_v), (planes_m, planes_v), maps_at)  # fmt: skip
