@@ -71,6 +71,16 @@ def assert_exact_where_unflagged(x, code):
     return flags
 
 
+def test_fma32_rounds_once():
+    """(1 + 2**-12)**2 - 1 is 2**-11 + 2**-24: exact when fused, 2**-11 when the product rounds."""
+    from adamnp.backends._numba_util import fma32
+
+    fused = numba.njit(lambda a, b, c: fma32(a, b, c))
+    a = np.float32(1 + 2.0**-12)
+    assert fused(a, a, np.float32(-1)) == np.float32(2.0**-11 + 2.0**-24)
+    assert a * a - np.float32(1) == np.float32(2.0**-11)  # what two roundings give
+
+
 @pytest.mark.parametrize("name", MAPS)
 def test_dynamic_maps_have_decade_tables(name):
     t = _q8_decades.build_decade_tables(MAPS[name])
