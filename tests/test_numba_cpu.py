@@ -277,7 +277,7 @@ def test_hot_loops_are_simd_and_fma_free(tmp_path, cpu):
     """Compile in a fresh process and cache (cached code cannot be inspected).
 
     The Adam update must not fuse (the reference rounds every product); the quantizer's fast
-    path (:func:`~adamnp.backends._numba_util.fma32`) does, on purpose, and is left out.
+    path (:func:`~adamnp.backends._numba_simd.fma32`) does, on purpose, and is left out.
 
     On a CPU with AVX-512 VBMI the 8-bit step is ``step_q8_simd`` (in-register lookups, no
     gathers); elsewhere, and under ``NUMBA_CPU_NAME=haswell`` (AVX2), it is ``step_q8``, which

@@ -73,8 +73,7 @@ def assert_exact_where_unflagged(x, code):
 
 def test_fma32_rounds_once():
     """(1 + 2**-12)**2 - 1 is 2**-11 + 2**-24: exact when fused, 2**-11 when the product rounds."""
-    from adamnp.backends._numba_util import fma32
-
+    fma32 = simd.fma32
     fused = numba.njit(lambda a, b, c: fma32(a, b, c))
     a = np.float32(1 + 2.0**-12)
     assert fused(a, a, np.float32(-1)) == np.float32(2.0**-11 + 2.0**-24)

@@ -254,7 +254,7 @@ def step_q8_simd(
         sm = np.empty(2 * block_size, np.float32)
         sv = np.empty(2 * block_size + (192 if stochastic else 0), np.float32)  # tail: SR's
         sx = np.empty(width, np.float32)
-        tmp = np.uint64(2) * bs  # the stochastic pass's scratch in sv
+        sr_scratch = np.uint64(2) * bs  # where the stochastic pass's scratch starts in sv
         size = np.uint64(hi - lo)
         p_at = np.uint64(p_addr[leaf_ids[j]] + lo * 4)
         g_at = np.uint64(g_addr[leaf_ids[j]] + lo * 4)
@@ -290,7 +290,7 @@ def step_q8_simd(
                 _prefetch_lines(codes_at[1] + base + pf, bs)
             if rq_v and stochastic:
                 stochastic_into(sv, prv, bs, sc_v, codes_at[1], e - bs, planes_sr, maps_at[1],
-                                key, tmp)  # fmt: skip
+                                key, sr_scratch)  # fmt: skip
             if rq_x:
                 requantize_into(sx, prv, bs, sc_x, codes_at[2], e - bs, zero_v, dec_v, q_v, True)
             if last:
@@ -337,7 +337,7 @@ def step_q8_simd(
                                     dec_v, q_v, True)  # fmt: skip
                     if stochastic:
                         stochastic_into(sv, cur, n, sc_v, codes_at[1], e, planes_sr,
-                                        maps_at[1], key, tmp)  # fmt: skip
+                                        maps_at[1], key, sr_scratch)  # fmt: skip
                 if rq_x:
                     requantize_into(sx, cur, n, sc_x, codes_at[2], e, zero_v,
                                     dec_v, q_v, True)  # fmt: skip

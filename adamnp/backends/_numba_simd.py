@@ -34,8 +34,7 @@ from numba import types
 from numba.core import config
 from numba.extending import intrinsic
 
-from ._numba_util import fma32
-from ._q8_decades import _FIRST_EXP, DELTA
+from ._q8_decades import _FIRST_EXP, _NEAR, DELTA
 
 _I1, _I8, _I32 = ir.IntType(1), ir.IntType(8), ir.IntType(32)
 _F32 = ir.FloatType()
@@ -123,9 +122,8 @@ def _pack_bytes(builder, parts):
     ``vpermd`` transposes that back (a ``vpmovdb`` per vector and three inserts would take 7
     shuffles).
     """
-    i16x32 = ir.VectorType(ir.IntType(16), 32)
-    words = _declare(builder, "llvm.x86.avx512.packusdw.512", i16x32, [_I32x16, _I32x16])
-    packb = _declare(builder, "llvm.x86.avx512.packuswb.512", _B64, [i16x32, i16x32])
+    words = _declare(builder, "llvm.x86.avx512.packusdw.512", _I16x32, [_I32x16, _I32x16])
+    packb = _declare(builder, "llvm.x86.avx512.packuswb.512", _B64, [_I16x32, _I16x32])
     low, high = builder.call(words, parts[:2]), builder.call(words, parts[2:])
     packed = builder.bitcast(builder.call(packb, [low, high]), _I32x16)
     order = [4 * (d % 4) + d // 4 for d in range(16)]  # out dword 4k + lane <- in 4 lane + k
@@ -149,6 +147,22 @@ def _unpack(builder, a, b, bits, half):
 
 def _address_args(*args):
     return all(isinstance(a, types.Integer) for a in args)
+
+
+@intrinsic
+def fma32(typingctx, a, b, c):
+    """``fma32(a, b, c)``: ``a * b + c`` for float32, rounded once (``llvm.fma``; compiled code).
+
+    The kernels otherwise never fuse (``fastmath`` is off): this is the scalar form of the
+    quantizer's fused multiply-add (:func:`fast_code`; :func:`requant64` emits ``vfmadd``).
+    """
+    if not all(x == types.float32 for x in (a, b, c)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.call(_declare(builder, "llvm.fma.f32", _F32, [_F32] * 3), args)
+
+    return types.float32(a, b, c), codegen
 
 
 def fast_code(bits, binades, lines, zero):
@@ -191,7 +205,7 @@ def fast_code(bits, binades, lines, zero):
     entry = np.int32(binades[max(np.int32(a_bits >> 23) - _FIRST_EXP, 0) & 31])
     above = np.int32(a_bits - entry)  # >= 0 from 32 patterns below the boundary on
     d = np.int32(entry + (above >> 31)) & 15  # the decade above, or (-1) the one below
-    near = np.uint32(above) <= np.uint32(64)  # within 32 patterns of the boundary
+    near = np.uint32(above) <= np.uint32(2 * _NEAR)  # within _NEAR patterns of the boundary
     est = fma32(a, lines[0, d], lines[1, d])  # one rounding
     off = est - np.rint(est)  # distance to the nearest code boundary, exact
     flag = near or abs(off) < DELTA
@@ -316,7 +330,7 @@ def _requant_codegen(signed, context, builder, signature, args):
         above = builder.sub(a_bits, entry)
         # vpermps reads the low 4 bits of d: the decade above the boundary, or the one below
         d = builder.add(entry, builder.ashr(above, const_i(31)))
-        near = builder.icmp_unsigned("<=", above, const_i(64))
+        near = builder.icmp_unsigned("<=", above, const_i(2 * _NEAR))
         est = builder.call(fma, [a, builder.call(permute, [scales, d]),
                                  builder.call(permute, [offsets, d])])  # fmt: skip
         # vreduceps, imm 8: est - rint(est) (nearest, ties to even; no precision exception)

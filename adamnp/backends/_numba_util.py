@@ -77,26 +77,6 @@ def as_pointer(typingctx, address, like):
 
 
 @intrinsic
-def fma32(typingctx, a, b, c):
-    """``fma32(a, b, c)``: ``a * b + c`` for float32, rounded once (``llvm.fma``; compiled code).
-
-    The kernels otherwise never fuse (``fastmath`` is off): this is for the quantizer's fast
-    path, whose vector form (:func:`~._numba_simd.requant64`) uses ``vfmadd`` explicitly.
-    """
-    if not all(x == types.float32 for x in (a, b, c)):
-        return None
-
-    def codegen(context, builder, signature, args):
-        f32, module = ir.FloatType(), builder.module
-        fma = module.globals.get("llvm.fma.f32")
-        if fma is None:
-            fma = ir.Function(module, ir.FunctionType(f32, [f32] * 3), "llvm.fma.f32")
-        return builder.call(fma, args)
-
-    return types.float32(a, b, c), codegen
-
-
-@intrinsic
 def load_int64(typingctx, address):
     """``load_int64(address)``: the 64-bit integer stored at ``address`` (compiled code only)."""
     if not isinstance(address, types.Integer):

@@ -34,7 +34,7 @@ import numpy as np
 DELTA = np.float32(4e-5)
 _FIRST_EXP = 96  # binade index 0 is [2**-31, 2**-30); smaller magnitudes share it
 _NO_BOUNDARY = np.float32(4.0)  # above every scaled magnitude (<= 1)
-_NEAR = 32  # patterns either side of a decade boundary that are flagged
+_NEAR = 32  # patterns either side of a decade boundary that are flagged (table offset)
 
 
 class DecadeTables(NamedTuple):

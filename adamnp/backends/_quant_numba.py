@@ -65,7 +65,8 @@ def block_keys(key, e):
 @njit(inline="always", error_model="numpy")
 def element_uniform(i, key0, key1, low):
     """:func:`~._stochastic.uniform` of element ``e + i`` (``key0, key1, low`` from
-    :func:`block_keys` of ``e``), in uint32 arithmetic."""
+    :func:`block_keys` of ``e``), in uint32 arithmetic. Written out here because
+    ``_stochastic.uniform`` calls ``mix32`` by a module name Numba cannot compile there."""
     index = np.uint32(low + np.uint32(i))
     h = mix32(index ^ (key0 if index >= low else key1))
     return np.float32(h >> np.uint32(8)) * np.float32(2.0**-24)
@@ -233,13 +234,12 @@ def stochastic_into(x, o, n, scale, codes_at, e, planes_at, map_at, key, t):
     tmp = _view(tmp_at, np.float32, 192)
     inverse = np.float32(1) / scale
     key0, key1, low = block_keys(key, e)
-    at = np.uint64(tmp_at)
     whole = n & ~np.uint64(63)
     for j in range(np.uint64(0), whole, np.uint64(64)):
         ej, oj = e + j, o + j
-        dequant64(codes_at + ej, planes_at[0], at, np.float32(1))  # map[c]
-        dequant64(codes_at + ej, planes_at[1], at + np.uint64(256), np.float32(1))  # up gap
-        dequant64(codes_at + ej, planes_at[2], at + np.uint64(512), np.float32(1))  # down gap
+        dequant64(codes_at + ej, planes_at[0], tmp_at, np.float32(1))  # map[c]
+        dequant64(codes_at + ej, planes_at[1], tmp_at + np.uint64(256), np.float32(1))  # up gap
+        dequant64(codes_at + ej, planes_at[2], tmp_at + np.uint64(512), np.float32(1))  # down gap
         for i in range(np.uint64(64)):  # both moves, no select of loads (it became a gather)
             d = x[oj + i] * inverse - tmp[i]
             u = element_uniform(j + i, key0, key1, low)
