@@ -13,7 +13,7 @@ from . import backends
 from ._config import AdamConfig
 from ._state import AdamState, build_groups
 from ._tree import flatten
-from .backends._scalars import host_scalars
+from .backends.math import host_scalars
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 

@@ -14,9 +14,8 @@ from typing import NamedTuple
 import numpy as np
 
 from ._config import AdamConfig
-
-SIGNED_MAP = "dynamic-signed-8bit"  # map of the first moment (m)
-UNSIGNED_MAP = "dynamic-unsigned-8bit"  # map of the second moment (v) and of amsgrad's max
+from .lowbit.maps import SIGNED_MAP, UNSIGNED_MAP, moment_map, zero_code
+from .lowbit.reference import n_blocks
 
 
 class Fp32Slot(NamedTuple):
@@ -135,11 +134,6 @@ class AdamState:
         )
 
 
-def n_blocks(n: int, block_size: int) -> int:
-    """Number of blocks of ``block_size`` covering ``n`` elements (the last may be partial)."""
-    return -(-n // block_size)
-
-
 def _views(buffer, offsets, shapes):
     return [buffer[offsets[j] : offsets[j + 1]].reshape(shapes[j]) for j in range(len(shapes))]
 
@@ -175,18 +169,13 @@ def build_groups(shapes, dtypes, use_q8, amsgrad, block_size, xp, v_rounding="ne
                 )
             group = LeafGroup(kind, dtype, np.array(ids, np.int64), offsets, None, 0, buffers)
         else:
-            from .quant import dynamic_map
-
-            zero_m = int(np.flatnonzero(dynamic_map(True) == 0)[0])
-            zero_v = int(np.flatnonzero(dynamic_map(False) == 0)[0])
             blocks = np.zeros(len(ids) + 1, np.int64)
             blocks[1:] = np.cumsum([n_blocks(n, block_size) for n in sizes])
             nb = int(blocks[-1])
             moments = ("m", "v", "vmax") if amsgrad else ("m", "v")
             buffers = {}
             for name in moments:
-                zero = zero_m if name == "m" else zero_v
-                buffers[f"codes_{name}"] = xp.full(total, zero, np.uint8)
+                buffers[f"codes_{name}"] = xp.full(total, zero_code(moment_map(name)), np.uint8)
                 buffers[f"absmax_{name}"] = xp.zeros(nb, np.float32)
             bshapes = [(int(blocks[j + 1] - blocks[j]),) for j in range(len(ids))]
             views = {}

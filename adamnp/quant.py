@@ -15,92 +15,16 @@ Dettmers, Lewis, Shleifer and Zettlemoyer, "8-bit Optimizers via Block-wise Quan
 ICLR 2022.
 """
 
-from functools import lru_cache
-
 import numpy as np
 
-from adamnp.backends import _q8_decades, _q8_elem
+from .lowbit import reference
+from .lowbit.exact import build_quant_tables
+from .lowbit.maps import dynamic_map
+from .lowbit.reference import is_block_size, n_blocks
 
 __all__ = ["dequantize_blockwise", "dynamic_map", "quantize_blockwise"]
 
 _BACKENDS = ("auto", "numpy", "numba")
-
-
-def _linspace_f32(start, stop, num, fused=True):
-    """``torch.linspace(start, stop, num, dtype=torch.float32)`` as PyTorch's CPU kernel does it.
-
-    The kernel computes ``step = (stop - start) / (num - 1)`` in float32, then element ``k`` as
-    ``start + step * k`` for ``k < num // 2`` and ``stop - step * (num - 1 - k)`` above. Builds
-    with AVX2/AVX-512 kernels (what x86-64 CPUs since 2013 run) contract each product and sum
-    into one fused multiply-add, rounded once (`fused`); that is emulated in float64, exact
-    here because ``step * k`` has at most 24 + 8 significant bits and the sum spans fewer than
-    53. PyTorch's non-vectorized "default" kernel rounds twice (``fused=False``) and differs
-    in the last bit of some values; bitsandbytes' maps are taken from the vectorized one.
-    """
-    start, stop = np.float32(start), np.float32(stop)
-    step = (stop - start) / np.float32(num - 1)
-    k = np.arange(num)
-    if fused:
-        up = (np.float64(start) + np.float64(step) * k).astype(np.float32)
-        down = (np.float64(stop) - np.float64(step) * (num - 1 - k)).astype(np.float32)
-    else:
-        up = start + step * k.astype(np.float32)
-        down = stop - step * (num - 1 - k).astype(np.float32)
-    return np.where(k < num // 2, up, down)
-
-
-def _dynamic_map_values(signed, fused=True):
-    parts = [np.array([0.0, 1.0], dtype=np.float32)]
-    for i in range(7):
-        n = 2**i + 1 if signed else 2 ** (i + 1) + 1
-        bounds = _linspace_f32(0.1, 1.0, n, fused)
-        means = (bounds[:-1] + bounds[1:]) / np.float32(2)
-        scaled = np.float32(10.0 ** (i - 6)) * means
-        parts += [scaled, -scaled] if signed else [scaled]
-    return np.sort(np.concatenate(parts))
-
-
-@lru_cache(maxsize=2)
-def dynamic_map(signed=True):
-    """The dynamic-tree quantization map of bitsandbytes (``create_dynamic_map``).
-
-    Parameters
-    ----------
-    signed : bool, default True
-        True: the map for signed values (Adam's first moment), in [-0.99297, 1].
-        False: the map for non-negative values (the second moment), in [0, 1].
-
-    Returns
-    -------
-    ndarray
-        256 float32 values, strictly increasing, containing 0 and 1; read-only and cached.
-
-    Notes
-    -----
-    The values equal bitsandbytes' ``create_dynamic_map(signed, max_exponent_bits=7,
-    total_bits=8)`` bit for bit. For decade ``i`` in 0..6 it takes ``n = 2**i + 1`` (signed)
-    or ``2**(i + 1) + 1`` (unsigned) float32 points ``linspace(0.1, 1, n)``, their float32
-    midpoints, scaled by the float32 ``10**(i - 6)`` (and their negatives if signed), then adds
-    0 and 1 and sorts: a linear grid within each decade, seven decades from about 1e-7 to 1.
-
-    The float32 linspace values follow PyTorch's vectorized (AVX2/AVX-512) CPU kernel, which
-    fuses multiply and add; PyTorch's non-vectorized kernel would give 42 (signed) and 31
-    (unsigned) values that differ by 1 or 2 units in the last place.
-
-    Examples
-    --------
-    >>> m = dynamic_map(signed=True)
-    >>> m.shape, m.dtype
-    ((256,), dtype('float32'))
-    >>> m[[0, 127, 128, 255]]
-    array([-9.9296874e-01,  0.0000000e+00,  5.5000004e-07,  1.0000000e+00],
-          dtype=float32)
-    >>> dynamic_map(signed=False)[:3]
-    array([0.0000000e+00, 3.2500003e-07, 7.7499999e-07], dtype=float32)
-    """
-    out = _dynamic_map_values(bool(signed))
-    out.flags.writeable = False
-    return out
 
 
 def _check_map(code):
@@ -120,89 +44,55 @@ def _check_map(code):
 def _check_block_size(block_size):
     if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)):
         raise TypeError(f"block_size must be an int, got {type(block_size).__name__}")
-    if not (64 <= block_size <= 4096 and block_size & (block_size - 1) == 0):
+    if not is_block_size(block_size):
         raise ValueError(f"block_size must be a power of two in 64..4096, got {block_size}")
     return int(block_size)
 
 
-def _num_blocks(n, block_size):
-    return -(-n // block_size)
-
-
-def _nearest_code(scaled, code):
-    """Reference rounding: nearest map value, ties to the lower index (float64 midpoints)."""
-    mids = (code[:-1].astype(np.float64) + code[1:]) / 2
-    return np.searchsorted(mids, np.asarray(scaled, dtype=np.float64), side="left")
-
-
-def _quantize_numpy(flat, code, block_size, codes_out, absmax_out):
-    nblocks = absmax_out.size
-    blocks = np.zeros(nblocks * block_size, dtype=np.float32)
-    blocks[: flat.size] = flat  # zero padding changes neither absmax nor the real codes
-    blocks = blocks.reshape(nblocks, block_size)
-    absmax = np.abs(blocks).max(axis=1, initial=np.float32(0))
-    # An all-zero block divides by 1: its scaled values are +-0, whose code is that of 0.0.
-    scaled = blocks / np.where(absmax > 0, absmax, np.float32(1))[:, None]
-    codes_out[:] = _nearest_code(scaled.reshape(-1)[: flat.size], code)
-    absmax_out[:] = absmax
-
-
-def _dequantize_numpy(codes, absmax, code, block_size, out):
-    out[:] = code[codes] * np.repeat(absmax, block_size)[: codes.size]
-
-
-def _numba_module(backend):
-    """The Numba kernels module, or None for the NumPy reference."""
+def _kernels(backend):
+    """The Numba backend module (its ``quantize_into`` / ``dequantize_into``), or None for
+    the NumPy reference."""
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
     if backend == "numpy":
         return None
-    try:
-        from adamnp.backends import _quant_numba
-    except ImportError:
-        if backend == "numba":
-            raise
-        return None
-    return _quant_numba
+    from . import backends
+
+    if backends.available("numba"):
+        return backends.get("numba")
+    if backend == "numba":
+        raise ImportError(backends.get("numba").availability())
+    return None
 
 
 def _quantize_into(flat, code, block_size, codes_out, absmax_out, backend="auto"):
     """Quantize a 1-D float32 array into preallocated outputs (no checks on the inputs).
 
-    `codes_out` is a uint8 array of ``flat.size``, `absmax_out` float32 of
-    ``ceil(flat.size / block_size)``. Raises ValueError on NaN or Inf, possibly after writing
-    part of the outputs.
+    Raises ValueError on NaN or Inf, possibly after writing part of the outputs.
     """
-    kernels = _numba_module(backend)
-    tables = None
+    kernels = _kernels(backend)
     if kernels is not None:
         try:
-            tables = _q8_elem.build_quant_tables(code)
-        except ValueError:
+            build_quant_tables(code)
+        except ValueError:  # a map too irregular for the O(1) quantizer: only the reference
             if backend == "numba":
                 raise
-    if tables is None:
-        if not np.all(np.isfinite(flat)):
-            raise ValueError("x contains NaN or Inf; it cannot be quantized")
-        _quantize_numpy(flat, code, block_size, codes_out, absmax_out)
+            kernels = None
+    if kernels is not None:
+        kernels.quantize_into(flat, code, block_size, codes_out, absmax_out)
         return
-    args = (flat, block_size, tables.table, tables.shift, tables.lo, tables.nb)
-    decades = _q8_decades.build_decade_tables(code) if kernels.HAVE_VBMI else None
-    if decades is None:
-        kernels.quantize_blockwise(*args, codes_out, absmax_out)
-    else:  # AVX-512 VBMI: the same codes by decade arithmetic
-        kernels.quantize_blockwise_simd(*args, codes_out, absmax_out, *decades)
-    if not np.all(np.isfinite(absmax_out)):
+    if not np.all(np.isfinite(flat)):
         raise ValueError("x contains NaN or Inf; it cannot be quantized")
+    reference.quantize_into(flat, code, block_size, codes_out, absmax_out)
 
 
 def _dequantize_into(codes, absmax, code, block_size, out, backend="auto"):
     """Dequantize 1-D uint8 `codes` into the preallocated float32 array `out` (no checks)."""
-    kernels = _numba_module(backend)
+    kernels = _kernels(backend)
     if kernels is None:
-        _dequantize_numpy(codes, absmax, code, block_size, out)
+        reference.dequantize_into(codes, absmax, code, block_size, out)
     else:
-        kernels.dequantize_blockwise(codes, absmax, block_size, code, out)
+        kernels.dequantize_into(codes, absmax, code, block_size, out)
 
 
 def quantize_blockwise(x, code=None, block_size=256, *, backend="auto"):
@@ -262,7 +152,7 @@ def quantize_blockwise(x, code=None, block_size=256, *, backend="auto"):
     code = _check_map(code)
     block_size = _check_block_size(block_size)
     codes = np.empty(x.shape, dtype=np.uint8)
-    absmax = np.empty(_num_blocks(x.size, block_size), dtype=np.float32)
+    absmax = np.empty(n_blocks(x.size, block_size), dtype=np.float32)
     flat = np.ascontiguousarray(x).reshape(-1)
     _quantize_into(flat, code, block_size, codes.reshape(-1), absmax, backend)
     return codes, absmax
@@ -303,7 +193,7 @@ def dequantize_blockwise(codes, absmax, code=None, block_size=256, *, backend="a
         raise TypeError(f"absmax must be float32, got {absmax.dtype}")
     code = _check_map(code)
     block_size = _check_block_size(block_size)
-    nblocks = _num_blocks(codes.size, block_size)
+    nblocks = n_blocks(codes.size, block_size)
     if absmax.shape != (nblocks,):
         raise ValueError(
             f"absmax must have shape ({nblocks},) for {codes.size} codes in blocks of "

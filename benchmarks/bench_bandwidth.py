@@ -15,7 +15,7 @@ SIZES = [1_000_000, 16_000_000, 64_000_000]
 def _traffic_kernel():
     if not backends.available("numba"):
         raise NotImplementedError("traffic_kernel needs numba")
-    from adamnp.backends.numba_cpu import traffic_kernel
+    from adamnp.backends.numba import traffic_kernel
 
     return traffic_kernel
 

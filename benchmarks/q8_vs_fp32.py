@@ -12,7 +12,7 @@ import numpy as np
 
 import adamnp
 from adamnp import quant
-from adamnp.backends import numba_cpu
+from adamnp.backends import numba as numba_cpu
 
 from ._common import interleaved_medians, warm_state
 

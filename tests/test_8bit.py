@@ -69,8 +69,8 @@ def test_reference_step_is_dequantize_update_requantize():
     v = quant.dequantize_blockwise(slot.codes_v, slot.absmax_v, cv, bs)
     g = rng.standard_normal(n).astype(np.float32)
     expect_p = p.copy()
-    s = adamnp._api.host_scalars(state.config, 2, 1e-2)
-    k = adamnp.backends._scalars.kernel_scalars(s, np.float32)
+    s = adamnp.backends.math.host_scalars(state.config, 2, 1e-2)
+    k = adamnp.backends.math.kernel_scalars(s, np.float32)
     ref.update_chunk(expect_p, g, m, v, None, k, s, np.empty(n, np.float32),
                      np.empty(n, np.float32))  # fmt: skip
     adamnp.step(p, g, state)

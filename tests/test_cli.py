@@ -17,8 +17,8 @@ import pytest
 
 import adamnp
 from adamnp import backends
-from adamnp.__main__ import main
 from adamnp.backends import numpy as numpy_backend
+from adamnp.cli import main
 
 DEMO_HEADER = ["problem", "backend", "bits", "final loss", "steps/s", "state MB", "max |dp| vs"]
 VERIFY_HEADER = ["backend", "bits", "dtype", "hyperparameters", "params [u]", "codes differing"]

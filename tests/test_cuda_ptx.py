@@ -47,13 +47,13 @@ def _ptx(name: str, cc: tuple, exact: bool = True) -> list[str]:
 
 
 def _cuda_kernels():
-    from adamnp.backends import _cuda_kernels
+    from adamnp.backends.cuda import fp32 as _cuda_kernels
 
     return _cuda_kernels
 
 
 def _signatures() -> dict:
-    from adamnp.backends import _cuda_q8
+    from adamnp.backends.cuda import q8 as _cuda_q8
 
     return {**_cuda_kernels().signatures(), **_cuda_q8.signatures()}
 

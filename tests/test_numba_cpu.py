@@ -30,7 +30,8 @@ if not backends.available("numba"):
 import llvmlite.binding
 import numba
 
-from adamnp.backends import _numba_util, numba_cpu
+from adamnp.backends import numba as numba_cpu
+from adamnp.backends.numba import util as _numba_util
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -208,7 +209,7 @@ def test_traffic_kernel_q8_touches_what_an_8bit_step_touches():
 
 def test_unknown_group_kinds_are_refused():
     from adamnp._state import LeafGroup
-    from adamnp.backends._scalars import host_scalars
+    from adamnp.backends.math import host_scalars
 
     ids, offsets = np.zeros(1, np.int64), np.array([0, 4], np.int64)
     group = LeafGroup("q4", np.dtype(np.float32), ids, offsets, offsets, 256, {})
@@ -277,21 +278,23 @@ def test_hot_loops_are_simd_and_fma_free(tmp_path, cpu):
     """Compile in a fresh process and cache (cached code cannot be inspected).
 
     The Adam update must not fuse (the reference rounds every product); the quantizer's fast
-    path (:func:`~adamnp.backends._numba_simd.fma32`) does, on purpose, and is left out.
+    path (:func:`~adamnp.backends.numba.avx512.fma32`) does, on purpose, and is left out.
 
     On a CPU with AVX-512 VBMI the 8-bit step is ``step_q8_simd`` (in-register lookups, no
     gathers); elsewhere, and under ``NUMBA_CPU_NAME=haswell`` (AVX2), it is ``step_q8``, which
     vectorizes only while Numba marks its array arguments ``noalias`` (no array views inside
-    the parallel loop, see ``_numba_q8``): without that, LLVM cannot prove that the map and
+    the parallel loop, see ``adamnp.backends.numba.q8``): without that, LLVM cannot prove that
+    the map and
     table lookups (gathers) do not alias the stores, and every loop is scalar.
     """
     script = textwrap.dedent(
         """
         import re, numpy as np, adamnp
-        from adamnp.backends import _numba_q8
-        from adamnp.backends._numba_fp32 import step_fp32
-        from adamnp.backends._numba_reduce import first_nonfinite
-        from adamnp.backends._numba_simd import HAVE_VBMI
+        from adamnp.backends.numba import q8 as _numba_q8
+        from adamnp.backends.numba import q8_vbmi
+        from adamnp.backends.numba.fp32 import step_fp32
+        from adamnp.backends.numba.reduce import first_nonfinite
+        from adamnp.backends.numba.avx512 import HAVE_VBMI
         p = np.ones(5000, np.float32)
         for bits in (32, 8):
             state = adamnp.init(p, adamnp.adamw(), backend="numba", state_bits=bits)
@@ -301,7 +304,7 @@ def test_hot_loops_are_simd_and_fma_free(tmp_path, cpu):
             r"|permt2b|permd|permps))\\s",
             re.M,
         )
-        q8 = _numba_q8.step_q8_simd if HAVE_VBMI else _numba_q8.step_q8
+        q8 = q8_vbmi.step_q8_simd if HAVE_VBMI else _numba_q8.step_q8
         print("vbmi", int(HAVE_VBMI))
         for name, f in (("step_fp32", step_fp32), ("first_nonfinite", first_nonfinite), ("q8", q8)):
             asm = f.inspect_asm(f.signatures[0])
@@ -309,8 +312,10 @@ def test_hot_loops_are_simd_and_fma_free(tmp_path, cpu):
             print(name, *ops)
             # without the quantizer's functions, whose fast path fuses on purpose (fma32)
             parts = re.split(r"^(_ZN\\S*):\\s*$", asm, flags=re.M)
+            quantizer = re.compile("turn_over|requantize_into|stochastic_into|dequantize_into")
             update = "".join(
-                body for label, body in zip(parts[1::2], parts[2::2]) if "_quant_numba" not in label
+                body for label, body in zip(parts[1::2], parts[2::2])
+                if not quantizer.search(label)
             )
             print(name + "_update", *sorted(set(pattern.findall(parts[0] + update))))
         """

@@ -17,11 +17,12 @@ import numpy as np
 import pytest
 
 from adamnp import quant
-from adamnp.backends import _q8_decades
+from adamnp.lowbit import decades as _q8_decades
+from adamnp.lowbit.reference import nearest_code
 from adamnp.quant import dynamic_map
 
 numba = pytest.importorskip("numba")
-simd = pytest.importorskip("adamnp.backends._numba_simd")
+simd = pytest.importorskip("adamnp.backends.numba.avx512")
 
 ROOT = Path(__file__).resolve().parent.parent
 MAPS = {"signed": dynamic_map(True), "unsigned": dynamic_map(False)}
@@ -67,7 +68,7 @@ def assert_exact_where_unflagged(x, code):
     magnitude, sign = bits & 0x7FFFFFFF, bits & np.int32(-0x80000000)
     for shift in (-4, 0, 4):  # the exact code is monotone in the pattern on each side
         near = (np.clip(magnitude + shift, 0, None) | sign).view(np.float32)
-        np.testing.assert_array_equal(codes[keep], quant._nearest_code(near, code))
+        np.testing.assert_array_equal(codes[keep], nearest_code(near, code))
     return flags
 
 
@@ -193,7 +194,7 @@ def test_gather_kernels_without_vbmi_match_the_reference(tmp_path):
         """
         import numpy as np, adamnp
         from adamnp import quant
-        from adamnp.backends import _numba_simd
+        from adamnp.backends.numba import avx512 as _numba_simd
         assert not _numba_simd.HAVE_VBMI
         rng = np.random.default_rng(5)
         for amsgrad, block_size, rounding in ((False, 64, "nearest"), (True, 256, "nearest"),

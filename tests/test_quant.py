@@ -11,14 +11,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from adamnp import quant
-from adamnp.backends import _q8_elem
+from adamnp.lowbit import exact as _q8_elem
+from adamnp.lowbit import maps
+from adamnp.lowbit.reference import nearest_code
 from adamnp.quant import dequantize_blockwise, dynamic_map, quantize_blockwise
 
 VECTORS = Path(__file__).parent / "vectors" / "dynamic_maps.npz"
 ROOT = Path(__file__).resolve().parent.parent
 
-numba_quant = pytest.importorskip("adamnp.backends._quant_numba")
+numba_quant = pytest.importorskip("adamnp.backends.numba.quant")
 
 LINEAR = np.linspace(-1, 1, 256, dtype=np.float32)
 RANDOM = np.sort(np.random.default_rng(7).uniform(-1, 1, 256).astype(np.float32))
@@ -60,7 +61,7 @@ def test_linspace_emulation_matches_torch_default_kernel_too(signed):
     key = "signed_default" if signed else "unsigned_default"
     with np.load(VECTORS) as f:
         expected = f[key]
-    got = quant._dynamic_map_values(signed, fused=False)
+    got = maps._dynamic_map_values(signed, fused=False)
     np.testing.assert_array_equal(got.view(np.int32), expected.view(np.int32))
 
 
@@ -97,7 +98,7 @@ def test_reference_rounding_is_nearest_with_ties_low(name):
     )
     dist = np.abs(x.astype(np.float64)[:, None] - wide[None, :])
     expected = np.argmin(dist, axis=1)  # first minimum: ties to the lower index
-    np.testing.assert_array_equal(quant._nearest_code(x, code), expected)
+    np.testing.assert_array_equal(nearest_code(x, code), expected)
 
 
 # --- the O(1) table quantizer -----------------------------------------------------------------
@@ -134,7 +135,7 @@ def test_table_quantizer_exact_at_every_change_point(name):
     code = MAPS[name]
     x = structured_points(code)
     assert x.size > 5000
-    np.testing.assert_array_equal(fast_codes(x, code), quant._nearest_code(x, code))
+    np.testing.assert_array_equal(fast_codes(x, code), nearest_code(x, code))
 
 
 @pytest.mark.parametrize("name", MAPS)
@@ -147,7 +148,7 @@ def test_table_quantizer_exact_on_random_and_strided_patterns(name):
     strided = np.arange(0, 0x3F800001, 1021, dtype=np.int32)  # 1.04M of the 2**30 patterns
     strided = np.concatenate([strided, strided | np.int32(-0x80000000)]).view(np.float32)
     for x in (uniform, logs, strided):
-        np.testing.assert_array_equal(fast_codes(x, code), quant._nearest_code(x, code))
+        np.testing.assert_array_equal(fast_codes(x, code), nearest_code(x, code))
 
 
 def test_quantize_bits_is_plain_python():
@@ -155,7 +156,7 @@ def test_quantize_bits_is_plain_python():
     t = _q8_elem.build_quant_tables(code)
     x = np.float32([-1.0, -0.3, -0.0, 0.0, 1e-30, 0.0071, 0.9, 1.0])
     got = [int(_q8_elem.quantize_bits(b, t.table, t.shift, t.lo, t.nb)) for b in bits_of(x)]
-    assert got == quant._nearest_code(x, code).tolist()
+    assert got == nearest_code(x, code).tolist()
 
 
 @pytest.mark.parametrize("signed", [True, False])
@@ -348,8 +349,9 @@ def test_bad_inputs_are_rejected():
 SIMULATED = """
 import numpy as np
 from numba import cuda
-from adamnp.backends import _q8_elem
-from adamnp.quant import dynamic_map, _nearest_code
+from adamnp.lowbit import exact as _q8_elem
+from adamnp.lowbit.reference import nearest_code
+from adamnp.quant import dynamic_map
 
 quantize = cuda.jit(device=True)(_q8_elem.quantize_bits)
 
@@ -367,7 +369,7 @@ for signed in (True, False):
     x = np.linspace(-1.5, 1.5, 1001).astype(np.float32)
     out = np.zeros(x.size, np.uint8)
     kernel[8, 128](x, np.float32(1.5), cuda.to_device(t.table), t.shift, t.lo, t.nb, out)
-    assert np.array_equal(out, _nearest_code(x / np.float32(1.5), code)), signed
+    assert np.array_equal(out, nearest_code(x / np.float32(1.5), code)), signed
 print("ok")
 """
 

@@ -13,8 +13,8 @@ import pytest
 from scipy import stats
 
 import adamnp
-from adamnp.backends import _stochastic as sr
-from adamnp.backends._q8_numpy import round_stochastic
+from adamnp.lowbit import stochastic as sr
+from adamnp.lowbit.reference import round_stochastic
 from adamnp.quant import dynamic_map, quantize_blockwise
 
 V_MAP = dynamic_map(False)
@@ -81,7 +81,7 @@ def test_scalar_round_up_matches_the_array_definition():
 
 
 def test_compiled_uniform_crosses_2_to_the_32():
-    numba_kernels = pytest.importorskip("adamnp.backends._quant_numba")
+    numba_kernels = pytest.importorskip("adamnp.backends.numba.quant")
     key = sr.step_key(3, 1)
     e = 2**32 - 100  # a block whose indices cross 2**32
     key0, key1, low = numba_kernels.block_keys(np.uint32(key), U64(e))

@@ -28,9 +28,10 @@ import matplotlib.pyplot as plt
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the checkout's adamnp, even when another copy is installed
 
-from adamnp import _bench, _cli_common  # noqa: E402
-from adamnp._demo import train  # noqa: E402
-from adamnp._problems import PROBLEMS  # noqa: E402
+from adamnp.cli import bench as _bench  # noqa: E402
+from adamnp.cli import common as _cli_common
+from adamnp.cli.demo import train  # noqa: E402
+from adamnp.cli.problems import PROBLEMS  # noqa: E402
 
 OUT = ROOT / "docs" / "img"
 STYLE = {"numpy": "-", "numba": "--", "cuda": ":", "torch": "-."}

@@ -18,7 +18,7 @@ import sys
 import numpy as np
 
 import adamnp
-from adamnp._problems import MLP, Logistic, _Minibatches
+from adamnp.cli.problems import MLP, Logistic, _Minibatches
 from adamnp.quant import dynamic_map
 
 MARKS = (1000, 2000, 3000)

@@ -14,7 +14,9 @@ import time
 import numba
 import numpy as np
 
-from adamnp.backends import _numba_simd, _q8_decades, _q8_elem
+from adamnp.backends.numba import avx512 as _numba_simd
+from adamnp.lowbit import decades as _q8_decades
+from adamnp.lowbit import exact as _q8_elem
 from adamnp.quant import dynamic_map
 
 fast_code = numba.njit(inline="always", error_model="numpy")(_numba_simd.fast_code)

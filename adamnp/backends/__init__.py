@@ -16,7 +16,7 @@ Each backend module defines the same names:
     Sum of squares of all gradients (float64 accumulation).
 ``step_group(group, params, grads, scalars)``
     Update one :class:`~adamnp._state.LeafGroup` in place; ``params``/``grads`` are the
-    flattened leaves of the whole tree, ``scalars`` a :class:`~._scalars.StepScalars`.
+    flattened leaves of the whole tree, ``scalars`` a :class:`~adamnp.backends.math.StepScalars`.
 
 The NumPy backend is the reference; the others are verified against it. Shape, dtype and
 aliasing rules are checked once in :mod:`adamnp._api`, before any backend runs.
@@ -27,7 +27,7 @@ from __future__ import annotations
 import importlib
 
 NAMES = ("numpy", "numba", "cuda")
-_MODULES = {"numpy": "numpy", "numba": "numba_cpu", "cuda": "numba_cuda"}
+_MODULES = {name: name for name in NAMES}
 
 
 def get(name: str):

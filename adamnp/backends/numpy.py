@@ -2,7 +2,7 @@
 
 Each leaf is processed in chunks of :data:`CHUNK` elements, one NumPy ufunc per arithmetic
 operation, in exactly the order the other backends (and ``torch.optim``'s single-tensor path)
-use. Scalars arrive already rounded to the leaf dtype (:func:`._scalars.kernel_scalars`).
+use. Scalars arrive already rounded to the leaf dtype (:func:`.math.kernel_scalars`).
 
 Memory: besides the state itself, a step allocates two scratch buffers of ``CHUNK`` elements
 per leaf dtype (and, for 8-bit leaves, three more for the dequantized moments); nothing
@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._scalars import KernelScalars, kernel_scalars
+from ..lowbit import reference as q8
+from ..lowbit.maps import moment_map, zero_code
+from ..lowbit.stochastic import group_key
+from .math import KernelScalars, kernel_scalars
 
 NAME = "numpy"
 CHUNK = 1 << 15  # elements per chunk: temporaries stay in cache
@@ -176,6 +179,44 @@ def step_group(group, params, grads, scalars) -> None:
     if group.kind == "fp32":
         _step_fp32(group, params, grads, scalars)
     else:
-        from ._q8_numpy import step_q8
+        _step_q8(group, params, grads, scalars)
 
-        step_q8(group, params, grads, scalars)
+
+def _step_q8(group, params, grads, scalars) -> None:
+    """The 8-bit step: per chunk of whole blocks, dequantize with the old absmax, run exactly
+    :func:`update_chunk`, requantize with each block's new absmax (the parameter update uses
+    the unquantized moments); with ``v_rounding="stochastic"`` then round ``v``'s codes
+    stochastically (:func:`adamnp.lowbit.reference.round_stochastic`)."""
+    k = kernel_scalars(scalars, np.float32)
+    bs = group.block_size
+    chunk = max(bs, CHUNK // bs * bs)
+    names = ("m", "v", "vmax") if scalars.amsgrad else ("m", "v")
+    maps = {x: moment_map(x) for x in names}
+    zeros = {x: zero_code(maps[x]) for x in names}
+    t1 = np.empty(chunk, np.float32)
+    t2 = np.empty(chunk, np.float32)
+    scratch = {x: np.empty(chunk, np.float32) for x in names}
+    buf = group.buffers
+    key = group_key(group, scalars.step)  # None: v rounded to nearest
+    for j, leaf in enumerate(group.leaf_ids):
+        p = params[leaf].reshape(-1)
+        g = grads[leaf].reshape(-1)
+        e0, b0 = int(group.offsets[j]), int(group.block_offsets[j])
+        for lo in range(0, p.size, chunk):
+            hi = min(lo + chunk, p.size)
+            n = hi - lo
+            blo, bhi = b0 + lo // bs, b0 + -(-hi // bs)
+            codes = {x: buf[f"codes_{x}"][e0 + lo : e0 + hi] for x in names}
+            absmax = {x: buf[f"absmax_{x}"][blo:bhi] for x in names}
+            moments = {x: scratch[x][:n] for x in names}
+            for x in names:
+                q8.dequantize_into(codes[x], absmax[x], maps[x], bs, moments[x])
+            update_chunk(
+                p[lo:hi], g[lo:hi], moments["m"], moments["v"], moments.get("vmax"),
+                k, scalars, t1[:n], t2[:n],
+            )  # fmt: skip
+            for x in names:
+                q8.requantize_into(moments[x], maps[x], zeros[x], bs, codes[x], absmax[x])
+            if key is not None:
+                q8.round_stochastic(moments["v"], maps["v"], bs, codes["v"], absmax["v"], key,
+                                    e0 + lo)  # fmt: skip

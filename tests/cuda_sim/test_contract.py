@@ -8,7 +8,7 @@ from numba import cuda
 
 import adamnp
 from adamnp import backends
-from adamnp.backends import numba_cuda as be
+from adamnp.backends import cuda as be
 from adamnp.backends import numpy as ref
 
 from .helpers import assert_same, grads_like, snapshot, to_device, to_host
@@ -235,7 +235,7 @@ def test_interface_helpers_on_device_arrays():
 
 def test_gpu_check_script_runs(capsys):
     # The GPU check cannot run without a GPU; exercise its code paths at simulator sizes.
-    from adamnp import _gpu_check as check
+    from adamnp.cli import gpu_check as check
 
     assert check.main([]) == 2  # refuses the simulator
     assert check.reductions(cuda, sizes=(300, 3, 700))

@@ -15,8 +15,8 @@ import pytest
 import adamnp
 from adamnp import quant
 from adamnp._tree import flatten
-from adamnp.backends import _q8_numpy
-from adamnp.backends import numba_cuda as be
+from adamnp.backends import cuda as be
+from adamnp.lowbit import reference as _q8_numpy
 
 from .helpers import grads_like, to_device, to_host
 
@@ -33,13 +33,13 @@ def run_q8(params, grads_seq, config, monkeypatch, block_size=64, min_8bit_size=
     s_ref = adamnp.init(host, config, backend="numpy", **init)
     s_dev = adamnp.init(dev, config, backend="cuda", **init)
     seen = []
-    original = _q8_numpy._requantize
+    original = _q8_numpy.requantize_into
 
     def record(x, code, zero_code, block_size, codes_out, absmax_out):
         seen.append(x.copy())
         original(x, code, zero_code, block_size, codes_out, absmax_out)
 
-    monkeypatch.setattr(_q8_numpy, "_requantize", record)
+    monkeypatch.setattr(_q8_numpy, "requantize_into", record)
     for grads in grads_seq:
         seen.clear()
         adamnp.step(host, grads, s_ref)
@@ -166,7 +166,7 @@ def test_clipping_scale_matches_reference(monkeypatch):
     # The gradient norm is summed in another order than NumPy's. The float32 clipping
     # factor the kernels multiply by is the same here (checked first), so all bits are.
     from adamnp.backends import numpy as ref
-    from adamnp.backends._scalars import kernel_scalars
+    from adamnp.backends.math import kernel_scalars
 
     rng = np.random.default_rng(11)
     params = [rng.standard_normal(n).astype(np.float32) for n in (300, 500)]
@@ -175,7 +175,7 @@ def test_clipping_scale_matches_reference(monkeypatch):
     for g in grads:
         norms = ref.grad_sq_norm(g), be.grad_sq_norm(to_device(g))
         scales = [
-            kernel_scalars(adamnp._api.host_scalars(cfg, 1, 1e-2, 0.5 / (x**0.5 + 1e-6)),
+            kernel_scalars(adamnp.backends.math.host_scalars(cfg, 1, 1e-2, 0.5 / (x**0.5 + 1e-6)),
                            np.float32).grad_scale for x in norms
         ]  # fmt: skip
         assert scales[0] == scales[1] < 1

@@ -1,7 +1,16 @@
-"""Per-step scalars: computed once on the host in float64, cast once to the leaf dtype.
+"""The per-element Adam/AdamW math and its scalars, written once, compiled everywhere.
 
-Every backend takes its kernel scalars from :func:`kernel_scalars`, so all backends round the
-host values to float32 in exactly the same way.
+:func:`adam_elem` is plain scalar Python: the Numba CPU backend compiles it with
+``numba.njit(inline="always")`` and the CUDA backend with ``cuda.jit(device=True)``. It performs
+exactly the operations of :func:`adamnp.backends.numpy.update_chunk`, in the same order, on
+values of the leaf dtype.
+
+Its scalars travel as one record: :func:`host_scalars` computes a step's values once on the
+host in float64 (:class:`StepScalars`), :func:`kernel_scalars` rounds them once to the leaf
+dtype (:class:`KernelScalars`), so every backend multiplies with the same numbers, and
+:func:`kernel_flags` gives the four branch flags in the one order every kernel takes them.
+Adding a scalar hyperparameter means a field here and its use in :func:`adam_elem` and the
+reference's ``update_chunk``; the kernels pass the record through unchanged.
 """
 
 from __future__ import annotations
@@ -88,3 +97,57 @@ def kernel_scalars(s: StepScalars, dtype) -> KernelScalars:
         f(s.eps),
         bool(abs(float(w)) < 0.5),
     )
+
+
+class KernelFlags(NamedTuple):
+    """The branches of :func:`adam_elem`, in the order every kernel takes them."""
+
+    decoupled_decay: bool
+    l2_decay: bool
+    amsgrad: bool
+    maximize: bool
+
+
+def kernel_flags(s: StepScalars) -> KernelFlags:
+    """The branch flags of step scalars ``s`` (plain bools)."""
+    return KernelFlags(s.decoupled_decay, s.l2_decay, s.amsgrad, s.maximize)
+
+
+def adam_elem(p, g, m, v, vmax, k, decoupled_decay, l2_decay, amsgrad, maximize):
+    """One element of one step; returns the new ``(p, m, v, vmax)``.
+
+    ``k`` is the step's :class:`KernelScalars` (rounded to the leaf dtype); the four flags
+    are separate arguments (Numba's parallel alias analysis counts booleans inside a tuple as
+    possible aliases), in this order on every backend. ``vmax`` is ignored (and returned
+    unchanged) unless ``amsgrad``. NaN propagates as in ``np.maximum``.
+
+    Examples
+    --------
+    The first step (t = 1, lr = 0.1, eps = 0) moves a parameter by lr against the gradient:
+
+    >>> import adamnp
+    >>> s = host_scalars(adamnp.adam(lr=0.1, eps=0.0), t=1, lr=0.1)
+    >>> k = kernel_scalars(s, np.float64)
+    >>> float(adam_elem(1.0, 0.5, 0.0, 0.0, 0.0, k, *kernel_flags(s))[0])
+    0.9
+    """
+    g = g * k.grad_scale
+    if maximize:
+        g = -g
+    if decoupled_decay:
+        p = p * k.decay
+    elif l2_decay:
+        g = g + k.weight_decay * p
+    if k.lerp_small:
+        m = m + k.lerp_weight * (g - m)
+    else:
+        m = g - (g - m) * k.lerp_keep
+    v = v * k.beta2 + (k.one_minus_beta2 * g) * g
+    vv = v
+    if amsgrad:
+        if not (vmax != vmax) and (v > vmax or v != v):  # max with NaN propagation
+            vmax = v
+        vv = vmax
+    d = math.sqrt(vv) / k.bc2_sqrt + k.eps
+    p = p + (k.neg_step_size * m) / d
+    return p, m, v, vmax

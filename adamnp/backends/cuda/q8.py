@@ -1,6 +1,7 @@
 """8-bit (blockwise) kernels of the ``"cuda"`` backend, built per block size by :func:`build`.
 
-The step is the reference's (:mod:`._q8_numpy`): dequantize ``m``, ``v`` (and amsgrad's
+The step is the reference's (:func:`adamnp.backends.numpy.step_group`): dequantize ``m``, ``v``
+(and amsgrad's
 ``vmax``) with the old absmax, run the float32 element math (:func:`._elem.adam_elem`),
 take the new absmax of each updated block, requantize (:func:`._q8_elem.quantize_bits`). A
 block whose updated moment holds NaN or Inf stores absmax NaN and the map's zero code.
@@ -39,14 +40,16 @@ launch bounds of 256 threads and 4 blocks per SM (at most 64 registers, no spill
 blocks of 256 threads and their shared memory fit on an SM of sm_80 or sm_90. Larger block
 sizes keep 8 or 16 elements per thread in registers, at lower occupancy.
 
-Stochastic rounding of ``v`` (``v_rounding="stochastic"``, :mod:`._stochastic`): when the
+Stochastic rounding of ``v`` (``v_rounding="stochastic"``, :mod:`adamnp.lowbit.stochastic`):
+when the
 kernel's ``stochastic`` argument is set (the step's uint32 hash ``key`` comes with it), a
 second loop after step 3 moves each finite block's nearest ``v`` code, just stored, to one of
 the two map values around ``s = x * (1 / absmax)`` (``round_up``, the element's ``uniform``
 from ``key`` and its index in the group's buffer, the ``v`` map in shared memory). A loop of
 its own keeps the nearest loop as it was (fully unrolled at 16 elements per thread, where
 the merged body was not); with the flag off it is skipped. The functions of
-:mod:`._stochastic` are compiled as device functions: their uint32 products are typed uint64
+:mod:`adamnp.lowbit.stochastic` are compiled as device functions: their uint32 products are
+typed uint64
 and cast back to uint32, so they wrap mod 2**32 as on the CPU. ``m`` and amsgrad's ``vmax``
 are always rounded to nearest.
 
@@ -64,9 +67,9 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from ._elem import adam_elem
-from ._q8_elem import build_quant_tables, quantize_bits
-from ._stochastic import block_key, mix32, round_up, uniform
+from ...lowbit.exact import build_quant_tables, quantize_bits
+from ...lowbit.stochastic import block_key, mix32, round_up, uniform
+from ..math import adam_elem
 
 THREADS = 256  # threads per block
 SIM_THREADS = 64  # in the simulator: two "warps", tiles of 4 blocks of 64 elements
@@ -108,7 +111,7 @@ def _rebind(f, **names):
 @functools.cache
 def quant_tables():
     """``(signed, unsigned)`` :class:`._q8_elem.QuantTables` and zero codes of the maps."""
-    from ..quant import dynamic_map
+    from ...lowbit.maps import dynamic_map
 
     out = []
     for signed in (True, False):
@@ -124,7 +127,7 @@ def build(block_size: int) -> SimpleNamespace:
     from numba import cuda
     from numba.cuda import types
 
-    from ._cuda_kernels import build as build_base
+    from .fp32 import build as build_base
 
     base = build_base()
     sim = base.sim
@@ -223,9 +226,7 @@ def build(block_size: int) -> SimpleNamespace:
         codes_m, codes_v, codes_w, absmax_m, absmax_v, absmax_w,
         map_m, map_v, table_m, table_v,
         shift_m, lo_m, nb_m, zero_m, shift_v, lo_v, nb_v, zero_v,
-        grad_scale, decay, weight_decay, lerp_weight, lerp_keep, beta2, one_minus_beta2,
-        neg_step_size, bc2_sqrt, eps, lerp_small,
-        decoupled_decay, l2_decay, amsgrad, maximize, stochastic, key,
+        k, decoupled_decay, l2_decay, amsgrad, maximize, stochastic, key,
     ):  # fmt: skip
         """One 8-bit Adam/AdamW step of every leaf of a group (``w`` is amsgrad's vmax);
         ``stochastic``: round ``v`` stochastically with the step's uint32 hash ``key``."""
@@ -294,9 +295,7 @@ def build(block_size: int) -> SimpleNamespace:
                 if i < n:
                     pi, m, v, w = elem(
                         in_p[j], in_g[j], new_m[j], new_v[j], new_w[j],
-                        grad_scale, decay, weight_decay, lerp_weight, lerp_keep, beta2,
-                        one_minus_beta2, neg_step_size, bc2_sqrt, eps, lerp_small,
-                        decoupled_decay, l2_decay, amsgrad, maximize,
+                        k, decoupled_decay, l2_decay, amsgrad, maximize,
                     )  # fmt: skip
                     p[i] = pi
                 new_m[j] = m
@@ -347,11 +346,13 @@ def signatures(block_sizes=(64, 256, 1024, 4096)) -> dict:
     """``{name: (kernel, [argument types])}`` of the 8-bit kernels (for PTX builds)."""
     from numba.cuda import types
 
+    from .fp32 import scalars_type
+
     table, ints, offs = types.uint64[:, ::1], types.int64[:, ::1], types.int64[::1]
     codes, f32a, i32a = types.uint8[::1], types.float32[::1], types.int32[::1]
     f32, i32 = types.float32, types.int32
     sig = (
         (table, ints, offs, offs) + (codes,) * 3 + (f32a,) * 3 + (f32a, f32a, i32a, i32a)
-        + (i32,) * 8 + (f32,) * 10 + (types.boolean,) * 6 + (types.uint32,)
+        + (i32,) * 8 + (scalars_type(f32),) + (types.boolean,) * 5 + (types.uint32,)
     )  # fmt: skip
     return {f"adam_step_q8_bs{bs}": (build(bs).adam_step_q8, [sig]) for bs in block_sizes}

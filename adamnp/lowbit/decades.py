@@ -13,10 +13,10 @@ multiply-add is fused (one rounding, one instruction), the code is its truncatio
 clamp, and its distance to the nearest code boundary is one ``vreduceps`` there.
 
 The multiply-add is not exact everywhere: the map values are float32 roundings of the grid and
-the arithmetic rounds. :func:`~._numba_simd.fast_code` therefore also returns a flag, set when
+the arithmetic rounds. :func:`~.avx512.fast_code` therefore also returns a flag, set when
 the scaled position lies within `DELTA` (in code units) of a code boundary, or within 32
 float32 ulps of a decade boundary; the kernels recompute each flagged element with
-the exact table quantizer (:func:`~._q8_elem.quantize_bits`). An exhaustive sweep of every
+the exact table quantizer (:func:`~adamnp.lowbit.exact.quantize_bits`). An exhaustive sweep of every
 float32 in ``[-1, 1]`` (``python tools/sweep_fast_quantizer.py``) finds no unflagged element
 whose code differs from the exact one, for both maps; with ``DELTA = 4e-5`` about 1e-5 of all
 patterns are flagged (``8e-5`` of uniformly spread values), and the largest error seen is below
@@ -38,7 +38,7 @@ _NEAR = 32  # patterns either side of a decade boundary that are flagged (table 
 
 
 class DecadeTables(NamedTuple):
-    """Tables of :func:`~._numba_simd.fast_code` for one map (fields as separate arguments)."""
+    """Tables of :func:`~.avx512.fast_code` for one map (fields as separate arguments)."""
 
     binades: np.ndarray  # int32 (32,): boundary bits - 32, low 4 bits = the decade above it
     lines: np.ndarray  # float32 (3, 16): per decade scale, offset, last code

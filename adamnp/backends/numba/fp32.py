@@ -3,7 +3,7 @@
 One call of :func:`step_fp32` updates every leaf of a :class:`~adamnp._state.LeafGroup`:
 ``prange`` runs over a table of chunks ``(leaf, start, stop)``; each chunk is one pass over its
 elements reading ``p, g, m, v`` (and ``vmax``) and writing ``p, m, v`` (and ``vmax``), with
-:func:`~adamnp.backends._elem.adam_elem` inlined into a SIMD loop. Flags are runtime booleans
+:func:`~adamnp.backends.math.adam_elem` inlined into a SIMD loop. Flags are runtime booleans
 (one compiled variant per dtype; LLVM keeps the loop-invariant branches out of the arithmetic,
 measured within 3% of constant flags); only ``amsgrad`` selects between two loops, because it
 adds a stream of memory. ``_update`` is inlined by Numba rather than compiled separately, which
@@ -16,27 +16,22 @@ import numba
 import numpy as np
 from numba import prange
 
-from ._numba_util import CHUNK, as_pointer, elem, jit
+from .util import CHUNK, as_pointer, elem, jit
 
 
 @jit(inline="always")
 def _update(p, g, m, v, vmax, k, decoupled, l2, amsgrad, maximize):
     """One fused pass over a chunk: the operations of ``numpy.update_chunk`` per element."""
-    gs, dec, wd, w, keep, b2, omb2, nss, bc2, eps, small = k
     if amsgrad:
         for i in range(p.size):
             p[i], m[i], v[i], vmax[i] = elem(
-                p[i], g[i], m[i], v[i], vmax[i],
-                gs, dec, wd, w, keep, b2, omb2, nss, bc2, eps, small,
-                decoupled, l2, True, maximize,
-            )  # fmt: skip
+                p[i], g[i], m[i], v[i], vmax[i], k, decoupled, l2, True, maximize
+            )
     else:
         for i in range(p.size):
             p[i], m[i], v[i], _ = elem(
-                p[i], g[i], m[i], v[i], m[i],
-                gs, dec, wd, w, keep, b2, omb2, nss, bc2, eps, small,
-                decoupled, l2, False, maximize,
-            )  # fmt: skip
+                p[i], g[i], m[i], v[i], m[i], k, decoupled, l2, False, maximize
+            )
 
 
 @jit(parallel=True)
@@ -45,7 +40,7 @@ def step_fp32(table, leaf_ids, offsets, p_addr, g_addr, m, v, vmax, k, flags):
 
     ``p_addr``/``g_addr`` hold the data addresses of all leaves of the tree, ``leaf_ids`` maps
     a group's leaf to its tree index, ``offsets`` locate it in the arenas ``m``, ``v`` and
-    ``vmax`` (empty unless amsgrad); ``k`` are the :class:`~._scalars.KernelScalars` and
+    ``vmax`` (empty unless amsgrad); ``k`` are the :class:`~adamnp.backends.math.KernelScalars` and
     ``flags = (decoupled_decay, l2_decay, amsgrad, maximize)``.
     """
     decoupled, l2, amsgrad, maximize = flags

@@ -19,7 +19,7 @@ that keeps every table in registers instead:
 * :func:`fast_code`: the scalar twin of :func:`requant64`, for the tests and the sweep.
 
 The lookups need AVX-512 F/BW/DQ/VBMI (Intel Ice Lake and later, AMD Zen 4 and later): `HAVE_VBMI`
-says whether the CPU Numba compiles for has them, and :mod:`._numba_q8` picks the kernel
+says whether the CPU Numba compiles for has them, and :mod:`.q8` picks the kernel
 accordingly (a CPU without them keeps the gather kernel; results are identical). Addresses
 are raw integers (``array.ctypes.data``); loads and stores are unaligned. Compiled code only.
 """
@@ -34,7 +34,7 @@ from numba import types
 from numba.core import config
 from numba.extending import intrinsic
 
-from ._q8_decades import _FIRST_EXP, _NEAR, DELTA
+from ...lowbit.decades import _FIRST_EXP, _NEAR, DELTA
 
 _I1, _I8, _I32 = ir.IntType(1), ir.IntType(8), ir.IntType(32)
 _F32 = ir.FloatType()
@@ -173,8 +173,8 @@ def fast_code(bits, binades, lines, zero):
     bits : int
         The float32 bit pattern of the scaled value ``s`` (``|s| <= 1``), as a signed int32.
     binades, lines, zero
-        The fields of :class:`~._q8_decades.DecadeTables` from
-        :func:`~._q8_decades.build_decade_tables`.
+        The fields of :class:`~adamnp.lowbit.decades.DecadeTables` from
+        :func:`~adamnp.lowbit.decades.build_decade_tables`.
 
     Returns
     -------
@@ -193,7 +193,7 @@ def fast_code(bits, binades, lines, zero):
     >>> import numpy as np
     >>> import numba
     >>> from adamnp.quant import dynamic_map
-    >>> from adamnp.backends._q8_decades import build_decade_tables
+    >>> from adamnp.lowbit.decades import build_decade_tables
     >>> t = build_decade_tables(dynamic_map(True))
     >>> bits = np.int32(np.float32(-0.5).view(np.int32))
     >>> code, flag = numba.njit(fast_code)(bits, t.binades, t.lines, t.zero)
@@ -358,7 +358,7 @@ requant64.__doc__ = """``requant64(x_addr, inverse, codes_addr, binades_addr, li
 
 Writes the 64 uint8 codes of ``x[i] * inverse`` (``x_addr``: 64 float32; ``inverse``: float32
 ``1 / absmax``) computed as :func:`fast_code` does, with the tables of
-:class:`~._q8_decades.DecadeTables` (``binades_addr``: 32 int32, ``lines_addr``: 3 x 16
+:class:`~adamnp.lowbit.decades.DecadeTables` (``binades_addr``: 32 int32, ``lines_addr``: 3 x 16
 float32; ``zero``: the code of 0.0). Returns a uint64 mask with bit ``i`` set where value ``i``
 was flagged: its code may differ from the exact one, and the caller must recompute it.
 

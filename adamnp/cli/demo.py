@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import _cli_common as cli
-from ._problems import PROBLEMS
-from ._tree import flatten
+from .._tree import flatten
+from . import common as cli
+from .problems import PROBLEMS
 
 
 @dataclass
@@ -40,7 +40,7 @@ def train(
 
     Examples
     --------
-    >>> from adamnp._problems import Rosenbrock
+    >>> from adamnp.cli.problems import Rosenbrock
     >>> run = train(Rosenbrock(), "numpy", 32, steps=500)
     >>> run.loss < 0.1, len(run.history)
     (True, 6)

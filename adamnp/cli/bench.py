@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 
-from . import _cli_common as cli
+from . import common as cli
 
 BLOCK = 256
 
@@ -81,7 +81,7 @@ def traffic_function(backend: str):
     A backend without one (the NumPy reference) is compared with the traffic kernel of another
     backend in the same memory (the host's Numba kernel).
     """
-    from . import backends
+    from .. import backends
 
     candidates = [backend] + (["numba"] if backend in ("numpy", "torch") else [])
     for name in candidates:

@@ -1,4 +1,4 @@
-"""Check the CUDA backend on a real GPU: ``python -m adamnp._gpu_check [--quick]``.
+"""Check the CUDA backend on a real GPU: ``python -m adamnp.cli.gpu_check [--quick]``.
 
 1. Agreement with the NumPy reference at full size (1e6 to 6.4e7 elements, a tree of 1000
    leaves, several configurations, float32 and float64): bit-identical when the kernels are
@@ -29,8 +29,8 @@ import numpy as np
 
 import adamnp
 from adamnp._api import _validate
-from adamnp.backends import numba_cuda as be
-from adamnp.backends._scalars import host_scalars
+from adamnp.backends import cuda as be
+from adamnp.backends.math import host_scalars
 
 CONFIGS = {
     "adamw": adamnp.adamw(lr=1e-3, weight_decay=0.01),
@@ -201,7 +201,7 @@ def bandwidth_q8(cuda, n=1 << 26, repeat=20, many=1000, block_sizes=(256, 4096))
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m adamnp._gpu_check", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m adamnp.cli.gpu_check", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="sizes up to 4e6 only")
     args = parser.parse_args(argv)
     why = be.availability()

@@ -2,17 +2,18 @@
 
 A step of a :class:`~adamnp._state.LeafGroup` is one compiled call, whatever the number of
 leaves: the leaves' data addresses go to a ``prange`` loop over fixed chunks of at most
-:data:`~._numba_util.CHUNK` elements, and each chunk is one SIMD pass over memory with the
-element math of :func:`~._elem.adam_elem` inlined (see :mod:`._numba_fp32`; 8-bit groups:
-:mod:`._numba_q8`, chunks of whole quantization blocks, two passes per block). Arithmetic is
+:data:`~.util.CHUNK` elements, and each chunk is one SIMD pass over memory with the
+element math of :func:`~adamnp.backends.math.adam_elem` inlined (see :mod:`.fp32`; 8-bit groups:
+:mod:`.q8` or :mod:`.q8_vbmi`, chunks of whole quantization blocks; :func:`q8_kernel`
+picks one). Arithmetic is
 float32 for float32 leaves and float64 for float64 leaves, in the operation order of
 :func:`adamnp.backends.numpy.update_chunk`, without fast-math, so results equal the NumPy
 reference bit for bit and do not depend on the number of threads.
 
 Kernels are compiled on first use (one variant per dtype; flags are runtime values) and cached
 on disk (``NUMBA_CACHE_DIR`` or ``__pycache__``). Numba keys a cached kernel on its own source
-file only: after editing ``_elem.py``, ``_numba_util.py``, ``_q8_elem.py`` or
-``_quant_numba.py``, delete the ``*.nbi``/``*.nbc`` files. A step allocates nothing
+file only: after editing ``backends/math.py``, ``util.py``, ``quant.py`` or anything in
+``adamnp/lowbit``, delete the ``*.nbi``/``*.nbc`` files. A step allocates nothing
 proportional to the leaves' size. Arenas are cache-line aligned; the other host-memory helpers
 (``owns``, ``to_host``, ...) are the NumPy backend's. Small calls run on fewer threads
 (:data:`PARALLEL_MIN`); results never depend on it.
@@ -21,11 +22,12 @@ proportional to the leaves' size. Arenas are cache-line aligned; the other host-
 from __future__ import annotations
 
 import functools
+import os
 import weakref
 
 import numpy as np
 
-from .numpy import (  # host memory: the same helpers as the reference
+from ..numpy import (  # host memory: the same helpers as the reference
     address_range,
     copy_from_host,
     from_host,
@@ -41,12 +43,18 @@ except ImportError:  # pragma: no cover - numba is a dependency
     _MISSING = "the 'numba' backend needs Numba: pip install numba"
 else:
     _MISSING = None
-    from ._numba_fp32 import step_fp32, traffic_kernel
-    from ._numba_q8 import step_q8, step_q8_simd, traffic_kernel_q8
-    from ._numba_reduce import first_nonfinite, sum_squares
-    from ._numba_util import CHUNK, chunk_table, data_addresses
-    from ._scalars import kernel_scalars
-    from ._stochastic import group_key
+    from ...lowbit.decades import build_decade_tables
+    from ...lowbit.exact import build_quant_tables
+    from ...lowbit.maps import moment_map, zero_code
+    from ...lowbit.stochastic import gap_tables, group_key
+    from ..math import kernel_flags, kernel_scalars
+    from . import quant
+    from .avx512 import HAVE_VBMI, byte_planes
+    from .fp32 import step_fp32, traffic_kernel
+    from .q8 import step_q8, traffic_kernel_q8
+    from .q8_vbmi import quantize_blockwise_simd, step_q8_simd
+    from .reduce import first_nonfinite, sum_squares
+    from .util import CHUNK, chunk_table, data_addresses
 
 NAME = "numba"
 
@@ -56,6 +64,7 @@ __all__ = [
     "availability",
     "copy_from_host",
     "data_addresses",
+    "dequantize_into",
     "from_host",
     "full",
     "grad_sq_norm",
@@ -64,6 +73,8 @@ __all__ = [
     "nonfinite_leaf",
     "owns",
     "q8_kernel",
+    "q8_kernel_description",
+    "quantize_into",
     "step_group",
     "to_host",
     "traffic_kernel",
@@ -175,13 +186,7 @@ def grad_sq_norm(grads) -> float:
 
 
 _NO_VMAX = {}  # dtype -> empty array standing in for vmax when amsgrad is off
-_CACHES = weakref.WeakKeyDictionary()  # group -> dict, for groups without a ``cache`` field
-
-
-def _cache(group) -> dict:
-    """The group's backend-private cache (``group.cache``, or a dict living as long as it)."""
-    cache = getattr(group, "cache", None)
-    return _CACHES.setdefault(group, {}) if cache is None else cache
+_CHUNKS = weakref.WeakKeyDictionary()  # group -> its chunk table, living as long as the group
 
 
 def step_group(group, params, grads, scalars) -> None:
@@ -189,9 +194,10 @@ def step_group(group, params, grads, scalars) -> None:
 
     ``params`` and ``grads`` are the validated leaves of the whole tree (C-contiguous host
     arrays of the group's dtype at ``group.leaf_ids``); ``scalars`` are the step's
-    :class:`~._scalars.StepScalars`. See :func:`adamnp.backends.numpy.update_chunk` for the
+    :class:`~adamnp.backends.math.StepScalars`. See :func:`adamnp.backends.numpy.update_chunk`
+    for the
     operations, which run in the same order. 8-bit (``"q8"``) groups run the fused kernel
-    of :mod:`._numba_q8` (dequantize, update, requantize in one pass per block).
+    of :mod:`.q8` (dequantize, update, requantize in one pass per block).
 
     Examples
     --------
@@ -204,16 +210,15 @@ def step_group(group, params, grads, scalars) -> None:
     """
     if group.kind not in ("fp32", "q8"):
         raise NotImplementedError(f"the 'numba' backend does not implement {group.kind!r} state")
-    cache = _cache(group)
-    table = cache.get("numba_chunks")
+    table = _CHUNKS.get(group)
     if table is None:
-        table = cache["numba_chunks"] = chunk_table(np.diff(group.offsets), CHUNK)
+        table = _CHUNKS[group] = chunk_table(np.diff(group.offsets), CHUNK)
     if table.shape[0] == 0:
         return
     q8 = group.kind == "q8"
     if scalars.amsgrad != (("codes_vmax" if q8 else "vmax") in group.buffers):
         raise ValueError("amsgrad does not match the state's buffers (vmax)")
-    flags = (scalars.decoupled_decay, scalars.l2_decay, scalars.amsgrad, scalars.maximize)
+    flags = kernel_flags(scalars)
     p_addr, g_addr = data_addresses(params), data_addresses(grads)
     if q8:
         k = kernel_scalars(scalars, np.float32)
@@ -240,54 +245,114 @@ def step_group(group, params, grads, scalars) -> None:
 
 @functools.cache
 def _q8_maps() -> tuple:
-    """``(map_m, map_v, tables_m, tables_v, zero codes)``: the 8-bit kernel's constant inputs.
+    """``(map_m, map_v, tables_m, tables_v, zero codes)``: the 8-bit kernels' constant inputs.
 
-    The state always uses the signed dynamic map for ``m`` and the unsigned one for ``v`` and
-    ``vmax`` (:mod:`adamnp._state`); the tables are the O(1) quantizer's
-    (:func:`~._q8_elem.build_quant_tables`), the zero codes those of 0.0 in each map.
+    The state uses the signed dynamic map for ``m`` and the unsigned one for ``v`` and
+    ``vmax`` (:func:`adamnp.lowbit.maps.moment_map`); the tables are the exact quantizer's
+    (:func:`~adamnp.lowbit.exact.build_quant_tables`).
     """
-    from ..quant import dynamic_map
-    from ._q8_elem import build_quant_tables
-
-    maps = (dynamic_map(True), dynamic_map(False))
+    maps = (moment_map("m"), moment_map("v"))
     tables = tuple(tuple(build_quant_tables(c)) for c in maps)
-    zeros = tuple(np.uint8(np.flatnonzero(c == 0)[0]) for c in maps)
+    zeros = tuple(np.uint8(zero_code(c)) for c in maps)
     return (*maps, *tables, zeros)
 
 
+Q8_KERNELS = ("vbmi", "gather")
+Q8_KERNEL_ENV = "ADAMNP_Q8_KERNEL"
+
+
+def _vbmi_reason() -> str | None:
+    """None when the AVX-512 VBMI kernels can run here, else why not."""
+    if not HAVE_VBMI:
+        return "this CPU lacks AVX-512 VBMI"
+    if any(build_decade_tables(c) is None for c in _q8_maps()[:2]):  # pragma: no cover
+        return "a state map lacks the decade form"
+    return None
+
+
+def q8_kernel() -> str:
+    """The 8-bit kernel family this process uses: ``"vbmi"`` or ``"gather"``.
+
+    The one place the choice is made, for the 8-bit step and for
+    :func:`adamnp.quantize_blockwise` alike: ``"vbmi"`` (in-register lookups, :mod:`.q8_vbmi`)
+    where the CPU has AVX-512 VBMI, else ``"gather"`` (table lookups, :mod:`.q8`). Both give
+    the same bits. The environment variable ``ADAMNP_Q8_KERNEL=gather|vbmi`` forces one
+    (read on every call); forcing ``vbmi`` on a CPU without it raises ``RuntimeError``.
+
+    Examples
+    --------
+    >>> q8_kernel() in Q8_KERNELS
+    True
+    """
+    forced = os.environ.get(Q8_KERNEL_ENV, "").strip().lower()
+    if forced and forced not in Q8_KERNELS:
+        raise ValueError(
+            f"{Q8_KERNEL_ENV}={os.environ[Q8_KERNEL_ENV]!r}: expected one of {Q8_KERNELS}"
+        )
+    why_not = _vbmi_reason()
+    if forced == "vbmi" and why_not is not None:
+        raise RuntimeError(f"{Q8_KERNEL_ENV}=vbmi, but {why_not}")
+    if forced:
+        return forced
+    return "gather" if why_not is not None else "vbmi"
+
+
+def q8_kernel_description() -> str:
+    """:func:`q8_kernel` in words, for reports.
+
+    Examples
+    --------
+    >>> q8_kernel_description().startswith(("in-register lookups", "table gathers"))
+    True
+    """
+    if q8_kernel() == "vbmi":
+        return "in-register lookups (AVX-512 VBMI)"
+    why = _vbmi_reason()
+    return f"table gathers ({'forced' if why is None else 'no AVX-512 VBMI'})"
+
+
 @functools.cache
-def _q8_simd_inputs() -> tuple | None:
-    """``(planes, decades)`` of :func:`~._numba_q8.step_q8_simd`, or None where it cannot run.
+def _vbmi_inputs() -> tuple:
+    """``(planes, decades)`` of :func:`~.q8_vbmi.step_q8_simd`.
 
     ``planes`` are the byte planes of ``map_m``, ``map_v`` and the two gap tables of ``map_v``
-    (:func:`~._stochastic.gap_tables`, for stochastic rounding).
-
-    None when the CPU lacks AVX-512 VBMI (:data:`~._numba_simd.HAVE_VBMI`) or a map lacks the
-    decade form (:func:`~._q8_decades.build_decade_tables`); the gather kernel runs then.
+    (:func:`~adamnp.lowbit.stochastic.gap_tables`, for stochastic rounding); ``decades`` the
+    ``(binades, lines)`` of each map (:func:`~adamnp.lowbit.decades.build_decade_tables`).
     """
-    from ._numba_simd import HAVE_VBMI, byte_planes
-    from ._q8_decades import build_decade_tables
-    from ._stochastic import gap_tables
-
     maps = _q8_maps()[:2]
     decades = [build_decade_tables(c) for c in maps]
-    if not HAVE_VBMI or None in decades:
-        return None
     planes = tuple(byte_planes(c) for c in (*maps, *gap_tables(maps[1])))
     return planes, tuple((d.binades, d.lines) for d in decades)
 
 
-def q8_kernel() -> str:
-    """Which 8-bit step kernel runs on this CPU, in words (for reports).
+def quantize_into(flat, code, block_size, codes_out, absmax_out) -> None:
+    """:func:`adamnp.lowbit.reference.quantize_into` compiled, with the kernel of
+    :func:`q8_kernel`; raises ``ValueError`` if ``flat`` holds NaN or Inf (after writing part
+    of the outputs) or if ``code`` is too irregular for the exact quantizer's tables.
 
     Examples
     --------
-    >>> q8_kernel() in ("in-register lookups (AVX-512 VBMI)", "table gathers (no AVX-512 VBMI)")
-    True
+    >>> from adamnp.lowbit.maps import dynamic_map
+    >>> codes, absmax = np.empty(4, np.uint8), np.empty(1, np.float32)
+    >>> quantize_into(np.array([0.5, -1, 0, 0.25], np.float32), dynamic_map(True), 64, codes,
+    ...               absmax)
+    >>> codes.tolist(), absmax.tolist()
+    ([219, 0, 127, 201], [1.0])
     """
-    if _q8_simd_inputs() is None:
-        return "table gathers (no AVX-512 VBMI)"
-    return "in-register lookups (AVX-512 VBMI)"
+    t = build_quant_tables(code)
+    args = (flat, block_size, t.table, t.shift, t.lo, t.nb, codes_out, absmax_out)
+    decades = build_decade_tables(code) if q8_kernel() == "vbmi" else None
+    if decades is None:
+        quant.quantize_blockwise(*args)
+    else:
+        quantize_blockwise_simd(*args, *decades)
+    if not np.all(np.isfinite(absmax_out)):
+        raise ValueError("x contains NaN or Inf; it cannot be quantized")
+
+
+def dequantize_into(codes, absmax, code, block_size, out) -> None:
+    """:func:`adamnp.lowbit.reference.dequantize_into` compiled (the same bits)."""
+    quant.dequantize_blockwise(codes, absmax, block_size, code, out)
 
 
 _NO_CODES = np.empty(0, np.uint8)  # stands in for codes_vmax when amsgrad is off
@@ -295,14 +360,15 @@ _NO_ABSMAX = np.empty(0, np.float32)
 
 
 def _step_q8(group, table, p_addr, g_addr, k, flags, key) -> None:
-    """One :func:`~._numba_q8.step_q8` call for the 8-bit ``group``.
+    """One :func:`~.q8.step_q8` call for the 8-bit ``group``.
 
-    ``key`` is the step's :func:`~._stochastic.group_key`, None for nearest rounding of v.
+    ``key`` is the step's :func:`~adamnp.lowbit.stochastic.group_key`, None for nearest
+    rounding of v.
     """
     if CHUNK % group.block_size:  # chunks must hold whole blocks
         raise ValueError(f"block_size {group.block_size} does not divide the chunk {CHUNK}")
     buf = group.buffers
-    simd = _q8_simd_inputs()
+    simd = _vbmi_inputs() if q8_kernel() == "vbmi" else None
     _launch(
         step_q8 if simd is None else step_q8_simd,
         int(group.offsets[-1]),

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import backends
-from ._tree import flatten, unflatten
+from .. import backends
+from .._tree import flatten, unflatten
 
 CHOICES = ("auto", "all", *backends.NAMES)
 EIGHT_BIT_ERRORS = (ImportError, NotImplementedError)  # 8-bit state not built into this copy
@@ -147,8 +147,8 @@ def print_backends(backends: list[str], skipped: dict[str, str], bits: list[int]
     """The backends that run, the numba 8-bit kernel when it is used, and those skipped."""
     print(f"backends: {', '.join(backends) or 'none'}", file=out)
     if "numba" in backends and 8 in bits:
-        from .backends import numba_cpu
+        from ..backends import numba as numba_cpu
 
-        print(f"numba 8-bit kernel: {numba_cpu.q8_kernel()}", file=out)
+        print(f"numba 8-bit kernel: {numba_cpu.q8_kernel_description()}", file=out)
     for line in describe_skips(skipped):
         print(line, file=out)

@@ -23,7 +23,8 @@ clipping factor may differ in its last bit.
 absmax per block, requantize with the shared exact lookup (:func:`._q8_elem.quantize_bits`),
 so codes and absmax values equal the reference's too. Its maps and lookup tables are
 uploaded once per group. With ``v_rounding="stochastic"`` the same kernel also rounds the
-codes of ``v`` stochastically (:mod:`._stochastic`), keyed by the step and the group's first
+codes of ``v`` stochastically (:mod:`adamnp.lowbit.stochastic`), keyed by the step and the
+group's first
 leaf as in the reference.
 """
 
@@ -36,15 +37,15 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from ._scalars import kernel_scalars
-from ._stochastic import group_key
+from ...lowbit.stochastic import group_key
+from ..math import kernel_flags, kernel_scalars
 
 NAME = "cuda"
 INSTALL = 'pip install "adamnp[cuda]"'
 
 
 def _k():
-    from ._cuda_kernels import build
+    from .fp32 import build
 
     return build()
 
@@ -251,16 +252,14 @@ def step_group(group, params, grads, scalars) -> None:
         return
     m, v = group.buffers["m"], group.buffers["v"]
     vmax = group.buffers.get("vmax", m)  # a placeholder unless amsgrad: never touched
-    s = scalars
-    flags = (k.lerp_small, s.decoupled_decay, s.l2_decay, s.amsgrad, s.maximize)
     _launch(
-        _k().adam_step, plan.nchunks, plan.ptrs, plan.chunks, plan.offsets, m, v, vmax,
-        *k[:10], *flags,
+        _k().adam_step, plan.nchunks, plan.ptrs, plan.chunks, plan.offsets, m, v, vmax, k,
+        *kernel_flags(scalars),
     )  # fmt: skip
 
 
 def _q8(block_size: int):
-    from ._cuda_q8 import build
+    from .q8 import build
 
     return build(block_size)
 
@@ -268,7 +267,7 @@ def _q8(block_size: int):
 def _q8_plan(group) -> SimpleNamespace:
     """The device tables an 8-bit group adds to its plan: block offsets, both maps and
     quantize tables (uploaded per group, so each lives on the group's device)."""
-    from ._cuda_q8 import quant_tables
+    from .q8 import quant_tables
 
     cuda = _k().cuda
     (code_m, tm, zero_m), (code_v, tv, zero_v) = quant_tables()
@@ -294,7 +293,7 @@ def _q8_grid(q, plan) -> int:
         if compiled:  # occupancy (registers, shared memory) of the compiled kernel
             cap = plan.q8.resident = compiled[0].max_cooperative_grid_blocks(q.threads)
         else:  # first launch: bounded by threads per SM only
-            from ._cuda_q8 import RESIDENT_THREADS
+            from .q8 import RESIDENT_THREADS
 
             sms = _k().cuda.get_current_device().MULTIPROCESSOR_COUNT
             cap = sms * max(1, RESIDENT_THREADS // q.threads)
@@ -306,12 +305,11 @@ def _step_q8(group, plan, k, s) -> None:
     b = group.buffers
     codes_w = b.get("codes_vmax", b["codes_v"])  # placeholders unless amsgrad: never touched
     absmax_w = b.get("absmax_vmax", b["absmax_v"])
-    flags = (k.lerp_small, s.decoupled_decay, s.l2_decay, s.amsgrad, s.maximize)
     key = group_key(group, s.step)  # None: v rounded to nearest
     _launch(
         q.adam_step_q8, _q8_grid(q, plan), plan.ptrs, plan.chunks, plan.offsets,
         plan.q8.block_offsets, b["codes_m"], b["codes_v"], codes_w, b["absmax_m"],
-        b["absmax_v"], absmax_w, *plan.q8.constants, *k[:10], *flags, key is not None,
+        b["absmax_v"], absmax_w, *plan.q8.constants, k, *kernel_flags(s), key is not None,
         np.uint32(key or 0), threads=q.threads,
     )  # fmt: skip
 

@@ -41,7 +41,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from ._elem import adam_elem
+from ..math import adam_elem
 
 THREADS = 256  # threads per block
 SIM_THREADS = 32  # in the simulator, where every thread is a Python thread
@@ -131,12 +131,10 @@ def build() -> SimpleNamespace:
 
     @cuda.jit
     def adam_step(
-        ptrs, chunks, offsets, m, v, vmax,
-        grad_scale, decay, weight_decay, lerp_weight, lerp_keep, beta2, one_minus_beta2,
-        neg_step_size, bc2_sqrt, eps, lerp_small,
-        decoupled_decay, l2_decay, amsgrad, maximize,
-    ):  # fmt: skip
-        """One Adam/AdamW step of every leaf of a group (block c: chunk c)."""
+        ptrs, chunks, offsets, m, v, vmax, k, decoupled_decay, l2_decay, amsgrad, maximize
+    ):
+        """One Adam/AdamW step of every leaf of a group (block c: chunk c); ``k`` is the
+        step's :class:`~adamnp.backends.math.KernelScalars`."""
         c = cuda.blockIdx.x
         leaf = chunks[c, 0]
         lo = chunks[c, 1]
@@ -150,11 +148,8 @@ def build() -> SimpleNamespace:
             e = base + i
             old_max = vmax[e] if amsgrad else zero
             p_new, m_new, v_new, max_new = elem(
-                p[i], g[i], m[e], v[e], old_max,
-                grad_scale, decay, weight_decay, lerp_weight, lerp_keep, beta2,
-                one_minus_beta2, neg_step_size, bc2_sqrt, eps, lerp_small,
-                decoupled_decay, l2_decay, amsgrad, maximize,
-            )  # fmt: skip
+                p[i], g[i], m[e], v[e], old_max, k, decoupled_decay, l2_decay, amsgrad, maximize
+            )
             p[i] = p_new
             m[e] = m_new
             v[e] = v_new
@@ -234,6 +229,16 @@ def build() -> SimpleNamespace:
     )
 
 
+def scalars_type(dtype):
+    """The Numba type of a :class:`~adamnp.backends.math.KernelScalars` of ``dtype``."""
+    from numba.cuda.typing.typeof import typeof
+
+    from ..math import KernelScalars
+
+    f = np.dtype(str(dtype)).type
+    return typeof(KernelScalars(*(f(0),) * (len(KernelScalars._fields) - 1), False))
+
+
 def signatures() -> dict:
     """``{name: (kernel, [argument types, ...])}`` for every kernel (for PTX builds)."""
     from numba.cuda import types
@@ -243,7 +248,7 @@ def signatures() -> dict:
     step, stats, filler = [], [], [(types.uint8[::1], types.uint8)]
     for f in (types.float32, types.float64):
         a = f[::1]
-        step.append((table, ints, offs, a, a, a) + (f,) * 10 + (types.boolean,) * 5)
+        step.append((table, ints, offs, a, a, a, scalars_type(f)) + (types.boolean,) * 4)
         stats.append((table, ints, offs, a, types.float64[::1], types.int32[::1]))
         filler.append((a, f))
     f32 = types.float32[::1]

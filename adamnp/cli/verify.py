@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import _cli_common as cli
-from ._tree import flatten
+from .._tree import flatten
+from . import common as cli
 
 
 def hyperparameter_sets():

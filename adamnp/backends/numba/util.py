@@ -23,7 +23,7 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-from ._elem import adam_elem
+from ..math import adam_elem
 
 CHUNK = 1 << 15  # elements per work item of a parallel kernel
 

@@ -1,6 +1,6 @@
 """Numba CPU reductions over all gradient leaves: the non-finite check and the square norm.
 
-Both run ``prange`` over the fixed chunk table of :func:`._numba_util.chunk_table` and keep one
+Both run ``prange`` over the fixed chunk table of :func:`.util.chunk_table` and keep one
 result per chunk, combined afterwards in chunk order, so the answer does not depend on the
 number of threads. Leaves are passed as data addresses plus element sizes (4 or 8 bytes), so
 float32 and float64 leaves share one call.
@@ -12,7 +12,7 @@ import numba
 import numpy as np
 from numba import prange
 
-from ._numba_util import as_pointer, jit
+from .util import as_pointer, jit
 
 _ABS32 = np.int32(0x7FFFFFFF)
 _INF32 = np.int32(0x7F800000)

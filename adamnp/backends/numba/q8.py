@@ -1,0 +1,208 @@
+"""Numba CPU kernel of the fused multi-tensor 8-bit step.
+
+One call of :func:`step_q8` updates every leaf of an 8-bit
+:class:`~adamnp._state.LeafGroup`. ``prange`` runs over a table of chunks ``(leaf, start,
+stop)`` whose starts are multiples of the block size, so every chunk holds whole quantization
+blocks (the leaf's last block may be partial). Each block is two passes over L1-resident data:
+
+1. *update*: dequantize ``m`` and ``v`` (and amsgrad's ``vmax``) with the old absmax
+   (``map[code] * absmax``, one table lookup each), run
+   :func:`~adamnp.backends.math.adam_elem` inlined, write ``p``, keep the new moments in a
+   scratch of one block, and take their new absmax as an integer max over the bits of
+   ``|x|`` (vectorizes; a float max does not; a result ``>= 0x7F800000`` means NaN or Inf in
+   the block);
+2. *requantize*: ``code = quantize(x / absmax)``, the nearest map value (absmax 0 divides
+   by 1, giving the zero code). A block holding NaN or Inf stores absmax NaN and the map's
+   zero code everywhere.
+
+Memory traffic per element: read ``p``, ``g`` and two codes, write ``p`` and two codes
+(16 bytes against 28 for float32 moments). The scratch (at most ``6 * block_size`` float32)
+is allocated once per chunk; nothing proportional to the leaves. The order of operations is
+the reference's (:func:`adamnp.backends.numpy.step_group`), without fast-math, so params and
+absmax equal it bit for
+bit and codes are identical, whatever the number of threads.
+
+Two kernels, the same bits. :func:`step_q8_simd` runs where the CPU has AVX-512 VBMI
+(:data:`~.avx512.HAVE_VBMI`, e.g. Zen 4, Ice Lake and later): its map lookups are
+``vpermi2b`` byte-plane permutes (:func:`~.avx512.dequant64`) and its requantization is
+the decade arithmetic of :mod:`adamnp.lowbit.decades` (:func:`~.avx512.requant64`), with the rare
+flagged value redone by the exact table lookup; no gathers. :func:`step_q8` runs elsewhere:
+LLVM turns its four table lookups per element (two ``map[code]``, two quantizer table
+entries) into gathers only if it knows that the tables do not alias the arrays being written.
+Numba's parallel backend declares the arguments of the outlined loop body ``noalias`` only
+when its alias analysis finds nothing there: no slice, and no tuple unpacked into
+non-numeric values (it counts booleans and tuples as possible aliases). So the loop body
+indexes the state buffers at unsigned offsets (no slicing, and no negative-index wraparound
+check), reads the kernel scalars by attribute and gets the flags as separate arguments;
+``tests/test_numba_cpu.py`` checks the assembly of both kernels. Either kernel is bound by
+its arithmetic (lookups, two divisions and a square root per element), not by memory, where
+the float32 step is memory-bound; see ``docs/backends.md`` for measured numbers.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from numba import prange
+
+from .quant import quantize_scaled, round_stochastic
+from .util import CHUNK, as_pointer, elem, jit
+
+_SIGN_OFF = np.int32(0x7FFFFFFF)
+_INF_BITS = np.int32(0x7F800000)
+
+
+@jit(inline="always")
+def _abs_bits(x):
+    """The bits of ``|x|`` as int32 (monotone in ``|x|``; NaN and Inf above 0x7F7FFFFF)."""
+    return np.int32(np.float32(x).view(np.int32) & _SIGN_OFF)
+
+
+@jit(inline="always")
+def _update_block(p, g, s, n, codes_m, codes_v, codes_x, e, am, av, ax, sm, sv, sx, map_m, map_v,
+                  k, decoupled, l2, amsgrad, maximize):  # fmt: skip
+    """Pass 1 over the ``n`` elements of one block; returns the new absmax bits of each moment.
+
+    The block is ``p[s:s + n]``, ``g[s:s + n]`` and ``codes_*[e:e + n]``; the new moments go
+    to ``sm``, ``sv`` and ``sx``. Offsets are added to unsigned loop indices instead of slicing:
+    a slice inside the parallel loop makes Numba drop the ``noalias`` attributes that let LLVM
+    vectorize the map lookups (gathers) next to the stores.
+    """
+    s = np.uint64(s)
+    e = np.uint64(e)
+    xm = np.int32(0)
+    xv = np.int32(0)
+    xx = np.int32(0)
+    if amsgrad:
+        for i in range(np.uint64(0), np.uint64(n)):
+            m0 = map_m[codes_m[e + i]] * am
+            v0 = map_v[codes_v[e + i]] * av
+            x0 = map_v[codes_x[e + i]] * ax
+            p[s + i], m, v, x = elem(
+                p[s + i], g[s + i], m0, v0, x0, k, decoupled, l2, True, maximize
+            )
+            sm[i], sv[i], sx[i] = m, v, x
+            xm = max(xm, _abs_bits(m))
+            xv = max(xv, _abs_bits(v))
+            xx = max(xx, _abs_bits(x))
+    else:
+        for i in range(np.uint64(0), np.uint64(n)):
+            m0 = map_m[codes_m[e + i]] * am
+            v0 = map_v[codes_v[e + i]] * av
+            p[s + i], m, v, _ = elem(
+                p[s + i], g[s + i], m0, v0, m0, k, decoupled, l2, False, maximize
+            )
+            sm[i], sv[i] = m, v
+            xm = max(xm, _abs_bits(m))
+            xv = max(xv, _abs_bits(v))
+    return xm, xv, xx
+
+
+@jit(inline="always")
+def _requantize(x, n, bits, codes, e, absmax, b, zero, table, shift, lo, nb):
+    """Pass 2: store block ``b``'s absmax (from ``bits``) and the codes of ``x[:n]``."""
+    e = np.uint64(e)
+    if bits >= _INF_BITS:  # NaN or Inf in the block: keep it visible as absmax NaN
+        absmax[b] = np.float32(np.nan)
+        for i in range(np.uint64(0), np.uint64(n)):
+            codes[e + i] = zero
+        return
+    scale = np.int32(bits).view(np.float32)
+    absmax[b] = scale
+    if bits == 0:
+        scale = np.float32(1.0)
+    for i in range(np.uint64(0), np.uint64(n)):
+        codes[e + i] = quantize_scaled(x[i] / scale, table, shift, lo, nb)
+
+
+@jit(parallel=True)
+def step_q8(
+    table, leaf_ids, offsets, block_offsets, block_size, p_addr, g_addr,
+    codes, absmax, map_m, map_v, quant_m, quant_v, zeros, k, flags, stochastic, key,
+):  # fmt: skip
+    """Update all chunks of ``table`` in place.
+
+    ``p_addr``/``g_addr`` hold the data addresses of all leaves of the tree, ``leaf_ids`` maps
+    a group's leaf to its tree index, ``offsets`` and ``block_offsets`` locate it in the code
+    buffers ``codes = (m, v, vmax)`` and absmax buffers ``absmax = (m, v, vmax)`` (the vmax
+    entries are empty unless amsgrad). ``map_m``/``map_v`` are the 256-value maps, ``quant_m``
+    and ``quant_v`` their ``(table, shift, lo, nb)`` lookup tables, ``zeros`` the codes of 0.0
+    in each map; ``k`` are the :class:`~adamnp.backends.math.KernelScalars` and ``flags =
+    (decoupled_decay, l2_decay, amsgrad, maximize)``. With ``stochastic`` the codes of ``v``
+    are then rounded stochastically (:mod:`adamnp.lowbit.stochastic`) with the step's hash
+    ``key``. Chunk
+    starts must be multiples of ``block_size``. The loop body creates no array views (see
+    :func:`_update_block`).
+    """
+    decoupled, l2, amsgrad, maximize = flags
+    codes_m, codes_v, codes_x = codes
+    absmax_m, absmax_v, absmax_x = absmax
+    tm, shm, lom, nbm = quant_m
+    tv, shv, lov, nbv = quant_v
+    zero_m, zero_v = zeros
+    width = block_size if amsgrad else 0
+    map_v_at = map_v.ctypes.data
+    for c in prange(table.shape[0]):
+        j, lo, hi = table[c, 0], table[c, 1], table[c, 2]
+        sm = np.empty(block_size, np.float32)
+        sv = np.empty(block_size, np.float32)
+        sx = np.empty(width, np.float32)
+        p = numba.carray(as_pointer(p_addr[leaf_ids[j]] + lo * 4, np.float32), hi - lo)
+        g = numba.carray(as_pointer(g_addr[leaf_ids[j]] + lo * 4, np.float32), hi - lo)
+        b = block_offsets[j] + lo // block_size
+        for s in range(0, hi - lo, block_size):
+            n = min(block_size, hi - lo - s)
+            e = offsets[j] + lo + s
+            xm, xv, xx = _update_block(
+                p, g, s, n, codes_m, codes_v, codes_x, e, absmax_m[b], absmax_v[b],
+                absmax_x[b] if amsgrad else np.float32(0), sm, sv, sx, map_m, map_v, k,
+                decoupled, l2, amsgrad, maximize,
+            )  # fmt: skip
+            _requantize(sm, n, xm, codes_m, e, absmax_m, b, zero_m, tm, shm, lom, nbm)
+            _requantize(sv, n, xv, codes_v, e, absmax_v, b, zero_v, tv, shv, lov, nbv)
+            if stochastic and xv < _INF_BITS:
+                # the map through a pointer: map_v itself passed here makes Numba drop the
+                # loop body's noalias (every loop of this kernel then stays scalar, 3x slower)
+                qmap = numba.carray(as_pointer(map_v_at, np.float32), 256)
+                round_stochastic(sv, 0, n, absmax_v[b] if xv else np.float32(1), codes_v, e,
+                                 qmap, key)  # fmt: skip
+            if amsgrad:
+                _requantize(sx, n, xx, codes_x, e, absmax_x, b, zero_v, tv, shv, lov, nbv)
+            b += 1
+
+
+@jit()
+def _traffic_q8_chunk(p, g, codes_m, codes_v):
+    for i in range(p.size):
+        p[i] = p[i] + g[i]
+        codes_m[i] = codes_m[i] + np.uint8(1)
+        codes_v[i] = codes_v[i] + np.uint8(1)
+
+
+@jit(parallel=True)
+def _traffic_q8(p, g, codes_m, codes_v, chunk):
+    n = p.size
+    for c in prange((n + chunk - 1) // chunk):
+        lo = c * chunk
+        hi = min(lo + chunk, n)
+        _traffic_q8_chunk(p[lo:hi], g[lo:hi], codes_m[lo:hi], codes_v[lo:hi])
+
+
+def traffic_kernel_q8(p, g, codes_m, codes_v) -> None:
+    """Move the element bytes of an 8-bit step without its math: ``p += g; codes += 1``.
+
+    Reads ``p``, ``g`` and two uint8 code arrays and writes ``p`` and the codes (16 bytes per
+    element; the absmax traffic, 16 bytes per block, is left out) with the chunking of
+    :func:`step_q8`. The 8-bit step time over this kernel's says how far the step is from
+    the memory bandwidth.
+
+    Examples
+    --------
+    >>> p, g = np.ones(5, np.float32), np.ones(5, np.float32)
+    >>> cm, cv = np.zeros(5, np.uint8), np.full(5, 255, np.uint8)
+    >>> traffic_kernel_q8(p, g, cm, cv)
+    >>> p, cm.tolist(), cv.tolist()
+    (array([2., 2., 2., 2., 2.], dtype=float32), [1, 1, 1, 1, 1], [0, 0, 0, 0, 0])
+    """
+    flat = (x.reshape(-1) for x in (p, g, codes_m, codes_v))
+    _traffic_q8(*flat, CHUNK)
