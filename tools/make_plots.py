@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the checkout's adamnp, even when another copy is installed
 
 from adamnp.cli import bench as _bench  # noqa: E402
-from adamnp.cli import common as _cli_common
+from adamnp.cli import common as _cli_common  # noqa: E402
 from adamnp.cli.demo import train  # noqa: E402
 from adamnp.cli.problems import PROBLEMS  # noqa: E402
 
