@@ -18,14 +18,6 @@ from .backends.math import host_scalars
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
-def _is_device_array(a) -> bool:
-    """CUDA memory: ``__cuda_array_interface__`` (CuPy, PyTorch, Numba) or a Numba device
-    array (including the CUDA simulator's, which have no such interface)."""
-    if isinstance(a, np.ndarray):
-        return False
-    return hasattr(a, "__cuda_array_interface__") or bool(getattr(a, "__cuda_ndarray__", False))
-
-
 def _dtype_shape(a) -> tuple[np.dtype, tuple]:
     """dtype and shape of a leaf; device arrays report them through their CUDA interface
     (a PyTorch tensor's ``dtype`` is not a NumPy dtype)."""
@@ -35,28 +27,11 @@ def _dtype_shape(a) -> tuple[np.dtype, tuple]:
     return np.dtype(a.dtype), tuple(int(d) for d in a.shape)
 
 
-def _resolve_backend(name: str, leaves: list) -> str:
-    if name != "auto":
-        be = backends.get(name)
-        why = be.availability()
-        if why is not None:
-            raise RuntimeError(f"backend {name!r} cannot run here: {why}")
-        return name
-    if any(_is_device_array(a) for a in leaves):
-        why = backends.get("cuda").availability()
-        if why is not None:
-            raise RuntimeError(
-                f"params hold CUDA device arrays, but the 'cuda' backend cannot run here: {why}"
-            )
-        return "cuda"
-    return "numba" if backends.available("numba") else "numpy"
-
-
 def _leaf_error(path: str, a, be, role: str, shape=None, dtype=None) -> Exception | None:
     """The first problem with leaf ``a`` (named ``path``), or None."""
     if not be.owns(a):
-        if isinstance(a, np.ndarray) or _is_device_array(a):
-            where = "a CUDA device array" if _is_device_array(a) else "a host NumPy array"
+        if isinstance(a, np.ndarray) or backends.is_device_array(a):
+            where = "a CUDA device array" if backends.is_device_array(a) else "a host NumPy array"
             return TypeError(
                 f"{path} is {where}, but this state uses the {be.NAME!r} backend; "
                 "keep every leaf in one memory space and pick the matching backend "
@@ -169,7 +144,7 @@ def init(
             f"got {type(config).__name__}"
         )
     leaves, treedef, paths = flatten(params)
-    name = _resolve_backend(backend, leaves)
+    name = backends.resolve(backend, leaves)
     be = backends.get(name)
     for path, a in zip(paths, leaves):
         err = _leaf_error(path, a, be, "params")

@@ -85,7 +85,7 @@ def traffic_function(backend: str):
 
     candidates = [backend] + (["numba"] if backend in ("numpy", "torch") else [])
     for name in candidates:
-        if cli.why_unavailable(name) is None:
+        if backends.why_unavailable(name) is None:
             kernel = getattr(backends.get(name), "traffic_kernel", None)
             if kernel is not None:
                 return kernel, name

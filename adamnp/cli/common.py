@@ -15,27 +15,9 @@ CHOICES = ("auto", "all", *backends.NAMES)
 EIGHT_BIT_ERRORS = (ImportError, NotImplementedError)  # 8-bit state not built into this copy
 
 
-def why_unavailable(name: str) -> str | None:
-    """None when backend ``name`` runs here, else a short reason.
-
-    Examples
-    --------
-    >>> why_unavailable("numpy") is None
-    True
-    """
-    try:
-        module = backends.get(name)
-    except ImportError as exc:
-        return f"not included in this installation ({exc})"
-    try:
-        return module.availability()
-    except Exception as exc:  # a broken driver must not break the whole command
-        return f"availability check failed: {type(exc).__name__}: {exc}"
-
-
 def host_auto() -> str:
     """The backend ``adamnp.init(backend="auto")`` picks for host (NumPy) arrays."""
-    return "numba" if why_unavailable("numba") is None else "numpy"
+    return backends.resolve("auto")
 
 
 def select(spec: str, *, with_reference: bool = True) -> tuple[list[str], dict[str, str]]:
@@ -55,7 +37,7 @@ def select(spec: str, *, with_reference: bool = True) -> tuple[list[str], dict[s
     wanted = {"all": list(backends.NAMES), "auto": [host_auto()]}.get(spec, [spec])
     run, skipped = [], {}
     for name in wanted:
-        why = why_unavailable(name)
+        why = backends.why_unavailable(name)
         if why is None:
             run.append(name)
         else:
