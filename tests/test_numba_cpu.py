@@ -312,7 +312,7 @@ def test_hot_loops_are_simd_and_fma_free(tmp_path, cpu):
             print(name, *ops)
             # without the quantizer's functions, whose fast path fuses on purpose (fma32)
             parts = re.split(r"^(_ZN\\S*):\\s*$", asm, flags=re.M)
-            quantizer = re.compile("turn_over|requantize_into|stochastic_into|dequantize_into")
+            quantizer = re.compile("turn_over|requantize_block|round_block_stochastic|dequantize_block")
             update = "".join(
                 body for label, body in zip(parts[1::2], parts[2::2])
                 if not quantizer.search(label)
@@ -388,7 +388,7 @@ def test_vbmi_kernel_compiles_for_an_avx512_vbmi_target(tmp_path, amsgrad):
         asm = kernel.inspect_asm(sig)
         pattern = re.compile(r"^\\s+v(permi2b|permt2b|gather\\w+|divps|sqrtps|fn?madd\\w*)\\s", re.M)
         parts = re.split(r"^(_ZN\\S*):\\s*$", asm, flags=re.M)
-        quantizer = re.compile("turn_over|requantize_into|stochastic_into|dequantize_into")
+        quantizer = re.compile("turn_over|requantize_block|round_block_stochastic|dequantize_block")
         update = parts[0] + "".join(
             body for label, body in zip(parts[1::2], parts[2::2]) if not quantizer.search(label)
         )

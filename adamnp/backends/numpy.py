@@ -20,7 +20,7 @@ from ..lowbit.stochastic import group_key
 from .math import KernelScalars, kernel_scalars
 
 NAME = "numpy"
-CHUNK = 1 << 15  # elements per chunk: temporaries stay in cache
+CHUNK = 1 << 15  # elements per chunk (temporaries stay in cache); the Numba kernels' work item
 
 
 def availability() -> str | None:

@@ -77,13 +77,9 @@ class Mover:
         """Wait for queued device work (CUDA), so that timings are honest."""
         if self.on_host:
             return
-        sync = getattr(self.module, "synchronize", None)
+        sync = getattr(self.module, "synchronize", None)  # the CUDA backend has one
         if sync is not None:
             sync()
-        elif self.name == "cuda":
-            from numba import cuda
-
-            cuda.synchronize()
 
 
 def table(headers: list[str], rows: list[list], right: set[int] | None = None) -> str:

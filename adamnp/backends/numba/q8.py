@@ -99,7 +99,7 @@ def _update_block(p, g, s, n, codes_m, codes_v, codes_x, e, am, av, ax, sm, sv, 
 
 
 @jit(inline="always")
-def _requantize(x, n, bits, codes, e, absmax, b, zero, table, shift, lo, nb):
+def _requantize_gather(x, n, bits, codes, e, absmax, b, zero, table, shift, lo, nb):
     """Pass 2: store block ``b``'s absmax (from ``bits``) and the codes of ``x[:n]``."""
     e = np.uint64(e)
     if bits >= _INF_BITS:  # NaN or Inf in the block: keep it visible as absmax NaN
@@ -158,8 +158,8 @@ def step_q8(
                 absmax_x[b] if amsgrad else np.float32(0), sm, sv, sx, map_m, map_v, k,
                 decoupled, l2, amsgrad, maximize,
             )  # fmt: skip
-            _requantize(sm, n, xm, codes_m, e, absmax_m, b, zero_m, tm, shm, lom, nbm)
-            _requantize(sv, n, xv, codes_v, e, absmax_v, b, zero_v, tv, shv, lov, nbv)
+            _requantize_gather(sm, n, xm, codes_m, e, absmax_m, b, zero_m, tm, shm, lom, nbm)
+            _requantize_gather(sv, n, xv, codes_v, e, absmax_v, b, zero_v, tv, shv, lov, nbv)
             if stochastic and xv < _INF_BITS:
                 # the map through a pointer: map_v itself passed here makes Numba drop the
                 # loop body's noalias (every loop of this kernel then stays scalar, 3x slower)
@@ -167,7 +167,7 @@ def step_q8(
                 round_stochastic(sv, 0, n, absmax_v[b] if xv else np.float32(1), codes_v, e,
                                  qmap, key)  # fmt: skip
             if amsgrad:
-                _requantize(sx, n, xx, codes_x, e, absmax_x, b, zero_v, tv, shv, lov, nbv)
+                _requantize_gather(sx, n, xx, codes_x, e, absmax_x, b, zero_v, tv, shv, lov, nbv)
             b += 1
 
 

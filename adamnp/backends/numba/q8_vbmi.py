@@ -58,7 +58,7 @@ def _view(address, like, n):
 
 
 @jit(inline="always")
-def _dequantize(codes_at, e, n, planes_at, map_at, scale, out, o):
+def _dequantize_inline(codes_at, e, n, planes_at, map_at, scale, out, o):
     out_at = out.ctypes.data
     whole = n & ~np.uint64(63)
     for j in range(np.uint64(0), whole, np.uint64(64)):
@@ -70,7 +70,7 @@ def _dequantize(codes_at, e, n, planes_at, map_at, scale, out, o):
 
 
 @jit(inline="always")
-def _requantize(x, o, n, scale, codes_at, e, zero, decades, quant, nonneg):
+def _requantize_inline(x, o, n, scale, codes_at, e, zero, decades, quant, nonneg):
     x_at, codes = x.ctypes.data, _view(codes_at, np.uint8, e + n)
     table_at, size, shift, lo, nb = quant
     table = _view(table_at, np.int32, size)
@@ -84,18 +84,18 @@ def _requantize(x, o, n, scale, codes_at, e, zero, decades, quant, nonneg):
 
 
 @jit()
-def dequantize_into(codes_at, e, n, planes_at, map_at, scale, out, o):
+def dequantize_block(codes_at, e, n, planes_at, map_at, scale, out, o):
     """``out[o:o + n] = map[codes[e:e + n]] * scale`` by in-register lookups (AVX-512 VBMI).
 
     :func:`~.avx512.dequant64` for each 64 codes, a plain loop for the last ``n % 64``.
     ``codes_at``, ``planes_at`` and ``map_at`` are the data addresses of the codes (uint8),
     the map's byte planes and the map (256 float32); offsets and ``n`` are uint64.
     """
-    _dequantize(codes_at, e, n, planes_at, map_at, scale, out, o)
+    _dequantize_inline(codes_at, e, n, planes_at, map_at, scale, out, o)
 
 
 @jit()
-def requantize_into(x, o, n, scale, codes_at, e, zero, decades, quant, nonneg):
+def requantize_block(x, o, n, scale, codes_at, e, zero, decades, quant, nonneg):
     """``codes[e:e + n]`` = the codes of ``x[o:o + n] / scale`` (AVX-512 VBMI).
 
     :func:`requant_group` for each 64 values, the exact table lookup for the last ``n % 64``;
@@ -103,7 +103,7 @@ def requantize_into(x, o, n, scale, codes_at, e, zero, decades, quant, nonneg):
     (address, size, shift, lo, nb)`` the exact quantizer's table and parameters
     (:func:`~adamnp.lowbit.exact.build_quant_tables`). Offsets and ``n`` are uint64.
     """
-    _requantize(x, o, n, scale, codes_at, e, zero, decades, quant, nonneg)
+    _requantize_inline(x, o, n, scale, codes_at, e, zero, decades, quant, nonneg)
 
 
 @jit()
@@ -111,29 +111,29 @@ def turn_over(sm, sv, prv, bs, redo, scales, cur, n, scales_now, e, codes_at, ze
               quants, planes, maps_at):  # fmt: skip
     """One call per block of the 8-bit step for both moments: finish one block, open the next.
 
-    First :func:`requantize_into` the previous block (``bs`` values at ``x[prv:]``, codes from
+    First :func:`requantize_block` the previous block (``bs`` values at ``x[prv:]``, codes from
     ``e - bs``) where ``redo = (m?, v?)`` with its divisors ``scales``, then
-    :func:`dequantize_into` the ``n`` codes from ``e`` (none when ``n`` is 0) to ``x[cur:]``
+    :func:`dequantize_block` the ``n`` codes from ``e`` (none when ``n`` is 0) to ``x[cur:]``
     with the absmax ``scales_now``; ``x`` is ``sm`` for m (signed map) and ``sv`` for v. The
     other arguments are pairs (m, v) of the arguments of those functions. One call instead of
     four: each call pushes its arguments and saves registers.
     """
     if redo[0]:
-        _requantize(sm, prv, bs, scales[0], codes_at[0], e - bs, zeros[0], decades[0],
+        _requantize_inline(sm, prv, bs, scales[0], codes_at[0], e - bs, zeros[0], decades[0],
                     quants[0], False)  # fmt: skip
     if redo[1]:
-        _requantize(sv, prv, bs, scales[1], codes_at[1], e - bs, zeros[1], decades[1],
+        _requantize_inline(sv, prv, bs, scales[1], codes_at[1], e - bs, zeros[1], decades[1],
                     quants[1], True)  # fmt: skip
     if n:
-        _dequantize(codes_at[0], e, n, planes[0], maps_at[0], scales_now[0], sm, cur)
-        _dequantize(codes_at[1], e, n, planes[1], maps_at[1], scales_now[1], sv, cur)
+        _dequantize_inline(codes_at[0], e, n, planes[0], maps_at[0], scales_now[0], sm, cur)
+        _dequantize_inline(codes_at[1], e, n, planes[1], maps_at[1], scales_now[1], sv, cur)
 
 
 @jit()
-def stochastic_into(x, o, n, scale, codes_at, e, planes_at, map_at, key, t):
+def round_block_stochastic(x, o, n, scale, codes_at, e, planes_at, map_at, key, t):
     """:func:`round_stochastic` with in-register lookups (AVX-512 VBMI).
 
-    Arguments as in :func:`requantize_into`; ``planes_at`` holds the addresses of the byte
+    Arguments as in :func:`requantize_block`; ``planes_at`` holds the addresses of the byte
     planes of the map and of its two :func:`~adamnp.lowbit.stochastic.gap_tables`, ``map_at``
     that of the
     map. :func:`~.avx512.dequant64` looks up all three for 64 codes at a time into
@@ -226,7 +226,7 @@ def step_q8_simd(
     are bit for bit those of :func:`step_q8`.
 
     Block ``i - 1`` is requantized right before block ``i`` is dequantized and updated (its
-    new absmax is known by then), in one call per block (:func:`~.quant.turn_over`),
+    new absmax is known by then), in one call per block (:func:`turn_over`),
     and p, g and the codes two blocks ahead are prefetched into L2; the scratch holds two
     blocks. The vector code lives in the called functions of :mod:`.quant`, not
     inlined: inlined at every call site it made the first compilation of this kernel take
@@ -289,10 +289,10 @@ def step_q8_simd(
                 _prefetch_lines(codes_at[0] + base + pf, bs)
                 _prefetch_lines(codes_at[1] + base + pf, bs)
             if rq_v and stochastic:
-                stochastic_into(sv, prv, bs, sc_v, codes_at[1], e - bs, planes_sr, maps_at[1],
-                                key, sr_scratch)  # fmt: skip
+                round_block_stochastic(sv, prv, bs, sc_v, codes_at[1], e - bs, planes_sr,
+                                       maps_at[1], key, sr_scratch)  # fmt: skip
             if rq_x:
-                requantize_into(sx, prv, bs, sc_x, codes_at[2], e - bs, zero_v, dec_v, q_v, True)
+                requantize_block(sx, prv, bs, sc_x, codes_at[2], e - bs, zero_v, dec_v, q_v, True)
             if last:
                 break
             xm = np.int32(0)
@@ -300,7 +300,7 @@ def step_q8_simd(
             xx = np.int32(0)
             if amsgrad:
                 ax = absmax_x[b]
-                dequantize_into(codes_at[2], e, n, planes_v, maps_at[1], ax, sx, cur)
+                dequantize_block(codes_at[2], e, n, planes_v, maps_at[1], ax, sx, cur)
                 for i in range(cur, cur + n):
                     q = s + i - cur
                     p[q], m, v, x = elem(
@@ -326,16 +326,16 @@ def step_q8_simd(
                 rq_x, sc_x = _close_block(xx, absmax_x, b, codes_x, e, n, zero_v)
             if n < bs:  # a partial block is a leaf's last: its codes now
                 if rq_m:
-                    requantize_into(sm, cur, n, sc_m, codes_at[0], e, zero_m,
+                    requantize_block(sm, cur, n, sc_m, codes_at[0], e, zero_m,
                                     dec_m, q_m, False)  # fmt: skip
                 if rq_v:
-                    requantize_into(sv, cur, n, sc_v, codes_at[1], e, zero_v,
+                    requantize_block(sv, cur, n, sc_v, codes_at[1], e, zero_v,
                                     dec_v, q_v, True)  # fmt: skip
                     if stochastic:
-                        stochastic_into(sv, cur, n, sc_v, codes_at[1], e, planes_sr,
+                        round_block_stochastic(sv, cur, n, sc_v, codes_at[1], e, planes_sr,
                                         maps_at[1], key, sr_scratch)  # fmt: skip
                 if rq_x:
-                    requantize_into(sx, cur, n, sc_x, codes_at[2], e, zero_v,
+                    requantize_block(sx, cur, n, sc_x, codes_at[2], e, zero_v,
                                     dec_v, q_v, True)  # fmt: skip
                 break
             b += 1

@@ -24,8 +24,7 @@ from numba import types
 from numba.extending import intrinsic
 
 from ..math import adam_elem
-
-CHUNK = 1 << 15  # elements per work item of a parallel kernel
+from ..numpy import CHUNK  # elements per work item: the reference's chunk
 
 
 def jit(parallel: bool = False, cache: bool = True, **options):
