@@ -71,7 +71,7 @@ def quantize_bits(bits, table, shift, lo, nb):
     191
     """
     # The np.int32 casts keep the arithmetic 32-bit: Numba widens int32 operations to int64,
-    # which halves the SIMD lanes (measured 2-3x slower); the unsigned index skips Numba's
+    # which halves the SIMD lanes (docs/backends.md); the unsigned index skips Numba's
     # negative-index wraparound, which would turn the table load into extra vector work.
     sign = np.int32(bits >> 31) & 1
     a = np.int32(bits & 0x7FFFFFFF)

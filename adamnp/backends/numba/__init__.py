@@ -136,7 +136,7 @@ def _leaf_table(arrays):
     return int(sizes.sum()), table, data_addresses(arrays), itemsize
 
 
-PARALLEL_MIN = 1 << 16  # elements of work per extra thread (waking one costs ~10-50 us)
+PARALLEL_MIN = 1 << 16  # elements of work per extra thread (waking one costs; docs/backends.md)
 
 
 def _launch(kernel, work: int, *args):

@@ -380,10 +380,8 @@ The second moments are never negative (nor -0.0), so the sign handling can go; a
 def prefetch(typingctx, address):
     """``prefetch(address)``: ask for the cache line at ``address`` to be loaded into L2 (a hint).
 
-    ``prefetcht1`` (locality 2), not into L1: in the 8-bit step at 1.6e7 and 6.4e7 elements
-    that was 5 - 8% faster than ``prefetcht0`` (same process, interleaved), and no slower at
-    1e6; with no software prefetch at all the step was as slow as with ``prefetcht0`` or
-    slower.
+    ``prefetcht1`` (locality 2), not into L1: the 8-bit step measured faster so (numbers in
+    docs/backends.md, "Measurements behind the code").
     """
     if not isinstance(address, types.Integer):
         return None

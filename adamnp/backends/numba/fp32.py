@@ -4,8 +4,8 @@ One call of :func:`step_fp32` updates every leaf of a :class:`~adamnp._state.Lea
 ``prange`` runs over a table of chunks ``(leaf, start, stop)``; each chunk is one pass over its
 elements reading ``p, g, m, v`` (and ``vmax``) and writing ``p, m, v`` (and ``vmax``), with
 :func:`~adamnp.backends.math.adam_elem` inlined into a SIMD loop. Flags are runtime booleans
-(one compiled variant per dtype; LLVM keeps the loop-invariant branches out of the arithmetic,
-measured within 3% of constant flags); only ``amsgrad`` selects between two loops, because it
+(one compiled variant per dtype; LLVM keeps the loop-invariant branches out of the arithmetic;
+docs/backends.md has the measurement); only ``amsgrad`` selects between two loops, because it
 adds a stream of memory. ``_update`` is inlined by Numba rather than compiled separately, which
 keeps a single copy of each loop and cuts the cold compile time.
 """

@@ -162,7 +162,7 @@ def step_q8(
             _requantize_gather(sv, n, xv, codes_v, e, absmax_v, b, zero_v, tv, shv, lov, nbv)
             if stochastic and xv < _INF_BITS:
                 # the map through a pointer: map_v itself passed here makes Numba drop the
-                # loop body's noalias (every loop of this kernel then stays scalar, 3x slower)
+                # loop body's noalias (every loop of this kernel then stays scalar)
                 qmap = numba.carray(as_pointer(map_v_at, np.float32), 256)
                 round_stochastic(sv, 0, n, absmax_v[b] if xv else np.float32(1), codes_v, e,
                                  qmap, key)  # fmt: skip

@@ -47,10 +47,10 @@ def requant_group(x, x_at, o, scale, inverse, codes, codes_at, e, zero, decades,
 
 # The block functions below are compiled once and called (not inlined) by the 8-bit step
 # kernel: inlining their vector code at each of its call sites made the kernel's first
-# compilation take 30 s instead of a few. They take data addresses instead of arrays except
-# for the scratch they read or write, which must stay an argument so that the kernel keeps it
-# alive up to the call: Numba passes an array as seven machine words, and pushing three of
-# them per call cost the step about 3% (profile of the kernel at 1e6 elements).
+# compilation far slower. They take data addresses instead of arrays except for the scratch
+# they read or write, which must stay an argument so that the kernel keeps it alive up to the
+# call: Numba passes an array as seven machine words, and pushing them per call cost the step
+# measurably (docs/backends.md, "Measurements behind the code").
 @jit(inline="always")
 def _view(address, like, n):
     """The ``n`` elements of type ``like`` at ``address``, as an array (no copy, no owner)."""
@@ -180,7 +180,7 @@ def quantize_blockwise_simd(x, block_size, table, shift, lo, nb, codes, absmax, 
             continue
         inverse = np.float32(1) / scale
         whole = start + ((stop - start) & ~np.uint64(63))
-        for o in range(start, whole, np.uint64(64)):  # inlined here: a call per block costs 30%
+        for o in range(start, whole, np.uint64(64)):  # inlined here: a call per block is slower
             requant_group(x, x_at, o, scale, inverse, codes, codes_at, o, zero, decades, table,
                           shift, lo, nb, False)  # fmt: skip
         for i in range(whole, stop):
@@ -228,9 +228,8 @@ def step_q8_simd(
     Block ``i - 1`` is requantized right before block ``i`` is dequantized and updated (its
     new absmax is known by then), in one call per block (:func:`turn_over`),
     and p, g and the codes two blocks ahead are prefetched into L2; the scratch holds two
-    blocks. The vector code lives in the called functions of :mod:`.quant`, not
-    inlined: inlined at every call site it made the first compilation of this kernel take
-    30 s.
+    blocks. The vector code lives in the called block functions above, not inlined: inlined
+    at every call site it made the first compilation of this kernel far slower.
     """
     decoupled, l2, amsgrad, maximize = flags
     codes_m, codes_v, codes_x = codes

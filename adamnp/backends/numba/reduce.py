@@ -51,7 +51,7 @@ def first_nonfinite(table, addr, itemsize):
 def _sum_squares(x):
     """Sum of ``float64(x[i])**2`` in eight interleaved partial sums, in a fixed order.
 
-    Eight independent sums hide the latency of the additions (about 3x faster than one sum);
+    Eight independent sums hide the latency of the additions (docs/backends.md);
     LLVM does not vectorize them without reassociation, which would make the order depend on
     the vector width.
     """

@@ -7,8 +7,8 @@ Multi-tensor kernels receive the leaves of a tree as an ``int64`` array of data 
 leaves and a few large ones alike and every result is independent of the number of threads.
 
 Reading the addresses is the only per-leaf work left in Python. ``ndarray.ctypes.data`` and
-``__array_interface__`` each cost about 1 us per array, so :func:`data_addresses` reads the
-``data`` field of NumPy's ``PyArrayObject`` (the pointer right after the object header, part
+``__array_interface__`` each cost a Python call per array, so :func:`data_addresses` reads
+the ``data`` field of NumPy's ``PyArrayObject`` (the pointer right after the object header, part
 of NumPy's public C struct) for all leaves in one compiled loop. The field offset is verified
 against ``__array_interface__`` at import; if the check fails the slow, portable path is used.
 """
