@@ -6,8 +6,8 @@ Usage (needs matplotlib, the ``docs`` extra)::
     python tools/make_plots.py --only throughput --sizes 1e3,1e5,1e7
 
 convergence.png: full-data loss against the optimizer step for the demo problems
-(``adamnp._problems``), float32 vs 8-bit state, one line per available backend.
-throughput.png: GB/s of ``adamnp.step`` (byte model of ``adamnp._bench``) against the leaf
+(``adamnp.cli.problems``), float32 vs 8-bit state, one line per available backend.
+throughput.png: GB/s of ``adamnp.step`` (byte model of ``adamnp.cli.bench``) against the leaf
 size, per backend and state size, with the traffic kernel (same bytes, no math) as the
 ceiling, and torch's fused CPU AdamW when torch is installed.
 """

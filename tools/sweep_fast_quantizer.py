@@ -1,8 +1,8 @@
 """Check the quantizer's fast path against the exact one on every float32 in [-1, 1].
 
 For both dynamic maps, every float32 bit pattern ``s`` with ``|s| <= 1`` (2 x 1.07e9) goes
-through :func:`adamnp.backends._numba_simd.fast_code` and the exact table lookup
-:func:`adamnp.backends._q8_elem.quantize_bits`; an unflagged pattern whose codes differ is a
+through :func:`adamnp.backends.numba.avx512.fast_code` and the exact table lookup
+:func:`adamnp.lowbit.exact.quantize_bits`; an unflagged pattern whose codes differ is a
 failure. Prints the counts; exits non-zero on any mismatch. About 30 s on 2 cores:
 
     python tools/sweep_fast_quantizer.py
