@@ -36,7 +36,7 @@ class _Device:
 def _ptx(name: str, cc: tuple, exact: bool = True) -> list[str]:
     from numba import cuda
 
-    k = _cuda_kernels().build()
+    k = _fp32().build()
     assert not k.sim, "the PTX tests must not run under NUMBA_ENABLE_CUDASIM"
     kernel, sigs = _signatures()[name]
     with k.exact_arithmetic() if exact else contextlib.nullcontext():
@@ -46,16 +46,16 @@ def _ptx(name: str, cc: tuple, exact: bool = True) -> list[str]:
         ]
 
 
-def _cuda_kernels():
-    from adamnp.backends.cuda import fp32 as _cuda_kernels
+def _fp32():
+    from adamnp.backends.cuda import fp32
 
-    return _cuda_kernels
+    return fp32
 
 
 def _signatures() -> dict:
-    from adamnp.backends.cuda import q8 as _cuda_q8
+    from adamnp.backends.cuda import q8
 
-    return {**_cuda_kernels().signatures(), **_cuda_q8.signatures()}
+    return {**_fp32().signatures(), **q8.signatures()}
 
 
 @pytest.fixture(autouse=True)

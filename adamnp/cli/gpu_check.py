@@ -28,7 +28,7 @@ import time
 import numpy as np
 
 import adamnp
-from adamnp._api import _validate
+from adamnp._tree import flatten
 from adamnp.backends import cuda as be
 from adamnp.backends.math import host_scalars
 
@@ -154,7 +154,7 @@ def _tree_step_bandwidth(cuda, n, leaves, repeat, nbytes, t_traffic, label, **in
     state = adamnp.init(params, adamnp.adamw(nonfinite="propagate"), backend="cuda", **init)
     adamnp.step(params, grads, state)  # compile, allocate the tables
     cuda.synchronize()
-    p_leaves, g_leaves, _, _ = _validate(params, grads, state)
+    p_leaves, g_leaves = flatten(params)[0], flatten(grads, "grads")[0]  # by group.leaf_ids
     scalars = host_scalars(state.config, 2, 1e-3)
     launch = functools.partial(be.step_group, state.groups[0], p_leaves, g_leaves, scalars)
     t_kernel = _events_time(cuda, launch, repeat)

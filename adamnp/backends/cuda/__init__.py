@@ -2,8 +2,11 @@
 
 Leaves are CUDA device arrays: Numba device arrays or anything exposing
 ``__cuda_array_interface__`` (CuPy arrays, PyTorch CUDA tensors), used in place without a
-host copy. Importing this module does not import numba-cuda; the kernels are built on first
-use (:mod:`._cuda_kernels`).
+host copy. This module is the backend's front (the contract of :mod:`adamnp.backends`:
+allocation, copies, address tables, launches); the kernels are in :mod:`.fp32` (float32 and
+float64 state, reductions, fill, traffic) and :mod:`.q8` (8-bit state), with what both share
+in :mod:`.util`. Importing this package does not import numba-cuda; the kernels are built on
+first use.
 
 Launches: each group of leaves (one per dtype) is updated by ONE multi-tensor kernel launch
 on the default stream, whatever the number of leaves. The leaves' addresses travel in a small
@@ -11,21 +14,23 @@ table, uploaded asynchronously from pinned memory and only when an address chang
 last step, so the update itself never waits for the GPU. The non-finite check (the default
 ``nonfinite="raise"``, and ``"skip"``) and gradient clipping each need one reduction over the
 gradients and one synchronization per step; ``nonfinite="propagate"`` without clipping
-needs none. Host work is a few microseconds per leaf (address table, validation).
+needs none. Host work per step is the address table and the validation of each leaf (see
+docs/backends.md).
 
 Results are bit-identical to the NumPy reference: the kernels run the shared element math
-(:func:`._elem.adam_elem`) compiled without FMA contraction. The one exception is clipping:
-the gradient norm is summed in another (fixed, deterministic) order than NumPy's, so the
-clipping factor may differ in its last bit.
+(:func:`adamnp.backends.math.adam_elem`, given the step's
+:class:`~adamnp.backends.math.KernelScalars` record and the four flags of
+:func:`~adamnp.backends.math.kernel_flags`) compiled without FMA contraction. The one
+exception is clipping: the gradient norm is summed in another (fixed, deterministic) order
+than NumPy's, so the clipping factor may differ in its last bit.
 
-8-bit groups (``state_bits=8``) have their own kernel, one per block size
-(:mod:`._cuda_q8`), also one launch per group: dequantize, the same element math, new
-absmax per block, requantize with the shared exact lookup (:func:`._q8_elem.quantize_bits`),
-so codes and absmax values equal the reference's too. Its maps and lookup tables are
+8-bit groups (``state_bits=8``) have their own kernel, one per block size (:mod:`.q8`), also
+one launch per group: dequantize, the same element math, new absmax per block, requantize
+with the shared exact lookup (:func:`adamnp.lowbit.exact.quantize_bits`), so codes and absmax
+values equal the reference's too. Its maps (:mod:`adamnp.lowbit.maps`) and lookup tables are
 uploaded once per group. With ``v_rounding="stochastic"`` the same kernel also rounds the
 codes of ``v`` stochastically (:mod:`adamnp.lowbit.stochastic`), keyed by the step and the
-group's first
-leaf as in the reference.
+group's first leaf as in the reference.
 """
 
 from __future__ import annotations
@@ -172,7 +177,7 @@ def copy_from_host(dst, src: np.ndarray) -> None:
 
 
 def _tables(sizes, chunk: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """``(chunks, offsets)`` for leaves of ``sizes`` (see :mod:`._cuda_kernels`)."""
+    """``(chunks, offsets)`` for leaves of ``sizes`` (see :mod:`.fp32`)."""
     chunk = chunk or _k().chunk
     sizes = np.asarray(sizes, np.int64)
     offsets = np.zeros(len(sizes) + 1, np.int64)
@@ -237,7 +242,8 @@ def step_group(group, params, grads, scalars) -> None:
     """Update every leaf of ``group`` with one kernel launch (asynchronous).
 
     The math and its order are those of :func:`adamnp.backends.numpy.update_chunk`; for
-    8-bit groups, of :func:`adamnp.backends._q8_numpy.step_q8`.
+    8-bit groups, of the reference's 8-bit step (:func:`adamnp.backends.numpy.step_group`
+    with the quantizer of :mod:`adamnp.lowbit.reference`).
     """
     plan = _plan(group)
     if plan.nchunks == 0:

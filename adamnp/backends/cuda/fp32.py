@@ -1,114 +1,52 @@
-"""CUDA kernels of the ``"cuda"`` backend, built by :func:`build` on first use.
+"""Float32 and float64 kernels of the ``"cuda"`` backend, built by :func:`build` on first use.
 
-Nothing here imports numba-cuda until :func:`build` runs, so ``import adamnp`` (and doctest
-collection) works without it.
+:func:`build` defines the step of float32 and float64 groups (``adam_step``), the gradient
+reduction behind clipping and the non-finite check (``grad_stats``), ``fill`` (state
+allocation) and the two traffic kernels of the bandwidth checks. The 8-bit step is in
+:mod:`.q8`; what both use (simulator detection, ``leaf_ptr``, exact arithmetic, the scalar
+record's type) is in :mod:`.util`. Nothing here imports numba-cuda until :func:`build` runs,
+so ``import adamnp`` (and doctest collection) works without it.
 
 Multi-tensor launches
 ---------------------
 A group of leaves is updated by ONE launch. The kernels receive
 
 * ``ptrs``: ``uint64[k, ncols]``, the device address of each leaf's param (column 0) and
-  gradient (column 1), uploaded each step (gradients are usually new arrays every step);
+  gradient (column 1), uploaded each step (gradients are usually new arrays every step),
+  made typed pointers by :func:`.util.leaf_ptr`;
 * ``chunks``: ``int64[nchunks, 2]``, ``(leaf, first element)`` of each chunk of
-  ``THREADS * PER_THREAD`` consecutive elements of one leaf (never crossing a leaf boundary);
+  ``threads * PER_THREAD`` consecutive elements of one leaf (never crossing a leaf boundary);
 * ``offsets``: ``int64[k + 1]``, where leaf ``j`` starts in the moment arenas.
 
 Block ``c`` handles chunk ``c`` and its threads stride through the chunk, so reads and writes
-are coalesced. The 8-bit kernels (:mod:`._cuda_q8`) use the same tables, with tiles of whole
+are coalesced. The 8-bit kernel (:mod:`.q8`) uses the same tables, with tiles of whole
 quantization blocks instead of chunks.
-
-A raw address becomes a typed pointer through ``leaf_ptr``, an intrinsic (``inttoptr``); in
-the CUDA simulator, where kernels run as Python, it returns a NumPy view of the host memory
-that the simulator's "device" arrays live in.
 
 Arithmetic
 ----------
-The per-element math is :func:`._elem.adam_elem`, compiled as a device function. NVVM fuses
-multiplies and adds into FMAs by default, which rounds differently from the NumPy reference.
-``exact_arithmetic()`` compiles the kernels launched inside it with NVVM's ``-fma=0``
-(numba-cuda 0.30 has no public switch yet: NVIDIA/numba-cuda#118), which makes float32 and
-float64 results bit-identical to the reference; division and square root are IEEE-rounded
-and subnormals kept by NVVM's defaults (``-prec-div=1 -prec-sqrt=1 -ftz=0``).
+The per-element math is :func:`adamnp.backends.math.adam_elem`, compiled as a device
+function. It takes the step's scalars as one record (``k``, a
+:class:`~adamnp.backends.math.KernelScalars` rounded to the leaf dtype) followed by the four
+flags of :func:`adamnp.backends.math.kernel_flags`; the kernel takes and passes them on in
+the same form. The kernels are launched inside :func:`.util.exact_arithmetic` (no FMA
+contraction), which makes their results bit-identical to the NumPy reference.
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import functools
 import math
 from types import SimpleNamespace
 
-import numpy as np
-
 from ..math import adam_elem
+from .util import THREADS, exact_arithmetic, leaf_ptr, scalars_type, simulating
 
-THREADS = 256  # threads per block
-SIM_THREADS = 32  # in the simulator, where every thread is a Python thread
-PER_THREAD = 8  # elements per thread and chunk: a chunk has THREADS * PER_THREAD elements
+SIM_THREADS = 32  # threads per block in the simulator, where every thread is a Python thread
+PER_THREAD = 8  # elements per thread and chunk: a chunk has threads * PER_THREAD elements
 
 # numba.cuda, set by build(). A module global, not a closure variable, because the simulator
 # swaps the `cuda` globals of a kernel's module for its fake module while the kernel runs.
 cuda = None
-
-
-def _sim_leaf_ptr(addr, n, like):
-    """The ``n`` elements at host address ``addr`` (the simulator's "device" memory)."""
-    buf = (ctypes.c_char * (int(n) * like.dtype.itemsize)).from_address(int(addr))
-    return np.frombuffer(buf, like.dtype)
-
-
-def _device_leaf_ptr(types):
-    from numba.cuda.extending import intrinsic
-
-    @intrinsic
-    def leaf_ptr(typingctx, addr, n, like):
-        """A ``like.dtype`` pointer to device address ``addr`` (``n`` is for the simulator)."""
-        sig = types.CPointer(like.dtype)(addr, n, like)
-
-        def codegen(context, builder, sig, args):
-            return builder.inttoptr(args[0], context.get_value_type(sig.return_type))
-
-        return sig, codegen
-
-    return leaf_ptr
-
-
-def _exact_arithmetic_factory():
-    """``(exact, context manager)``: compile with ``-fma=0`` while the context is active."""
-    from numba.cuda.core.compiler_lock import global_compiler_lock
-    from numba.cuda.cudadrv import nvvm
-
-    if not callable(getattr(nvvm, "compile_ir", None)):  # pragma: no cover - API changed
-        return False, contextlib.nullcontext
-
-    @contextlib.contextmanager
-    def exact_arithmetic():
-        # Kernels compile lazily, on their first launch, through nvvm.compile_ir; holding the
-        # compiler lock keeps other threads' compilations out of this window.
-        with global_compiler_lock:
-            original = nvvm.compile_ir
-
-            def compile_ir(llvmir, **options):
-                options["fma"] = False
-                return original(llvmir, **options)
-
-            nvvm.compile_ir = compile_ir
-            try:
-                yield
-            finally:
-                nvvm.compile_ir = original
-
-    return True, exact_arithmetic
-
-
-def simulating() -> bool:
-    """Whether numba-cuda runs in its simulator (``NUMBA_ENABLE_CUDASIM=1``)."""
-    try:
-        from numba.cuda.core.config import ENABLE_CUDASIM
-    except ImportError:  # pragma: no cover - older numba-cuda
-        from numba.core.config import ENABLE_CUDASIM
-    return bool(ENABLE_CUDASIM)
 
 
 @functools.cache
@@ -122,11 +60,8 @@ def build() -> SimpleNamespace:
     threads = SIM_THREADS if sim else THREADS
     chunk = threads * PER_THREAD
     elem = cuda.jit(device=True)(adam_elem)
-    leaf_ptr = _sim_leaf_ptr if sim else _device_leaf_ptr(types)
-    if sim:  # NumPy scalar arithmetic: never contracted
-        exact, exact_arithmetic = True, contextlib.nullcontext
-    else:
-        exact, exact_arithmetic = _exact_arithmetic_factory()
+    ptr = leaf_ptr()
+    exact, exact_context = exact_arithmetic()
     f64 = types.float64
 
     @cuda.jit
@@ -141,8 +76,8 @@ def build() -> SimpleNamespace:
         base = offsets[leaf]
         n = offsets[leaf + 1] - base
         hi = min(lo + chunk, n)
-        p = leaf_ptr(ptrs[leaf, 0], n, m)
-        g = leaf_ptr(ptrs[leaf, 1], n, m)
+        p = ptr(ptrs[leaf, 0], n, m)
+        g = ptr(ptrs[leaf, 1], n, m)
         zero = m.dtype.type(0)
         for i in range(lo + cuda.threadIdx.x, hi, threads):
             e = base + i
@@ -169,7 +104,7 @@ def build() -> SimpleNamespace:
         lo = chunks[c, 1]
         n = offsets[leaf + 1] - offsets[leaf]
         hi = min(lo + chunk, n)
-        g = leaf_ptr(ptrs[leaf, 0], n, like)
+        g = ptr(ptrs[leaf, 0], n, like)
         acc = f64(0.0)
         for i in range(lo + t, hi, threads):
             x = g[i]
@@ -218,25 +153,15 @@ def build() -> SimpleNamespace:
         threads=threads,
         chunk=chunk,
         exact=exact,
-        exact_arithmetic=exact_arithmetic,
+        exact_arithmetic=exact_context,
         elem=elem,
-        leaf_ptr=leaf_ptr,
+        leaf_ptr=ptr,
         adam_step=adam_step,
         grad_stats=grad_stats,
         fill=fill,
         traffic=traffic,
         traffic_q8=traffic_q8,
     )
-
-
-def scalars_type(dtype):
-    """The Numba type of a :class:`~adamnp.backends.math.KernelScalars` of ``dtype``."""
-    from numba.cuda.typing.typeof import typeof
-
-    from ..math import KernelScalars
-
-    f = np.dtype(str(dtype)).type
-    return typeof(KernelScalars(*(f(0),) * (len(KernelScalars._fields) - 1), False))
 
 
 def signatures() -> dict:

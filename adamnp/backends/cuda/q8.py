@@ -1,9 +1,12 @@
-"""8-bit (blockwise) kernels of the ``"cuda"`` backend, built per block size by :func:`build`.
+"""The 8-bit (blockwise) step kernel of the ``"cuda"`` backend, built per block size by
+:func:`build`.
 
-The step is the reference's (:func:`adamnp.backends.numpy.step_group`): dequantize ``m``, ``v``
-(and amsgrad's
-``vmax``) with the old absmax, run the float32 element math (:func:`._elem.adam_elem`),
-take the new absmax of each updated block, requantize (:func:`._q8_elem.quantize_bits`). A
+The step is the reference's (:func:`adamnp.backends.numpy.step_group` on an 8-bit group, with
+the quantizer of :mod:`adamnp.lowbit.reference`): dequantize ``m``, ``v`` (and amsgrad's
+``vmax``) with the old absmax, run the float32 element math
+(:func:`adamnp.backends.math.adam_elem`, with the step's scalar record ``k`` and the four
+flags, as in :mod:`.fp32`), take the new absmax of each updated block, requantize
+(:func:`adamnp.lowbit.exact.quantize_bits` on the maps of :mod:`adamnp.lowbit.maps`). A
 block whose updated moment holds NaN or Inf stores absmax NaN and the map's zero code.
 
 Work split
@@ -41,20 +44,18 @@ blocks of 256 threads and their shared memory fit on an SM of sm_80 or sm_90. La
 sizes keep 8 or 16 elements per thread in registers, at lower occupancy.
 
 Stochastic rounding of ``v`` (``v_rounding="stochastic"``, :mod:`adamnp.lowbit.stochastic`):
-when the
-kernel's ``stochastic`` argument is set (the step's uint32 hash ``key`` comes with it), a
-second loop after step 3 moves each finite block's nearest ``v`` code, just stored, to one of
-the two map values around ``s = x * (1 / absmax)`` (``round_up``, the element's ``uniform``
-from ``key`` and its index in the group's buffer, the ``v`` map in shared memory). A loop of
-its own keeps the nearest loop as it was (fully unrolled at 16 elements per thread, where
-the merged body was not); with the flag off it is skipped. The functions of
-:mod:`adamnp.lowbit.stochastic` are compiled as device functions: their uint32 products are
-typed uint64
-and cast back to uint32, so they wrap mod 2**32 as on the CPU. ``m`` and amsgrad's ``vmax``
-are always rounded to nearest.
+when the kernel's ``stochastic`` argument is set (the step's uint32 hash ``key`` comes with
+it), a second loop after step 3 moves each finite block's nearest ``v`` code, just stored, to
+one of the two map values around ``s = x * (1 / absmax)`` (``round_up``, the element's
+``uniform`` from ``key`` and its index in the group's buffer, the ``v`` map in shared
+memory). A loop of its own keeps the nearest loop as it was (fully unrolled at 16 elements
+per thread, where the merged body was not); with the flag off it is skipped. The functions
+of :mod:`adamnp.lowbit.stochastic` are compiled as device functions: their uint32 products
+are typed uint64 and cast back to uint32, so they wrap mod 2**32 as on the CPU. ``m`` and
+amsgrad's ``vmax`` are always rounded to nearest.
 
-Arithmetic is exact as in :mod:`._cuda_kernels` (launched inside ``exact_arithmetic()``,
-no FMA contraction). The simulator has neither warp shuffles nor libdevice: there the warp
+Arithmetic is exact as in :mod:`.fp32` (launched inside :func:`.util.exact_arithmetic`, no
+FMA contraction). The simulator has neither warp shuffles nor libdevice: there the warp
 reduction goes through a shared array (same groups, same leader lanes) and bit casts go
 through NumPy views; device functions are called as plain Python.
 """
@@ -68,10 +69,11 @@ from types import SimpleNamespace
 import numpy as np
 
 from ...lowbit.exact import build_quant_tables, quantize_bits
+from ...lowbit.maps import moment_map, zero_code
 from ...lowbit.stochastic import block_key, mix32, round_up, uniform
 from ..math import adam_elem
+from .util import THREADS, leaf_ptr, scalars_type, simulating
 
-THREADS = 256  # threads per block
 SIM_THREADS = 64  # in the simulator: two "warps", tiles of 4 blocks of 64 elements
 MIN_PER_THREAD = 4  # a tile has at least 4 elements per thread
 SIM_GRID = 3  # simulator grid cap: blocks loop over several tiles
@@ -110,13 +112,13 @@ def _rebind(f, **names):
 
 @functools.cache
 def quant_tables():
-    """``(signed, unsigned)`` :class:`._q8_elem.QuantTables` and zero codes of the maps."""
-    from ...lowbit.maps import dynamic_map
-
+    """``((map, tables, zero code) of m, (map, tables, zero code) of v)``: the maps of
+    :func:`adamnp.lowbit.maps.moment_map`, their :class:`adamnp.lowbit.exact.QuantTables`
+    and the codes of 0.0 (amsgrad's ``vmax`` uses the map of ``v``)."""
     out = []
-    for signed in (True, False):
-        code = dynamic_map(signed)
-        out.append((code, build_quant_tables(code), int(np.flatnonzero(code == 0)[0])))
+    for name in ("m", "v"):
+        code = moment_map(name)
+        out.append((code, build_quant_tables(code), zero_code(code)))
     return tuple(out)
 
 
@@ -127,10 +129,7 @@ def build(block_size: int) -> SimpleNamespace:
     from numba import cuda
     from numba.cuda import types
 
-    from .fp32 import build as build_base
-
-    base = build_base()
-    sim = base.sim
+    sim = simulating()
     bs = int(block_size)
     threads = SIM_THREADS if sim else THREADS
     per_thread = max(MIN_PER_THREAD, bs // threads)  # elements per thread and tile
@@ -141,7 +140,7 @@ def build(block_size: int) -> SimpleNamespace:
     (_, tm, _), (_, tv, _) = quant_tables()
     n_tm, n_tv = tm.table.size, tv.table.size
     f32, i32 = types.float32, types.int32
-    leaf_ptr = base.leaf_ptr
+    ptr = leaf_ptr()
     # The simulator runs device functions as Python; calling them plainly skips its per-call
     # module swap (a lock shared by all threads), which would dominate the run time.
     device = (lambda f: f) if sim else cuda.jit(device=True)
@@ -262,8 +261,8 @@ def build(block_size: int) -> SimpleNamespace:
             n = offsets[leaf + 1] - base
             first = tiles[c, 1] + q * bs  # first element of the thread's block
             b = min(block_offsets[leaf] + first // bs, block_offsets[leaf + 1] - 1)
-            p = leaf_ptr(ptrs[leaf, 0], n, map_m)
-            g = leaf_ptr(ptrs[leaf, 1], n, map_m)
+            p = ptr(ptrs[leaf, 0], n, map_m)
+            g = ptr(ptrs[leaf, 1], n, map_m)
             nxt = buf + 1 if buf < 2 else 0
             if t < 3 * qblocks:
                 amax[nxt, t // qblocks, t % qblocks] = 0
@@ -345,8 +344,6 @@ def build(block_size: int) -> SimpleNamespace:
 def signatures(block_sizes=(64, 256, 1024, 4096)) -> dict:
     """``{name: (kernel, [argument types])}`` of the 8-bit kernels (for PTX builds)."""
     from numba.cuda import types
-
-    from .fp32 import scalars_type
 
     table, ints, offs = types.uint64[:, ::1], types.int64[:, ::1], types.int64[::1]
     codes, f32a, i32a = types.uint8[::1], types.float32[::1], types.int32[::1]
