@@ -312,7 +312,9 @@ def test_hot_loops_are_simd_and_fma_free(tmp_path, cpu):
             print(name, *ops)
             # without the quantizer's functions, whose fast path fuses on purpose (fma32)
             parts = re.split(r"^(_ZN\\S*):\\s*$", asm, flags=re.M)
-            quantizer = re.compile("turn_over|requantize_block|round_block_stochastic|dequantize_block")
+            quantizer = re.compile(
+                "turn_over|requantize_block|round_block_stochastic|dequantize_block"
+            )
             update = "".join(
                 body for label, body in zip(parts[1::2], parts[2::2])
                 if not quantizer.search(label)
@@ -386,7 +388,8 @@ def test_vbmi_kernel_compiles_for_an_avx512_vbmi_target(tmp_path, amsgrad):
         sig = tuple(numba.typeof(a) for a in args)
         kernel.compile(sig)
         asm = kernel.inspect_asm(sig)
-        pattern = re.compile(r"^\\s+v(permi2b|permt2b|gather\\w+|divps|sqrtps|fn?madd\\w*)\\s", re.M)
+        ops = r"permi2b|permt2b|gather\\w+|divps|sqrtps|fn?madd\\w*"
+        pattern = re.compile(r"^\\s+v(" + ops + r")\\s", re.M)
         parts = re.split(r"^(_ZN\\S*):\\s*$", asm, flags=re.M)
         quantizer = re.compile("turn_over|requantize_block|round_block_stochastic|dequantize_block")
         update = parts[0] + "".join(
@@ -405,3 +408,70 @@ def test_vbmi_kernel_compiles_for_an_avx512_vbmi_target(tmp_path, amsgrad):
     assert not any(op.startswith("gather") for op in ops["all"]), done.stdout
     assert {"divps", "sqrtps"} <= ops["update"], done.stdout
     assert not any("madd" in op for op in ops["update"]), done.stdout
+
+
+def _available_q8_kernels():
+    return ["gather", "vbmi"] if numba_cpu.HAVE_VBMI else ["gather"]
+
+
+@pytest.mark.parametrize("kernel", ["gather", "vbmi"])
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_each_8bit_kernel_matches_the_reference(monkeypatch, kernel, rounding):
+    """ADAMNP_Q8_KERNEL forces the 8-bit kernel; each one gives the reference's bits."""
+    if kernel not in _available_q8_kernels():
+        pytest.skip("CPU without AVX-512 VBMI (its compilation is checked above)")
+    monkeypatch.setenv("ADAMNP_Q8_KERNEL", kernel)
+    assert numba_cpu.q8_kernel() == kernel
+    launched = []
+    for name in ("step_q8", "step_q8_simd"):
+        original = getattr(numba_cpu, name)
+        recorder = functools.partial(lambda n, k, *a: launched.append(n) or k(*a), name, original)
+        monkeypatch.setattr(numba_cpu, name, recorder)
+    rng = np.random.default_rng(4)
+    params = tree(3, rng, sizes=(5000, 70_001))
+    grads = like(params, rng)
+    cfg = adamnp.adamw(amsgrad=True, weight_decay=0.1)
+    init = dict(state_bits=8, min_8bit_size=1, v_rounding=rounding)
+    results = {}
+    for backend in ("numpy", "numba"):
+        p = {k: v.copy() for k, v in params.items()}
+        state = adamnp.init(p, cfg, backend=backend, **init)
+        for _ in range(3):
+            adamnp.step(p, grads, state)
+        results[backend] = (p, state)
+    assert set(launched) == {"step_q8" if kernel == "gather" else "step_q8_simd"}
+    (p_ref, s_ref), (p_got, s_got) = results["numpy"], results["numba"]
+    for key in p_ref:
+        np.testing.assert_array_equal(p_got[key], p_ref[key])
+    for g_ref, g_got in zip(s_ref.groups, s_got.groups):
+        for name, buf in g_ref.buffers.items():
+            np.testing.assert_array_equal(g_got.buffers[name], buf, err_msg=name)
+
+
+def test_q8_kernel_override_is_checked(monkeypatch):
+    monkeypatch.setenv("ADAMNP_Q8_KERNEL", "fastest")
+    with pytest.raises(ValueError, match="ADAMNP_Q8_KERNEL='fastest'"):
+        numba_cpu.q8_kernel()
+    monkeypatch.setenv("ADAMNP_Q8_KERNEL", "vbmi")
+    if numba_cpu.HAVE_VBMI:
+        assert numba_cpu.q8_kernel() == "vbmi"
+    else:
+        with pytest.raises(RuntimeError, match="lacks AVX-512 VBMI"):
+            numba_cpu.q8_kernel()
+    monkeypatch.setenv("ADAMNP_Q8_KERNEL", "gather")
+    assert numba_cpu.q8_kernel() == "gather"
+    assert numba_cpu.q8_kernel_description() == "table gathers, forced by ADAMNP_Q8_KERNEL"
+    monkeypatch.delenv("ADAMNP_Q8_KERNEL")
+    assert numba_cpu.q8_kernel() == ("vbmi" if numba_cpu.HAVE_VBMI else "gather")
+
+
+def test_quantize_blockwise_uses_the_chosen_kernel(monkeypatch):
+    from adamnp import quant
+
+    x = np.random.default_rng(2).standard_normal(10_000).astype(np.float32)
+    want = quant.quantize_blockwise(x, backend="numpy")
+    for kernel in _available_q8_kernels():
+        monkeypatch.setenv("ADAMNP_Q8_KERNEL", kernel)
+        got = quant.quantize_blockwise(x, backend="numba")
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_array_equal(got[1], want[1])

@@ -305,10 +305,11 @@ def q8_kernel_description() -> str:
     >>> q8_kernel_description().startswith(("in-register lookups", "table gathers"))
     True
     """
-    if q8_kernel() == "vbmi":
-        return "in-register lookups (AVX-512 VBMI)"
-    why = _vbmi_reason()
-    return f"table gathers ({'forced' if why is None else 'no AVX-512 VBMI'})"
+    kernel = q8_kernel()
+    words = {"vbmi": "in-register lookups (AVX-512 VBMI)", "gather": "table gathers"}[kernel]
+    if os.environ.get(Q8_KERNEL_ENV, "").strip():
+        return f"{words}, forced by {Q8_KERNEL_ENV}"
+    return words if kernel == "vbmi" else f"{words} (no AVX-512 VBMI)"
 
 
 @functools.cache
