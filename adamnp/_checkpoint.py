@@ -9,7 +9,9 @@ Loading checks all of it and every CRC; nothing is cast. No pickle is involved.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 import tempfile
 import zipfile
@@ -17,33 +19,66 @@ import zipfile
 import numpy as np
 
 from . import backends
-from ._config import AdamConfig, adam, adamw
-from ._state import AdamState, Fp32Slot, QuantSlot, build_groups
+from ._config import OPTION_NAMES, AdamConfig, adam, adamw
+from ._state import MIN_8BIT_SIZE, AdamState, Layout, QuantSlot, build_groups
 from ._tree import treedef_from_json, treedef_to_json
+from ._validate import FLOAT_DTYPES, validate_layout
 
 FORMAT = "adamnp-state"
 VERSION = 1
 HEADER = "__adamnp__"
+_SLOT_KINDS = ("fp32", "q8")  # a leaf entry's "slot"
+_SCALARS = int | str  # fields of a slot stored in its leaf entry; arrays are stored apart
+
+
+def _json(value):
+    return list(value) if isinstance(value, tuple) else value
 
 
 def _config_to_json(cfg: AdamConfig) -> dict:
-    return {
-        "optimizer": cfg.name,
-        "lr": None if callable(cfg.lr) else cfg.lr,
-        "lr_schedule": repr(cfg.lr) if callable(cfg.lr) else None,
-        "betas": list(cfg.betas),
-        "eps": cfg.eps,
-        "weight_decay": cfg.weight_decay,
-        "amsgrad": cfg.amsgrad,
-        "maximize": cfg.maximize,
-        "nonfinite": cfg.nonfinite,
-        "max_grad_norm": cfg.max_grad_norm,
+    """``optimizer`` (adam or adamw) and every option; a schedule is stored as its repr."""
+    out = {"optimizer": cfg.name}
+    for name in OPTION_NAMES:
+        value = getattr(cfg, name)
+        if name == "lr":
+            out["lr"] = None if callable(value) else value
+            out["lr_schedule"] = repr(value) if callable(value) else None
+        else:
+            out[name] = _json(value)
+    return out
+
+
+def _saved_config(c) -> dict:
+    """The header's configuration; an option with a default in :class:`AdamConfig` (one added
+    after the file was written) that it lacks gets that default."""
+    if not isinstance(c, dict):
+        return c
+    defaults = {
+        f.name: _json(f.default)
+        for f in dataclasses.fields(AdamConfig)
+        if f.default is not dataclasses.MISSING
     }
+    return {**defaults, **c}
 
 
-def _slot_fields(slot) -> dict:
-    names = Fp32Slot._fields[:3] if isinstance(slot, Fp32Slot) else QuantSlot._fields[:6]
-    return {n: getattr(slot, n) for n in names if getattr(slot, n) is not None}
+#: Header keys of the layout: the fields of :class:`~adamnp._state.Layout`.
+LAYOUT_KEYS = tuple(f.name for f in dataclasses.fields(Layout))
+# Layout keys that files written before they were recorded lack; see _layout_from_header.
+_LATER_LAYOUT_KEYS = ("v_rounding", "min_8bit_size", "keep_fp32")
+
+
+def _layout_to_json(layout: Layout) -> dict:
+    return {name: _json(value) for name, value in dataclasses.asdict(layout).items()}
+
+
+def _slot_arrays(slot) -> dict:
+    """The arrays of a slot by field name (without amsgrad's, which are None otherwise)."""
+    return {n: v for n, v in slot._asdict().items() if not isinstance(v, _SCALARS | None)}
+
+
+def _slot_scalars(slot) -> dict:
+    """The other fields of a slot (a :class:`QuantSlot`'s block size and maps), by name."""
+    return {n: v for n, v in slot._asdict().items() if isinstance(v, _SCALARS)}
 
 
 def save_state(path, state: AdamState) -> None:
@@ -77,7 +112,7 @@ def save_state(path, state: AdamState) -> None:
     leaves = []
     for i, slot in enumerate(state.slots):
         fields = {}
-        for name, arr in _slot_fields(slot).items():
+        for name, arr in _slot_arrays(slot).items():
             host = be.to_host(arr)
             arrays[f"leaf{i}/{name}"] = host
             fields[name] = {"dtype": host.dtype.str, "shape": list(host.shape)}
@@ -85,11 +120,10 @@ def save_state(path, state: AdamState) -> None:
             "path": state.paths[i],
             "shape": list(state.shapes[i]),
             "dtype": state.dtypes[i].str,
-            "slot": "fp32" if isinstance(slot, Fp32Slot) else "q8",
+            "slot": "q8" if isinstance(slot, QuantSlot) else "fp32",
             "arrays": fields,
         }
-        if isinstance(slot, QuantSlot):
-            entry.update(block_size=slot.block_size, map_m=slot.map_m, map_v=slot.map_v)
+        entry.update(_slot_scalars(slot))
         leaves.append(entry)
     header = {
         "format": FORMAT,
@@ -98,9 +132,7 @@ def save_state(path, state: AdamState) -> None:
         "backend": state.backend,
         "step": int(state.step),
         "skipped_steps": int(state.skipped_steps),
-        "state_bits": state.state_bits,
-        "block_size": state.block_size,
-        "v_rounding": state.v_rounding,
+        **_layout_to_json(state.layout),
         "treedef": treedef_to_json(state.treedef),
         "leaves": leaves,
     }
@@ -155,23 +187,48 @@ def _expect(cond: bool, path, what: str) -> None:
 
 
 def _config_from_json(c: dict, path) -> AdamConfig | None:
+    _expect(isinstance(c, dict), path, f"bad configuration in header: {c!r}")
     make = {"adam": adam, "adamw": adamw}.get(c.get("optimizer"))
     _expect(make is not None, path, f"unknown optimizer {c.get('optimizer')!r} in header")
     if c.get("lr") is None:
         return None
     try:
-        return make(
-            lr=c["lr"],
-            betas=tuple(c["betas"]),
-            eps=c["eps"],
-            weight_decay=c["weight_decay"],
-            amsgrad=c["amsgrad"],
-            maximize=c["maximize"],
-            nonfinite=c["nonfinite"],
-            max_grad_norm=c["max_grad_norm"],
-        )
+        return make(**{name: c[name] for name in OPTION_NAMES})
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{os.fspath(path)}: bad configuration in header: {exc}") from exc
+
+
+def _layout_from_header(header: dict, paths, shapes, dtypes, use_q8, path) -> Layout:
+    """The saved layout, checked as :func:`adamnp.init` checks its options.
+
+    Files written before some layout keys were recorded get the values that describe their
+    slots: ``v_rounding="nearest"`` (the only rounding then); as ``min_8bit_size`` the default
+    when that explains the 8-bit leaves, else the size of the smallest one; as ``keep_fp32``
+    the float32 leaves that would then be 8-bit but are not.
+    """
+    saved = {k: header[k] for k in LAYOUT_KEYS if k in header}
+    missing = [k for k in LAYOUT_KEYS if k not in saved and k not in _LATER_LAYOUT_KEYS]
+    _expect(not missing, path, f"incomplete header: no {', '.join(missing)}")
+    saved.setdefault("v_rounding", "nearest")
+    if "min_8bit_size" not in saved:
+        sizes = [math.prod(s) for s, q in zip(shapes, use_q8) if q]
+        saved["min_8bit_size"] = min([*sizes, MIN_8BIT_SIZE])
+    keep = saved.pop("keep_fp32", None)
+    _expect(
+        "keep_fp32" not in header
+        or (isinstance(keep, list) and all(isinstance(p, str) for p in keep)),
+        path,
+        f"bad layout in header: keep_fp32 must be a list of leaf paths, got {keep!r}",
+    )
+    try:
+        layout = validate_layout(paths, None, keep_fp32=keep, **saved)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{os.fspath(path)}: bad layout in header: {exc}") from exc
+    if "keep_fp32" not in header:
+        would = layout.eight_bit(paths, shapes, dtypes)
+        kept = tuple(p for p, w, q in zip(paths, would, use_q8) if w and not q)
+        layout = dataclasses.replace(layout, keep_fp32=kept)
+    return layout
 
 
 def load_state(path, *, backend: str | None = None, config: AdamConfig | None = None) -> AdamState:
@@ -221,27 +278,25 @@ def load_state(path, *, backend: str | None = None, config: AdamConfig | None = 
         )
     _expect(version == VERSION, path, f"unsupported format version {version}")
     try:
-        saved_cfg = _config_from_json(header["config"], path)
+        theirs = _saved_config(header["config"])
+        saved_cfg = _config_from_json(theirs, path)
         treedef = treedef_from_json(header["treedef"])
         leaves = header["leaves"]
         step, skipped = header["step"], header["skipped_steps"]
-        state_bits, block_size = header["state_bits"], header["block_size"]
         saved_backend = header["backend"]
-        v_rounding = header.get("v_rounding", "nearest")  # files from before the option
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{os.fspath(path)}: incomplete header: {exc}") from exc
     if config is None:
         if saved_cfg is None:
             raise ValueError(
                 f"{os.fspath(path)} was saved with an lr schedule "
-                f"({header['config'].get('lr_schedule')}); pass config=... to load_state"
+                f"({theirs.get('lr_schedule')}); pass config=... to load_state"
             )
         config = saved_cfg
     else:
         if not isinstance(config, AdamConfig):
             raise TypeError(f"config must be an AdamConfig, got {type(config).__name__}")
         mine = _config_to_json(config)
-        theirs = header["config"]
         for key in mine:
             if key not in ("lr", "lr_schedule") and mine[key] != theirs.get(key):
                 raise ValueError(
@@ -259,20 +314,31 @@ def load_state(path, *, backend: str | None = None, config: AdamConfig | None = 
         "bad step counters",
     )
     _expect(isinstance(leaves, list), path, "bad leaf table")
-    _expect(v_rounding in ("nearest", "stochastic"), path, f"bad v_rounding {v_rounding!r}")
-    shapes, dtypes, use_q8, paths = [], [], [], []
+    shapes, dtypes, kinds, paths = [], [], [], []
     for entry in leaves:
         try:
             shapes.append(tuple(int(d) for d in entry["shape"]))
             dtypes.append(np.dtype(entry["dtype"]))
-            use_q8.append(entry["slot"] == "q8")
+            kinds.append(entry["slot"])
             paths.append(entry["path"])
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"{os.fspath(path)}: bad leaf entry: {exc}") from exc
-    slots, groups = build_groups(shapes, dtypes, use_q8, config.amsgrad, block_size, be, v_rounding)
+        _expect(
+            isinstance(paths[-1], str) and kinds[-1] in _SLOT_KINDS and dtypes[-1] in FLOAT_DTYPES,
+            path,
+            f"bad leaf entry: {paths[-1]!r} with slot {kinds[-1]!r} and dtype {dtypes[-1]}",
+        )
+    use_q8 = [kind == "q8" for kind in kinds]
+    layout = _layout_from_header(header, paths, shapes, dtypes, use_q8, path)
+    slots, groups = build_groups(paths, shapes, dtypes, layout, config.amsgrad, be)
     expected = set()
     for i, slot in enumerate(slots):
-        for field, dst in _slot_fields(slot).items():
+        _expect(
+            isinstance(slot, QuantSlot) == use_q8[i],
+            path,
+            f"{paths[i]} has {kinds[i]} moments, which its layout in the header does not give it",
+        )
+        for field, dst in _slot_arrays(slot).items():
             key = f"leaf{i}/{field}"
             expected.add(key)
             _expect(key in data, path, f"missing array {key} ({paths[i]})")
@@ -288,15 +354,11 @@ def load_state(path, *, backend: str | None = None, config: AdamConfig | None = 
                 f"{key} ({paths[i]}) has shape {src.shape}, expected {tuple(dst.shape)}",
             )
             be.copy_from_host(dst, src)
-        if isinstance(slot, QuantSlot):
-            e = leaves[i]
-            _expect(
-                e.get("block_size") == slot.block_size
-                and e.get("map_m") == slot.map_m
-                and e.get("map_v") == slot.map_v,
-                path,
-                f"{paths[i]}: 8-bit layout (block size or maps) not supported",
-            )
+        _expect(
+            all(leaves[i].get(n) == v for n, v in _slot_scalars(slot).items()),
+            path,
+            f"{paths[i]}: 8-bit layout (block size or maps) not supported",
+        )
     extra = sorted(set(data) - expected)
     _expect(not extra, path, f"unexpected arrays {extra[:3]}")
     return AdamState(
@@ -310,7 +372,5 @@ def load_state(path, *, backend: str | None = None, config: AdamConfig | None = 
         dtypes=tuple(dtypes),
         slots=slots,
         groups=groups,
-        state_bits=state_bits,
-        block_size=block_size,
-        v_rounding=v_rounding,
+        layout=layout,
     )

@@ -5,20 +5,9 @@ from __future__ import annotations
 import difflib
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 NONFINITE_POLICIES = ("raise", "skip", "propagate")
-
-_OPTION_NAMES = (
-    "lr",
-    "betas",
-    "eps",
-    "weight_decay",
-    "amsgrad",
-    "maximize",
-    "nonfinite",
-    "max_grad_norm",
-)
 
 
 @dataclass(frozen=True)
@@ -92,6 +81,11 @@ class AdamConfig:
         return value
 
 
+#: The options of :func:`adam` and :func:`adamw`: every field of :class:`AdamConfig` except
+#: ``decoupled``, which is which of the two functions built it (not an option).
+OPTION_NAMES = tuple(f.name for f in fields(AdamConfig) if f.name != "decoupled")
+
+
 def _real(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         # numpy scalars are instances of neither int nor float in general; accept them too.
@@ -115,27 +109,22 @@ def _flag(name: str, value) -> bool:
     return value
 
 
-def _make(
-    decoupled: bool,
-    lr,
-    betas,
-    eps,
-    weight_decay,
-    amsgrad,
-    maximize,
-    nonfinite,
-    max_grad_norm,
-    unknown: dict,
-) -> AdamConfig:
+def _make(decoupled: bool, args: dict) -> AdamConfig:
+    """Validate the arguments of :func:`adam` / :func:`adamw` (``args``: their ``locals()``,
+    one entry per option plus ``unknown``, the stray keywords) into an :class:`AdamConfig`."""
+    options = {name: args[name] for name in OPTION_NAMES}
+    unknown = args["unknown"]
     if unknown:
         name = sorted(unknown)[0]
-        hint = difflib.get_close_matches(name, _OPTION_NAMES, n=1)
+        hint = difflib.get_close_matches(name, OPTION_NAMES, n=1)
         extra = f"; did you mean {hint[0]!r}?" if hint else ""
-        raise TypeError(f"unknown option {name!r}{extra} Options are: {', '.join(_OPTION_NAMES)}")
+        raise TypeError(f"unknown option {name!r}{extra} Options are: {', '.join(OPTION_NAMES)}")
+    lr = options["lr"]
     if not callable(lr):
         lr = _real("lr", lr)
         if lr < 0:
             raise ValueError(f"lr must be >= 0, got {lr}")
+    betas = options["betas"]
     try:
         b1, b2 = betas
     except (TypeError, ValueError):
@@ -144,29 +133,30 @@ def _make(
     for i, b in enumerate((b1, b2)):
         if not 0.0 <= b < 1.0:
             raise ValueError(f"betas[{i}] must be in [0, 1), got {b}")
-    eps = _real("eps", eps)
+    eps = _real("eps", options["eps"])
     if eps < 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
-    weight_decay = _real("weight_decay", weight_decay)
+    weight_decay = _real("weight_decay", options["weight_decay"])
     if weight_decay < 0:
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+    nonfinite = options["nonfinite"]
     if nonfinite not in NONFINITE_POLICIES:
         raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
+    max_grad_norm = options["max_grad_norm"]
     if max_grad_norm is not None:
         max_grad_norm = _real("max_grad_norm", max_grad_norm)
         if max_grad_norm <= 0:
             raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm}")
-    return AdamConfig(
+    options.update(
         lr=lr,
         betas=(b1, b2),
         eps=eps,
         weight_decay=weight_decay,
-        decoupled=decoupled,
-        amsgrad=_flag("amsgrad", amsgrad),
-        maximize=_flag("maximize", maximize),
-        nonfinite=nonfinite,
+        amsgrad=_flag("amsgrad", options["amsgrad"]),
+        maximize=_flag("maximize", options["maximize"]),
         max_grad_norm=max_grad_norm,
     )
+    return AdamConfig(decoupled=decoupled, **options)
 
 
 def adam(
@@ -238,9 +228,7 @@ def adam(
     >>> cfg.name, cfg.betas
     ('adam', (0.9, 0.999))
     """
-    return _make(
-        False, lr, betas, eps, weight_decay, amsgrad, maximize, nonfinite, max_grad_norm, unknown
-    )
+    return _make(False, locals())
 
 
 def adamw(
@@ -292,6 +280,4 @@ def adamw(
     >>> cfg.name, cfg.weight_decay
     ('adamw', 0.01)
     """
-    return _make(
-        True, lr, betas, eps, weight_decay, amsgrad, maximize, nonfinite, max_grad_norm, unknown
-    )
+    return _make(True, locals())

@@ -8,6 +8,7 @@ checkpoints see one array per leaf and moment.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -66,6 +67,43 @@ class QuantSlot(NamedTuple):
 Slot = Fp32Slot | QuantSlot
 
 
+MIN_8BIT_SIZE = 4096  # default of init(min_8bit_size=...): smaller leaves keep float32 moments
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How the moments are stored: the layout options of :func:`adamnp.init`, validated.
+
+    One record per state (``state.layout``), shared by its leaf groups and saved in
+    checkpoints. Which leaves get 8-bit moments follows from it alone (:meth:`eight_bit`).
+
+    Examples
+    --------
+    >>> import numpy as np, adamnp
+    >>> params = {"emb": np.zeros(5000, np.float32), "w": np.zeros(5000, np.float32)}
+    >>> state = adamnp.init(params, adamnp.adamw(), backend="numpy", state_bits=8,
+    ...                     keep_fp32=lambda path, a: "emb" in path)
+    >>> state.layout.keep_fp32, state.layout.block_size
+    (("params['emb']",), 256)
+    """
+
+    state_bits: int  # 32 or 8
+    block_size: int  # elements per quantization block (power of two, 64..4096); 8-bit only
+    min_8bit_size: int  # float32 leaves with fewer elements keep float32 moments
+    v_rounding: str  # "nearest" or "stochastic": how 8-bit state requantizes v
+    keep_fp32: tuple[str, ...]  # paths of the leaves opted out of 8-bit state, in tree order
+
+    def eight_bit(self, paths, shapes, dtypes) -> list[bool]:
+        """Whether each leaf gets 8-bit moments: float32 leaves of at least
+        ``min_8bit_size`` (and 1) elements not in ``keep_fp32``, when ``state_bits`` is 8."""
+        kept = frozenset(self.keep_fp32)
+        least = max(self.min_8bit_size, 1)
+        return [
+            self.state_bits == 8 and d == np.float32 and math.prod(s) >= least and p not in kept
+            for p, s, d in zip(paths, shapes, dtypes)
+        ]
+
+
 @dataclass(eq=False)
 class LeafGroup:
     """Leaves whose moments share one flat arena; what a backend updates in one call.
@@ -73,7 +111,8 @@ class LeafGroup:
     ``kind`` is ``"fp32"`` (full-precision moments in ``dtype``) or ``"q8"`` (8-bit moments
     of float32 leaves). Leaf ``j`` of the group is leaf ``leaf_ids[j]`` of the tree and owns
     elements ``offsets[j]:offsets[j+1]`` of the element buffers and, for ``"q8"``, blocks
-    ``block_offsets[j]:block_offsets[j+1]`` of the absmax buffers.
+    ``block_offsets[j]:block_offsets[j+1]`` of the absmax buffers. ``layout`` is the state's
+    :class:`Layout` (the same record, not a copy).
     """
 
     kind: str
@@ -81,11 +120,18 @@ class LeafGroup:
     leaf_ids: np.ndarray  # shape=(k,), int64
     offsets: np.ndarray  # shape=(k + 1,), int64
     block_offsets: np.ndarray | None  # shape=(k + 1,), int64; q8 only
-    block_size: int  # 0 for fp32
-    buffers: dict = field(
-        default_factory=dict
-    )  # name -> flat array (m, v, vmax / codes_*, absmax_*)
-    v_rounding: str = "nearest"  # q8: "nearest" or "stochastic" requantization of v
+    layout: Layout
+    buffers: dict = field(default_factory=dict)  # name -> flat array (m, v, vmax / codes_*, ...)
+
+    @property
+    def block_size(self) -> int:
+        """Elements per quantization block: the layout's for ``"q8"``, 0 for other kinds."""
+        return self.layout.block_size if self.kind == "q8" else 0
+
+    @property
+    def v_rounding(self) -> str:
+        """``"q8"``: the layout's requantization of ``v``; other kinds round nothing."""
+        return self.layout.v_rounding if self.kind == "q8" else "nearest"
 
 
 @dataclass(eq=False)
@@ -105,6 +151,11 @@ class AdamState:
         Name, shape and dtype of every leaf, in flattening order.
     slots : tuple of Fp32Slot or QuantSlot
         One per leaf, in the same order.
+    layout : Layout
+        The layout options given to :func:`adamnp.init` (``state_bits``, ``block_size``,
+        ``min_8bit_size``, ``v_rounding``, and ``keep_fp32`` as the paths it kept).
+    state_bits, block_size, v_rounding
+        Read-only shortcuts to the fields of ``layout``.
     """
 
     config: AdamConfig
@@ -117,9 +168,22 @@ class AdamState:
     dtypes: tuple
     slots: tuple
     groups: tuple
-    state_bits: int
-    block_size: int
-    v_rounding: str = "nearest"
+    layout: Layout
+
+    @property
+    def state_bits(self) -> int:
+        """32 or 8 (``layout.state_bits``)."""
+        return self.layout.state_bits
+
+    @property
+    def block_size(self) -> int:
+        """Elements per quantization block of 8-bit leaves (``layout.block_size``)."""
+        return self.layout.block_size
+
+    @property
+    def v_rounding(self) -> str:
+        """``"nearest"`` or ``"stochastic"`` (``layout.v_rounding``)."""
+        return self.layout.v_rounding
 
     def nbytes(self) -> int:
         """Bytes held by the moment buffers (all slots, all groups)."""
@@ -138,12 +202,14 @@ def _views(buffer, offsets, shapes):
     return [buffer[offsets[j] : offsets[j + 1]].reshape(shapes[j]) for j in range(len(shapes))]
 
 
-def build_groups(shapes, dtypes, use_q8, amsgrad, block_size, xp, v_rounding="nearest"):
-    """Allocate zero moments for every leaf; return ``(slots, groups)``.
+def build_groups(paths, shapes, dtypes, layout: Layout, amsgrad: bool, xp):
+    """Allocate zero moments for every leaf as ``layout`` says; return ``(slots, groups)``.
 
-    ``use_q8[i]`` says whether leaf ``i`` gets 8-bit moments; ``xp`` is the backend module,
-    which provides ``zeros(n, dtype)`` and ``full(n, value, dtype)`` (host or device memory).
+    ``xp`` is the backend module, which provides ``zeros(n, dtype)`` and
+    ``full(n, value, dtype)`` (host or device memory).
     """
+    use_q8 = layout.eight_bit(paths, shapes, dtypes)
+    block_size = layout.block_size
     slots: list = [None] * len(shapes)
     groups = []
     keys = sorted({("q8" if q else "fp32", np.dtype(d).str) for d, q in zip(dtypes, use_q8)})
@@ -167,7 +233,7 @@ def build_groups(shapes, dtypes, use_q8, amsgrad, block_size, xp, v_rounding="ne
                 slots[i] = Fp32Slot(
                     views["m"][j], views["v"][j], views["vmax"][j] if amsgrad else None
                 )
-            group = LeafGroup(kind, dtype, np.array(ids, np.int64), offsets, None, 0, buffers)
+            blocks = None
         else:
             blocks = np.zeros(len(ids) + 1, np.int64)
             blocks[1:] = np.cumsum([n_blocks(n, block_size) for n in sizes])
@@ -192,9 +258,6 @@ def build_groups(shapes, dtypes, use_q8, amsgrad, block_size, xp, v_rounding="ne
                     views["absmax_vmax"][j] if amsgrad else None,
                     block_size,
                 )
-            group = LeafGroup(
-                kind, dtype, np.array(ids, np.int64), offsets, blocks, block_size, buffers,
-                v_rounding,
-            )  # fmt: skip
-        groups.append(group)
+        leaf_ids = np.array(ids, np.int64)
+        groups.append(LeafGroup(kind, dtype, leaf_ids, offsets, blocks, layout, buffers))
     return tuple(slots), tuple(groups)

@@ -145,3 +145,24 @@ def test_8bit_training_matches_float32_loss(backend, bs):
     # both reach the noise floor (0.1**2 / 2 = 0.005); the 8-bit run within 1% of float32
     assert loss32 < 0.006
     assert abs(loss8 - loss32) <= 0.01 * loss32, (loss8, loss32)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(state_bits=8),
+        dict(state_bits=8, min_8bit_size=0),
+        dict(state_bits=8, min_8bit_size=100, keep_fp32=["params['emb']"]),
+        dict(state_bits=8, keep_fp32=lambda path, a: a.ndim == 2),
+        dict(state_bits=32, min_8bit_size=0),
+    ],
+)
+def test_layout_decides_the_slots(options):
+    params = {"big": np.zeros(5000, np.float32), "small": np.zeros(4095, np.float32),
+              "f64": np.zeros(5000, np.float64), "emb": np.zeros((100, 50), np.float32),
+              "empty": np.zeros(0, np.float32)}  # fmt: skip
+    s = adamnp.init(params, adamnp.adamw(), backend="numpy", **options)
+    q8 = [isinstance(x, adamnp.QuantSlot) for x in s.slots]
+    assert s.layout.eight_bit(s.paths, s.shapes, s.dtypes) == q8
+    assert q8[s.paths.index("params['empty']")] is False  # never 8-bit, even with min 0
+    assert all(x.block_size == s.layout.block_size for x in s.slots if hasattr(x, "codes_m"))

@@ -208,3 +208,56 @@ def test_max_grad_norm_scales_gradients(backend):
     norm = np.sqrt(np.sum(g.astype(np.float64) ** 2))
     adamnp.step(p2, (g * np.float32(1.0 / (norm + 1e-6))).astype(np.float32), s2)
     np.testing.assert_allclose(s1.slots[0].m, s2.slots[0].m, rtol=1e-6, atol=0)
+
+
+def test_layout_is_one_record_shared_by_state_and_groups():
+    params = {
+        "big": np.zeros(5000, np.float32),
+        "f64": np.zeros(5000, np.float64),
+        "emb": np.zeros((100, 50), np.float32),
+        "small": np.zeros(10, np.float32),
+    }
+    state = adamnp.init(params, adamnp.adamw(), backend="numpy", state_bits=8, block_size=128,
+                        min_8bit_size=np.int64(100), v_rounding="stochastic",
+                        keep_fp32=lambda path, a: a.ndim == 2)  # fmt: skip
+    layout = state.layout
+    assert (layout.state_bits, layout.block_size, layout.min_8bit_size) == (8, 128, 100)
+    assert type(layout.min_8bit_size) is int
+    assert layout.v_rounding == "stochastic" and layout.keep_fp32 == ("params['emb']",)
+    assert (state.state_bits, state.block_size, state.v_rounding) == (8, 128, "stochastic")
+    assert all(g.layout is layout for g in state.groups)
+    for g in state.groups:  # fp32 groups have no blocks and round nothing
+        q8 = g.kind == "q8"
+        assert g.block_size == (128 if q8 else 0)
+        assert g.v_rounding == ("stochastic" if q8 else "nearest")
+    with pytest.raises(AttributeError):
+        layout.block_size = 64
+    with pytest.raises(AttributeError):
+        state.block_size = 64
+    # paths are resolved the same way, in tree order and without repeats
+    names = ["params['small']", "params['emb']", "params['emb']"]
+    again = adamnp.init(params, adamnp.adamw(), backend="numpy", state_bits=8, keep_fp32=names)
+    assert again.layout.keep_fp32 == ("params['emb']", "params['small']")
+
+
+@pytest.mark.parametrize(
+    ("options", "exc", "words"),
+    [
+        ({"state_bits": 4}, ValueError, "state_bits must be 32 or 8, got 4"),
+        ({"block_size": 96}, ValueError, "block_size must be a power of two in 64..4096"),
+        ({"block_size": 8192}, ValueError, "block_size"),
+        ({"block_size": True}, ValueError, "block_size"),
+        ({"min_8bit_size": 1.5}, TypeError, "min_8bit_size must be an int"),
+        ({"min_8bit_size": -1}, ValueError, "min_8bit_size must be >= 0"),
+        ({"v_rounding": "up"}, ValueError, "v_rounding must be 'nearest' or 'stochastic'"),
+        ({"keep_fp32": ["params['x']"]}, ValueError, r"keep_fp32 names \"params\['x'\]\""),
+    ],
+)
+def test_bad_layout_options_are_named(options, exc, words):
+    with pytest.raises(exc, match=words):
+        adamnp.init({"w": np.zeros(3, np.float32)}, adamnp.adam(), backend="numpy", **options)
+
+
+def test_leaf_errors_come_before_option_errors():
+    with pytest.raises(TypeError, match=r"params\['w'\] has dtype int32"):
+        adamnp.init({"w": np.zeros(3, np.int32)}, adamnp.adam(), state_bits=4)

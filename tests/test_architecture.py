@@ -64,7 +64,7 @@ def test_no_import_cycles():
 
     def visit(module):
         if module in path:
-            cycles.append(path[path.index(module) :] + [module])
+            cycles.append([*path[path.index(module) :], module])
             return
         if module in done:
             return

@@ -212,3 +212,124 @@ def test_schedule_needs_config(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError):
         adamnp.load_state(os.path.join(tmp_path, "nope.npz"))
+
+
+def _layout_tree():
+    return {"big": np.ones(5000, np.float32), "emb": np.ones((70, 80), np.float32),
+            "mid": np.ones(300, np.float32), "f64": np.ones(6000, np.float64)}  # fmt: skip
+
+
+LAYOUTS = {
+    "32-bit": {},
+    "defaults": dict(state_bits=8),
+    "keep": dict(state_bits=8, block_size=64, keep_fp32=["params['emb']"]),
+    "min 100": dict(state_bits=8, min_8bit_size=100, v_rounding="stochastic"),
+    "min 100 + keep": dict(state_bits=8, min_8bit_size=100, keep_fp32=lambda p, a: a.ndim == 2),
+    "huge min": dict(state_bits=8, min_8bit_size=10**9),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LAYOUTS))
+def test_layout_round_trip(tmp_path, case):
+    state = adamnp.init(_layout_tree(), adamnp.adamw(), backend="numpy", **LAYOUTS[case])
+    path = tmp_path / "s.npz"
+    adamnp.save_state(path, state)
+    loaded = adamnp.load_state(path)
+    assert loaded.layout == state.layout
+    assert all(g.layout is loaded.layout for g in loaded.groups)
+    kinds = lambda s: [type(x).__name__ for x in s.slots]  # noqa: E731
+    # Files written before min_8bit_size and keep_fp32 were recorded: a layout that gives the
+    # same slots (and the same layout where init's default min_8bit_size explains them).
+    _rewrite_header(path, lambda h, a: (h.pop("min_8bit_size"), h.pop("keep_fp32")))
+    old = adamnp.load_state(path)
+    assert kinds(old) == kinds(state)
+    assert old.layout.eight_bit(old.paths, old.shapes, old.dtypes) == [
+        type(x).__name__ == "QuantSlot" for x in state.slots
+    ]
+    fields = ("state_bits", "block_size", "v_rounding")
+    assert [getattr(old.layout, f) for f in fields] == [getattr(state.layout, f) for f in fields]
+    if case in ("32-bit", "defaults", "keep"):
+        assert old.layout == state.layout
+    for a, b in zip(old.slots, state.slots):
+        assert all(np.array_equal(x, y) for x, y in zip(a, b) if isinstance(x, np.ndarray))
+
+
+def test_header_format_is_unchanged_but_for_two_layout_keys(tmp_path):
+    state = adamnp.init(_layout_tree(), adamnp.adam(), backend="numpy", **LAYOUTS["keep"])
+    path = tmp_path / "s.npz"
+    adamnp.save_state(path, state)
+    with np.load(path) as npz:
+        header = json.loads(str(npz["__adamnp__"][()]))
+    assert header["version"] == 1
+    assert list(header) == ["format", "version", "config", "backend", "step", "skipped_steps",
+                            "state_bits", "block_size", "min_8bit_size", "v_rounding",
+                            "keep_fp32", "treedef", "leaves"]  # fmt: skip
+    assert list(header["config"]) == ["optimizer", "lr", "lr_schedule", "betas", "eps",
+                                      "weight_decay", "amsgrad", "maximize", "nonfinite",
+                                      "max_grad_norm"]  # fmt: skip
+    assert header["keep_fp32"] == ["params['emb']"] and header["min_8bit_size"] == 4096
+    q8 = [e for e in header["leaves"] if e["slot"] == "q8"]
+    maps = ("dynamic-signed-8bit", "dynamic-unsigned-8bit")
+    assert q8 and all((e["block_size"], e["map_m"], e["map_v"]) == (64, *maps) for e in q8)
+    assert list(q8[0]["arrays"]) == ["codes_m", "codes_v", "absmax_m", "absmax_v"]
+
+
+BAD_HEADERS = {
+    "state_bits": (lambda h, a: h.update(state_bits=16), "state_bits must be 32 or 8"),
+    "no state_bits": (lambda h, a: h.pop("state_bits"), "incomplete header: no state_bits"),
+    "block_size": (lambda h, a: h.update(block_size=100), "block_size must be a power of two"),
+    "block_size text": (lambda h, a: h.update(block_size="256"), "block_size"),
+    "min_8bit_size": (lambda h, a: h.update(min_8bit_size="big"), "min_8bit_size must be an int"),
+    "keep_fp32 text": (lambda h, a: h.update(keep_fp32="params['w']"), "keep_fp32 must be a list"),
+    "keep_fp32 null": (lambda h, a: h.update(keep_fp32=None), "keep_fp32 must be a list"),
+    "keep_fp32 path": (lambda h, a: h.update(keep_fp32=["params['x']"]), "keep_fp32 names"),
+    "kept but 8-bit": (
+        lambda h, a: h.update(keep_fp32=["params['w']"]),
+        r"params\['w'\] has q8 moments, which its layout",
+    ),
+    "8-bit but 32": (lambda h, a: h.update(state_bits=32), r"params\['w'\] has q8 moments"),
+    "slot kind": (lambda h, a: h["leaves"][0].update(slot="q4"), "bad leaf entry"),
+    "leaf dtype": (lambda h, a: h["leaves"][0].update(dtype="<i4"), "bad leaf entry"),
+    "leaf path": (lambda h, a: h["leaves"][0].update(path=["w"]), "bad leaf entry"),
+    "leaf block size": (lambda h, a: h["leaves"][0].update(block_size=64), "8-bit layout"),
+    "leaf map": (lambda h, a: h["leaves"][0].update(map_v="signed"), "8-bit layout"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_HEADERS))
+def test_bad_layout_in_header_is_named(tmp_path, case):
+    p = {"w": np.ones(5000, np.float32)}
+    state = adamnp.init(p, adamnp.adamw(), backend="numpy", state_bits=8)
+    path = tmp_path / "s.npz"
+    adamnp.save_state(path, state)
+    edit, words = BAD_HEADERS[case]
+    _rewrite_header(path, edit)
+    with pytest.raises(CheckpointError, match=words):
+        adamnp.load_state(path)
+
+
+def test_config_options_added_later_take_their_default(monkeypatch):
+    """An AdamConfig field with a default is an option older files may lack."""
+    import dataclasses
+
+    from adamnp import _checkpoint
+
+    @dataclasses.dataclass(frozen=True)
+    class Extended(adamnp.AdamConfig):
+        coefficient: tuple = (0.5, 1.0)
+
+    saved = _checkpoint._config_to_json(adamnp.adam())
+    assert _checkpoint._saved_config(saved) == saved
+    monkeypatch.setattr(_checkpoint, "AdamConfig", Extended)
+    assert _checkpoint._saved_config(saved) == {**saved, "coefficient": [0.5, 1.0]}
+    assert _checkpoint._saved_config({**saved, "coefficient": [2, 3]})["coefficient"] == [2, 3]
+
+
+def test_header_config_must_be_complete(tmp_path):
+    path, _ = _saved(tmp_path)
+    _rewrite_header(path, lambda h, a: h["config"].pop("eps"))
+    with pytest.raises(CheckpointError, match="bad configuration in header: 'eps'"):
+        adamnp.load_state(path)
+    _rewrite_header(path, lambda h, a: h.update(config=[1, 2]))
+    with pytest.raises(CheckpointError, match="bad configuration in header"):
+        adamnp.load_state(path)

@@ -208,11 +208,12 @@ def test_traffic_kernel_q8_touches_what_an_8bit_step_touches():
 
 
 def test_unknown_group_kinds_are_refused():
-    from adamnp._state import LeafGroup
+    from adamnp._state import Layout, LeafGroup
     from adamnp.backends.math import host_scalars
 
     ids, offsets = np.zeros(1, np.int64), np.array([0, 4], np.int64)
-    group = LeafGroup("q4", np.dtype(np.float32), ids, offsets, offsets, 256, {})
+    layout = Layout(4, 256, 1, "nearest", ())
+    group = LeafGroup("q4", np.dtype(np.float32), ids, offsets, offsets, layout, {})
     p = [np.zeros(4, np.float32)]
     with pytest.raises(NotImplementedError, match="'q4'"):
         numba_cpu.step_group(group, p, p, host_scalars(adamnp.adamw(), 1, 1e-3))

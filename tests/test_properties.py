@@ -103,3 +103,43 @@ def test_bad_input_never_mutates(specs, backend, seed, problem):
     else:
         raise AssertionError("bad input was accepted")
     assert snapshot(params, state) == before
+
+
+layouts = st.fixed_dictionaries(
+    {
+        "state_bits": st.sampled_from([32, 8]),
+        "block_size": st.sampled_from([64, 256, 4096]),
+        "min_8bit_size": st.sampled_from([0, 1, 4, 255, 4096, 5000]),
+        "v_rounding": st.sampled_from(["nearest", "stochastic"]),
+    }
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(leaf_specs, layouts, st.lists(st.booleans(), min_size=5, max_size=5), st.integers(0, 99))
+def test_checkpoint_keeps_the_layout(tmp_path_factory, specs, options, keep, seed):
+    """A checkpoint restores the layout; one without min_8bit_size / keep_fp32 (older files)
+    gets a layout that gives the same slots."""
+    import json
+
+    params, grads = build(specs, seed)
+    kept = [f"params[{name!r}]" for name, k in zip(sorted(params), keep) if k]
+    state = adamnp.init(params, adamnp.adamw(), backend="numpy", keep_fp32=kept, **options)
+    adamnp.step(params, grads, state)
+    path = tmp_path_factory.mktemp("ckpt") / "s.npz"
+    adamnp.save_state(path, state)
+    loaded = adamnp.load_state(path)
+    assert loaded.layout == state.layout
+    with np.load(path) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    header = json.loads(str(arrays["__adamnp__"][()]))
+    del header["min_8bit_size"], header["keep_fp32"]
+    arrays["__adamnp__"] = np.array(json.dumps(header))
+    np.savez(path, **arrays)
+    old = adamnp.load_state(path)
+    kinds = [type(s) for s in state.slots]
+    assert [type(s) for s in old.slots] == kinds
+    assert old.layout.eight_bit(old.paths, old.shapes, old.dtypes) == [
+        k is adamnp.QuantSlot for k in kinds
+    ]
+    assert snapshot(params, old) == snapshot(params, state)

@@ -64,6 +64,21 @@ def host_scalars(config, t: int, lr: float, grad_scale: float = 1.0) -> StepScal
     )
 
 
+def clip_scale(grad_sq_norm: float, max_grad_norm: float) -> float:
+    """The gradient multiplier of global-norm clipping, as torch's ``clip_grad_norm_``.
+
+    ``min(1, max_grad_norm / (norm + 1e-6))`` with ``norm = sqrt(grad_sq_norm)`` (float64);
+    a NaN norm gives NaN.
+
+    Examples
+    --------
+    >>> clip_scale(16.0, 1.0) == 1.0 / (4.0 + 1e-6), clip_scale(0.25, 1.0)
+    (True, 1.0)
+    """
+    coef = max_grad_norm / (math.sqrt(grad_sq_norm) + 1e-6)
+    return 1.0 if coef >= 1.0 else coef  # NaN stays NaN, as in torch
+
+
 class KernelScalars(NamedTuple):
     """The values a kernel multiplies with, already rounded to the leaf dtype."""
 
