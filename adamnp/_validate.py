@@ -27,6 +27,7 @@ from . import backends
 from ._config import AdamConfig
 from ._state import AdamState, Layout
 from ._tree import flatten
+from .lowbit.reference import is_block_size
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -146,12 +147,7 @@ def validate_layout(
     """  # noqa: E501
     if state_bits not in (32, 8):
         raise ValueError(f"state_bits must be 32 or 8, got {state_bits!r}")
-    if (
-        isinstance(block_size, bool)
-        or not isinstance(block_size, (int, np.integer))
-        or not 64 <= block_size <= 4096
-        or block_size & (block_size - 1)
-    ):
+    if not is_block_size(block_size):
         raise ValueError(f"block_size must be a power of two in 64..4096, got {block_size!r}")
     if isinstance(min_8bit_size, bool) or not isinstance(min_8bit_size, (int, np.integer)):
         raise TypeError(f"min_8bit_size must be an int, got {min_8bit_size!r}")

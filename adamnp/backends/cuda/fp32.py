@@ -39,7 +39,7 @@ import math
 from types import SimpleNamespace
 
 from ..math import adam_elem
-from .util import THREADS, exact_arithmetic, leaf_ptr, scalars_type, simulating
+from .util import THREADS, exact_arithmetic, flags_types, leaf_ptr, scalars_type, simulating
 
 SIM_THREADS = 32  # threads per block in the simulator, where every thread is a Python thread
 PER_THREAD = 8  # elements per thread and chunk: a chunk has threads * PER_THREAD elements
@@ -173,7 +173,7 @@ def signatures() -> dict:
     step, stats, filler = [], [], [(types.uint8[::1], types.uint8)]
     for f in (types.float32, types.float64):
         a = f[::1]
-        step.append((table, ints, offs, a, a, a, scalars_type(f)) + (types.boolean,) * 4)
+        step.append((table, ints, offs, a, a, a, scalars_type(f), *flags_types()))
         stats.append((table, ints, offs, a, types.float64[::1], types.int32[::1]))
         filler.append((a, f))
     f32 = types.float32[::1]

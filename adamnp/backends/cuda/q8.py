@@ -72,7 +72,7 @@ from ...lowbit.exact import build_quant_tables, quantize_bits
 from ...lowbit.maps import moment_map, zero_code
 from ...lowbit.stochastic import block_key, mix32, round_up, uniform
 from ..math import adam_elem
-from .util import THREADS, leaf_ptr, scalars_type, simulating
+from .util import THREADS, flags_types, leaf_ptr, scalars_type, simulating
 
 SIM_THREADS = 64  # in the simulator: two "warps", tiles of 4 blocks of 64 elements
 MIN_PER_THREAD = 4  # a tile has at least 4 elements per thread
@@ -350,6 +350,6 @@ def signatures(block_sizes=(64, 256, 1024, 4096)) -> dict:
     f32, i32 = types.float32, types.int32
     sig = (
         (table, ints, offs, offs) + (codes,) * 3 + (f32a,) * 3 + (f32a, f32a, i32a, i32a)
-        + (i32,) * 8 + (scalars_type(f32),) + (types.boolean,) * 5 + (types.uint32,)
+        + (i32,) * 8 + (scalars_type(f32), *flags_types(), types.boolean, types.uint32)
     )  # fmt: skip
     return {f"adam_step_q8_bs{bs}": (build(bs).adam_step_q8, [sig]) for bs in block_sizes}

@@ -123,3 +123,13 @@ def scalars_type(dtype):
 
     f = np.dtype(str(dtype)).type
     return typeof(KernelScalars(*(f(0),) * (len(KernelScalars._fields) - 1), False))
+
+
+def flags_types() -> tuple:
+    """The Numba types of the four branch flags that follow the record (one per
+    :class:`~adamnp.backends.math.KernelFlags` field, in its order)."""
+    from numba.cuda import types
+
+    from ..math import KernelFlags
+
+    return (types.boolean,) * len(KernelFlags._fields)
