@@ -4,10 +4,17 @@ backend. No math and no checks here."""
 from __future__ import annotations
 
 from collections.abc import Callable, Collection
+from contextlib import nullcontext
 
 from ._config import AdamConfig
 from ._state import MIN_8BIT_SIZE, AdamState, build_groups
-from ._validate import validate_gradients, validate_layout, validate_params, validate_step
+from ._validate import (
+    validate_gradients,
+    validate_layout,
+    validate_params,
+    validate_step,
+    warn_layout,
+)
 from .backends.math import clip_scale, host_scalars
 
 
@@ -42,9 +49,10 @@ def init(
     min_8bit_size : int, default 4096
         Smaller leaves keep float32 moments (their state is negligible and 8-bit rounding
         of biases and norms costs accuracy).
-    keep_fp32 : collection of str or callable, optional
-        Leaves to keep at full precision with 8-bit state: paths such as ``"params['emb']"``,
-        or a predicate ``keep_fp32(path, array) -> bool``.
+    keep_fp32 : str, collection of str or callable, optional
+        Leaves to keep at full precision with 8-bit state: one path such as
+        ``"params['emb']"``, a collection of paths, or a predicate
+        ``keep_fp32(path, array) -> bool``.
     v_rounding : {"nearest", "stochastic"}, default "nearest"
         How 8-bit state stores the second moment ``v`` after each step. ``"nearest"``: the
         nearest map value, as bitsandbytes does. ``"stochastic"``: one of the two map values
@@ -57,6 +65,24 @@ def init(
     Returns
     -------
     AdamState
+
+    Raises
+    ------
+    TypeError, ValueError
+        A bad option (``state_bits``, ``block_size`` and ``min_8bit_size`` must be ints) or
+        leaf, named; params that share memory with each other are refused here already.
+
+    Warns
+    -----
+    UserWarning
+        ``state_bits=8`` but no leaf gets 8-bit moments (all are float64, smaller than
+        ``min_8bit_size`` or named by ``keep_fp32``).
+
+    Notes
+    -----
+    Trees nest at most 100 levels deep (:data:`adamnp._tree.MAX_DEPTH`). A leaf that is an
+    ``ndarray`` subclass (``np.memmap``, ``np.matrix``, ...) is treated as the plain array of
+    its memory and updated in place; masked arrays are refused (the mask would be ignored).
 
     Examples
     --------
@@ -76,6 +102,7 @@ def init(
         v_rounding=v_rounding,
         keep_fp32=keep_fp32,
     )
+    warn_layout(layout, paths, shapes, dtypes)
     slots, groups = build_groups(paths, shapes, dtypes, layout, config.amsgrad, be)
     return AdamState(
         config=config,
@@ -95,10 +122,10 @@ def init(
 def step(params, grads, state: AdamState) -> None:
     """Take one Adam/AdamW step: update ``params`` and ``state`` in place.
 
-    Everything is validated first (tree structure, shapes, dtypes, memory layout, aliasing,
-    the learning rate, and non-finite gradients under ``nonfinite="raise"``); if anything is
-    wrong a ``ValueError`` or ``TypeError`` naming the leaf is raised and neither ``params``
-    nor ``state`` has changed.
+    Everything is validated first (tree structure, shapes, dtypes, memory layout, aliasing
+    between leaves and with the state's own buffers, the learning rate, and non-finite
+    gradients under ``nonfinite="raise"``); if anything is wrong a ``ValueError`` or
+    ``TypeError`` naming the leaf is raised and neither ``params`` nor ``state`` has changed.
 
     Parameters
     ----------
@@ -116,6 +143,9 @@ def step(params, grads, state: AdamState) -> None:
     ``min(1, max_grad_norm / (norm + 1e-6))`` (torch's ``clip_grad_norm_``), with the norm
     accumulated in float64.
 
+    A step holds the state's lock from start to end: steps on one state from several threads
+    run one at a time, in some order (each sees the previous one's ``state.step``).
+
     Examples
     --------
     >>> import numpy as np, adamnp
@@ -125,16 +155,18 @@ def step(params, grads, state: AdamState) -> None:
     >>> p.round(6), state.step
     (array([ 0.9, -1.9], dtype=float32), 1)
     """
-    p_leaves, g_leaves, paths, be = validate_step(params, grads, state)
-    cfg = state.config
-    lr = cfg.lr_at(state.step)  # a schedule's value is checked here
-    if not validate_gradients(g_leaves, paths, state, be):  # nonfinite="skip": NaN or Inf
-        state.skipped_steps += 1
-        return
-    grad_scale = 1.0
-    if cfg.max_grad_norm is not None:
-        grad_scale = clip_scale(be.grad_sq_norm(g_leaves), cfg.max_grad_norm)
-    scalars = host_scalars(cfg, state.step + 1, lr, grad_scale)
-    for group in state.groups:
-        be.step_group(group, p_leaves, g_leaves, scalars)
-    state.step += 1
+    # the whole step under the state's lock (a non-state has none: validate_step refuses it)
+    with state._lock if isinstance(state, AdamState) else nullcontext():
+        p_leaves, g_leaves, paths, be = validate_step(params, grads, state)
+        cfg = state.config
+        lr = cfg.lr_at(state.step)  # a schedule's value is checked here
+        if not validate_gradients(g_leaves, paths, state, be):  # nonfinite="skip": NaN or Inf
+            state.skipped_steps += 1
+            return
+        grad_scale = 1.0
+        if cfg.max_grad_norm is not None:
+            grad_scale = clip_scale(be.grad_sq_norm(g_leaves), cfg.max_grad_norm)
+        scalars = host_scalars(cfg, state.step + 1, lr, grad_scale)
+        for group in state.groups:
+            be.step_group(group, p_leaves, g_leaves, scalars)
+        state.step += 1

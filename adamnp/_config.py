@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import difflib
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass, fields
+
+import numpy as np
 
 NONFINITE_POLICIES = ("raise", "skip", "propagate")
 
@@ -33,7 +36,8 @@ class AdamConfig:
     amsgrad, maximize : bool
         As in ``torch.optim.Adam``.
     nonfinite : {"raise", "skip", "propagate"}
-        What a step does when a gradient holds NaN or Inf.
+        What a step does when a gradient holds NaN, Inf or a value too large to square safely
+        (magnitude >= 2**63 for float32, 2**480 for float64; docs/formulas.md).
     max_grad_norm : float or None
         If set, gradients are scaled so that their global L2 norm is at most this value.
     """
@@ -56,7 +60,9 @@ class AdamConfig:
     def lr_at(self, count: int) -> float:
         """Learning rate for the step taken after ``count`` completed steps.
 
-        Raises ``ValueError`` when a schedule returns a negative or non-finite value.
+        A schedule must return a real number (see :func:`adam`): ``TypeError`` naming the
+        step count otherwise (a ``bool`` or a numeric string is not a learning rate), and
+        ``ValueError`` when the value is negative or not finite.
 
         Examples
         --------
@@ -67,18 +73,18 @@ class AdamConfig:
         if not callable(self.lr):
             return self.lr
         value = self.lr(count)
-        try:
-            value = float(value)
-        except (TypeError, ValueError):
+        real = _as_real(value)
+        if real is None:
             raise TypeError(
-                f"lr schedule returned {value!r} at step count {count}; expected a float"
-            ) from None
-        if not math.isfinite(value) or value < 0:
-            raise ValueError(
-                f"lr schedule returned {value!r} at step count {count}; "
-                "expected a finite value >= 0"
+                f"lr schedule returned {value!r} at step count {count}; expected a real number "
+                "(int, float or a NumPy number; not a bool or a string)"
             )
-        return value
+        if not math.isfinite(real) or real < 0:
+            shown = _describe_nonfinite(value, real) if not math.isfinite(real) else repr(value)
+            raise ValueError(
+                f"lr schedule returned {shown} at step count {count}; expected a finite value >= 0"
+            )
+        return real
 
 
 #: The options of :func:`adam` and :func:`adamw`: every field of :class:`AdamConfig` except
@@ -86,21 +92,55 @@ class AdamConfig:
 OPTION_NAMES = tuple(f.name for f in fields(AdamConfig) if f.name != "decoupled")
 
 
-def _real(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        # numpy scalars are instances of neither int nor float in general; accept them too.
-        try:
-            import numpy as np
+def _as_real(value) -> float | None:
+    """``value`` as a float if it is a real number, else None.
 
-            if isinstance(value, np.floating | np.integer):
-                return float(value)
-        except ImportError:  # pragma: no cover
-            pass
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    return value
+    Real numbers are ``int`` and ``float`` (not ``bool``), NumPy integer and floating scalars,
+    other :class:`numbers.Real` types (``Fraction``) and 0-d NumPy arrays of those dtypes.
+    Strings, ``bool`` and ``np.bool_`` are not numbers here. A value too large for a float
+    gives ``inf`` (the caller reports it as not finite).
+    """
+    if type(value) is float:  # the common case, first
+        return value
+    if isinstance(value, bool | np.bool_):
+        return None
+    if isinstance(value, np.ndarray):
+        if value.shape != () or value.dtype.kind not in "iuf":
+            return None
+        value = value[()]
+    elif not isinstance(value, numbers.Real):
+        return None
+    try:
+        return float(value)
+    except OverflowError:  # an int beyond float's range
+        return math.inf if value > 0 else -math.inf
+
+
+def _real(name: str, value) -> float:
+    """``value`` as a finite float; ``TypeError`` / ``ValueError`` naming ``name`` otherwise.
+
+    Examples
+    --------
+    >>> _real("eps", np.float32(0.5))
+    0.5
+    >>> _real("lr", np.float32("nan"))
+    Traceback (most recent call last):
+      ...
+    ValueError: lr must be finite, got nan
+    """
+    real = _as_real(value)
+    if real is None:
+        kind = "bool" if isinstance(value, bool | np.bool_) else type(value).__name__
+        raise TypeError(f"{name} must be a real number, got {kind}")
+    if not math.isfinite(real):
+        raise ValueError(f"{name} must be finite, got {_describe_nonfinite(value, real)}")
+    return real
+
+
+def _describe_nonfinite(value, real: float) -> str:
+    if isinstance(value, int | np.integer):  # only an int can overflow a float
+        return f"an integer too large for a float ({len(str(abs(int(value))))} digits)"
+    return repr(real)
 
 
 def _flag(name: str, value) -> bool:
@@ -177,7 +217,8 @@ def adam(
     ----------
     lr : float or callable, default 1e-3
         Learning rate ``>= 0``, or a schedule ``lr(count) -> float`` (``count`` = steps
-        already taken; see :mod:`adamnp.schedules`).
+        already taken; see :mod:`adamnp.schedules`). A schedule's value is checked at each
+        step like a fixed ``lr``.
     betas : (float, float), default (0.9, 0.999)
         Decay rates of the first and second moment, each in ``[0, 1)``.
     eps : float, default 1e-8
@@ -197,6 +238,14 @@ def adam(
     Returns
     -------
     AdamConfig
+
+    Raises
+    ------
+    TypeError
+        An option of the wrong type. The numbers may be Python or NumPy numbers (or 0-d NumPy
+        arrays), checked alike; a ``bool`` or a string is not a number.
+    ValueError
+        A number out of range or not finite (also an ``int`` too large for a float).
 
     Warnings
     --------

@@ -9,6 +9,7 @@ checkpoints see one array per leaf and moment.
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -144,9 +145,12 @@ class AdamState:
     backend : str
         ``"numpy"``, ``"numba"`` or ``"cuda"``.
     step : int
-        Number of steps taken (stored as int64 in checkpoints).
+        Number of steps taken (stored as int64 in checkpoints). Checked on assignment: an
+        ``int`` (or NumPy integer, stored as ``int``) in ``0 .. 2**63 - 1``; anything else,
+        ``bool`` included, raises ``TypeError`` or ``ValueError``.
     skipped_steps : int
-        Steps skipped because of non-finite gradients (``nonfinite="skip"``).
+        Steps skipped because of non-finite gradients (``nonfinite="skip"``); checked like
+        ``step``.
     paths, shapes, dtypes : tuple
         Name, shape and dtype of every leaf, in flattening order.
     slots : tuple of Fp32Slot or QuantSlot
@@ -156,6 +160,23 @@ class AdamState:
         ``min_8bit_size``, ``v_rounding``, and ``keep_fp32`` as the paths it kept).
     state_bits, block_size, v_rounding
         Read-only shortcuts to the fields of ``layout``.
+
+    Notes
+    -----
+    Each state holds a lock (created with it, also by :func:`adamnp.load_state`, and anew for
+    a copy or an unpickled state) that :func:`adamnp.step` holds from start to end, so steps
+    on one state from several threads run one after the other. The lock does not make a
+    shared *params* tree safe to read while a step writes it.
+
+    Examples
+    --------
+    >>> import numpy as np, adamnp
+    >>> state = adamnp.init(np.zeros(3, np.float32), adamnp.adam(), backend="numpy")
+    >>> state.step += 1
+    >>> state.step = 2.5
+    Traceback (most recent call last):
+      ...
+    TypeError: state.step must be an int (a count of steps), got float 2.5
     """
 
     config: AdamConfig
@@ -169,6 +190,19 @@ class AdamState:
     slots: tuple
     groups: tuple
     layout: Layout
+    # held by adamnp.step for its whole duration; not an argument, not part of repr/pickle
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        del state["_lock"]  # a lock cannot be copied or pickled; each copy gets its own
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        for name in _COUNTERS:  # checked like any assignment
+            setattr(self, name, state[name])
+        self._lock = threading.Lock()
 
     @property
     def state_bits(self) -> int:
@@ -196,6 +230,50 @@ class AdamState:
             f"leaves={len(self.slots)}, slots={'/'.join(kinds) or '-'}, "
             f"state_bytes={self.nbytes()})"
         )
+
+
+_COUNTERS = ("step", "skipped_steps")
+_COUNT_END = 2**63  # counters are stored as int64 in checkpoints
+
+
+def _count(name: str, value) -> int:
+    """``value`` as a step count for ``state.<name>``, or ``TypeError`` / ``ValueError``."""
+    if type(value) is not int:
+        if isinstance(value, bool | np.bool_) or not isinstance(value, int | np.integer):
+            shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+            raise TypeError(
+                f"state.{name} must be an int (a count of steps), "
+                f"got {type(value).__name__} {shown}"
+            )
+        value = int(value)
+    if not 0 <= value < _COUNT_END:
+        raise ValueError(f"state.{name} must be in 0 .. 2**63 - 1, got {value}")
+    return value
+
+
+class _Count:
+    """A validated ``int`` attribute of :class:`AdamState` (``step``, ``skipped_steps``).
+
+    A data descriptor with ``__set__`` only: every assignment is checked (:func:`_count`),
+    while a read finds the value in the instance's ``__dict__`` at plain-attribute speed.
+    """
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __set__(self, obj, value) -> None:
+        if type(value) is not int or not 0 <= value < _COUNT_END:
+            value = _count(self.name, value)
+        obj.__dict__[self.name] = value
+
+
+# Installed after @dataclass has read the fields: __init__ assigns through them, so a state is
+# checked when it is built (init, load_state) as well as on every later assignment.
+for _name in _COUNTERS:
+    setattr(AdamState, _name, _Count(_name))
+del _name
 
 
 def _views(buffer, offsets, shapes):

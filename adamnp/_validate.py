@@ -17,16 +17,20 @@ TypeError: grads has dtype float64, expected float32
 
 from __future__ import annotations
 
+import warnings
+import weakref
 from collections.abc import Callable, Collection
 from itertools import repeat
 from operator import attrgetter, itemgetter
+from typing import NamedTuple
 
 import numpy as np
 
 from . import backends
 from ._config import AdamConfig
 from ._state import AdamState, Layout
-from ._tree import flatten
+from ._tree import first_difference, flatten
+from .backends.math import GRAD_LIMIT_EXP
 from .lowbit.reference import is_block_size
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -50,11 +54,32 @@ def dtype_shape(a) -> tuple[np.dtype, tuple]:
     return np.dtype(a.dtype), tuple(int(d) for d in a.shape)
 
 
+def as_base_array(a):
+    """``a`` itself, or for an ndarray subclass a base ``ndarray`` view of the same memory.
+
+    This is the one policy for subclasses, on every backend: a leaf that is an ``ndarray``
+    subclass (``np.matrix``, ``np.memmap``, an array type with its own ``__array_ufunc__``)
+    is updated in place as the plain array of its memory, never through the subclass's
+    methods or ufunc overrides. Masked arrays are refused before this (:func:`leaf_error`).
+
+    Examples
+    --------
+    >>> class Unit(np.ndarray): ...
+    >>> a = np.zeros(3).view(Unit)
+    >>> type(as_base_array(a)).__name__, np.shares_memory(as_base_array(a), a)
+    ('ndarray', True)
+    """
+    if type(a) is np.ndarray or not isinstance(a, np.ndarray):
+        return a
+    return np.ndarray.view(a, np.ndarray)  # not a.view: a subclass may override view
+
+
 def leaf_error(path: str, a, be, role: str, shape=None, dtype=None) -> Exception | None:
     """The first problem with leaf ``a`` (named ``path``) for backend module ``be``, or None.
 
     ``role`` is ``"params"`` (must be writeable) or ``"grads"``; ``shape`` and ``dtype``, when
-    given, are what the leaf must have.
+    given, are what the leaf must have. An ``ndarray`` subclass is checked as its base view
+    (:func:`as_base_array`); a masked array is refused.
 
     Examples
     --------
@@ -62,6 +87,14 @@ def leaf_error(path: str, a, be, role: str, shape=None, dtype=None) -> Exception
     >>> leaf_error("params['w']", np.zeros(3, np.int32), numpy_backend, "params")
     TypeError("params['w'] has dtype int32; adamnp updates float32 and float64 arrays only")
     """
+    if isinstance(a, np.ma.MaskedArray):
+        return TypeError(
+            f"{path} is a masked array (numpy.ma.MaskedArray), which adamnp refuses: it would "
+            "ignore the mask, updating masked elements and letting NaN or Inf under a "
+            "gradient's mask into params. Pass plain arrays (np.ma.getdata(a)) and handle the "
+            "mask yourself, e.g. gradients a.filled(0)"
+        )
+    a = as_base_array(a)
     if not be.owns(a):
         if isinstance(a, np.ndarray) or backends.is_device_array(a):
             where = "a CUDA device array" if backends.is_device_array(a) else "a host NumPy array"
@@ -97,7 +130,8 @@ def validate_params(params, config, backend: str):
     """Check :func:`adamnp.init`'s ``config`` and ``params`` and pick the backend.
 
     Returns ``(leaves, treedef, paths, shapes, dtypes, name, be)``: the flattened tree, each
-    leaf's shape and dtype, and the backend's name and module.
+    leaf's shape and dtype, and the backend's name and module. Params that share memory are
+    refused here, with the message :func:`adamnp.step` would give.
 
     Examples
     --------
@@ -117,7 +151,10 @@ def validate_params(params, config, backend: str):
         err = leaf_error(path, a, be, "params")
         if err is not None:
             raise err
-    described = [dtype_shape(a) for a in leaves]
+    bases = list(map(as_base_array, leaves))
+    if not _disjoint(bases, be):
+        _check_aliasing(bases, [], paths, be)
+    described = [dtype_shape(a) for a in bases]
     shapes = tuple(s for _, s in described)
     dtypes = tuple(d for d, _ in described)
     return leaves, treedef, paths, shapes, dtypes, name, be
@@ -135,8 +172,10 @@ def validate_layout(
 ) -> Layout:
     """Check :func:`adamnp.init`'s layout options; return them as one :class:`Layout`.
 
-    ``keep_fp32`` (paths, or a predicate called with each path and leaf of ``leaves``) is
-    resolved to the tuple of the paths it keeps at full precision, in tree order. The keywords
+    ``keep_fp32`` (one path, a collection of paths, or a predicate called with each path and
+    leaf of ``leaves``) is resolved to the tuple of the paths it keeps at full precision, in
+    tree order. ``state_bits``, ``block_size`` and ``min_8bit_size`` must be ints (NumPy
+    integers are fine, ``bool`` and ``float`` are not): ``TypeError`` otherwise. The keywords
     are the fields of :class:`Layout`, so a saved layout checks the same way.
 
     Examples
@@ -145,12 +184,17 @@ def validate_layout(
     ...                 v_rounding="nearest", keep_fp32=["params"])
     Layout(state_bits=8, block_size=128, min_8bit_size=0, v_rounding='nearest', keep_fp32=('params',))
     """  # noqa: E501
+    for name, value in (
+        ("state_bits", state_bits),
+        ("block_size", block_size),
+        ("min_8bit_size", min_8bit_size),
+    ):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise TypeError(f"{name} must be an int, got {value!r}")
     if state_bits not in (32, 8):
         raise ValueError(f"state_bits must be 32 or 8, got {state_bits!r}")
     if not is_block_size(block_size):
         raise ValueError(f"block_size must be a power of two in 64..4096, got {block_size!r}")
-    if isinstance(min_8bit_size, bool) or not isinstance(min_8bit_size, (int, np.integer)):
-        raise TypeError(f"min_8bit_size must be an int, got {min_8bit_size!r}")
     if min_8bit_size < 0:
         raise ValueError(f"min_8bit_size must be >= 0, got {min_8bit_size}")
     if v_rounding not in ("nearest", "stochastic"):
@@ -160,7 +204,17 @@ def validate_layout(
     elif callable(keep_fp32):
         kept = tuple(p for p, a in zip(paths, leaves) if keep_fp32(p, a))
     else:
-        wanted = set(keep_fp32)
+        if isinstance(keep_fp32, str):  # one path, not a collection of one-letter paths
+            keep_fp32 = (keep_fp32,)
+        try:
+            wanted = set(keep_fp32)
+        except TypeError:
+            wanted = None
+        if wanted is None or not all(isinstance(p, str) for p in wanted):
+            raise TypeError(
+                "keep_fp32 must be a leaf path (str), a collection of leaf paths or a "
+                f"predicate keep_fp32(path, array) -> bool, got {keep_fp32!r}"
+            )
         unknown = sorted(wanted - set(paths))
         if unknown:
             raise ValueError(f"keep_fp32 names {unknown[0]!r}, which is not a leaf of params")
@@ -168,50 +222,132 @@ def validate_layout(
     return Layout(int(state_bits), int(block_size), int(min_8bit_size), str(v_rounding), kept)
 
 
+def warn_layout(layout: Layout, paths, shapes, dtypes) -> None:
+    """Warn (``UserWarning``, once per :func:`adamnp.init`) when ``state_bits=8`` stores no leaf
+    in 8 bits: every leaf is too small (``min_8bit_size``), float64 or named by ``keep_fp32``.
+
+    Examples
+    --------
+    >>> import warnings
+    >>> layout = Layout(8, 256, 4096, "nearest", ())
+    >>> with warnings.catch_warnings(record=True) as caught:
+    ...     warnings.simplefilter("always")
+    ...     warn_layout(layout, ["params"], [(10,)], [np.dtype(np.float32)])
+    >>> print(caught[0].message)  # doctest: +ELLIPSIS
+    state_bits=8, but no leaf got 8-bit moments: ...
+    """
+    if layout.state_bits != 8 or not paths or any(layout.eight_bit(paths, shapes, dtypes)):
+        return
+    warnings.warn(
+        "state_bits=8, but no leaf got 8-bit moments: only float32 leaves with at least "
+        f"min_8bit_size={layout.min_8bit_size} elements that keep_fp32 does not name are "
+        "stored in 8 bits, so every leaf here keeps full-precision moments. Lower "
+        "min_8bit_size to quantize smaller leaves, or pass state_bits=32",
+        UserWarning,
+        stacklevel=3,  # the caller of adamnp.init
+    )
+
+
 # -- step: the full checks, leaf by leaf
 
 
-def _check_aliasing(p_leaves, g_leaves, paths, be) -> None:
-    """Reject params that share memory with any other param or gradient leaf."""
+class _Arenas(NamedTuple):
+    """Where a state's buffers lie: its few flat arenas, which no leaf may touch."""
+
+    spans: list  # (first byte, end, "state", (group index, buffer name)) per non-empty buffer
+    lo: np.ndarray  # shape=(len(spans),), int64; the first bytes, for the vectorized check
+    hi: np.ndarray  # shape=(len(spans),), int64; the ends
+
+
+_ARENAS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # state -> (groups, _Arenas)
+
+
+def _state_arenas(state: AdamState, be) -> _Arenas:
+    """The state's :class:`_Arenas`. They never move, so they are computed once per state
+    (again if ``state.groups`` is replaced)."""
+    cached = _ARENAS.get(state)
+    if cached is not None and cached[0] is state.groups:
+        return cached[1]
+    spans = []
+    for gi, group in enumerate(state.groups):
+        for name, buf in group.buffers.items():
+            lo, hi = be.address_range(buf)
+            if hi > lo:
+                spans.append((lo, hi, "state", (gi, name)))
+    arenas = _Arenas(
+        spans,
+        np.array([span[0] for span in spans], np.int64),
+        np.array([span[1] for span in spans], np.int64),
+    )
+    _ARENAS[state] = (state.groups, arenas)
+    return arenas
+
+
+def _state_slot(state: AdamState, be, where, start: int) -> str:
+    """``state.slots[i].<field>``: the slot holding byte ``start`` of arena ``where``."""
+    gi, name = where
+    group = state.groups[gi]
+    buf = group.buffers[name]
+    element = (start - be.address_range(buf)[0]) // np.dtype(buf.dtype).itemsize
+    offsets = group.block_offsets if name.startswith("absmax") else group.offsets
+    j = int(np.searchsorted(offsets, element, side="right")) - 1
+    return f"state.slots[{int(group.leaf_ids[j])}].{name}"
+
+
+def _overlap_error(here, prev, paths, state, be) -> ValueError:
+    """The error for spans ``here`` and ``prev`` (``(lo, hi, role, id)``) that overlap."""
+    leaf, other = (prev, here) if here[2] == "state" else (here, prev)
+    name = paths[leaf[3]].replace("params", leaf[2], 1)
+    if other[2] == "state":
+        slot = _state_slot(state, be, other[3], max(leaf[0], other[0]))
+        return ValueError(
+            f"{name} shares memory with the optimizer state ({slot}); the state owns its "
+            "buffers, so params and grads must be arrays of their own (copy the slot first)"
+        )
+    name_prev = paths[other[3]].replace("params", other[2], 1)
+    return ValueError(
+        f"{name} shares memory with {name_prev}; every param must own its "
+        "memory (pass gradients in separate arrays)"
+    )
+
+
+def _check_aliasing(p_leaves, g_leaves, paths, be, state=None, state_spans=()) -> None:
+    """Reject leaves that share memory with any other leaf or with the state's buffers.
+
+    ``state_spans`` are the ``spans`` of :func:`_state_arenas` (one entry per arena, not
+    per leaf).
+    """
     spans = []
     for role, leaves in (("params", p_leaves), ("grads", g_leaves)):
         for i, a in enumerate(leaves):
             lo, hi = be.address_range(a)
             if hi > lo:
                 spans.append((lo, hi, role, i))
+    spans.extend(state_spans)
     spans.sort()
-    last_any = None  # (end, role, i) of the span reaching furthest
+    last_any = None  # the span reaching furthest
     last_param = None
-    for lo, hi, role, i in spans:
+    for span in spans:
+        lo, hi, role, _ = span
         for prev in (last_param, last_any) if role == "grads" else (last_any,):
-            if prev is not None and lo < prev[0]:
-                name_prev = paths[prev[2]].replace("params", prev[1], 1)
-                name_here = paths[i].replace("params", role, 1)
-                raise ValueError(
-                    f"{name_here} shares memory with {name_prev}; every param must own its "
-                    "memory (pass gradients in separate arrays)"
-                )
-        if last_any is None or hi > last_any[0]:
-            last_any = (hi, role, i)
-        if role == "params" and (last_param is None or hi > last_param[0]):
-            last_param = (hi, role, i)
+            if prev is not None and lo < prev[1]:
+                raise _overlap_error(span, prev, paths, state, be)
+        if last_any is None or hi > last_any[1]:
+            last_any = span
+        if role == "params" and (last_param is None or hi > last_param[1]):
+            last_param = span
 
 
-def _validate_full(params, grads, state: AdamState, be):
+def _validate_full(params, grads, state: AdamState, be, arenas: _Arenas):
     """Every check, leaf by leaf in tree order; raises the first problem found."""
     p_leaves, p_def, paths = flatten(params)
     g_leaves, g_def, _ = flatten(grads, "grads")
     if p_def != state.treedef:
-        raise ValueError(
-            "params do not have the tree structure this state was built for "
-            f"(state has {len(state.paths)} leaves: {', '.join(state.paths[:4])}"
-            f"{', ...' if len(state.paths) > 4 else ''}; params have {len(paths)})"
-        )
+        where = first_difference(p_def, state.treedef, "params", "the state's params")
+        raise ValueError(f"params do not have the tree structure this state was built for: {where}")
     if g_def != p_def:
-        raise ValueError(
-            "grads must have the same tree structure as params "
-            f"({len(g_leaves)} grad leaves vs {len(p_leaves)} params)"
-        )
+        where = first_difference(g_def, p_def, "grads", "params")
+        raise ValueError(f"grads must have the same tree structure as params: {where}")
     for i, path in enumerate(paths):
         shape, dtype = state.shapes[i], state.dtypes[i]
         err = leaf_error(path, p_leaves[i], be, "params", shape, dtype)
@@ -220,17 +356,20 @@ def _validate_full(params, grads, state: AdamState, be):
             err = leaf_error(gpath, g_leaves[i], be, "grads", shape, dtype)
         if err is not None:
             raise err
-    _check_aliasing(p_leaves, g_leaves, paths, be)
+    p_leaves = list(map(as_base_array, p_leaves))
+    g_leaves = list(map(as_base_array, g_leaves))
+    _check_aliasing(p_leaves, g_leaves, paths, be, state, arenas.spans)
     return p_leaves, g_leaves, paths
 
 
 # -- step: the fast path
 #
 # It accepts exactly what _validate_full accepts, minus some unusual but valid inputs (ndarray
-# subclasses, dict keys of str/int subclasses, ...), which it hands to _validate_full; it never
-# raises, so every error message comes from _validate_full. It exists for trees of many small
-# leaves, where the full path costs ~10 us per leaf: no Python work per leaf here beyond
-# C-level map() calls.
+# subclasses, which _validate_full turns into base views; dict keys of str/int subclasses;
+# ...), which it hands to _validate_full; it never raises, so every error message comes from
+# _validate_full. It exists for trees of many small leaves, where the full path costs ~10 us
+# per leaf: no Python work per leaf here beyond C-level map() calls. The state's arenas join
+# the aliasing check as a few spans, computed once per state (_state_arenas).
 
 _CONTAINERS = (dict, list, tuple)
 _KEY_TYPES = frozenset((str, int))
@@ -292,13 +431,16 @@ def _host_leaves_ok(p_leaves, g_leaves, state: AdamState, be) -> bool:
     )
 
 
-def _disjoint(leaves, be) -> bool:
-    """True if no two non-empty leaves share memory (vectorized; needs ``be.data_addresses``)."""
+def _disjoint(leaves, be, arenas: _Arenas | None = None) -> bool:
+    """True if no two non-empty leaves share memory, nor a leaf with one of the state's
+    ``arenas`` (vectorized; needs ``be.data_addresses``)."""
     addresses = getattr(be, "data_addresses", None)
     if addresses is None or len(leaves) < _MIN_VECTOR_ALIASING:
         return False
     lo = addresses(leaves)
     hi = lo + np.fromiter((a.nbytes for a in leaves), np.int64, len(leaves))
+    if arenas is not None:
+        lo, hi = np.concatenate((lo, arenas.lo)), np.concatenate((hi, arenas.hi))
     used = hi > lo
     lo, hi = lo[used], hi[used]
     order = np.argsort(lo, kind="stable")
@@ -306,7 +448,7 @@ def _disjoint(leaves, be) -> bool:
     return not np.any(lo[1:] < np.maximum.accumulate(hi)[:-1])
 
 
-def _validate_fast(params, grads, state: AdamState, be):
+def _validate_fast(params, grads, state: AdamState, be, arenas: _Arenas):
     """``(p_leaves, g_leaves, paths)`` if all is valid and cheap to check, else None.
 
     The paths are ``state.paths``: the tree has exactly the state's structure, so
@@ -325,9 +467,9 @@ def _validate_fast(params, grads, state: AdamState, be):
             return None
     if not _host_leaves_ok(p_leaves, g_leaves, state, be):
         return None
-    if not _disjoint(p_leaves + g_leaves, be):
+    if not _disjoint(p_leaves + g_leaves, be, arenas):
         try:
-            _check_aliasing(p_leaves, g_leaves, state.paths, be)
+            _check_aliasing(p_leaves, g_leaves, state.paths, be, state, arenas.spans)
         except ValueError:
             return None  # let _validate_full name the leaves
     return p_leaves, g_leaves, state.paths
@@ -339,8 +481,11 @@ def _validate_fast(params, grads, state: AdamState, be):
 def validate_step(params, grads, state: AdamState):
     """Check ``params``, ``grads`` and ``state`` (everything but the gradients' values).
 
-    Returns ``(p_leaves, g_leaves, paths, be)``: the leaves in flattening order, their paths
-    and the state's backend module. Raises the first problem found, naming its leaf.
+    Returns ``(p_leaves, g_leaves, paths, be)``: the leaves in flattening order (``ndarray``
+    subclasses as base views of the same memory, :func:`as_base_array`), their paths and the
+    state's backend module. Raises the first problem found, naming its leaf; a tree mismatch
+    names the first key or index where the trees differ, and a leaf that shares memory with
+    another leaf or with the state's own buffers is refused.
 
     Examples
     --------
@@ -357,16 +502,18 @@ def validate_step(params, grads, state: AdamState):
     if not isinstance(state, AdamState):
         raise TypeError(f"state must be an AdamState from adamnp.init, got {type(state).__name__}")
     be = backends.get(state.backend)
-    leaves = _validate_fast(params, grads, state, be)
+    arenas = _state_arenas(state, be)
+    leaves = _validate_fast(params, grads, state, be, arenas)
     if leaves is None:
-        leaves = _validate_full(params, grads, state, be)
+        leaves = _validate_full(params, grads, state, be, arenas)
     return (*leaves, be)
 
 
 def validate_gradients(g_leaves, paths, state: AdamState, be) -> bool:
     """The last check of a step, which reads the gradients: whether the step goes on.
 
-    Unless ``nonfinite="propagate"``, looks for NaN or Inf in the gradients: under
+    Unless ``nonfinite="propagate"``, looks for NaN, Inf or magnitudes at or above
+    :func:`~adamnp.backends.math.grad_limit` in the gradients: under
     ``"raise"`` raises ``ValueError`` naming the first such gradient, under ``"skip"``
     returns False (the caller counts the skipped step). True otherwise.
 
@@ -387,7 +534,10 @@ def validate_gradients(g_leaves, paths, state: AdamState, be) -> bool:
     if policy == "skip":
         return False
     gpath = paths[bad].replace("params", "grads", 1)
+    dtype = state.dtypes[bad]
     raise ValueError(
-        f"{gpath} contains NaN or Inf (nonfinite='raise'); nothing was updated. "
-        "Use nonfinite='skip' to skip such steps or 'propagate' to compute through them"
+        f"{gpath} contains NaN, Inf or a value of magnitude >= 2**{GRAD_LIMIT_EXP[dtype]} "
+        f"(nonfinite='raise'; the square of a {dtype} gradient that large could overflow the "
+        "second moment); nothing was updated. Use nonfinite='skip' to skip such steps or "
+        "'propagate' to compute through them"
     )

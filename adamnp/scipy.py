@@ -120,9 +120,12 @@ def adam_method(
     ----------
     fun : callable
         ``fun(x, *args) -> float``, or ``-> (float, gradient)`` when ``jac=True``.
-    x0 : array_like
-        Starting point. Optimized as float64, unless ``x0`` is float32 (kept float32); its
-        shape is kept.
+    x0 : array_like, shape (n,)
+        Starting point, 1-D (a scalar becomes shape ``(1,)``), as
+        :func:`scipy.optimize.minimize` requires: it raises ``ValueError`` for other shapes
+        before calling the method, and so does a direct call. For an N-D parameter pass
+        ``x0.ravel()`` and reshape inside ``fun``. ``res.x`` has shape ``(n,)``; it is
+        float64, unless ``x0`` is float32 (kept float32).
     args : tuple
         Extra arguments for ``fun`` and ``jac``.
     jac : True or callable
@@ -220,9 +223,14 @@ def adam_method(
     elif not isinstance(args, tuple):
         args = (args,)
 
-    x0 = np.asarray(x0)
+    x0 = np.atleast_1d(np.asarray(x0))
+    if x0.ndim != 1:  # what minimize() checks before calling a method; direct calls alike
+        raise ValueError(
+            f"x0 must be 1-D, as scipy.optimize.minimize requires; got shape {x0.shape}: "
+            "pass x0.ravel() and reshape inside fun"
+        )
     dtype = np.float32 if x0.dtype == np.float32 else np.float64
-    x = np.array(np.atleast_1d(x0), dtype=dtype, order="C", copy=True)
+    x = np.array(x0, dtype=dtype, order="C", copy=True)
     make = adamnp.adamw if decoupled else adamnp.adam
     config = make(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad)
     state = adamnp.init(x, config, backend=backend, state_bits=state_bits)

@@ -22,6 +22,13 @@ rounding, so they agree exactly as well; the design tolerates an off-by-one wher
 lies within one float32 rounding of a midpoint between two map values, so
 :func:`code_mismatches` counts differing codes and :data:`CODE_MISMATCH_BUDGET` bounds them
 (expected and observed: 0, which the bitwise params then confirm).
+
+The gradients (:func:`make_grads`) hold the extremes where kernels take other paths: whole
+blocks whose absmax is subnormal (v from gradients near 1e-20, m from 1e-44..1e-38; the
+AVX-512 VBMI kernel's reciprocal ``1 / absmax`` overflows there, so it must divide) or comes
+from gradients just below the gradient limit (``grad_limit``, 2**63 for float32), and, with
+nonfinite="propagate", blocks whose v lies above 2**126 or overflows. Configs ending in
+"-huge" put +-grad_limit itself into one step: every backend must reject it alike.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ import pytest
 import adamnp
 from adamnp import backends
 from adamnp._tree import flatten, unflatten
+from adamnp.backends.math import grad_limit
 
 BACKENDS = [name for name in backends.NAMES if name != "numpy" and backends.available(name)]
 REF = backends.get("numpy")
@@ -53,16 +61,21 @@ CONFIGS = {
     "skip-nan": lambda: adamnp.adamw(lr=1e-2, nonfinite="skip"),
     "propagate-nan": lambda: adamnp.adamw(lr=1e-2, nonfinite="propagate", amsgrad=True),
     "raise-nan": lambda: adamnp.adamw(lr=1e-2),
+    # finite gradients at the limit (grad_limit) count as non-finite under "raise"/"skip"
+    "raise-huge": lambda: adamnp.adamw(lr=1e-2),
+    "skip-huge": lambda: adamnp.adam(lr=1e-2, nonfinite="skip", amsgrad=True),
     "all-flags": lambda: adamnp.adam(
         lr=1e-2, betas=(0.3, 0.9), weight_decay=0.1, amsgrad=True, maximize=True
     ),
 }
-NAN_STEP = 1  # configs ending in "-nan" see NaN and +-Inf in the gradients of this step
+NAN_STEP = 1  # configs ending in "-nan" see NaN and +-Inf in the gradients of this step,
+# those ending in "-huge" +-grad_limit (finite, but at the limit)
 SIZES = (0, 1, 255, 256, 257, 4095, 4096)
 Q8_SIZES = (1, 255, 256, 257, 4095, 4096)
 BLOCK_SIZES = (64, 256, 4096)
 Q8_CONFIGS = ("adam", "adamw", "adam-l2", "amsgrad", "maximize", "beta1-small", "clip",
-              "skip-nan", "propagate-nan", "raise-nan", "all-flags")  # fmt: skip
+              "skip-nan", "propagate-nan", "raise-nan", "raise-huge", "skip-huge",
+              "all-flags")  # fmt: skip
 CODE_MISMATCH_BUDGET = 1e-5  # off-by-one codes allowed per element (at float32 midpoints)
 
 
@@ -86,23 +99,73 @@ def make_tree(kind: str, size: int, dtype, rng):
     raise ValueError(kind)
 
 
-def make_grads(params, step: int, special: bool):
-    """Gradients of one step: normal values, exact zeros, tiny and huge magnitudes (v = inf)."""
+# Magnitudes of gradients per leaf dtype: "sub_v" makes v subnormal (g**2 * (1 - b2) below
+# the smallest normal), "sub_m" the exponent range (log10) that makes m = (1 - b1) * g
+# subnormal (or zero); beyond the limit (nonfinite="propagate" only), "huge_v" makes v
+# (beta2 = 0.999) finite but above 2**126 (float32; float64: 2**1022), "beyond" overflows it.
+MAGNITUDES = {
+    F32: dict(sub_v=1e-20, sub_m=(-44.0, -38.0), huge_v=3e20, beyond=1e21),
+    F64: dict(sub_v=1e-160, sub_m=(-322.0, -307.0), huge_v=2.2e155, beyond=1e156),
+}
+
+
+def special_of(config: str) -> str | None:
+    """What the gradients of step NAN_STEP hold: "nan" (NaN, +-Inf), "huge" (+-the limit)."""
+    tail = config_name(config).rsplit("-", 1)[-1]
+    return tail if tail in ("nan", "huge") else None
+
+
+def make_grads(params, step: int, special: str | None = None, run: int = 64,
+               beyond: bool = False):  # fmt: skip
+    """Gradients of one step.
+
+    Elements: normal values, exact zeros, tiny magnitudes (squares underflow in float32),
+    magnitudes just below the limit (:func:`~adamnp.backends.math.grad_limit`) and, with
+    ``beyond`` (for nonfinite="propagate"), magnitudes that make v finite but above
+    ``2**126`` (float32) or overflow it. Whole runs
+    of ``run`` elements (the 8-bit blocks) hold only gradients that make v subnormal, or m
+    subnormal (then v is 0), or that lie just below the limit: the same runs at every step,
+    so that the block's absmax stays there. ``special`` (step NAN_STEP): "nan" puts NaN and
+    +-Inf, "huge" +-grad_limit, at random places.
+    """
     leaves, treedef, _ = flatten(params)
     rng = np.random.default_rng(1000 + step)
     out = []
-    for leaf in leaves:
-        g = rng.standard_normal(leaf.shape)
-        picks = rng.random(leaf.shape)
+    for index, leaf in enumerate(leaves):
+        dtype, n = leaf.dtype, leaf.size
+        mag = MAGNITUDES[dtype]
+        limit = grad_limit(dtype)
+        g = rng.standard_normal(n)
+        sign = np.where(rng.random(n) < 0.5, -1.0, 1.0)
+        picks = rng.random(n)
         g[picks < 0.05] = 0.0
         g[(picks >= 0.05) & (picks < 0.08)] *= 1e-30  # squares underflow in float32
-        g[(picks >= 0.08) & (picks < 0.09)] *= 3e19  # squares overflow in float32
-        g = g.astype(leaf.dtype)
+        near = (picks >= 0.08) & (picks < 0.09)
+        g[near] = sign[near] * limit * rng.uniform(0.5, 0.999, n)[near]  # just below
+        if beyond:
+            large = (picks >= 0.09) & (picks < 0.093)
+            g[large] = sign[large] * mag["huge_v"] * rng.uniform(1, 1.3, n)[large]
+            over = (picks >= 0.093) & (picks < 0.095)
+            g[over] = sign[over] * mag["beyond"] * rng.uniform(1, 4, n)[over]
+        kind = (index + n + np.arange(n) // run) % 5  # the runs: 0 and 4 as above
+        sub_v, sub_m, top = kind == 1, kind == 2, kind == 3
+        g[sub_v] = rng.standard_normal(n)[sub_v] * mag["sub_v"]
+        g[sub_m] = sign[sub_m] * 10.0 ** rng.uniform(*mag["sub_m"], n)[sub_m]
+        g[top] = sign[top] * limit * rng.uniform(0.5, 0.999, n)[top]
+        g = g.astype(dtype)
+        g[top & (picks < 0.1)] = sign[top & (picks < 0.1)] * below_limit(dtype)  # the largest
+        g = g.reshape(leaf.shape)
         if special and g.size:
             flat = g.reshape(-1)
-            flat[rng.integers(flat.size, size=3)] = [np.nan, np.inf, -np.inf]
+            values = [np.nan, np.inf, -np.inf] if special == "nan" else [limit, -limit]
+            flat[rng.integers(flat.size, size=len(values))] = values
         out.append(g)
     return unflatten(treedef, out)
+
+
+def below_limit(dtype):
+    """The largest magnitude of ``dtype`` that the non-finite check lets through."""
+    return np.nextafter(dtype.type(grad_limit(dtype)), dtype.type(0))
 
 
 def on(be, tree):
@@ -138,8 +201,10 @@ def run(backend: str, case, steps: int):
     config = config_name(config)
     state = adamnp.init(params, CONFIGS[config](), backend=backend, **q8)
     errors = []
+    special = special_of(config)
     for t in range(steps):
-        grads = make_grads(params, t, special=config.endswith("-nan") and t == NAN_STEP)
+        grads = make_grads(params, t, special if t == NAN_STEP else None, block_size or 64,
+                           beyond=CONFIGS[config]().nonfinite == "propagate")  # fmt: skip
         try:
             with np.errstate(all="ignore"):  # NumPy warns where v overflows; others are silent
                 adamnp.step(params, on(be, grads), state)
@@ -247,7 +312,7 @@ def test_backend_matches_reference(backend, case):
         pytest.skip("the CUDA simulator runs small cases only")
     (got, got_errors), (want, want_errors) = run(backend, case, steps), run("numpy", case, steps)
     assert got_errors == want_errors
-    assert (len(want_errors) == 1) == (config_name(case[3]) == "raise-nan")
+    assert (len(want_errors) == 1) == config_name(case[3]).startswith("raise-")
     compare(got, want, case)
 
 
@@ -256,13 +321,14 @@ def test_backend_matches_reference(backend, case):
 def test_reductions_match_reference(backend, dtype):
     be = backends.get(backend)
     params = make_tree("nested", 40_000, dtype, np.random.default_rng(3))
-    grads = flatten(make_grads(params, 0, special=False))[0]
+    grads = flatten(make_grads(params, 0))[0]  # near the limit, subnormal: all accepted
     dev = [be.from_host(g) for g in grads]
     assert be.nonfinite_leaf(dev) == REF.nonfinite_leaf(grads) == -1
     want = REF.grad_sq_norm(grads)
     assert be.grad_sq_norm(dev) == pytest.approx(want, rel=1e-13)
-    for leaf in (0, 3, len(grads) - 1):
+    limit = dtype.type(grad_limit(dtype))
+    for leaf, value in ((0, np.nan), (3, np.inf), (len(grads) - 1, limit), (1, -limit)):
         bad = [g.copy() for g in grads]
-        bad[leaf].reshape(-1)[-1] = np.inf if leaf % 2 else np.nan
+        bad[leaf].reshape(-1)[-1] = value
         dev = [be.from_host(g) for g in bad]
         assert be.nonfinite_leaf(dev) == REF.nonfinite_leaf(bad) == leaf

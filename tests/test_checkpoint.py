@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import re
+import stat
 import subprocess
 import sys
 import textwrap
+import time
+import tracemalloc
+import warnings
 import zipfile
 
 import numpy as np
 import pytest
 
 import adamnp
-from adamnp import CheckpointError
+from adamnp import CheckpointError, backends
 
 # A training script run in fresh processes: `run(state_or_none, first, last)` takes steps
 # first..last-1 with gradients that depend only on the step index.
@@ -231,7 +237,9 @@ LAYOUTS = {
 
 @pytest.mark.parametrize("case", sorted(LAYOUTS))
 def test_layout_round_trip(tmp_path, case):
-    state = adamnp.init(_layout_tree(), adamnp.adamw(), backend="numpy", **LAYOUTS[case])
+    with warnings.catch_warnings():  # "huge min": init warns that no leaf is 8-bit
+        warnings.simplefilter("ignore", UserWarning)
+        state = adamnp.init(_layout_tree(), adamnp.adamw(), backend="numpy", **LAYOUTS[case])
     path = tmp_path / "s.npz"
     adamnp.save_state(path, state)
     loaded = adamnp.load_state(path)
@@ -333,3 +341,375 @@ def test_header_config_must_be_complete(tmp_path):
     _rewrite_header(path, lambda h, a: h.update(config=[1, 2]))
     with pytest.raises(CheckpointError, match="bad configuration in header"):
         adamnp.load_state(path)
+
+
+# -- hostile files (reliability issue): checked before anything is allocated, every failure a
+# CheckpointError naming the file and the key, no loaded state that a step could crash on
+
+
+def _small(tmp_path, **cfg):
+    """A checkpoint of an 8-bit leaf 'a' (300 elements, 5 blocks of 64), a float32 leaf 'b'
+    and a float64 leaf 'c', after one step."""
+    params = {
+        "a": np.linspace(-1, 1, 300, dtype=np.float32),
+        "b": np.ones((2, 3), np.float32),
+        "c": np.ones(5, np.float64),
+    }
+    state = adamnp.init(
+        params, adamnp.adamw(**cfg), backend="numpy", state_bits=8, min_8bit_size=100,
+        block_size=64,
+    )  # fmt: skip
+    adamnp.step(params, {k: np.full_like(v, 0.5) for k, v in params.items()}, state)
+    path = tmp_path / "small.npz"
+    adamnp.save_state(path, state)
+    return path, params, state
+
+
+def _npy(array) -> bytes:
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, np.asarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
+def _forge(path, edit=None, header_text=None, compression=zipfile.ZIP_STORED):
+    """Rewrite checkpoint ``path`` as a valid zip: ``edit(header, members)`` may change the
+    header (a dict) and the members (name -> bytes) in place; ``header_text`` replaces the
+    header's JSON text outright."""
+    with zipfile.ZipFile(path) as z:
+        members = {info.filename: z.read(info) for info in z.infolist()}
+    header = json.loads(str(np.load(io.BytesIO(members["__adamnp__.npy"]))[()]))
+    if edit is not None:
+        edit(header, members)
+    text = json.dumps(header) if header_text is None else header_text
+    members["__adamnp__.npy"] = _npy(np.array(text))
+    with zipfile.ZipFile(path, "w", compression) as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+
+
+def _set_tree(h, children):
+    h["treedef"] = {"dict": [[k, None] for k in children]}
+
+
+def _declare_q8(h, i, n, dtype="<f4"):
+    """Make leaf ``i`` of the header an 8-bit leaf of ``n`` elements, consistently."""
+    blocks = -(-n // h["block_size"])
+    h["leaves"][i].update(
+        shape=[n], dtype=dtype, slot="q8", block_size=h["block_size"],
+        map_m="dynamic-signed-8bit", map_v="dynamic-unsigned-8bit",
+        arrays={"codes_m": {"dtype": "|u1", "shape": [n]},
+                "codes_v": {"dtype": "|u1", "shape": [n]},
+                "absmax_m": {"dtype": "<f4", "shape": [blocks]},
+                "absmax_v": {"dtype": "<f4", "shape": [blocks]}},
+    )  # fmt: skip
+
+
+def _arrays(h, i, **fields):
+    h["leaves"][i]["arrays"].update(fields)
+
+
+FORGED = {
+    # the tree against the leaf table: a short tree made the next step crash (segfault on
+    # numba, IndexError after changing params on NumPy)
+    "tree has fewer leaves": (lambda h, m: _set_tree(h, "ab"), "2 leaves"),
+    "tree has more leaves": (lambda h, m: _set_tree(h, "abcd"), "4 leaves"),
+    "tree names other leaves": (lambda h, m: _set_tree(h, "abd"), "leaf 2 of the tree"),
+    "tree keys unsorted": (lambda h, m: _set_tree(h, "bac"), "unsorted"),
+    "tree keys repeated": (lambda h, m: _set_tree(h, "abcc"), "repeated"),
+    "tree too deep": (
+        lambda h, m: h.update(treedef=json.loads('{"list": [' * 150 + "null" + "]}" * 150)),
+        "tree",  # deeper than _tree.MAX_DEPTH, or else one leaf for three entries
+    ),
+    # slot kinds against dtypes, stored arrays against leaf shapes, dtypes, block counts
+    "8-bit slot of a float64 leaf": (
+        lambda h, m: _declare_q8(h, 2, 5, "<f8"),
+        "float32 leaves only",
+    ),
+    "leaf dtype float16": (lambda h, m: h["leaves"][1].update(dtype="<f2"), "dtype '<f2'"),
+    "leaf dtype object": (lambda h, m: h["leaves"][1].update(dtype="|O"), "dtype '|O'"),
+    "array shape": (lambda h, m: _arrays(h, 1, m={"dtype": "<f4", "shape": [6]}), "'m'"),
+    "array dtype object": (
+        lambda h, m: _arrays(h, 1, m={"dtype": "|O", "shape": [2, 3]}),
+        r"'\|O'",
+    ),
+    "array dtype float64": (lambda h, m: _arrays(h, 1, m={"dtype": "<f8", "shape": [2, 3]}), "<f8"),
+    "codes dtype": (
+        lambda h, m: _arrays(h, 0, codes_m={"dtype": "|i1", "shape": [300]}),
+        "codes_m",
+    ),
+    "absmax blocks": (
+        lambda h, m: _arrays(h, 0, absmax_m={"dtype": "<f4", "shape": [4]}),
+        "absmax_m",
+    ),
+    "amsgrad arrays without amsgrad": (
+        lambda h, m: (
+            _arrays(h, 1, vmax={"dtype": "<f4", "shape": [2, 3]}),
+            m.update({"leaf1/vmax.npy": _npy(np.zeros((2, 3), np.float32))}),
+        ),
+        "amsgrad=False",
+    ),
+    "amsgrad without its arrays": (lambda h, m: h["config"].update(amsgrad=True), "amsgrad=True"),
+    "unknown leaf key": (lambda h, m: h["leaves"][1].update(block_size=64), "unknown keys"),
+    # unvalidated fields
+    "version true": (lambda h, m: h.update(version=True), "version"),
+    "step true": (lambda h, m: h.update(step=True), "step"),
+    "step 2**200": (lambda h, m: h.update(step=2**200), "step"),
+    "step negative": (lambda h, m: h.update(step=-1), "step"),
+    "skipped 2**63": (lambda h, m: h.update(skipped_steps=2**63), "skipped_steps"),
+    "skipped float": (lambda h, m: h.update(skipped_steps=1.0), "skipped_steps"),
+    "state_bits text": (lambda h, m: h.update(state_bits="abc"), "state_bits"),
+    "state_bits 7": (lambda h, m: h.update(state_bits=7), "state_bits"),
+    "state_bits float": (lambda h, m: h.update(state_bits=8.0), "state_bits"),
+    "backend evil": (lambda h, m: h.update(backend="evil"), "backend"),
+    "shape -5": (lambda h, m: h["leaves"][1].update(shape=[-5]), "shape"),
+    "shape text": (lambda h, m: h["leaves"][1].update(shape="23"), "shape"),
+    "shape bool": (lambda h, m: h["leaves"][1].update(shape=[True, 6]), "shape"),
+    "unknown header key": (lambda h, m: h.update(momentum=0.9), "unknown header keys"),
+    "lr schedule and lr": (lambda h, m: h["config"].update(lr_schedule="f"), "lr_schedule"),
+    "optimizer list": (lambda h, m: h["config"].update(optimizer=["adam"]), "optimizer"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FORGED))
+def test_forged_header_is_refused(tmp_path, case):
+    path, _, _ = _small(tmp_path)
+    edit, words = FORGED[case]
+    _forge(path, edit)
+    with pytest.raises(CheckpointError, match=words) as caught:
+        adamnp.load_state(path, backend="numpy")
+    assert str(path) in str(caught.value)
+
+
+def test_tree_shorter_than_leaf_table_cannot_reach_a_step(tmp_path):
+    """The forged file used to load; its first step raised IndexError after params of the
+    8-bit group had been updated (NumPy) or segfaulted (numba)."""
+    path, _, _ = _small(tmp_path)
+    _forge(path, lambda h, m: _set_tree(h, "ab"))
+    with pytest.raises(CheckpointError, match=r"header\['leaves'\]: bad leaf table: 3 entries"):
+        adamnp.load_state(path, backend="numpy")
+
+
+def test_deep_json_header(tmp_path):
+    path, _, _ = _small(tmp_path)
+    _forge(path, header_text="[" * 100_000 + "]" * 100_000)
+    with pytest.raises(CheckpointError, match="unreadable header"):
+        adamnp.load_state(path)
+
+
+def test_flipped_compression_method(tmp_path):
+    path, _, _ = _small(tmp_path)
+    data = bytearray(path.read_bytes())
+    central = data.rfind(b"PK\x01\x02")  # the last entry of the central directory
+    data[central + 10] ^= 1  # its compression method: stored (0) -> shrunk (1)
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="compression method 1"):
+        adamnp.load_state(path)
+
+
+def test_damaged_npy_header_with_a_valid_crc(tmp_path):
+    path, _, _ = _small(tmp_path)
+    text = b"{'descr': '<f4', 'fortran_order': False, 'shape': ((2, 3), }"
+    text = text.ljust(118) + b"\n"
+    damaged = b"\x93NUMPY\x01\x00" + len(text).to_bytes(2, "little") + text + bytes(24)
+    _forge(path, lambda h, m: m.update({"leaf1/m.npy": damaged}))
+    with pytest.raises(CheckpointError, match=r"leaf1/m \(params\['b'\]\).*\.npy header"):
+        adamnp.load_state(path)
+
+
+def test_member_that_is_not_an_array(tmp_path):
+    path, _, _ = _small(tmp_path)
+    _forge(path, lambda h, m: m.update({"leaf1/m.npy": b"raw bytes, no .npy header" * 5}))
+    with pytest.raises(CheckpointError, match=r"leaf1/m .*not a \.npy array"):
+        adamnp.load_state(path)
+
+
+def test_object_member_is_refused_without_unpickling(tmp_path):
+    path, _, _ = _small(tmp_path)
+    text = b"{'descr': '|O', 'fortran_order': False, 'shape': (2, 3), }".ljust(117) + b"\n"
+    obj = b"\x93NUMPY\x01\x00" + len(text).to_bytes(2, "little") + text + bytes(24)
+    _forge(path, lambda h, m: m.update({"leaf1/m.npy": obj}))
+    with pytest.raises(CheckpointError, match=r"'\|O'"):
+        adamnp.load_state(path)
+
+
+def test_plain_npy_file(tmp_path):
+    path = tmp_path / "plain.npy"
+    np.save(path, np.zeros(3))
+    with pytest.raises(CheckpointError, match=r"not an \.npz file"):
+        adamnp.load_state(path)
+
+
+def _peak_bytes_refusing(path) -> int:
+    """The most memory Python and NumPy held while ``load_state(path)`` refused the file."""
+    tracemalloc.start()
+    try:
+        with pytest.raises(CheckpointError):
+            adamnp.load_state(path)
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_huge_declared_leaf_is_refused_before_allocating(tmp_path):
+    """A small file whose header, consistent in itself, declares a 200 MB 8-bit leaf (the
+    issue's 10 KB file declared 3e9 elements and drove the process to 5.9 GB)."""
+    path, _, _ = _small(tmp_path)
+    _forge(path, lambda h, m: _declare_q8(h, 0, 200_000_000))
+    assert path.stat().st_size < 20_000
+    assert _peak_bytes_refusing(path) < 8 << 20
+    with pytest.raises(
+        CheckpointError, match=r"leaf0/codes_m .*declares \d+ bytes; the header implies 200000010"
+    ):
+        adamnp.load_state(path)
+
+
+def test_shape_beyond_memory_is_refused(tmp_path):
+    path, _, _ = _small(tmp_path)
+    _forge(path, lambda h, m: _declare_q8(h, 0, 10**12))
+    with pytest.raises(CheckpointError, match="declares"):
+        adamnp.load_state(path)
+
+
+def _deflated_member(path, name, array_bytes: int):
+    """Replace member ``name`` by a deflated .npy of ``array_bytes`` bytes of zeros."""
+    with zipfile.ZipFile(path) as z:
+        members = {i.filename: z.read(i) for i in z.infolist() if i.filename != name}
+    shape = (array_bytes // 4,)
+    with zipfile.ZipFile(path, "w") as z:
+        for n, data in members.items():
+            z.writestr(n, data)
+        info = zipfile.ZipInfo(name)
+        info.compress_type = zipfile.ZIP_DEFLATED
+        with z.open(info, "w", force_zip64=True) as f:
+            np.lib.format.write_array_header_1_0(
+                f, {"descr": "<f4", "fortran_order": False, "shape": shape}
+            )
+            zeros = bytes(1 << 22)
+            for _ in range(array_bytes // len(zeros)):
+                f.write(zeros)
+
+
+def test_deflated_member_larger_than_the_header_implies(tmp_path):
+    """The issue's 3 MB deflated member declaring 3 GB took 23 s and 3.2 GB; here 100 MB."""
+    path, _, _ = _small(tmp_path)
+    _deflated_member(path, "leaf1/m.npy", 100 << 20)
+    assert path.stat().st_size < 1 << 20
+    assert _peak_bytes_refusing(path) < 8 << 20
+    with pytest.raises(
+        CheckpointError, match=r"leaf1/m \(params\['b'\]\): the zip member declares"
+    ):
+        adamnp.load_state(path)
+
+
+def test_compressed_checkpoint_loads_identically(tmp_path):
+    path, _, state = _small(tmp_path)
+    _forge(path, compression=zipfile.ZIP_DEFLATED)
+    loaded = adamnp.load_state(path)
+    assert all(
+        a.tobytes() == b.tobytes()
+        for s, t in zip(state.slots, loaded.slots)
+        for a, b in zip(s, t)
+        if isinstance(a, np.ndarray)
+    )
+
+
+def test_backend_auto(tmp_path):
+    path, _, _ = _small(tmp_path)
+    assert adamnp.load_state(path, backend="auto").backend == backends.resolve("auto")
+
+
+def test_unknown_backend_is_an_argument_error(tmp_path):
+    path = tmp_path / "damaged.npz"
+    path.write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match=r"backend must be one of .* or 'auto', got 'evil'") as e:
+        adamnp.load_state(path, backend="evil")
+    assert not isinstance(e.value, CheckpointError)
+
+
+def test_save_into_missing_folder_names_the_target(tmp_path):
+    _, _, state = _small(tmp_path)
+    target = tmp_path / "no such folder" / "opt.npz"
+    with pytest.raises(FileNotFoundError) as caught:
+        adamnp.save_state(target, state)
+    assert caught.value.filename == str(target)
+    assert "adamnp-tmp" not in str(caught.value)
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX file modes")
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_new_file_mode_follows_the_umask(tmp_path, umask):
+    _, _, state = _small(tmp_path)
+    old = os.umask(umask)
+    try:
+        adamnp.save_state(tmp_path / "new.npz", state)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "new.npz").stat().st_mode) == 0o666 & ~umask
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX file modes")
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o600])
+def test_overwriting_keeps_the_mode(tmp_path, mode):
+    path, _, state = _small(tmp_path)
+    os.chmod(path, mode)
+    old = os.umask(0o077)
+    try:
+        adamnp.save_state(path, state)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == mode
+
+
+TEMP = re.compile(r"\.opt\.npz\.adamnp-tmp-[0-9a-f]{16}")
+
+
+def test_temporary_file_is_named_after_the_target(tmp_path, monkeypatch):
+    _, _, state = _small(tmp_path)
+    seen = []
+    savez = np.savez
+
+    def spy(f, **arrays):
+        seen.extend(p.name for p in tmp_path.iterdir() if p.name.startswith("."))
+        savez(f, **arrays)
+
+    monkeypatch.setattr(np, "savez", spy)
+    adamnp.save_state(tmp_path / "opt.npz", state)
+    assert len(seen) == 1 and TEMP.fullmatch(seen[0])
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())
+
+
+@pytest.mark.skipif(os.name == "nt", reason="flock")
+def test_stale_temporary_files_of_the_target_are_removed(tmp_path):
+    """Crashed saves (kill -9) left temporaries that piled up. A save removes its target's
+    temporaries untouched for ten minutes and not locked by a live save; nothing else."""
+    import fcntl
+
+    _, _, state = _small(tmp_path)
+    hour_ago = time.time() - 3600
+    names = {
+        "stale": ".opt.npz.adamnp-tmp-0123456789abcdef",
+        "stale too": ".opt.npz.adamnp-tmp-fedcba9876543210",
+        "fresh": ".opt.npz.adamnp-tmp-00000000000000ff",
+        "locked": ".opt.npz.adamnp-tmp-0000000000000a0c",
+        "other target": ".other.npz.adamnp-tmp-0123456789abcdef",
+        "prefix of another": ".opt.npz.adamnp-tmp-0123456789abcdef0",
+        "not random": ".opt.npz.adamnp-tmp-notes",
+        "user file": "opt.npz.adamnp-tmp-0123456789abcdef",
+        "old style": ".adamnp-abcd1234.tmp",
+    }
+    for case, name in names.items():
+        (tmp_path / name).write_bytes(b"partial")
+        if case != "fresh":
+            os.utime(tmp_path / name, (hour_ago, hour_ago))
+    with open(tmp_path / names["locked"], "rb") as held:  # a live save of the same target
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        adamnp.save_state(tmp_path / "opt.npz", state)
+    left = {p.name for p in tmp_path.iterdir()}
+    assert left == {"small.npz", "opt.npz", *names.values()} - {names["stale"], names["stale too"]}
+
+
+def test_long_target_name_keeps_temporary_names_short(tmp_path):
+    _, _, state = _small(tmp_path)
+    target = tmp_path / ("x" * 250)
+    adamnp.save_state(target, state)
+    assert adamnp.load_state(target).step == 1

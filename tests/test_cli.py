@@ -229,3 +229,52 @@ def test_bench_names_the_numba_8bit_kernel(capsys):
                     "--repeats", "1", "--torch", "no")  # fmt: skip
     assert code == 0
     assert "numba 8-bit kernel: " in out and ("in-register" in out or "gathers" in out)
+
+
+def unavailable(monkeypatch, **reasons):
+    """Make the named backends unavailable here, with these reasons."""
+    real = backends.why_unavailable
+    monkeypatch.setattr(backends, "why_unavailable", lambda n: reasons.get(n) or real(n))
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["verify", "--size", "300", "--steps", "1"],
+        ["demo", "--problem", "rosenbrock", "--steps", "2"],
+        ["bench", "--sizes", "64", "--repeats", "1", "--torch", "no"],
+    ],
+)
+def test_requested_backend_that_cannot_run_is_an_error(capsys, monkeypatch, argv):
+    # `verify --backend cuda` on a machine without a GPU used to compare nothing and exit 0
+    unavailable(monkeypatch, cuda="no CUDA GPU or driver was found")
+    code, out = run(capsys, *argv, "--backend", "cuda", "--bits", "32")
+    assert code == 1, out
+    assert "cuda: not available: no CUDA GPU or driver was found" in out
+    assert "error: backend 'cuda' was requested but cannot run here" in out
+
+
+def test_all_and_auto_skip_unavailable_backends(capsys, monkeypatch):
+    fake_backend(monkeypatch)  # numba: the reference under another name
+    unavailable(monkeypatch, cuda="no CUDA GPU or driver was found")
+    code, out = run(capsys, "verify", "--backend", "all", "--size", "300", "--steps", "1",
+                    "--bits", "32")  # fmt: skip
+    assert code == 0, out
+    assert "cuda: not available" in out and "error" not in out
+    assert "8 checks, 8 passed" in out
+    unavailable(monkeypatch, numba="no numba here", cuda="no CUDA GPU or driver was found")
+    for spec in ("auto", "all"):  # only the reference is left: nothing to compare, not an error
+        code, out = run(capsys, "verify", "--backend", spec, "--size", "300", "--steps", "1")
+        assert code == 0, out
+        assert "nothing to compare" in out and "error" not in out
+
+
+def test_cuda_install_hint_works_from_a_checkout_and_from_an_index(capsys, monkeypatch):
+    from adamnp.backends import cuda
+
+    assert 'pip install "adamnp[cuda]"' in cuda.INSTALL  # an installed distribution
+    assert 'pip install -e ".[cuda]"' in cuda.INSTALL  # a source checkout
+    unavailable(monkeypatch, numba="no numba here", cuda="no GPU")
+    code, out = run(capsys, "verify", "--backend", "auto")
+    assert code == 0
+    assert f"cuda: a CUDA GPU and {cuda.INSTALL})" in out

@@ -109,7 +109,7 @@ def test_unusable_cuda_backend_is_explained(monkeypatch):
         adamnp.init({"w": leaf}, adamnp.adam(), backend="cuda")
     assert "GPU" in why or "adamnp[cuda]" in why
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
-    assert be.availability() == 'numba-cuda is not installed; pip install "adamnp[cuda]"'
+    assert be.availability() == f"numba-cuda is not installed; {be.INSTALL}"
     with pytest.raises(RuntimeError, match=r'pip install "adamnp\[cuda\]"'):
         adamnp.init({"w": leaf}, adamnp.adam())
 

@@ -155,17 +155,22 @@ def test_step_allocates_nothing_proportional_to_size(bits):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_nonfinite_leaf_finds_the_first_bad_leaf(dtype):
+    # "bad": NaN, Inf, or a magnitude at or above grad_limit (whose square may overflow v)
+    from adamnp.backends.math import grad_limit
+
     info = np.finfo(dtype)
+    limit = np.dtype(dtype).type(grad_limit(dtype))
+    top = np.nextafter(limit, np.dtype(dtype).type(0))  # the largest magnitude that passes
     chunk = _numba_util.CHUNK
     grads = [np.zeros(n, dtype) for n in (5, 1, chunk + 3, 3 * chunk, 0, 17)]
-    fine = [info.max, -info.max, info.smallest_subnormal, -0.0, info.tiny]
+    fine = [top, -top, info.smallest_subnormal, -0.0, info.tiny]
     for g in grads:
         g[: len(fine)] = fine[: g.size]
     assert numba_cpu.nonfinite_leaf(grads) == -1
     assert numba_cpu.nonfinite_leaf([]) == -1
     size = np.dtype(dtype).itemsize
     signaling = np.array([{4: 0x7F800001, 8: 0x7FF0000000000001}[size]], f"u{size}").view(dtype)
-    for bad in (np.nan, -np.nan, np.inf, -np.inf, signaling[0]):
+    for bad in (np.nan, -np.nan, np.inf, -np.inf, signaling[0], limit, -limit, info.max):
         for leaf, pos in ((0, 0), (2, chunk - 1), (2, chunk), (3, 3 * chunk - 1), (5, 16)):
             trial = [g.copy() for g in grads]
             trial[leaf][pos] = bad
@@ -411,6 +416,20 @@ def test_vbmi_kernel_compiles_for_an_avx512_vbmi_target(tmp_path, amsgrad):
     assert not any("madd" in op for op in ops["update"]), done.stdout
 
 
+def edge_blocks(grads, rng, block_size):
+    """Make blocks 1, 2, 3 of each gradient leaf (of ``block_size``) extreme, in place: v
+    subnormal (g ~ 1e-20), m subnormal (|g| in 1e-44..1e-38, v then 0), and just below the
+    gradient limit (2**63). A subnormal absmax divides: the AVX-512 kernel's multiply by
+    ``1 / absmax`` overflowed there (then every code of the block was wrong)."""
+    for g in grads.values():
+        sign = np.where(rng.random(block_size) < 0.5, -1.0, 1.0)
+        for b, values in ((1, rng.standard_normal(block_size) * 1e-20),
+                          (2, sign * 10.0 ** rng.uniform(-44, -38, block_size)),
+                          (3, sign * rng.uniform(0.5, 0.999, block_size) * 2.0**63)):  # fmt: skip
+            if (b + 1) * block_size <= g.size:
+                g[b * block_size : (b + 1) * block_size] = values
+
+
 def _available_q8_kernels():
     return ["gather", "vbmi"] if numba_cpu.HAVE_VBMI else ["gather"]
 
@@ -431,14 +450,18 @@ def test_each_8bit_kernel_matches_the_reference(monkeypatch, kernel, rounding):
     rng = np.random.default_rng(4)
     params = tree(3, rng, sizes=(5000, 70_001))
     grads = like(params, rng)
+    edge_blocks(grads, rng, 256)
     cfg = adamnp.adamw(amsgrad=True, weight_decay=0.1)
     init = dict(state_bits=8, min_8bit_size=1, v_rounding=rounding)
     results = {}
     for backend in ("numpy", "numba"):
         p = {k: v.copy() for k, v in params.items()}
         state = adamnp.init(p, cfg, backend=backend, **init)
-        for _ in range(3):
-            adamnp.step(p, grads, state)
+        # (stochastic rounding scales by 1 / absmax, which overflows to inf for an absmax
+        # below 2**-128, and 0 * inf: NumPy warns; every backend computes the same codes)
+        with np.errstate(over="ignore", invalid="ignore"):
+            for _ in range(3):
+                adamnp.step(p, grads, state)
         results[backend] = (p, state)
     assert set(launched) == {"step_q8" if kernel == "gather" else "step_q8_simd"}
     (p_ref, s_ref), (p_got, s_got) = results["numpy"], results["numba"]
@@ -469,8 +492,13 @@ def test_q8_kernel_override_is_checked(monkeypatch):
 def test_quantize_blockwise_uses_the_chosen_kernel(monkeypatch):
     from adamnp import quant
 
-    x = np.random.default_rng(2).standard_normal(10_000).astype(np.float32)
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal(10_000).astype(np.float32)
+    x[256:512] *= np.float32(1e-41)  # a subnormal absmax
+    x[512:768] = np.float32(10.0) ** rng.uniform(-45, -38, 256).astype(np.float32)
+    x[768:1024] *= np.float32(1e37)
     want = quant.quantize_blockwise(x, backend="numpy")
+    assert (0 < want[1][1] < np.finfo(np.float32).tiny) and want[1][2] < 2.0**-126
     for kernel in _available_q8_kernels():
         monkeypatch.setenv("ADAMNP_Q8_KERNEL", kernel)
         got = quant.quantize_blockwise(x, backend="numba")

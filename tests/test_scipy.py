@@ -196,3 +196,25 @@ def test_hess_is_ignored_with_a_warning():
             method=adam_method, options={"maxiter": 2},
         )  # fmt: skip
     assert res.nit == 2
+
+
+def test_x0_must_be_one_dimensional_as_minimize_requires():
+    # scipy.optimize.minimize refuses a 2-D x0 before it calls the method; a direct call
+    # refuses it too, with a message that says what to do, instead of optimizing a 2-D array
+    def fun(x):
+        return float(np.sum(x * x)), 2 * x
+
+    x0 = np.ones((2, 3))
+    with pytest.raises(ValueError, match="dimension"):
+        minimize(fun, x0, jac=True, method=adam_method)
+    with pytest.raises(ValueError, match=r"1-D.*\(2, 3\).*ravel"):
+        adam_method(fun, x0, jac=True)
+    # the documented way: a flat x0, reshaped inside fun; x keeps the flat shape
+    res = minimize(fun, x0.ravel(), jac=True, method=adam_method, options={"lr": 0.1})
+    assert res.success and res.x.shape == (6,)
+    # a scalar is a 1-element vector on both paths
+    for result in (
+        minimize(fun, 3.0, jac=True, method=adam_method, options={"maxiter": 2}),
+        adam_method(fun, 3.0, jac=True, maxiter=2),
+    ):
+        assert result.x.shape == (1,) and result.nit == 2

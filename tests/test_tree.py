@@ -38,3 +38,53 @@ def test_bad_keys_and_malformed_json():
         flatten({(1, 2): np.zeros(1)})
     with pytest.raises(ValueError, match="malformed"):
         treedef_from_json({"set": []})
+
+
+def test_first_difference_names_the_key():
+    from adamnp._tree import first_difference
+
+    def td(tree):
+        return flatten(tree)[1]
+
+    base = td({"a": [1, 2], "b": {"c": 1}})
+    assert first_difference(base, base) is None
+    cases = {
+        "grads is missing key 'b', which params has": {"a": [1, 2]},
+        "grads has an extra key 'z', which params does not have": {
+            "a": [1, 2],
+            "b": {"c": 1},
+            "z": 1,
+        },
+        "grads['a'] is a list of 1 item, params['a'] a list of 2": {"a": [1], "b": {"c": 1}},
+        "grads['a'] is a tuple, params['a'] a list": {"a": (1, 2), "b": {"c": 1}},
+        "grads['b'] is a leaf, params['b'] a dict": {"a": [1, 2], "b": 1},
+        "grads['b']['c'] is a list, params['b']['c'] a leaf": {"a": [1, 2], "b": {"c": [1]}},
+        "grads['b'] is missing key 'c', which params['b'] has": {"a": [1, 2], "b": {0: 1}},
+        "grads is a leaf, params a dict": 1,
+    }
+    for words, tree in cases.items():
+        assert first_difference(td(tree), base) == words
+    assert (
+        first_difference(td([1, 2, 3]), td([1]), "x", "y")
+        == "x is a list of 3 items, y a list of 1"
+    )
+
+
+def test_depth_limit():
+    from adamnp._tree import MAX_DEPTH
+
+    tree: object = 1.0
+    for _ in range(MAX_DEPTH + 1):
+        tree = {"k": tree}
+    with pytest.raises(ValueError, match=f"params is nested more than {MAX_DEPTH} levels"):
+        flatten(tree)
+    ok = tree["k"]
+    treedef = flatten(ok)[1]
+    assert treedef_from_json(json.loads(json.dumps(treedef_to_json(treedef)))) == treedef
+    deep = {"list": [None]}
+    for _ in range(MAX_DEPTH):
+        deep = {"list": [deep]}
+    with pytest.raises(ValueError, match="malformed tree definition: nested more than"):
+        treedef_from_json(deep)
+    with pytest.raises(ValueError, match="malformed"):
+        treedef_from_json({"dict": 5})

@@ -62,7 +62,8 @@ class Backend(Protocol):
         """Copy host array ``src`` into backend array ``dst`` (same dtype and shape)."""
 
     def nonfinite_leaf(self, grads) -> int:
-        """Index of the first gradient holding NaN or Inf, or -1."""
+        """Index of the first gradient holding NaN, Inf or a magnitude at or above
+        :func:`~adamnp.backends.math.grad_limit` of its dtype, or -1."""
 
     def grad_sq_norm(self, grads) -> float:
         """Sum of squares of all gradients (float64 accumulation, fixed order)."""

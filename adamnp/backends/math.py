@@ -11,6 +11,9 @@ dtype (:class:`KernelScalars`), so every backend multiplies with the same number
 :func:`kernel_flags` gives the four branch flags in the one order every kernel takes them.
 Adding a scalar hyperparameter means a field here and its use in :func:`adam_elem` and the
 reference's ``update_chunk``; the kernels pass the record through unchanged.
+
+:func:`grad_limit` is the gradient magnitude, per leaf dtype, from which every backend's
+non-finite check rejects a gradient (its square could overflow ``v``).
 """
 
 from __future__ import annotations
@@ -77,6 +80,50 @@ def clip_scale(grad_sq_norm: float, max_grad_norm: float) -> float:
     """
     coef = max_grad_norm / (math.sqrt(grad_sq_norm) + 1e-6)
     return 1.0 if coef >= 1.0 else coef  # NaN stays NaN, as in torch
+
+
+#: log2 of :func:`grad_limit` per leaf dtype.
+GRAD_LIMIT_EXP = {np.dtype(np.float32): 63, np.dtype(np.float64): 480}
+
+
+def grad_limit(dtype) -> float:
+    """T: the gradient magnitude from which the non-finite check rejects a gradient.
+
+    Under ``nonfinite="raise"`` and ``"skip"`` a gradient element ``g`` counts as non-finite
+    when it is NaN, Inf or ``|g| >= T``: ``2**63`` for float32 leaves, ``2**480`` for float64
+    ones. Below it, ``v = v * b2 + ((1 - b2) * g) * g`` cannot overflow: ``T**2`` is at most a
+    quarter of the dtype's overflow threshold, and ``v`` stays at most ``2 * T**2``
+    (``2**127`` for float32) for every ``beta2`` in ``[0, 1)``, with clipping and
+    ``maximize``; ``|m|`` stays at most ``2 * T``. For float64 leaves T is lower than that
+    rule needs (``2**511``), so that the float64 sum of squares behind ``max_grad_norm``
+    stays finite too (``2**960`` per element, up to ``2**62`` elements). docs/formulas.md,
+    "What is guaranteed", has the proof and what it does not cover (Adam's L2 term
+    ``wd * p`` with a huge ``p``). Every backend's ``nonfinite_leaf`` uses this value (the
+    Numba and CUDA kernels through :func:`grad_limit_bits`).
+
+    Examples
+    --------
+    >>> grad_limit(np.float32) == 2.0**63, grad_limit(np.float64) == 2.0**480
+    (True, True)
+    """
+    return math.ldexp(1.0, GRAD_LIMIT_EXP[np.dtype(dtype)])
+
+
+def grad_limit_bits(dtype) -> int:
+    """The bit pattern of :func:`grad_limit` as a (non-negative) integer of the dtype's width.
+
+    For a float ``x`` of ``dtype``, ``bits(|x|) >= grad_limit_bits(dtype)`` exactly when
+    ``x`` is NaN, Inf or ``|x| >= grad_limit(dtype)`` (the bits of a non-negative float are
+    monotone in its value, and NaN and Inf lie above every finite value), so an integer max
+    over ``bits & 0x7F...F`` decides it.
+
+    Examples
+    --------
+    >>> hex(grad_limit_bits(np.float32)), hex(grad_limit_bits(np.float64))
+    ('0x5f000000', '0x5df0000000000000')
+    """
+    dtype = np.dtype(dtype)
+    return int(np.array(grad_limit(dtype), dtype).view(f"i{dtype.itemsize}"))
 
 
 class KernelScalars(NamedTuple):

@@ -17,7 +17,7 @@ import numpy as np
 from ..lowbit import reference as q8
 from ..lowbit.maps import moment_map, zero_code
 from ..lowbit.stochastic import group_key
-from .math import KernelScalars, kernel_scalars
+from .math import KernelScalars, grad_limit, kernel_scalars
 
 NAME = "numpy"
 CHUNK = 1 << 15  # elements per chunk (temporaries stay in cache); the Numba kernels' work item
@@ -80,13 +80,24 @@ def _chunks(n: int, chunk: int = CHUNK):
 
 
 def nonfinite_leaf(grads) -> int:
-    """Index of the first gradient with a NaN or Inf element, or -1."""
+    """Index of the first gradient with an element that is NaN, Inf or of magnitude at or
+    above :func:`~.math.grad_limit` (whose square could overflow ``v``), or -1.
+
+    Examples
+    --------
+    >>> nonfinite_leaf([np.ones(2, np.float32), np.float32([1.0, -2.0**63])])
+    1
+    >>> nonfinite_leaf([np.float32([np.nextafter(2.0**63, 0, dtype=np.float32)])])
+    -1
+    """
     for i, g in enumerate(grads):
         flat = g.reshape(-1)
+        limit = flat.dtype.type(grad_limit(flat.dtype))
         for lo, hi in _chunks(flat.size):
             part = flat[lo:hi]
-            # max/min propagate NaN and reach +-Inf; no boolean temporary of the leaf's size.
-            if not (np.isfinite(part.max()) and np.isfinite(part.min())):
+            # max/min propagate NaN (every comparison with it is False) and reach +-Inf; no
+            # boolean temporary of the leaf's size.
+            if not (part.max() < limit and part.min() > -limit):
                 return i
     return -1
 

@@ -15,7 +15,8 @@ from .. import backends
 BACKEND_HELP = (
     "which backends to run: 'all' (default) = every backend that works here, 'auto' = the one "
     "adamnp.init picks for NumPy arrays (numba if installed, else numpy), or one name; "
-    "backends that cannot run here are listed with the reason and skipped"
+    "with all/auto, backends that cannot run here are listed with the reason and skipped; "
+    "a backend named explicitly that cannot run here is an error (exit status 1)"
 )
 BITS_HELP = "optimizer state: 32 (float32 moments), 8 (blockwise 8-bit moments) or both (default)"
 

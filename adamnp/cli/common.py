@@ -25,7 +25,8 @@ def select(spec: str, *, with_reference: bool = True) -> tuple[list[str], dict[s
 
     ``"all"`` means every registered backend that runs here, ``"auto"`` what
     :func:`adamnp.init` picks for host arrays. With ``with_reference`` the NumPy reference is
-    always run first (the others are compared with it).
+    always run first (the others are compared with it). A backend named explicitly that
+    cannot run is in the skipped ones too; :func:`refuse_unavailable` turns that into an error.
 
     Examples
     --------
@@ -45,6 +46,23 @@ def select(spec: str, *, with_reference: bool = True) -> tuple[list[str], dict[s
     if with_reference and run and "numpy" not in run:
         run.insert(0, "numpy")
     return run, skipped
+
+
+def refuse_unavailable(spec: str, skipped: dict[str, str], out) -> bool:
+    """Print an error and return True when ``spec`` names one backend that cannot run here.
+
+    ``all`` and ``auto`` mean "what runs here": their unavailable backends are only listed.
+    A backend asked for by name is different: running without it would report success
+    having done nothing of what was asked.
+    """
+    if spec not in skipped:
+        return False
+    print(
+        f"error: backend {spec!r} was requested but cannot run here (reason above); "
+        "--backend all runs every backend that can",
+        file=out,
+    )
+    return True
 
 
 class Mover:

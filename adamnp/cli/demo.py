@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -61,7 +62,9 @@ def train(
             on_loss(t, loss)
 
     try:
-        state = adamnp.init(params, problem.config(), backend=backend, state_bits=bits)
+        with warnings.catch_warnings():  # the table says whether the state is 8-bit
+            warnings.simplefilter("ignore", UserWarning)
+            state = adamnp.init(params, problem.config(), backend=backend, state_bits=bits)
         record(0)
         elapsed = 0.0
         for t in range(steps):
@@ -174,8 +177,7 @@ def main(args, out=None) -> int:
     for p in problems:
         print(f"  {p.name:<10}  {p.summary}", file=out)
     cli.print_backends(backends, skipped, bits, out)
-    if not backends:
-        print(f"error: backend {args.backend!r} cannot run here", file=out)
+    if cli.refuse_unavailable(args.backend, skipped, out):
         return 1
     if 8 in bits and any(p.name == "rosenbrock" for p in problems):
         print(

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .._tree import flatten
+from ..backends.cuda import INSTALL as CUDA_INSTALL
 from . import common as cli
 
 
@@ -212,13 +213,17 @@ def main(args, out=None) -> int:
         file=out,
     )
     cli.print_backends(backends, skipped, bits, out)
+    if cli.refuse_unavailable(args.backend, skipped, out):
+        return 1
     others = [b for b in backends if b != "numpy"]
     if not others:
-        print(
-            "nothing to compare: no backend besides the NumPy reference runs here "
-            "(install numba for 'numba', numba-cuda and a GPU for 'cuda')",
-            file=out,
+        why = (
+            "--backend numpy selects the reference only"
+            if args.backend == "numpy"
+            else "no backend besides the NumPy reference runs here (numba: pip install numba; "
+            f"cuda: a CUDA GPU and {CUDA_INSTALL})"
         )
+        print(f"nothing to compare: {why}", file=out)
         return 0
     print("checking: ", end="", file=out, flush=True)
     rows, failures, notes = verify(backends, bits, args.size, args.steps, out=out)

@@ -72,3 +72,37 @@ def grads_like(params, rng, steps: int, scale: float = 1.0) -> list:
         )
         for _ in range(steps)
     ]
+
+
+# Gradient magnitudes per leaf dtype (as in tests/test_backends_agree.py): "sub_v" makes v
+# subnormal, "sub_m" (log10 range) makes m subnormal (v then underflows to 0).
+EDGE_MAGNITUDES = {
+    np.dtype(np.float32): dict(sub_v=1e-20, sub_m=(-44.0, -38.0)),
+    np.dtype(np.float64): dict(sub_v=1e-160, sub_m=(-322.0, -307.0)),
+}
+
+
+def edge_grads(params, rng, steps: int, run: int = 64) -> list:
+    """Gradients whose runs of ``run`` elements (8-bit blocks) are, in turn, normal, make v
+    subnormal, make m subnormal, or lie just below the gradient limit (``grad_limit``, its
+    largest accepted value included); the same runs at every step."""
+    from adamnp.backends.math import grad_limit
+
+    leaves, treedef, _ = flatten(params)
+    out = []
+    for _ in range(steps):
+        grads = []
+        for index, a in enumerate(leaves):
+            dtype, n = a.dtype, a.size
+            mag, limit = EDGE_MAGNITUDES[dtype], grad_limit(dtype)
+            sign = np.where(rng.random(n) < 0.5, -1.0, 1.0)
+            kind = (index + np.arange(n) // run) % 4
+            g = rng.standard_normal(n)
+            g = np.where(kind == 1, g * mag["sub_v"], g)
+            g = np.where(kind == 2, sign * 10.0 ** rng.uniform(*mag["sub_m"], n), g)
+            g = np.where(kind == 3, sign * limit * rng.uniform(0.5, 0.999, n), g).astype(dtype)
+            top = np.nextafter(dtype.type(limit), dtype.type(0))
+            g[(kind == 3) & (rng.random(n) < 0.1)] = top
+            grads.append(g.reshape(a.shape))
+        out.append(unflatten(treedef, grads))
+    return out

@@ -7,7 +7,7 @@ import pytest
 
 import adamnp
 
-from .helpers import assert_same, grads_like, run_both, to_device, to_host
+from .helpers import assert_same, edge_grads, grads_like, run_both, to_device, to_host
 
 SIZES = [0, 1, 255, 256, 257, 2000]
 
@@ -109,3 +109,19 @@ def test_max_grad_norm_matches_reference_closely():
     host, dev, _, _ = run_both(params, grads_like(params, rng, 3, scale=10.0), cfg)
     for a, b in zip(adamnp._tree.flatten(to_host(dev))[0], adamnp._tree.flatten(host)[0]):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["adam", "amsgrad", "maximize"])
+def test_subnormal_and_near_limit_gradients_match_reference(name):
+    # Runs of gradients that make v or m subnormal, or lie just below the gradient limit
+    # (2**63 for float32, 2**480 for float64): float32 and float64 leaves.
+    rng = np.random.default_rng(17)
+    params = {"f": rng.standard_normal(300).astype(np.float32),
+              "d": rng.standard_normal(300).astype(np.float64)}  # fmt: skip
+    out = run_both(params, edge_grads(params, rng, 3), CONFIGS[name])
+    assert_same(*out)
+    for slot in out[3].slots:  # the runs are there: subnormal and large v, all finite
+        v = adamnp.backends.get("cuda").to_host(slot.v)
+        info = np.finfo(v.dtype)
+        assert ((v > 0) & (v < info.tiny)).any() and np.isfinite(v).all()
+        assert v.max() > info.max**0.5

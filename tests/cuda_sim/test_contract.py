@@ -10,6 +10,7 @@ import adamnp
 from adamnp import backends
 from adamnp.backends import cuda as be
 from adamnp.backends import numpy as ref
+from adamnp.backends.math import grad_limit
 
 from .helpers import assert_same, grads_like, snapshot, to_device, to_host
 
@@ -81,6 +82,13 @@ def _nan(p, g, s):
     return p, g, s
 
 
+def _huge(p, g, s):
+    host = g["layers"][0].copy_to_host()
+    host[250] = -1e21
+    g["layers"][0] = cuda.to_device(host)
+    return p, g, s
+
+
 BAD_INPUTS = {
     "host grad, device params": (
         _host_grad,
@@ -99,7 +107,9 @@ BAD_INPUTS = {
         TypeError,
         "float32 and float64",
     ),
-    "nan grad": (_nan, ValueError, r"grads\['layers'\]\[1\] contains NaN or Inf"),
+    "nan grad": (_nan, ValueError, r"grads\['layers'\]\[1\] .*nonfinite='raise'"),
+    # finite, but its square overflows v: rejected like NaN (backends.math.grad_limit)
+    "huge grad": (_huge, ValueError, r"grads\['layers'\]\[0\] .*nonfinite='raise'"),
 }
 
 
@@ -136,8 +146,14 @@ def test_nonfinite_leaf_finds_the_first_leaf_across_dtypes():
              [(5, np.float64), (300, np.float32), (0, np.float32), (700, np.float64),
               (40, np.float32)]]  # fmt: skip
     assert be.nonfinite_leaf([cuda.to_device(g) for g in grads]) == -1
-    for bad, where in ((4, 3), (3, 650), (1, 299)):
-        grads[bad][where] = np.inf if bad == 3 else np.nan
+    # the largest accepted magnitudes (just below grad_limit) pass
+    for g in grads:
+        if g.size:
+            g[0] = np.nextafter(g.dtype.type(grad_limit(g.dtype)), g.dtype.type(0))
+    assert be.nonfinite_leaf([cuda.to_device(g) for g in grads]) == ref.nonfinite_leaf(grads) == -1
+    for bad, where, value in ((4, 3, grad_limit(np.float32)), (3, 650, -grad_limit(np.float64)),
+                              (1, 299, np.nan), (0, 4, np.inf)):  # fmt: skip
+        grads[bad][where] = value
         got = be.nonfinite_leaf([cuda.to_device(g) for g in grads])
         assert got == ref.nonfinite_leaf(grads) == bad
     assert be.nonfinite_leaf([]) == -1

@@ -18,7 +18,7 @@ from adamnp._tree import flatten
 from adamnp.backends import cuda as be
 from adamnp.lowbit import reference as _q8_numpy
 
-from .helpers import grads_like, to_device, to_host
+from .helpers import edge_grads, grads_like, to_device, to_host
 
 FIELDS = ("codes_m", "codes_v", "codes_vmax", "absmax_m", "absmax_v", "absmax_vmax")
 
@@ -199,6 +199,47 @@ def test_nan_block_propagates_like_reference(monkeypatch):
         assert (codes[256:320] == zero).all()
     p = to_host(out[1])[0]
     assert np.isnan(p[256:320]).all() and np.isfinite(np.delete(p, np.s_[256:320])).all()
+
+
+@pytest.mark.parametrize("name", ["amsgrad", "maximize", "small-beta1"])
+def test_subnormal_and_near_limit_blocks_match_reference(name, monkeypatch):
+    # Blocks whose absmax is subnormal (v from gradients ~1e-20; m from 1e-44..1e-38) or
+    # comes from gradients just below the limit (2**63), next to ordinary blocks.
+    rng = np.random.default_rng(18)
+    params = [rng.standard_normal(n).astype(np.float32) for n in (320, 257)]
+    out = run_q8(params, edge_grads(params, rng, 3), CONFIGS[name], monkeypatch)
+    assert_q8_same(*out)
+    tiny = np.finfo(np.float32).tiny
+    for slot in out[3].slots:
+        absmax_m, absmax_v = be.to_host(slot.absmax_m), be.to_host(slot.absmax_v)
+        assert ((absmax_v > 0) & (absmax_v < tiny)).any()
+        assert ((absmax_m > 0) & (absmax_m < tiny)).any()
+        assert np.isfinite(absmax_v).all() and absmax_v.max() > 1e33
+
+
+@pytest.mark.parametrize("policy", ["raise", "skip"])
+def test_huge_gradient_leaves_8bit_state_unchanged(policy):
+    # 1e21 is finite, but its square overflows v: "raise" and "skip" reject it first.
+    rng = np.random.default_rng(19)
+    params = to_device({"w": rng.standard_normal(300).astype(np.float32)})
+    state = adamnp.init(params, adamnp.adamw(nonfinite=policy), backend="cuda", state_bits=8,
+                        block_size=64, min_8bit_size=1)  # fmt: skip
+    adamnp.step(params, to_device(grads_like(to_host(params), rng, 1)[0]), state)
+    grads = grads_like(to_host(params), rng, 1)[0]
+    grads["w"][100] = 1e21
+
+    def snap():
+        buffers = {k: be.to_host(b).tobytes() for k, b in state.groups[0].buffers.items()}
+        return to_host(params)["w"].tobytes(), buffers, state.step
+
+    before = snap()
+    if policy == "raise":
+        with pytest.raises(ValueError, match=r"grads\['w'\].*nonfinite='raise'"):
+            adamnp.step(params, to_device(grads), state)
+    else:
+        adamnp.step(params, to_device(grads), state)
+    assert snap() == before
+    assert state.skipped_steps == (policy == "skip")
 
 
 STOCHASTIC = {

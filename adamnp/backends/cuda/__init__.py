@@ -43,10 +43,10 @@ from types import SimpleNamespace
 import numpy as np
 
 from ...lowbit.stochastic import group_key
-from ..math import kernel_flags, kernel_scalars
+from ..math import grad_limit, kernel_flags, kernel_scalars
 
 NAME = "cuda"
-INSTALL = 'pip install "adamnp[cuda]"'
+INSTALL = 'pip install "adamnp[cuda]" (from a source checkout: pip install -e ".[cuda]")'
 
 
 def _k():
@@ -321,7 +321,9 @@ def _step_q8(group, plan, k, s) -> None:
 
 
 def _grad_stats(grads):
-    """Yield ``(leaf index per chunk, sum of squares per chunk, bad flag per chunk)``."""
+    """Yield ``(leaf index per chunk, sum of squares per chunk, bad flag per chunk)``; a
+    chunk is bad if an element is NaN, Inf or of magnitude at or above
+    :func:`~adamnp.backends.math.grad_limit`."""
     k = _k()
     by_dtype: dict = {}
     for i, g in enumerate(grads):
@@ -334,15 +336,17 @@ def _grad_stats(grads):
         sumsq = k.cuda.device_array(len(chunks), np.float64)
         bad = k.cuda.to_device(np.zeros(len(chunks), np.int32))
         like = k.cuda.device_array(0, dtype)
+        limit = dtype.type(grad_limit(dtype))
         _launch(
             k.grad_stats, len(chunks), k.cuda.to_device(table), k.cuda.to_device(chunks),
-            k.cuda.to_device(offsets), like, sumsq, bad,
+            k.cuda.to_device(offsets), like, limit, sumsq, bad,
         )  # fmt: skip
         yield np.asarray(ids)[chunks[:, 0]], sumsq.copy_to_host(), bad.copy_to_host()
 
 
 def nonfinite_leaf(grads) -> int:
-    """Index of the first gradient with a NaN or Inf element, or -1 (one reduction pass)."""
+    """Index of the first gradient with an element that is NaN, Inf or of magnitude at or
+    above :func:`~adamnp.backends.math.grad_limit`, or -1 (one reduction pass)."""
     first = -1
     for leaf, _, bad in _grad_stats(grads):
         hit = leaf[bad != 0]

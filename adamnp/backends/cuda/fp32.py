@@ -1,8 +1,9 @@
 """Float32 and float64 kernels of the ``"cuda"`` backend, built by :func:`build` on first use.
 
 :func:`build` defines the step of float32 and float64 groups (``adam_step``), the gradient
-reduction behind clipping and the non-finite check (``grad_stats``), ``fill`` (state
-allocation) and the two traffic kernels of the bandwidth checks. The 8-bit step is in
+reduction behind clipping and the non-finite check (``grad_stats``: NaN, Inf or a magnitude
+at or above :func:`adamnp.backends.math.grad_limit`), ``fill`` (state allocation) and the
+two traffic kernels of the bandwidth checks. The 8-bit step is in
 :mod:`.q8`; what both use (simulator detection, ``leaf_ptr``, exact arithmetic, the scalar
 record's type) is in :mod:`.util`. Nothing here imports numba-cuda until :func:`build` runs,
 so ``import adamnp`` (and doctest collection) works without it.
@@ -35,7 +36,6 @@ contraction), which makes their results bit-identical to the NumPy reference.
 from __future__ import annotations
 
 import functools
-import math
 from types import SimpleNamespace
 
 from ..math import adam_elem
@@ -92,8 +92,9 @@ def build() -> SimpleNamespace:
                 vmax[e] = max_new
 
     @cuda.jit
-    def grad_stats(ptrs, chunks, offsets, like, sumsq, bad):
-        """Per chunk: float64 sum of squares, and bad[c] = 1 if an element is NaN or Inf.
+    def grad_stats(ptrs, chunks, offsets, like, limit, sumsq, bad):
+        """Per chunk: float64 sum of squares, and bad[c] = 1 if an element is NaN, Inf or of
+        magnitude ``>= limit`` (:func:`adamnp.backends.math.grad_limit`, in ``like``'s dtype).
 
         Each thread sums a fixed set of elements and the block adds the thread sums in a
         fixed tree, so the result does not depend on scheduling.
@@ -108,7 +109,7 @@ def build() -> SimpleNamespace:
         acc = f64(0.0)
         for i in range(lo + t, hi, threads):
             x = g[i]
-            if not math.isfinite(x):
+            if not abs(x) < limit:  # NaN compares False
                 bad[c] = 1
             y = f64(x)
             acc += y * y
@@ -174,7 +175,7 @@ def signatures() -> dict:
     for f in (types.float32, types.float64):
         a = f[::1]
         step.append((table, ints, offs, a, a, a, scalars_type(f), *flags_types()))
-        stats.append((table, ints, offs, a, types.float64[::1], types.int32[::1]))
+        stats.append((table, ints, offs, a, f, types.float64[::1], types.int32[::1]))
         filler.append((a, f))
     f32 = types.float32[::1]
     return {

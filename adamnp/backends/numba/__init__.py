@@ -157,12 +157,16 @@ def _launch(kernel, work: int, *args):
 
 
 def nonfinite_leaf(grads) -> int:
-    """Index of the first gradient with a NaN or Inf element, or -1.
+    """Index of the first gradient with an element that is NaN, Inf or of magnitude at or
+    above :func:`~adamnp.backends.math.grad_limit` (2**63 for float32, 2**480 for float64),
+    or -1: the reference's answer (:func:`adamnp.backends.numpy.nonfinite_leaf`).
 
     Examples
     --------
     >>> nonfinite_leaf([np.ones(3, np.float32), np.array([1.0, np.inf])])
     1
+    >>> nonfinite_leaf([np.float32([1e21]), np.ones(2)]), nonfinite_leaf([np.array([1e21])])
+    (0, -1)
     """
     if not grads:
         return -1

@@ -4,8 +4,11 @@ Where the CPU has AVX-512 VBMI (:data:`.avx512.HAVE_VBMI`, e.g. Zen 4, Ice Lake 
 8-bit step's map lookups are ``vpermi2b`` byte-plane permutes (:func:`.avx512.dequant64`) and
 its requantization is the decade arithmetic of :mod:`adamnp.lowbit.decades`
 (:func:`.avx512.requant64`), with the rare flagged value redone by the exact table lookup; no
-gathers. Results are bit for bit those of the portable kernel (:mod:`.q8`). Which of the two
-runs is decided in one place, :func:`adamnp.backends.numba.q8_kernel`.
+gathers. The decade arithmetic multiplies by ``1 / absmax``, which must be a normal float32
+(it overflows for an absmax below ``2**-128``): a block whose absmax lies outside
+``[2**-126, 2**126]`` is requantized by the exact division instead, as the gather kernel
+does every block. Results are bit for bit those of the portable kernel (:mod:`.q8`). Which
+of the two runs is decided in one place, :func:`adamnp.backends.numba.q8_kernel`.
 """
 
 from __future__ import annotations
@@ -20,6 +23,15 @@ from .quant import _block_divisor, block_keys, element_uniform, quantize_scaled,
 from .util import as_pointer, elem, jit
 
 _INF_BITS = np.int32(0x7F800000)
+# The decade arithmetic scales by 1 / scale, which must be a normal float32 for the product
+# to stay within the few ulps of x / scale that the fast path's flags cover (docs of
+# requant64, tools/sweep_fast_quantizer.py). A block whose divisor lies outside
+# [2**-126, 2**126] divides exactly, element by element, instead: below 2**-126 (a
+# subnormal absmax) 1 / scale exceeds 2**126 and from 2**-128 down overflows to inf, which
+# gave every value of the block code 0; above 2**126 it is subnormal (relative error up to
+# 2**-22 instead of 2**-24). Rare blocks; one comparison per block otherwise.
+_FAST_MIN = np.float32(2.0**-126)
+_FAST_MAX = np.float32(2.0**126)
 
 
 @jit(inline="always")
@@ -75,7 +87,9 @@ def _requantize_inline(x, o, n, scale, codes_at, e, zero, decades, quant, nonneg
     table_at, size, shift, lo, nb = quant
     table = _view(table_at, np.int32, size)
     inverse = np.float32(1) / scale
-    whole = n & ~np.uint64(63)
+    # a scale outside [_FAST_MIN, _FAST_MAX]: every value by the exact division of the tail loop
+    fast = scale >= _FAST_MIN and scale <= _FAST_MAX
+    whole = n & ~np.uint64(63) if fast else np.uint64(0)
     for j in range(np.uint64(0), whole, np.uint64(64)):
         requant_group(x, x_at, o + j, scale, inverse, codes, codes_at, e + j, zero, decades,
                       table, shift, lo, nb, nonneg)  # fmt: skip
@@ -98,10 +112,12 @@ def dequantize_block(codes_at, e, n, planes_at, map_at, scale, out, o):
 def requantize_block(x, o, n, scale, codes_at, e, zero, decades, quant, nonneg):
     """``codes[e:e + n]`` = the codes of ``x[o:o + n] / scale`` (AVX-512 VBMI).
 
-    :func:`requant_group` for each 64 values, the exact table lookup for the last ``n % 64``;
-    `nonneg` as there. ``codes_at`` is the data address of the codes (uint8), ``quant =
-    (address, size, shift, lo, nb)`` the exact quantizer's table and parameters
-    (:func:`~adamnp.lowbit.exact.build_quant_tables`). Offsets and ``n`` are uint64.
+    :func:`requant_group` for each 64 values, the exact table lookup for the last ``n % 64``
+    (for all ``n`` values when ``scale`` lies outside ``[2**-126, 2**126]``, where its inverse
+    is not a normal float32); `nonneg` as there. ``codes_at`` is the data address of the codes
+    (uint8), ``quant = (address, size, shift, lo, nb)`` the exact quantizer's table and
+    parameters (:func:`~adamnp.lowbit.exact.build_quant_tables`). Offsets and ``n`` are
+    uint64.
     """
     _requantize_inline(x, o, n, scale, codes_at, e, zero, decades, quant, nonneg)
 
@@ -168,6 +184,8 @@ def quantize_blockwise_simd(x, block_size, table, shift, lo, nb, codes, absmax, 
     """`quantize_blockwise` with the decade arithmetic of :func:`requant_group` (AVX-512 VBMI).
 
     ``binades``, ``lines`` and ``zero`` are the map's ``DecadeTables``; the codes are the same.
+    A block whose absmax lies outside ``[2**-126, 2**126]`` is quantized by the exact
+    division (as the tail).
     """
     n = x.size
     x_at, codes_at = x.ctypes.data, codes.ctypes.data
@@ -180,6 +198,8 @@ def quantize_blockwise_simd(x, block_size, table, shift, lo, nb, codes, absmax, 
             continue
         inverse = np.float32(1) / scale
         whole = start + ((stop - start) & ~np.uint64(63))
+        if not (scale >= _FAST_MIN and scale <= _FAST_MAX):  # the exact division throughout
+            whole = start
         for o in range(start, whole, np.uint64(64)):  # inlined here: a call per block is slower
             requant_group(x, x_at, o, scale, inverse, codes, codes_at, o, zero, decades, table,
                           shift, lo, nb, False)  # fmt: skip

@@ -1,5 +1,8 @@
 """Numba CPU reductions over all gradient leaves: the non-finite check and the square norm.
 
+The non-finite check also rejects finite magnitudes at or above
+:func:`adamnp.backends.math.grad_limit`, whose square could overflow ``v``.
+
 Both run ``prange`` over the fixed chunk table of :func:`.util.chunk_table` and keep one
 result per chunk, combined afterwards in chunk order, so the answer does not depend on the
 number of threads. Leaves are passed as data addresses plus element sizes (4 or 8 bytes), so
@@ -12,12 +15,16 @@ import numba
 import numpy as np
 from numba import prange
 
+from ..math import grad_limit_bits
 from .util import as_pointer, jit
 
 _ABS32 = np.int32(0x7FFFFFFF)
-_INF32 = np.int32(0x7F800000)
 _ABS64 = np.int64(0x7FFFFFFFFFFFFFFF)
-_INF64 = np.int64(0x7FF0000000000000)
+# The bits of grad_limit: |x| bits at or above them are NaN, Inf or |x| >= grad_limit.
+# (Numba freezes these globals into the cached kernel: after changing grad_limit in
+# backends/math.py, delete the *.nbi / *.nbc files.)
+_LIMIT32 = np.int32(grad_limit_bits(np.float32))
+_LIMIT64 = np.int64(grad_limit_bits(np.float64))
 
 
 @jit(inline="always")
@@ -31,16 +38,18 @@ def _max_abs_bits(bits, mask):
 
 @jit(parallel=True)
 def first_nonfinite(table, addr, itemsize):
-    """Index of the first leaf holding NaN or Inf (its bits at or above the Inf pattern)."""
+    """Index of the first leaf holding NaN, Inf or a magnitude at or above
+    :func:`~adamnp.backends.math.grad_limit`: the integer max of its ``|x|`` bits reaches
+    :func:`~adamnp.backends.math.grad_limit_bits` (one compare per chunk)."""
     bad = np.zeros(table.shape[0], np.bool_)
     for c in prange(table.shape[0]):
         j, lo, hi = table[c, 0], table[c, 1], table[c, 2]
         if itemsize[j] == 4:
             x32 = numba.carray(as_pointer(addr[j] + lo * 4, np.int32), hi - lo)
-            bad[c] = _max_abs_bits(x32, _ABS32) >= _INF32
+            bad[c] = _max_abs_bits(x32, _ABS32) >= _LIMIT32
         else:
             x64 = numba.carray(as_pointer(addr[j] + lo * 8, np.int64), hi - lo)
-            bad[c] = _max_abs_bits(x64, _ABS64) >= _INF64
+            bad[c] = _max_abs_bits(x64, _ABS64) >= _LIMIT64
     for c in range(table.shape[0]):
         if bad[c]:
             return table[c, 0]
