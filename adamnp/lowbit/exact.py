@@ -20,6 +20,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from .maps import moment_map, zero_code
+
 _MAX_SHIFT = 20  # widest bucket: 2**20 float32 ulps
 _MAX_BUCKETS = 1 << 14  # per sign; a map needing more buckets is rejected
 
@@ -161,3 +163,25 @@ def _build_cached(key):
     table = table.astype(np.int32)
     table.flags.writeable = False
     return QuantTables(table, shift, lo, nb)
+
+
+class MomentCode(NamedTuple):
+    """What a kernel needs to (de)quantize one moment of the 8-bit state."""
+
+    qmap: np.ndarray  # shape=(256,), float32; :func:`adamnp.lowbit.maps.moment_map`
+    tables: QuantTables  # the exact quantizer's tables of ``qmap``
+    zero: int  # the code of 0.0 in ``qmap``
+
+
+def moment_code(name: str) -> MomentCode:
+    """The map, exact-quantizer tables and zero code of moment ``name`` (``"m"``, ``"v"``;
+    amsgrad's ``"vmax"`` shares ``v``'s), as every 8-bit kernel uses them.
+
+    Examples
+    --------
+    >>> c = moment_code("v")
+    >>> c.qmap.shape, c.zero, c.tables.table.dtype
+    ((256,), 0, dtype('int32'))
+    """
+    qmap = moment_map(name)
+    return MomentCode(qmap, build_quant_tables(qmap), zero_code(qmap))

@@ -273,10 +273,10 @@ def _q8(block_size: int):
 def _q8_plan(group) -> SimpleNamespace:
     """The device tables an 8-bit group adds to its plan: block offsets, both maps and
     quantize tables (uploaded per group, so each lives on the group's device)."""
-    from .q8 import quant_tables
+    from ...lowbit.exact import moment_code
 
     cuda = _k().cuda
-    (code_m, tm, zero_m), (code_v, tv, zero_v) = quant_tables()
+    (code_m, tm, zero_m), (code_v, tv, zero_v) = moment_code("m"), moment_code("v")
     # np.array: the simulator cannot copy read-only host arrays.
     arrays = tuple(cuda.to_device(np.array(a)) for a in (code_m, code_v, tm.table, tv.table))
     ints = tuple(np.int32(x) for x in (tm.shift, tm.lo, tm.nb, zero_m, tv.shift, tv.lo, tv.nb))

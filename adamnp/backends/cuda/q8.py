@@ -68,8 +68,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from ...lowbit.exact import build_quant_tables, quantize_bits
-from ...lowbit.maps import moment_map, zero_code
+from ...lowbit.exact import moment_code, quantize_bits
 from ...lowbit.stochastic import block_key, mix32, round_up, uniform
 from ..math import adam_elem
 from .util import THREADS, flags_types, leaf_ptr, scalars_type, simulating
@@ -111,17 +110,6 @@ def _rebind(f, **names):
 
 
 @functools.cache
-def quant_tables():
-    """``((map, tables, zero code) of m, (map, tables, zero code) of v)``: the maps of
-    :func:`adamnp.lowbit.maps.moment_map`, their :class:`adamnp.lowbit.exact.QuantTables`
-    and the codes of 0.0 (amsgrad's ``vmax`` uses the map of ``v``)."""
-    out = []
-    for name in ("m", "v"):
-        code = moment_map(name)
-        out.append((code, build_quant_tables(code), zero_code(code)))
-    return tuple(out)
-
-
 @functools.cache
 def build(block_size: int) -> SimpleNamespace:
     """The 8-bit step kernel for ``block_size`` (a power of two, 64..4096)."""
@@ -137,7 +125,7 @@ def build(block_size: int) -> SimpleNamespace:
     qblocks = threads // group  # quantization blocks per tile
     width = min(group, 32)  # lanes of a warp in one quantization block
     stage_size = threads if sim else 1
-    (_, tm, _), (_, tv, _) = quant_tables()
+    tm, tv = moment_code("m").tables, moment_code("v").tables
     n_tm, n_tv = tm.table.size, tv.table.size
     f32, i32 = types.float32, types.int32
     ptr = leaf_ptr()

@@ -44,8 +44,7 @@ except ImportError:  # pragma: no cover - numba is a dependency
 else:
     _MISSING = None
     from ...lowbit.decades import build_decade_tables
-    from ...lowbit.exact import build_quant_tables
-    from ...lowbit.maps import moment_map, zero_code
+    from ...lowbit.exact import build_quant_tables, moment_code
     from ...lowbit.stochastic import gap_tables, group_key
     from ..math import kernel_flags, kernel_scalars
     from . import quant
@@ -251,14 +250,15 @@ def step_group(group, params, grads, scalars) -> None:
 def _q8_maps() -> tuple:
     """``(map_m, map_v, tables_m, tables_v, zero codes)``: the 8-bit kernels' constant inputs.
 
-    The state uses the signed dynamic map for ``m`` and the unsigned one for ``v`` and
-    ``vmax`` (:func:`adamnp.lowbit.maps.moment_map`); the tables are the exact quantizer's
-    (:func:`~adamnp.lowbit.exact.build_quant_tables`).
+    Those of :func:`adamnp.lowbit.exact.moment_code` for ``m`` and ``v`` (``vmax`` shares
+    ``v``'s), as the kernels take them.
     """
-    maps = (moment_map("m"), moment_map("v"))
-    tables = tuple(tuple(build_quant_tables(c)) for c in maps)
-    zeros = tuple(np.uint8(zero_code(c)) for c in maps)
-    return (*maps, *tables, zeros)
+    codes = (moment_code("m"), moment_code("v"))
+    return (
+        *(c.qmap for c in codes),
+        *(tuple(c.tables) for c in codes),
+        tuple(np.uint8(c.zero) for c in codes),
+    )
 
 
 Q8_KERNELS = ("vbmi", "gather")
