@@ -27,7 +27,8 @@ def init(
     block_size: int = 256,
     min_8bit_size: int = MIN_8BIT_SIZE,
     keep_fp32: Collection[str] | Callable[[str, object], bool] | None = None,
-    v_rounding: str = "nearest",
+    state_format: str = "sqrt",
+    v_rounding: str | None = None,
 ) -> AdamState:
     """Create zeroed optimizer state for ``params``.
 
@@ -53,14 +54,22 @@ def init(
         Leaves to keep at full precision with 8-bit state: one path such as
         ``"params['emb']"``, a collection of paths, or a predicate
         ``keep_fp32(path, array) -> bool``.
-    v_rounding : {"nearest", "stochastic"}, default "nearest"
-        How 8-bit state stores the second moment ``v`` after each step. ``"nearest"``: the
-        nearest map value, as bitsandbytes does. ``"stochastic"``: one of the two map values
+    state_format : {"sqrt", "bnb"}, default "sqrt"
+        What 8-bit codes store (docs/eight_bit.md). ``"sqrt"``: ``sqrt(v)`` on a map without
+        zero and ``m`` as its ratio to ``sqrt(v)``, both rounded stochastically; every step
+        stays within a few percent of the float32 step, whatever the gradients of a block
+        (:mod:`adamnp.lowbit.sqrt`). ``"bnb"``: bitsandbytes' blockwise 8-bit layout and maps,
+        byte for byte exchangeable with ``bnb.optim.AdamW8bit``; a gradient much smaller than
+        the largest of its block (about 1e-3 and below) can round its ``v`` toward zero and
+        make its step hundreds of times ``lr``. Use it to exchange state with bitsandbytes.
+    v_rounding : {"nearest", "stochastic"}, optional
+        How ``state_format="bnb"`` stores the second moment ``v`` after each step (default
+        ``"nearest"``, as bitsandbytes does). ``"stochastic"``: one of the two map values
         around it, the upper with probability proportional to the distance from the lower
-        (unbiased; deterministic given the step and the element). With nearest rounding a
-        decaying ``v`` sticks at its old code, which makes steps too small for many steps
-        after a gradient shrinks; see docs/eight_bit.md for when this matters. ``m`` and
-        amsgrad's max are always rounded to nearest.
+        (unbiased; deterministic given the step and the element); with nearest rounding a
+        decaying ``v`` sticks at its old code. ``m`` and amsgrad's max are always rounded to
+        nearest there. The ``"sqrt"`` format always rounds stochastically (None or
+        ``"stochastic"``).
 
     Returns
     -------
@@ -97,6 +106,7 @@ def init(
         paths,
         leaves,
         state_bits=state_bits,
+        state_format=state_format,
         block_size=block_size,
         min_8bit_size=min_8bit_size,
         v_rounding=v_rounding,

@@ -45,6 +45,7 @@ from ._config import OPTION_NAMES, AdamConfig, adam, adamw
 from ._state import MIN_8BIT_SIZE, AdamState, Layout, QuantSlot, build_groups
 from ._tree import flatten, treedef_from_json, treedef_to_json, unflatten
 from ._validate import FLOAT_DTYPES, validate_layout
+from .lowbit.maps import map_names
 from .lowbit.reference import n_blocks
 
 try:
@@ -92,7 +93,7 @@ def _saved_config(c) -> dict:
 #: Header keys of the layout: the fields of :class:`~adamnp._state.Layout`.
 LAYOUT_KEYS = tuple(f.name for f in dataclasses.fields(Layout))
 # Layout keys that files written before they were recorded lack; see _layout_from_header.
-_LATER_LAYOUT_KEYS = ("v_rounding", "min_8bit_size", "keep_fp32")
+_LATER_LAYOUT_KEYS = ("state_format", "v_rounding", "min_8bit_size", "keep_fp32")
 #: Every key of a header (all but _LATER_LAYOUT_KEYS required), in the order saved.
 HEADER_KEYS = (
     "format",
@@ -785,7 +786,8 @@ def _layout_from_header(header: dict, paths, shapes, dtypes, use_q8, where: str)
     """The saved layout, checked as :func:`adamnp.init` checks its options.
 
     Files written before some layout keys were recorded get the values that describe their
-    slots: ``v_rounding="nearest"`` (the only rounding then); as ``min_8bit_size`` the default
+    slots: ``state_format="bnb"`` and ``v_rounding="nearest"`` (the only format and rounding
+    then); as ``min_8bit_size`` the default
     when that explains the 8-bit leaves, else the size of the smallest one; as ``keep_fp32``
     the float32 leaves that would then be 8-bit but are not.
     """
@@ -794,7 +796,9 @@ def _layout_from_header(header: dict, paths, shapes, dtypes, use_q8, where: str)
         if k in saved and not (type(saved[k]) is int and abs(saved[k]) <= _INT64_MAX):
             what = f"bad layout in header: {k} must be an int, got {_show(saved[k])}"
             raise _fail(where, f"header[{k!r}]", what)
-    saved.setdefault("v_rounding", "nearest")
+    if "state_format" not in saved:
+        saved["state_format"] = "bnb"
+        saved.setdefault("v_rounding", "nearest")
     if "min_8bit_size" not in saved:
         sizes = [math.prod(s) for s, q in zip(shapes, use_q8) if q]
         saved["min_8bit_size"] = min([*sizes, MIN_8BIT_SIZE])
@@ -844,7 +848,10 @@ def _expected_arrays(kind: str, dtype, shape: tuple, block_size: int, amsgrad: b
 
 def _expected_scalars(kind: str, layout: Layout) -> dict:
     """The other fields of a slot, stored in its leaf entry: none for ``"fp32"``."""
-    return {"block_size": layout.block_size, **QuantSlot._field_defaults} if kind == "q8" else {}
+    if kind != "q8":
+        return {}
+    map_m, map_v = map_names(layout.state_format)
+    return {"block_size": layout.block_size, "map_m": map_m, "map_v": map_v}
 
 
 def _check_leaf_arrays(entry: dict, i, kind, dtype, shape, layout, amsgrad, where) -> dict:

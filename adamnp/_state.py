@@ -16,7 +16,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ._config import AdamConfig
-from .lowbit.maps import SIGNED_MAP, UNSIGNED_MAP, moment_map, zero_code
+from .lowbit.maps import SIGNED_MAP, UNSIGNED_MAP, initial_code, map_names
 from .lowbit.reference import n_blocks
 
 
@@ -39,10 +39,12 @@ class Fp32Slot(NamedTuple):
 
 
 class QuantSlot(NamedTuple):
-    """Blockwise 8-bit moments of one float32 leaf (bitsandbytes' blockwise layout).
+    """Blockwise 8-bit moments of one float32 leaf: codes per element, a scale per block.
 
-    Element ``i`` of a moment is ``dynamic_map(signed)[codes[i]] * absmax[i // block_size]``
-    (signed map for ``m``, unsigned for ``v`` and ``vmax``); see docs/eight_bit.md.
+    What the codes mean depends on the state format, named by ``map_m`` and ``map_v``
+    (docs/eight_bit.md): ``"sqrt"`` (the default) stores ``sqrt(v)`` and ``m / sqrt(v)``
+    (:mod:`adamnp.lowbit.sqrt`); ``"bnb"`` stores ``m`` and ``v`` as bitsandbytes does,
+    element ``i`` being ``dynamic_map(signed)[codes[i]] * absmax[i // block_size]``.
 
     Examples
     --------
@@ -54,10 +56,10 @@ class QuantSlot(NamedTuple):
     (dtype('uint8'), (4,), 256)
     """
 
-    codes_m: np.ndarray  # shape=leaf.shape, uint8; indices into the signed dynamic map
-    codes_v: np.ndarray  # shape=leaf.shape, uint8; indices into the unsigned dynamic map
-    absmax_m: np.ndarray  # shape=(ceil(n / block_size),), float32; per-block scale of m
-    absmax_v: np.ndarray  # shape=(ceil(n / block_size),), float32; per-block scale of v
+    codes_m: np.ndarray  # shape=leaf.shape, uint8; codes of m (bnb) or of m / sqrt(v) (sqrt)
+    codes_v: np.ndarray  # shape=leaf.shape, uint8; codes of v (bnb) or of sqrt(v) (sqrt)
+    absmax_m: np.ndarray  # shape=(ceil(n / block_size),), float32; per-block scale of codes_m
+    absmax_v: np.ndarray  # shape=(ceil(n / block_size),), float32; per-block scale of codes_v
     codes_vmax: np.ndarray | None  # like codes_v, amsgrad only
     absmax_vmax: np.ndarray | None  # like absmax_v, amsgrad only
     block_size: int  # elements per block of the flattened leaf (power of two, 64..4096)
@@ -89,9 +91,10 @@ class Layout:
     """
 
     state_bits: int  # 32 or 8
+    state_format: str  # 8-bit format: "sqrt" or "bnb" (adamnp.lowbit.maps.STATE_FORMATS)
     block_size: int  # elements per quantization block (power of two, 64..4096); 8-bit only
     min_8bit_size: int  # float32 leaves with fewer elements keep float32 moments
-    v_rounding: str  # "nearest" or "stochastic": how 8-bit state requantizes v
+    v_rounding: str  # "nearest" or "stochastic": how 8-bit state requantizes v ("sqrt": the latter)
     keep_fp32: tuple[str, ...]  # paths of the leaves opted out of 8-bit state, in tree order
 
     def eight_bit(self, paths, shapes, dtypes) -> list[bool]:
@@ -134,6 +137,11 @@ class LeafGroup:
         """``"q8"``: the layout's requantization of ``v``; other kinds round nothing."""
         return self.layout.v_rounding if self.kind == "q8" else "nearest"
 
+    @property
+    def state_format(self) -> str:
+        """``"q8"``: the layout's 8-bit format (``"sqrt"`` or ``"bnb"``); other kinds: ``""``."""
+        return self.layout.state_format if self.kind == "q8" else ""
+
 
 @dataclass(eq=False)
 class AdamState:
@@ -156,9 +164,10 @@ class AdamState:
     slots : tuple of Fp32Slot or QuantSlot
         One per leaf, in the same order.
     layout : Layout
-        The layout options given to :func:`adamnp.init` (``state_bits``, ``block_size``,
-        ``min_8bit_size``, ``v_rounding``, and ``keep_fp32`` as the paths it kept).
-    state_bits, block_size, v_rounding
+        The layout options given to :func:`adamnp.init` (``state_bits``, ``state_format``,
+        ``block_size``, ``min_8bit_size``, ``v_rounding``, and ``keep_fp32`` as the paths it
+        kept).
+    state_bits, state_format, block_size, v_rounding
         Read-only shortcuts to the fields of ``layout``.
 
     Notes
@@ -208,6 +217,11 @@ class AdamState:
     def state_bits(self) -> int:
         """32 or 8 (``layout.state_bits``)."""
         return self.layout.state_bits
+
+    @property
+    def state_format(self) -> str:
+        """The 8-bit format, ``"sqrt"`` or ``"bnb"`` (``layout.state_format``)."""
+        return self.layout.state_format
 
     @property
     def block_size(self) -> int:
@@ -318,8 +332,9 @@ def build_groups(paths, shapes, dtypes, layout: Layout, amsgrad: bool, xp):
             nb = int(blocks[-1])
             moments = ("m", "v", "vmax") if amsgrad else ("m", "v")
             buffers = {}
+            fmt = layout.state_format
             for name in moments:
-                buffers[f"codes_{name}"] = xp.full(total, zero_code(moment_map(name)), np.uint8)
+                buffers[f"codes_{name}"] = xp.full(total, initial_code(fmt, name), np.uint8)
                 buffers[f"absmax_{name}"] = xp.zeros(nb, np.float32)
             bshapes = [(int(blocks[j + 1] - blocks[j]),) for j in range(len(ids))]
             views = {}
@@ -335,6 +350,7 @@ def build_groups(paths, shapes, dtypes, layout: Layout, amsgrad: bool, xp):
                     views["codes_vmax"][j] if amsgrad else None,
                     views["absmax_vmax"][j] if amsgrad else None,
                     block_size,
+                    *map_names(fmt),
                 )
         leaf_ids = np.array(ids, np.int64)
         groups.append(LeafGroup(kind, dtype, leaf_ids, offsets, blocks, layout, buffers))

@@ -31,6 +31,7 @@ from ._config import AdamConfig
 from ._state import AdamState, Layout
 from ._tree import first_difference, flatten
 from .backends.math import GRAD_LIMIT_EXP
+from .lowbit.maps import STATE_FORMATS
 from .lowbit.reference import is_block_size
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -165,9 +166,10 @@ def validate_layout(
     leaves,
     *,
     state_bits: int,
+    state_format: str,
     block_size: int,
     min_8bit_size: int,
-    v_rounding: str,
+    v_rounding: str | None,
     keep_fp32: Collection[str] | Callable[[str, object], bool] | None,
 ) -> Layout:
     """Check :func:`adamnp.init`'s layout options; return them as one :class:`Layout`.
@@ -176,13 +178,15 @@ def validate_layout(
     leaf of ``leaves``) is resolved to the tuple of the paths it keeps at full precision, in
     tree order. ``state_bits``, ``block_size`` and ``min_8bit_size`` must be ints (NumPy
     integers are fine, ``bool`` and ``float`` are not): ``TypeError`` otherwise. The keywords
-    are the fields of :class:`Layout`, so a saved layout checks the same way.
+    are the fields of :class:`Layout`, so a saved layout checks the same way. ``v_rounding``
+    None is the format's rounding: ``"stochastic"`` for ``"sqrt"`` (its only one),
+    ``"nearest"`` for ``"bnb"``.
 
     Examples
     --------
-    >>> validate_layout(["params"], None, state_bits=8, block_size=128, min_8bit_size=0,
-    ...                 v_rounding="nearest", keep_fp32=["params"])
-    Layout(state_bits=8, block_size=128, min_8bit_size=0, v_rounding='nearest', keep_fp32=('params',))
+    >>> validate_layout(["params"], None, state_bits=8, state_format="bnb", block_size=128,
+    ...                 min_8bit_size=0, v_rounding=None, keep_fp32=["params"])
+    Layout(state_bits=8, state_format='bnb', block_size=128, min_8bit_size=0, v_rounding='nearest', keep_fp32=('params',))
     """  # noqa: E501
     for name, value in (
         ("state_bits", state_bits),
@@ -197,8 +201,17 @@ def validate_layout(
         raise ValueError(f"block_size must be a power of two in 64..4096, got {block_size!r}")
     if min_8bit_size < 0:
         raise ValueError(f"min_8bit_size must be >= 0, got {min_8bit_size}")
+    if not (isinstance(state_format, str) and state_format in STATE_FORMATS):
+        raise ValueError(f"state_format must be one of {STATE_FORMATS}, got {state_format!r}")
+    if v_rounding is None:
+        v_rounding = "stochastic" if state_format == "sqrt" else "nearest"
     if v_rounding not in ("nearest", "stochastic"):
         raise ValueError(f"v_rounding must be 'nearest' or 'stochastic', got {v_rounding!r}")
+    if state_format == "sqrt" and v_rounding != "stochastic":
+        raise ValueError(
+            "v_rounding='nearest' is only available with state_format='bnb'; the 'sqrt' format "
+            "always rounds stochastically (nearest rounding would freeze a decaying v)"
+        )
     if keep_fp32 is None:
         kept = ()
     elif callable(keep_fp32):
@@ -219,7 +232,9 @@ def validate_layout(
         if unknown:
             raise ValueError(f"keep_fp32 names {unknown[0]!r}, which is not a leaf of params")
         kept = tuple(p for p in paths if p in wanted)
-    return Layout(int(state_bits), int(block_size), int(min_8bit_size), str(v_rounding), kept)
+    return Layout(
+        int(state_bits), state_format, int(block_size), int(min_8bit_size), str(v_rounding), kept
+    )
 
 
 def warn_layout(layout: Layout, paths, shapes, dtypes) -> None:

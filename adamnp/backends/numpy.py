@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..lowbit import reference as q8
+from ..lowbit import sqrt as q8sqrt
 from ..lowbit.maps import moment_map, zero_code
 from ..lowbit.stochastic import group_key
 from .math import KernelScalars, grad_limit, kernel_scalars
@@ -189,12 +190,56 @@ def step_group(group, params, grads, scalars) -> None:
     """Update every leaf of ``group`` in place (see :func:`update_chunk` for the math)."""
     if group.kind == "fp32":
         _step_fp32(group, params, grads, scalars)
+    elif group.state_format == "sqrt":
+        _step_sqrt(group, params, grads, scalars)
     else:
         _step_q8(group, params, grads, scalars)
 
 
+def _q8_chunks(group, params, grads, names):
+    """Per chunk of whole blocks of an 8-bit group: ``(p, g, codes, absmax, e)``, the
+    chunk's parameter and gradient views, its slices of the code and absmax buffers of
+    each moment in ``names`` and the index of its first element in the group's buffers."""
+    bs = group.block_size
+    chunk = max(bs, CHUNK // bs * bs)
+    buf = group.buffers
+    for j, leaf in enumerate(group.leaf_ids):
+        p = params[leaf].reshape(-1)
+        g = grads[leaf].reshape(-1)
+        e0, b0 = int(group.offsets[j]), int(group.block_offsets[j])
+        for lo in range(0, p.size, chunk):
+            hi = min(lo + chunk, p.size)
+            blo, bhi = b0 + lo // bs, b0 + -(-hi // bs)
+            codes = {x: buf[f"codes_{x}"][e0 + lo : e0 + hi] for x in names}
+            absmax = {x: buf[f"absmax_{x}"][blo:bhi] for x in names}
+            yield p[lo:hi], g[lo:hi], codes, absmax, e0 + lo
+
+
+def _step_sqrt(group, params, grads, scalars) -> None:
+    """The ``"sqrt"``-format 8-bit step: per chunk of whole blocks, decode the moments
+    (:func:`adamnp.lowbit.sqrt.dequantize_into`), run exactly :func:`update_chunk`, store
+    them again (:func:`adamnp.lowbit.sqrt.requantize_into`); the parameter update uses the
+    unquantized moments."""
+    k = kernel_scalars(scalars, np.float32)
+    bs = group.block_size
+    chunk = max(bs, CHUNK // bs * bs)
+    names = ("m", "v", "vmax") if scalars.amsgrad else ("m", "v")
+    t1 = np.empty(chunk, np.float32)
+    t2 = np.empty(chunk, np.float32)
+    scratch = {x: np.empty(chunk, np.float32) for x in names}
+    key = group_key(group, scalars.step)
+    for p, g, codes, absmax, e in _q8_chunks(group, params, grads, names):
+        n = p.size
+        moments = {x: scratch[x][:n] for x in names}
+        q8sqrt.dequantize_into(codes, absmax, bs, moments)
+        update_chunk(p, g, moments["m"], moments["v"], moments.get("vmax"), k, scalars,
+                     t1[:n], t2[:n])  # fmt: skip
+        q8sqrt.requantize_into(moments["m"], moments["v"], moments.get("vmax"), codes, absmax,
+                               bs, key, e)  # fmt: skip
+
+
 def _step_q8(group, params, grads, scalars) -> None:
-    """The 8-bit step: per chunk of whole blocks, dequantize with the old absmax, run exactly
+    """The ``"bnb"``-format 8-bit step: per chunk of whole blocks, dequantize with the old absmax, run exactly
     :func:`update_chunk`, requantize with each block's new absmax (the parameter update uses
     the unquantized moments); with ``v_rounding="stochastic"`` then round ``v``'s codes
     stochastically (:func:`adamnp.lowbit.reference.round_stochastic`)."""
@@ -207,27 +252,15 @@ def _step_q8(group, params, grads, scalars) -> None:
     t1 = np.empty(chunk, np.float32)
     t2 = np.empty(chunk, np.float32)
     scratch = {x: np.empty(chunk, np.float32) for x in names}
-    buf = group.buffers
     key = group_key(group, scalars.step)  # None: v rounded to nearest
-    for j, leaf in enumerate(group.leaf_ids):
-        p = params[leaf].reshape(-1)
-        g = grads[leaf].reshape(-1)
-        e0, b0 = int(group.offsets[j]), int(group.block_offsets[j])
-        for lo in range(0, p.size, chunk):
-            hi = min(lo + chunk, p.size)
-            n = hi - lo
-            blo, bhi = b0 + lo // bs, b0 + -(-hi // bs)
-            codes = {x: buf[f"codes_{x}"][e0 + lo : e0 + hi] for x in names}
-            absmax = {x: buf[f"absmax_{x}"][blo:bhi] for x in names}
-            moments = {x: scratch[x][:n] for x in names}
-            for x in names:
-                q8.dequantize_into(codes[x], absmax[x], maps[x], bs, moments[x])
-            update_chunk(
-                p[lo:hi], g[lo:hi], moments["m"], moments["v"], moments.get("vmax"),
-                k, scalars, t1[:n], t2[:n],
-            )  # fmt: skip
-            for x in names:
-                q8.requantize_into(moments[x], maps[x], zeros[x], bs, codes[x], absmax[x])
-            if key is not None:
-                q8.round_stochastic(moments["v"], maps["v"], bs, codes["v"], absmax["v"], key,
-                                    e0 + lo)  # fmt: skip
+    for p, g, codes, absmax, e in _q8_chunks(group, params, grads, names):
+        n = p.size
+        moments = {x: scratch[x][:n] for x in names}
+        for x in names:
+            q8.dequantize_into(codes[x], absmax[x], maps[x], bs, moments[x])
+        update_chunk(p, g, moments["m"], moments["v"], moments.get("vmax"), k, scalars,
+                     t1[:n], t2[:n])  # fmt: skip
+        for x in names:
+            q8.requantize_into(moments[x], maps[x], zeros[x], bs, codes[x], absmax[x])
+        if key is not None:
+            q8.round_stochastic(moments["v"], maps["v"], bs, codes["v"], absmax["v"], key, e)

@@ -12,6 +12,11 @@ import numpy as np
 SIGNED_MAP = "dynamic-signed-8bit"  # map of the first moment (m)
 UNSIGNED_MAP = "dynamic-unsigned-8bit"  # map of the second moment (v) and of amsgrad's max
 
+#: The 8-bit state formats: ``"sqrt"`` (:mod:`adamnp.lowbit.sqrt`, the default) and
+#: ``"bnb"`` (bitsandbytes' blockwise layout with the dynamic maps of this module).
+STATE_FORMATS = ("sqrt", "bnb")
+_MAP_NAMES = {"sqrt": ("ratio-int8", "sqrt-e5m3-8bit"), "bnb": (SIGNED_MAP, UNSIGNED_MAP)}
+
 
 def _linspace_f32(start, stop, num, fused=True):
     """``torch.linspace(start, stop, num, dtype=torch.float32)`` as PyTorch's CPU kernel does it.
@@ -110,3 +115,29 @@ def zero_code(qmap: np.ndarray) -> int:
     (127, 0)
     """
     return int(np.flatnonzero(qmap == 0)[0])
+
+
+def map_names(state_format: str) -> tuple[str, str]:
+    """``(map of codes_m, map of codes_v and codes_vmax)`` of an 8-bit state format, as
+    checkpoints name them.
+
+    Examples
+    --------
+    >>> map_names("bnb")
+    ('dynamic-signed-8bit', 'dynamic-unsigned-8bit')
+    """
+    return _MAP_NAMES[state_format]
+
+
+def initial_code(state_format: str, moment: str) -> int:
+    """The code a fresh state stores for ``moment`` (with absmax 0 it decodes to 0).
+
+    ``"bnb"``: the code of 0.0 in the moment's map; ``"sqrt"``: 0 (``r = 0``; any ``s`` code
+    times absmax 0 is 0).
+
+    Examples
+    --------
+    >>> initial_code("bnb", "m"), initial_code("sqrt", "m")
+    (127, 0)
+    """
+    return zero_code(moment_map(moment)) if state_format == "bnb" else 0

@@ -51,6 +51,7 @@ else:
     from .avx512 import HAVE_VBMI, byte_planes
     from .fp32 import step_fp32, traffic_kernel
     from .q8 import step_q8, traffic_kernel_q8
+    from .q8_sqrt import step_q8_sqrt
     from .q8_vbmi import quantize_blockwise_simd, step_q8_simd
     from .reduce import first_nonfinite, sum_squares
     from .util import CHUNK, chunk_table, data_addresses
@@ -225,7 +226,11 @@ def step_group(group, params, grads, scalars) -> None:
     p_addr, g_addr = data_addresses(params), data_addresses(grads)
     if q8:
         k = kernel_scalars(scalars, np.float32)
-        _step_q8(group, table, p_addr, g_addr, k, flags, group_key(group, scalars.step))
+        key = group_key(group, scalars.step)
+        if group.state_format == "sqrt":
+            _step_q8_sqrt(group, table, p_addr, g_addr, k, flags, key)
+        else:
+            _step_q8(group, table, p_addr, g_addr, k, flags, key)
         return
     vmax = group.buffers.get("vmax")
     if vmax is None:
@@ -364,15 +369,43 @@ _NO_CODES = np.empty(0, np.uint8)  # stands in for codes_vmax when amsgrad is of
 _NO_ABSMAX = np.empty(0, np.float32)
 
 
+def _q8_buffers(group) -> tuple:
+    """``(codes, absmax)`` of an 8-bit group as the kernels take them: ``(m, v, vmax)`` each,
+    empty stand-ins for vmax without amsgrad. Chunks must hold whole blocks."""
+    if CHUNK % group.block_size:
+        raise ValueError(f"block_size {group.block_size} does not divide the chunk {CHUNK}")
+    buf = group.buffers
+    return (
+        (buf["codes_m"], buf["codes_v"], buf.get("codes_vmax", _NO_CODES)),
+        (buf["absmax_m"], buf["absmax_v"], buf.get("absmax_vmax", _NO_ABSMAX)),
+    )
+
+
+def _step_q8_sqrt(group, table, p_addr, g_addr, k, flags, key) -> None:
+    """One :func:`~.q8_sqrt.step_q8_sqrt` call for the ``"sqrt"``-format ``group``."""
+    _launch(
+        step_q8_sqrt,
+        int(group.offsets[-1]),
+        table,
+        group.leaf_ids,
+        group.offsets,
+        group.block_offsets,
+        group.block_size,
+        p_addr,
+        g_addr,
+        *_q8_buffers(group),
+        k,
+        flags,
+        np.uint32(key),
+    )
+
+
 def _step_q8(group, table, p_addr, g_addr, k, flags, key) -> None:
-    """One :func:`~.q8.step_q8` call for the 8-bit ``group``.
+    """One :func:`~.q8.step_q8` call for the ``"bnb"``-format 8-bit ``group``.
 
     ``key`` is the step's :func:`~adamnp.lowbit.stochastic.group_key`, None for nearest
     rounding of v.
     """
-    if CHUNK % group.block_size:  # chunks must hold whole blocks
-        raise ValueError(f"block_size {group.block_size} does not divide the chunk {CHUNK}")
-    buf = group.buffers
     simd = _vbmi_inputs() if q8_kernel() == "vbmi" else None
     _launch(
         step_q8 if simd is None else step_q8_simd,
@@ -384,8 +417,7 @@ def _step_q8(group, table, p_addr, g_addr, k, flags, key) -> None:
         group.block_size,
         p_addr,
         g_addr,
-        (buf["codes_m"], buf["codes_v"], buf.get("codes_vmax", _NO_CODES)),
-        (buf["absmax_m"], buf["absmax_v"], buf.get("absmax_vmax", _NO_ABSMAX)),
+        *_q8_buffers(group),
         *_q8_maps(),
         k,
         flags,

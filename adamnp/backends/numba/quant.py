@@ -59,12 +59,19 @@ def block_keys(key, e):
 
 
 @jit(inline="always")
-def element_uniform(i, key0, key1, low):
-    """:func:`~adamnp.lowbit.stochastic.uniform` of element ``e + i`` (``key0, key1, low`` from
-    :func:`block_keys` of ``e``), in uint32 arithmetic. Written out here because
-    ``_stochastic.uniform`` calls ``mix32`` by a module name Numba cannot compile there."""
+def element_hash(i, key0, key1, low):
+    """The 32-bit hash ``mix32(index_low ^ block_key)`` of element ``e + i`` (``key0, key1,
+    low`` from :func:`block_keys` of ``e``), in uint32 arithmetic."""
     index = np.uint32(low + np.uint32(i))
-    h = mix32(index ^ (key0 if index >= low else key1))
+    return mix32(index ^ (key0 if index >= low else key1))
+
+
+@jit(inline="always")
+def element_uniform(i, key0, key1, low):
+    """:func:`~adamnp.lowbit.stochastic.uniform` of element ``e + i`` (see
+    :func:`element_hash`). Written out here because ``_stochastic.uniform`` calls ``mix32`` by
+    a module name Numba cannot compile there."""
+    h = element_hash(i, key0, key1, low)
     return np.float32(h >> np.uint32(8)) * np.float32(2.0**-24)
 
 

@@ -1,0 +1,142 @@
+"""Numba CPU kernel of the fused multi-tensor 8-bit step in the ``"sqrt"`` format.
+
+The format (:mod:`adamnp.lowbit.sqrt`) needs no table: a code of ``sqrt(v)`` is a float32 bit
+pattern (``S_BASE + code << 20``) and one of ``m / sqrt(v)`` a signed byte times a per-block
+scale, so decoding is a shift, an add and two multiplies, and encoding a division and integer
+arithmetic on the quotient's bits. Everything vectorizes without gathers, on any x86-64 or
+Arm CPU.
+
+Like :mod:`.q8`, ``prange`` runs over chunks of whole blocks, and each block takes two passes
+over L1-resident data: (1) decode, :func:`~adamnp.backends.math.adam_elem` inlined, write
+``p``, keep ``s = sqrt(v)`` and ``r = m / s`` (and amsgrad's ``sqrt(vmax)``) in a scratch and
+take their block maxima as integer maxima of bit patterns; (2) encode with the element's hash
+(:func:`~.quant.element_hash`). The order of operations is the reference's
+(:func:`adamnp.lowbit.sqrt.requantize_into`), without fast-math: params, codes and absmax
+equal it bit for bit, whatever the number of threads.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from numba import prange
+
+from ...lowbit import sqrt as fmt
+from .quant import block_keys, element_hash
+from .util import as_pointer, elem, jit
+
+s_code = jit(inline="always")(fmt.s_code)
+s_bits = jit(inline="always")(fmt.s_bits)
+r_code = jit(inline="always")(fmt.r_code)
+
+_SIGN_OFF = np.int32(0x7FFFFFFF)
+_INF_BITS = np.int32(0x7F800000)
+_LEVELS = np.float32(127)
+
+
+@jit(inline="always")
+def _abs_bits(x):
+    return np.int32(np.float32(x).view(np.int32) & _SIGN_OFF)
+
+
+@jit(inline="always")
+def _root(code, scale):
+    """The decoded ``s`` of a code: ``s_value(code) * scale``."""
+    return np.int32(s_bits(code)).view(np.float32) * scale
+
+
+@jit(inline="always")
+def _update_block(p, g, s, n, codes_m, codes_v, codes_x, e, am, av, ax, sr, ss, sx,
+                  k, decoupled, l2, amsgrad, maximize):  # fmt: skip
+    """Pass 1 over the ``n`` elements of one block; returns the block maxima's bits of
+    ``|r|``, ``s`` and amsgrad's ``sqrt(vmax)``. Unsigned offsets, no slices (see :mod:`.q8`)."""
+    s = np.uint64(s)
+    e = np.uint64(e)
+    rscale = am / _LEVELS
+    xr = np.int32(0)
+    xs = np.int32(0)
+    xx = np.int32(0)
+    for i in range(np.uint64(0), np.uint64(n)):
+        sq = _root(codes_v[e + i], av)
+        m0 = (np.float32(np.int8(codes_m[e + i])) * rscale) * sq
+        v0 = sq * sq
+        x0 = v0
+        if amsgrad:
+            xq = _root(codes_x[e + i], ax)
+            x0 = xq * xq
+        p[s + i], m, v, x = elem(p[s + i], g[s + i], m0, v0, x0, k, decoupled, l2, amsgrad,
+                                 maximize)  # fmt: skip
+        root = np.sqrt(v)
+        q = m / root
+        r = q if root > np.float32(0) else np.float32(0)
+        sr[i] = r
+        ss[i] = root
+        xr = max(xr, _abs_bits(r))
+        xs = max(xs, _abs_bits(root))
+        if amsgrad:
+            xroot = np.sqrt(x)
+            sx[i] = xroot
+            xx = max(xx, _abs_bits(xroot))
+    return xr, xs, xx
+
+
+@jit(inline="always")
+def _scale(bits):
+    """``(absmax to store, divisor, ok)`` of a block maximum given as bits."""
+    ok = bits < _INF_BITS
+    amax = np.int32(bits).view(np.float32)
+    divisor = amax if bits > 0 else np.float32(1)
+    return (amax if ok else np.float32(np.nan)), divisor, ok
+
+
+@jit(inline="always")
+def _encode_block(sr, ss, sx, n, codes_m, codes_v, codes_x, e, absmax_m, absmax_v, absmax_x,
+                  b, br, bs, bx, key, amsgrad):  # fmt: skip
+    """Pass 2: store block ``b``'s absmax and codes (:mod:`adamnp.lowbit.sqrt`, step 2-4)."""
+    absmax_m[b], dr, ok_r = _scale(br)
+    absmax_v[b], ds, ok_s = _scale(bs)
+    key0, key1, low = block_keys(key, e)
+    e = np.uint64(e)
+    for i in range(np.uint64(0), np.uint64(n)):
+        h = element_hash(i, key0, key1, low)
+        cs = s_code(np.float32(ss[i] / ds).view(np.int32), h)
+        cr = r_code(np.float32(sr[i] / dr) * _LEVELS, h)
+        codes_v[e + i] = np.uint8(cs if ok_s else 0)
+        codes_m[e + i] = np.uint8((cr if ok_r else 0) & 0xFF)
+    if amsgrad:
+        absmax_x[b], dx, ok_x = _scale(bx)
+        for i in range(np.uint64(0), np.uint64(n)):
+            h = element_hash(i, key0, key1, low)
+            cx = s_code(np.float32(sx[i] / dx).view(np.int32), h)
+            codes_x[e + i] = np.uint8(cx if ok_x else 0)
+
+
+@jit(parallel=True)
+def step_q8_sqrt(table, leaf_ids, offsets, block_offsets, block_size, p_addr, g_addr, codes,
+                 absmax, k, flags, key):  # fmt: skip
+    """Update all chunks of ``table`` in place (arguments as :func:`.q8.step_q8`'s, without
+    maps: ``codes = (m, v, vmax)`` and ``absmax = (m, v, vmax)``, the vmax entries empty
+    unless amsgrad; ``key`` the step's hash key)."""
+    decoupled, l2, amsgrad, maximize = flags
+    codes_m, codes_v, codes_x = codes
+    absmax_m, absmax_v, absmax_x = absmax
+    width = block_size if amsgrad else 0
+    for c in prange(table.shape[0]):
+        j, lo, hi = table[c, 0], table[c, 1], table[c, 2]
+        sr = np.empty(block_size, np.float32)
+        ss = np.empty(block_size, np.float32)
+        sx = np.empty(width, np.float32)
+        p = numba.carray(as_pointer(p_addr[leaf_ids[j]] + lo * 4, np.float32), hi - lo)
+        g = numba.carray(as_pointer(g_addr[leaf_ids[j]] + lo * 4, np.float32), hi - lo)
+        b = block_offsets[j] + lo // block_size
+        for s in range(0, hi - lo, block_size):
+            n = min(block_size, hi - lo - s)
+            e = offsets[j] + lo + s
+            br, bs, bx = _update_block(
+                p, g, s, n, codes_m, codes_v, codes_x, e, absmax_m[b], absmax_v[b],
+                absmax_x[b] if amsgrad else np.float32(0), sr, ss, sx, k,
+                decoupled, l2, amsgrad, maximize,
+            )  # fmt: skip
+            _encode_block(sr, ss, sx, n, codes_m, codes_v, codes_x, e, absmax_m, absmax_v,
+                          absmax_x, b, br, bs, bx, key, amsgrad)  # fmt: skip
+            b += 1
