@@ -798,7 +798,7 @@ def _layout_from_header(header: dict, paths, shapes, dtypes, use_q8, where: str)
             raise _fail(where, f"header[{k!r}]", what)
     if "state_format" not in saved:
         saved["state_format"] = "bnb"
-        saved.setdefault("v_rounding", "nearest")
+    saved.setdefault("v_rounding", None)  # the format's rounding
     if "min_8bit_size" not in saved:
         sizes = [math.prod(s) for s, q in zip(shapes, use_q8) if q]
         saved["min_8bit_size"] = min([*sizes, MIN_8BIT_SIZE])

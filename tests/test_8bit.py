@@ -45,7 +45,8 @@ def test_which_leaves_get_8bit(backend):
 
 def test_bitsandbytes_layout(backend):
     p = np.zeros((300, 7), np.float32)
-    s = adamnp.init(p, adamnp.adamw(amsgrad=True), backend=backend, state_bits=8, min_8bit_size=1)
+    s = adamnp.init(p, adamnp.adamw(amsgrad=True), backend=backend, state_bits=8, min_8bit_size=1,
+                    state_format="bnb")  # fmt: skip
     slot = s.slots[0]
     for codes in (slot.codes_m, slot.codes_v, slot.codes_vmax):
         assert codes.dtype == np.uint8 and codes.shape == (300, 7)
@@ -61,7 +62,8 @@ def test_reference_step_is_dequantize_update_requantize():
     rng = np.random.default_rng(0)
     n, bs = 3000, 256  # partial last block
     p = rng.standard_normal(n).astype(np.float32)
-    state = adamnp.init(p, adamnp.adam(lr=1e-2), backend="numpy", state_bits=8, min_8bit_size=1)
+    state = adamnp.init(p, adamnp.adam(lr=1e-2), backend="numpy", state_bits=8, min_8bit_size=1,
+                        state_format="bnb")  # fmt: skip
     adamnp.step(p, rng.standard_normal(n).astype(np.float32), state)  # non-trivial state
     slot = state.slots[0]
     cm, cv = quant.dynamic_map(True), quant.dynamic_map(False)
@@ -89,7 +91,7 @@ def test_moments_within_quantization_error(backend):
     p32, p8 = p32.copy(), p8.copy()
     cfg = adamnp.adamw(lr=1e-3)
     s32 = adamnp.init(p32, cfg, backend=backend)
-    s8 = adamnp.init(p8, cfg, backend=backend, state_bits=8)
+    s8 = adamnp.init(p8, cfg, backend=backend, state_bits=8, state_format="bnb")
     for _ in range(20):
         g = rng.standard_normal(n).astype(np.float32)
         adamnp.step(p32, g, s32)
@@ -109,7 +111,7 @@ def test_zero_block_and_nan_block(backend):
     n = 1024
     p = np.ones(n, np.float32)
     cfg = adamnp.adam(nonfinite="propagate")
-    s = adamnp.init(p, cfg, backend=backend, state_bits=8, min_8bit_size=1)
+    s = adamnp.init(p, cfg, backend=backend, state_bits=8, min_8bit_size=1, state_format="bnb")
     g = np.zeros(n, np.float32)
     g[300] = np.nan  # block 1
     g[600] = 1.0  # block 2

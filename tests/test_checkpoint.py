@@ -28,7 +28,8 @@ SCRIPT = textwrap.dedent(
     import sys, numpy as np, adamnp
     mode, backend, bits, path, out, n, m = sys.argv[1:8]
     n, m = int(n), int(m)
-    bits, rounding = (8, "stochastic") if bits == "8s" else (int(bits), "nearest")
+    formats = {"8b": (8, "bnb", "nearest"), "8s": (8, "bnb", "stochastic")}
+    bits, fmt, rounding = formats[bits] if bits in formats else (int(bits), "sqrt", None)
     rng = np.random.default_rng(0)
     params = {"w": rng.standard_normal((64, 80)).astype(np.float32),
               "b": rng.standard_normal(17).astype(np.float64), "s": np.float32([0.5])}
@@ -37,10 +38,12 @@ SCRIPT = textwrap.dedent(
         return {key: r.standard_normal(a.shape).astype(a.dtype) for key, a in params.items()}
     cfg = adamnp.adamw(lr=1e-2, amsgrad=True, nonfinite="skip")
     if mode == "all":
-        state = adamnp.init(params, cfg, backend=backend, state_bits=bits, v_rounding=rounding)
+        state = adamnp.init(params, cfg, backend=backend, state_bits=bits,
+                             state_format=fmt, v_rounding=rounding)
         steps = range(n + m)
     elif mode == "first":
-        state = adamnp.init(params, cfg, backend=backend, state_bits=bits, v_rounding=rounding)
+        state = adamnp.init(params, cfg, backend=backend, state_bits=bits,
+                             state_format=fmt, v_rounding=rounding)
         steps = range(n)
     else:
         loaded = np.load(out + ".params.npz")
@@ -72,7 +75,8 @@ def _run(tmp_path, *args):
     subprocess.run([sys.executable, str(script), *map(str, args)], check=True, env=env)
 
 
-@pytest.mark.parametrize("bits", [32, 8, "8s"])  # 8s: 8-bit, stochastic rounding of v
+# 8: the default "sqrt" format; 8b / 8s: the "bnb" format, v rounded to nearest / stochastically
+@pytest.mark.parametrize("bits", [32, 8, "8b", "8s"])
 def test_resume_in_new_process_is_bit_identical(tmp_path, backend, bits):
     ckpt, full, resumed = tmp_path / "s.npz", tmp_path / "full", tmp_path / "resumed"
     _run(tmp_path, "all", backend, bits, ckpt, full, 5, 4)
@@ -145,14 +149,16 @@ def _rewrite_header(path, edit):
 
 def test_v_rounding_is_saved_and_checked(tmp_path):
     p = {"w": np.ones(5000, np.float32)}
-    state = adamnp.init(p, adamnp.adamw(), backend="numpy", state_bits=8, v_rounding="stochastic")
+    state = adamnp.init(p, adamnp.adamw(), backend="numpy", state_bits=8, v_rounding="stochastic",
+                        state_format="bnb")  # fmt: skip
     path = tmp_path / "sr.npz"
     adamnp.save_state(path, state)
     assert adamnp.load_state(path).v_rounding == "stochastic"
     assert all(g.v_rounding == "stochastic" for g in adamnp.load_state(path).groups)
-    # files written before the option existed hold nearest-rounded state
-    _rewrite_header(path, lambda h, a: h.pop("v_rounding"))
-    assert adamnp.load_state(path).v_rounding == "nearest"
+    # files written before the options existed hold bnb-format, nearest-rounded state
+    _rewrite_header(path, lambda h, a: (h.pop("v_rounding"), h.pop("state_format")))
+    loaded = adamnp.load_state(path)
+    assert (loaded.v_rounding, loaded.state_format) == ("nearest", "bnb")
     _rewrite_header(path, lambda h, a: h.update(v_rounding="dithered"))
     with pytest.raises(CheckpointError, match="v_rounding"):
         adamnp.load_state(path)
@@ -230,6 +236,8 @@ LAYOUTS = {
     "defaults": dict(state_bits=8),
     "keep": dict(state_bits=8, block_size=64, keep_fp32=["params['emb']"]),
     "min 100": dict(state_bits=8, min_8bit_size=100, v_rounding="stochastic"),
+    "bnb": dict(state_bits=8, state_format="bnb"),
+    "bnb + keep": dict(state_bits=8, state_format="bnb", block_size=64, keep_fp32=["params['emb']"]),
     "min 100 + keep": dict(state_bits=8, min_8bit_size=100, keep_fp32=lambda p, a: a.ndim == 2),
     "huge min": dict(state_bits=8, min_8bit_size=10**9),
 }
@@ -256,21 +264,22 @@ def test_layout_round_trip(tmp_path, case):
     ]
     fields = ("state_bits", "block_size", "v_rounding")
     assert [getattr(old.layout, f) for f in fields] == [getattr(state.layout, f) for f in fields]
-    if case in ("32-bit", "defaults", "keep"):
+    if case in ("32-bit", "defaults", "keep", "bnb", "bnb + keep"):
         assert old.layout == state.layout
     for a, b in zip(old.slots, state.slots):
         assert all(np.array_equal(x, y) for x, y in zip(a, b) if isinstance(x, np.ndarray))
 
 
-def test_header_format_is_unchanged_but_for_two_layout_keys(tmp_path):
-    state = adamnp.init(_layout_tree(), adamnp.adam(), backend="numpy", **LAYOUTS["keep"])
+def test_header_format_is_unchanged_but_for_three_layout_keys(tmp_path):
+    state = adamnp.init(_layout_tree(), adamnp.adam(), backend="numpy", **LAYOUTS["bnb + keep"])
     path = tmp_path / "s.npz"
     adamnp.save_state(path, state)
     with np.load(path) as npz:
         header = json.loads(str(npz["__adamnp__"][()]))
     assert header["version"] == 1
     assert list(header) == ["format", "version", "config", "backend", "step", "skipped_steps",
-                            "state_bits", "block_size", "min_8bit_size", "v_rounding",
+                            "state_bits", "state_format", "block_size", "min_8bit_size",
+                            "v_rounding",
                             "keep_fp32", "treedef", "leaves"]  # fmt: skip
     assert list(header["config"]) == ["optimizer", "lr", "lr_schedule", "betas", "eps",
                                       "weight_decay", "amsgrad", "maximize", "nonfinite",
@@ -286,6 +295,12 @@ BAD_HEADERS = {
     "state_bits": (lambda h, a: h.update(state_bits=16), "state_bits must be 32 or 8"),
     "no state_bits": (lambda h, a: h.pop("state_bits"), "incomplete header: no state_bits"),
     "block_size": (lambda h, a: h.update(block_size=100), "block_size must be a power of two"),
+    "state_format": (lambda h, a: h.update(state_format="fp8"), "state_format must be one of"),
+    "format of other maps": (
+        lambda h, a: h.update(state_format="bnb"),
+        r"params\['w'\]: 8-bit layout \(block size or maps\) not supported",
+    ),
+    "sqrt, nearest": (lambda h, a: h.update(v_rounding="nearest"), "only available with"),
     "block_size text": (lambda h, a: h.update(block_size="256"), "block_size"),
     "min_8bit_size": (lambda h, a: h.update(min_8bit_size="big"), "min_8bit_size must be an int"),
     "keep_fp32 text": (lambda h, a: h.update(keep_fp32="params['w']"), "keep_fp32 must be a list"),
@@ -396,7 +411,7 @@ def _declare_q8(h, i, n, dtype="<f4"):
     blocks = -(-n // h["block_size"])
     h["leaves"][i].update(
         shape=[n], dtype=dtype, slot="q8", block_size=h["block_size"],
-        map_m="dynamic-signed-8bit", map_v="dynamic-unsigned-8bit",
+        map_m="ratio-int8", map_v="sqrt-e5m3-8bit",
         arrays={"codes_m": {"dtype": "|u1", "shape": [n]},
                 "codes_v": {"dtype": "|u1", "shape": [n]},
                 "absmax_m": {"dtype": "<f4", "shape": [blocks]},

@@ -156,7 +156,8 @@ def test_verify_skips_missing_eight_bit(capsys, monkeypatch):
     code, out = run(capsys, "verify", "--backend", "numba", "--size", "300", "--steps", "1",
                     "--bits", "8")  # fmt: skip
     assert code == 0
-    assert "skip: 8-bit state not available" in out and "5 skipped" in out  # 4 configs + SR
+    # 4 configs + the bnb format with nearest and stochastic rounding of v
+    assert "skip: 8-bit state not available" in out and "6 skipped" in out
 
 
 def eight_bit_works() -> bool:
@@ -178,8 +179,8 @@ def test_verify_counts_eight_bit_codes(capsys, monkeypatch, shift, verdict, code
     code_got, out = run(capsys, "verify", "--backend", "numba", "--size", "300", "--steps", "1",
                         "--bits", "8")  # fmt: skip
     rows = [line.split() for line in out.splitlines() if line.startswith("numba       8")]
-    assert len(rows) == 5 and all(r[-1] == verdict for r in rows)  # 4 configs + v stochastic
-    assert "adamw, v stochastic" in out
+    assert len(rows) == 6 and all(r[-1] == verdict for r in rows)  # 4 configs + 2 bnb
+    assert "adamw, bnb, v stochastic" in out
     # the shifted code is the one counted (the last step's shift; earlier ones are overwritten)
     assert all(r[-2].startswith(f"{int(shift > 0)}/") for r in rows)
     assert code_got == code

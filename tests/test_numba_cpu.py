@@ -86,27 +86,31 @@ def test_results_do_not_depend_on_threads(monkeypatch):
 
 @pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="needs 2 threads")
 @pytest.mark.parametrize("block_size", [64, 4096])
-def test_8bit_results_do_not_depend_on_threads(monkeypatch, block_size):
+@pytest.mark.parametrize("fmt", ["sqrt", "bnb"])
+def test_8bit_results_do_not_depend_on_threads(monkeypatch, block_size, fmt):
     monkeypatch.setattr(numba_cpu, "PARALLEL_MIN", 1)
     rng = np.random.default_rng(8)
     params = tree(12, rng, sizes=(3, 40_000, 70_001, 4097))
     grads = [like(params, rng) for _ in range(3)]
     grads[1]["l0001"][123] = np.nan  # a NaN block, kept with "propagate"
     cfg = adamnp.adamw(amsgrad=True, nonfinite="propagate")
-    init = dict(state_bits=8, block_size=block_size, min_8bit_size=1)
+    init = dict(state_bits=8, block_size=block_size, min_8bit_size=1, state_format=fmt)
     one = _run_steps(params, grads, cfg, 1, **init)
     assert _run_steps(params, grads, cfg, numba.config.NUMBA_NUM_THREADS, **init) == one
 
 
-def test_one_compiled_call_per_8bit_group(monkeypatch):
+@pytest.mark.parametrize("fmt", ["sqrt", "bnb"])
+def test_one_compiled_call_per_8bit_group(monkeypatch, fmt):
     calls = []
-    for name in ("step_q8", "step_q8_simd"):  # the gather kernel or the AVX-512 VBMI one
+    # bnb: the gather kernel or the AVX-512 VBMI one
+    for name in ("step_q8", "step_q8_simd", "step_q8_sqrt"):
         kernel = getattr(numba_cpu, name)
         recorder = functools.partial(lambda k, *a: calls.append(a[0].shape) or k(*a), kernel)
         monkeypatch.setattr(numba_cpu, name, recorder)
     rng = np.random.default_rng(9)
     params = tree(300, rng, sizes=(1, 100, 5000, 70_000))
-    state = adamnp.init(params, adamnp.adamw(), backend="numba", state_bits=8, min_8bit_size=1)
+    state = adamnp.init(params, adamnp.adamw(), backend="numba", state_bits=8, min_8bit_size=1,
+                        state_format=fmt)  # fmt: skip
     adamnp.step(params, like(params, rng), state)
     assert [g.kind for g in state.groups] == ["q8"] and len(calls) == 1
     assert calls[0][0] == 75 * 3 + 75 * 3  # one chunk per small leaf, 3 per 70 000 elements
@@ -217,7 +221,7 @@ def test_unknown_group_kinds_are_refused():
     from adamnp.backends.math import host_scalars
 
     ids, offsets = np.zeros(1, np.int64), np.array([0, 4], np.int64)
-    layout = Layout(4, 256, 1, "nearest", ())
+    layout = Layout(4, "sqrt", 256, 1, "nearest", ())
     group = LeafGroup("q4", np.dtype(np.float32), ids, offsets, offsets, layout, {})
     p = [np.zeros(4, np.float32)]
     with pytest.raises(NotImplementedError, match="'q4'"):
@@ -298,12 +302,14 @@ def test_hot_loops_are_simd_and_fma_free(tmp_path, cpu):
         import re, numpy as np, adamnp
         from adamnp.backends.numba import q8 as _numba_q8
         from adamnp.backends.numba import q8_vbmi
+        from adamnp.backends.numba.q8_sqrt import step_q8_sqrt
         from adamnp.backends.numba.fp32 import step_fp32
         from adamnp.backends.numba.reduce import first_nonfinite
         from adamnp.backends.numba.avx512 import HAVE_VBMI
         p = np.ones(5000, np.float32)
-        for bits in (32, 8):
-            state = adamnp.init(p, adamnp.adamw(), backend="numba", state_bits=bits)
+        for bits, fmt in ((32, "sqrt"), (8, "bnb"), (8, "sqrt")):
+            state = adamnp.init(p, adamnp.adamw(), backend="numba", state_bits=bits,
+                                state_format=fmt)
             adamnp.step(p, np.ones(5000, np.float32), state)
         pattern = re.compile(
             r"^\\s+(v?(?:divps|sqrtps|pmaxsd|p?gather\\w+|fmadd\\w*|fnmadd\\w*|permi2b|permi2ps"
@@ -312,7 +318,9 @@ def test_hot_loops_are_simd_and_fma_free(tmp_path, cpu):
         )
         q8 = q8_vbmi.step_q8_simd if HAVE_VBMI else _numba_q8.step_q8
         print("vbmi", int(HAVE_VBMI))
-        for name, f in (("step_fp32", step_fp32), ("first_nonfinite", first_nonfinite), ("q8", q8)):
+        kernels = (("step_fp32", step_fp32), ("first_nonfinite", first_nonfinite), ("q8", q8),
+                   ("sqrt", step_q8_sqrt))
+        for name, f in kernels:
             asm = f.inspect_asm(f.signatures[0])
             ops = sorted(set(pattern.findall(asm)))
             print(name, *ops)
@@ -355,7 +363,11 @@ def test_hot_loops_are_simd_and_fma_free(tmp_path, cpu):
         assert "gatherdps" in q8_ops, out  # map[code] lookups
         assert any(op.startswith("pgather") for op in q8_ops), out  # quantizer table lookups
     assert {"divps", "sqrtps"} <= ops["q8_update"], out  # the split kept the update
-    for kernel_ops in (step_ops, ops["q8_update"]):
+    # the "sqrt" format's kernel: vectorized (SIMD divisions and roots, integer block maxima),
+    # with no table lookup at all
+    assert {"divps", "sqrtps", "pmaxsd"} <= ops["sqrt"], out
+    assert not any("gather" in op for op in ops["sqrt"]), out
+    for kernel_ops in (step_ops, ops["q8_update"], ops["sqrt"]):
         assert not any("fmadd" in op or "fnmadd" in op for op in kernel_ops), out
 
 
@@ -387,7 +399,7 @@ def test_vbmi_kernel_compiles_for_an_avx512_vbmi_target(tmp_path, amsgrad):
         front._launch = lambda kernel, work, *args: launched.append((kernel, args))
         p = np.ones(5000, np.float32)
         cfg = adamnp.adamw(nonfinite="propagate", amsgrad={amsgrad})
-        state = adamnp.init(p, cfg, backend="numba", state_bits=8)
+        state = adamnp.init(p, cfg, backend="numba", state_bits=8, state_format="bnb")
         adamnp.step(p, np.ones(5000, np.float32), state)
         (kernel, args), = launched
         assert kernel is q8_vbmi.step_q8_simd
@@ -452,7 +464,7 @@ def test_each_8bit_kernel_matches_the_reference(monkeypatch, kernel, rounding):
     grads = like(params, rng)
     edge_blocks(grads, rng, 256)
     cfg = adamnp.adamw(amsgrad=True, weight_decay=0.1)
-    init = dict(state_bits=8, min_8bit_size=1, v_rounding=rounding)
+    init = dict(state_bits=8, min_8bit_size=1, v_rounding=rounding, state_format="bnb")
     results = {}
     for backend in ("numpy", "numba"):
         p = {k: v.copy() for k, v in params.items()}

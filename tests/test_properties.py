@@ -112,7 +112,7 @@ layouts = st.fixed_dictionaries(
         "state_bits": st.sampled_from([32, 8]),
         "block_size": st.sampled_from([64, 256, 4096]),
         "min_8bit_size": st.sampled_from([0, 1, 4, 255, 4096, 5000]),
-        "v_rounding": st.sampled_from(["nearest", "stochastic"]),
+        "format": st.sampled_from([("sqrt", None), ("bnb", "nearest"), ("bnb", "stochastic")]),
     }
 )
 
@@ -128,6 +128,8 @@ def test_checkpoint_keeps_the_layout(tmp_path_factory, specs, options, keep, see
     kept = [f"params[{name!r}]" for name, k in zip(sorted(params), keep) if k]
     with warnings.catch_warnings():  # layouts where no leaf is 8-bit warn; fine here
         warnings.simplefilter("ignore", UserWarning)
+        options = dict(options)
+        options["state_format"], options["v_rounding"] = options.pop("format")
         state = adamnp.init(params, adamnp.adamw(), backend="numpy", keep_fp32=kept, **options)
     adamnp.step(params, grads, state)
     path = tmp_path_factory.mktemp("ckpt") / "s.npz"

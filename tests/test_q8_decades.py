@@ -206,7 +206,7 @@ def test_gather_kernels_without_vbmi_match_the_reference(tmp_path):
                 p = [a.copy() for a in params]
                 states.append(adamnp.init(p, cfg, backend=backend, state_bits=8,
                                           block_size=block_size, min_8bit_size=1,
-                                          v_rounding=rounding))
+                                          v_rounding=rounding, state_format="bnb"))
                 ps.append(p)
             for t in range(4):
                 grads = [rng.standard_normal(a.size).astype(np.float32) for a in params]

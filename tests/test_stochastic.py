@@ -95,7 +95,7 @@ def test_stochastic_v_follows_a_shrinking_gradient(backend):
     for rounding in ("nearest", "stochastic"):
         params = {"w": np.zeros(256, np.float32)}
         state = adamnp.init(params, adamnp.adam(lr=1e-6), backend=backend, state_bits=8,
-                            min_8bit_size=0, v_rounding=rounding)  # fmt: skip
+                            min_8bit_size=0, v_rounding=rounding, state_format="bnb")  # fmt: skip
         g = np.zeros(256, np.float32)
         for t in range(1, 4001):
             g[0], g[1] = 1.0, 0.1 if t <= 1000 else 0.01
@@ -111,5 +111,14 @@ def test_v_rounding_is_checked():
     with pytest.raises(ValueError, match="v_rounding"):
         adamnp.init(np.zeros(3, np.float32), adamnp.adam(), v_rounding="stochastic ")
     state = adamnp.init(np.zeros(5000, np.float32), adamnp.adam(), backend="numpy",
-                        state_bits=8, v_rounding="stochastic")  # fmt: skip
+                        state_bits=8, v_rounding="stochastic", state_format="bnb")  # fmt: skip
     assert state.v_rounding == "stochastic" and state.groups[0].v_rounding == "stochastic"
+    # the format's own rounding by default: nearest for bnb, stochastic (the only one) for sqrt
+    for fmt, rounding in (("bnb", "nearest"), ("sqrt", "stochastic")):
+        state = adamnp.init(np.zeros(5000, np.float32), adamnp.adam(), backend="numpy",
+                            state_bits=8, state_format=fmt)  # fmt: skip
+        assert state.v_rounding == rounding
+    with pytest.raises(ValueError, match="v_rounding='nearest' is only available with"):
+        adamnp.init(np.zeros(5000, np.float32), adamnp.adam(), state_bits=8, v_rounding="nearest")
+    with pytest.raises(ValueError, match="state_format must be one of"):
+        adamnp.init(np.zeros(5000, np.float32), adamnp.adam(), state_bits=8, state_format="fp8")

@@ -71,7 +71,7 @@ class Outcome:
     error: str | None = None
 
 
-def run_once(backend, config, bits, params0, grads, v_rounding="nearest") -> Outcome:
+def run_once(backend, config, bits, params0, grads, state_format="sqrt", v_rounding=None) -> Outcome:
     """Take ``len(grads)`` steps from ``params0`` on ``backend``; return host copies."""
     import adamnp
 
@@ -79,7 +79,7 @@ def run_once(backend, config, bits, params0, grads, v_rounding="nearest") -> Out
     params = mover.to_backend({k: v.copy() for k, v in params0.items()})
     try:
         state = adamnp.init(params, config, backend=backend, state_bits=bits, min_8bit_size=0,
-                            v_rounding=v_rounding)  # fmt: skip
+                            state_format=state_format, v_rounding=v_rounding)  # fmt: skip
         for g in grads:
             adamnp.step(params, mover.to_backend(g), state)
         mover.sync()
@@ -169,9 +169,10 @@ def verify(backends, bits, size, steps, out=None) -> tuple[list, int]:
     for backend in [b for b in backends if b != "numpy"]:
         for k in bits:
             dtypes = (np.float32, np.float64) if k == 32 else (np.float32,)
-            runs = [(label, config, "nearest") for label, config in configs.items()]
-            if k == 8:  # and once with stochastic rounding of v
-                runs.append(("adamw, v stochastic", configs["adamw"], "stochastic"))
+            runs = [(label, config, ("sqrt", None)) for label, config in configs.items()]
+            if k == 8:  # and bitsandbytes' format, v rounded to nearest and stochastically
+                for rounding in ("nearest", "stochastic"):
+                    runs.append((f"adamw, bnb, v {rounding}", configs["adamw"], ("bnb", rounding)))
             for dtype in dtypes:
                 for label, config, rounding in runs:
                     key = (k, np.dtype(dtype).name, label)
@@ -179,11 +180,11 @@ def verify(backends, bits, size, steps, out=None) -> tuple[list, int]:
                         problems[dtype] = _problem(shapes, dtype, steps)
                     params0, grads = problems[dtype]
                     if key not in refs:
-                        refs[key] = run_once("numpy", config, k, params0, grads, rounding)
+                        refs[key] = run_once("numpy", config, k, params0, grads, *rounding)
                     ref = refs[key]
                     got = ref
                     if not ref.error:
-                        got = run_once(backend, config, k, params0, grads, rounding)
+                        got = run_once(backend, config, k, params0, grads, *rounding)
                     row = [backend, k, np.dtype(dtype).name, label]
                     if got.error:
                         rows.append([*row, "-", "-", "-", "skip"])

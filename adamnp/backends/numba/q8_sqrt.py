@@ -46,6 +46,13 @@ def _root(code, scale):
 
 
 @jit(inline="always")
+def _ratio(m, root):
+    """``m / root`` where ``root > 0``, else 0."""
+    q = m / root
+    return q if root > np.float32(0) else np.float32(0)
+
+
+@jit(inline="always")
 def _update_block(p, g, s, n, codes_m, codes_v, codes_x, e, am, av, ax, sr, ss, sx,
                   k, decoupled, l2, amsgrad, maximize):  # fmt: skip
     """Pass 1 over the ``n`` elements of one block; returns the block maxima's bits of
@@ -56,27 +63,32 @@ def _update_block(p, g, s, n, codes_m, codes_v, codes_x, e, am, av, ax, sr, ss, 
     xr = np.int32(0)
     xs = np.int32(0)
     xx = np.int32(0)
-    for i in range(np.uint64(0), np.uint64(n)):
-        sq = _root(codes_v[e + i], av)
-        m0 = (np.float32(np.int8(codes_m[e + i])) * rscale) * sq
-        v0 = sq * sq
-        x0 = v0
-        if amsgrad:
+    if amsgrad:
+        for i in range(np.uint64(0), np.uint64(n)):
+            sq = _root(codes_v[e + i], av)
             xq = _root(codes_x[e + i], ax)
-            x0 = xq * xq
-        p[s + i], m, v, x = elem(p[s + i], g[s + i], m0, v0, x0, k, decoupled, l2, amsgrad,
-                                 maximize)  # fmt: skip
-        root = np.sqrt(v)
-        q = m / root
-        r = q if root > np.float32(0) else np.float32(0)
-        sr[i] = r
-        ss[i] = root
-        xr = max(xr, _abs_bits(r))
-        xs = max(xs, _abs_bits(root))
-        if amsgrad:
+            m0 = (np.float32(np.int8(codes_m[e + i])) * rscale) * sq
+            p[s + i], m, v, x = elem(p[s + i], g[s + i], m0, sq * sq, xq * xq, k, decoupled,
+                                     l2, True, maximize)  # fmt: skip
+            root = np.sqrt(v)
+            r = _ratio(m, root)
             xroot = np.sqrt(x)
-            sx[i] = xroot
+            sr[i], ss[i], sx[i] = r, root, xroot
+            xr = max(xr, _abs_bits(r))
+            xs = max(xs, _abs_bits(root))
             xx = max(xx, _abs_bits(xroot))
+    else:
+        for i in range(np.uint64(0), np.uint64(n)):
+            sq = _root(codes_v[e + i], av)
+            m0 = (np.float32(np.int8(codes_m[e + i])) * rscale) * sq
+            v0 = sq * sq
+            p[s + i], m, v, _ = elem(p[s + i], g[s + i], m0, v0, v0, k, decoupled, l2, False,
+                                     maximize)  # fmt: skip
+            root = np.sqrt(v)
+            r = _ratio(m, root)
+            sr[i], ss[i] = r, root
+            xr = max(xr, _abs_bits(r))
+            xs = max(xs, _abs_bits(root))
     return xr, xs, xx
 
 
