@@ -39,25 +39,29 @@ def _nearest(scaled, qmap):
     return np.searchsorted(mids, scaled.astype(np.float64), side="left")
 
 
-def _stochastic(scaled, qmap, rng):
-    """Round to one of the two map values around ``scaled``, unbiased."""
+def _stochastic(scaled, qmap, rng, power=1):
+    """Round to one of the two map values around ``scaled``, unbiased in ``scaled**power``."""
     hi = np.clip(np.searchsorted(qmap, scaled, side="left"), 1, 255)
     lo = hi - 1
-    a, b = qmap[lo], qmap[hi]
-    p = np.clip((scaled - a) / np.where(b > a, b - a, 1), 0, 1)
+    a, b = qmap[lo].astype(np.float64) ** power, qmap[hi].astype(np.float64) ** power
+    x = np.maximum(scaled.astype(np.float64), qmap[0]) ** power  # below the map: round up
+    p = np.clip((x - a) / np.where(b > a, b - a, 1), 0, 1)
     return np.where(rng.random(scaled.shape) < p, hi, lo)
 
 
 class MapQuant:
     """Blockwise absmax + a 256-value map (bitsandbytes' layout)."""
 
-    def __init__(self, qmap, rounding):
-        self.qmap, self.rounding = qmap.astype(F32), rounding
+    def __init__(self, qmap, rounding, power=1):
+        self.qmap, self.rounding, self.power = qmap.astype(F32), rounding, power
 
     def roundtrip(self, x, rng):
         a = _absmax(x)
         s = (_blocks(x) / _safe(a)).reshape(-1)
-        c = _nearest(s, self.qmap) if self.rounding == "nearest" else _stochastic(s, self.qmap, rng)
+        if self.rounding == "nearest":
+            c = _nearest(s, self.qmap)
+        else:
+            c = _stochastic(s, self.qmap, rng, self.power)
         return (self.qmap[c].reshape(-1, BLOCK) * a).reshape(-1)
 
 
@@ -68,6 +72,20 @@ def minifloat_map(mbits, nonzero=True):
     return bits.view(F32)
 
 
+def graded_map(regions=((6, 2), (4, 4), (2, 15.75))):
+    """Zero-free unsigned 8-bit float with finer mantissas near the top: ``(mantissa bits,
+    binades)`` per region from 1 down; 256 values ending at 1.0."""
+    one = 0x3F800000
+    pats, top = [one], one
+    for mbits, binades in regions:
+        step = 1 << (23 - mbits)
+        count = int(round(binades * (1 << mbits)))
+        pats += [top - k * step for k in range(1, count + 1)]
+        top -= count * step
+    assert len(pats) == 256, len(pats)
+    return np.array(sorted(pats), np.int32).view(F32)
+
+
 def log_map(decades):
     return (10.0 ** np.linspace(-decades, 0, 256)).astype(F32)
 
@@ -75,8 +93,8 @@ def log_map(decades):
 class SqrtV:
     """sqrt(v) on an unsigned map with blockwise absmax; m either on its own map or as r = m / s."""
 
-    def __init__(self, smap, srounding, m_mode, mrounding):
-        self.s = MapQuant(smap, srounding)
+    def __init__(self, smap, srounding, m_mode, mrounding, power=1):
+        self.s = MapQuant(smap, srounding, power)
         self.m_mode, self.mrounding = m_mode, mrounding
         self.mq = MapQuant(dynamic_map(True), mrounding)
 
@@ -85,6 +103,8 @@ class SqrtV:
         sq = self.s.roundtrip(s, rng)
         if self.m_mode == "dynamic":
             return self.mq.roundtrip(m, rng), sq * sq
+        if self.m_mode == "exactm":
+            return m, sq * sq
         base = s if self.m_mode == "ratio" else sq  # ratio: r = m / s (unquantized)
         r = np.where(base > 0, m / _safe(base), F32(0)).astype(F32)
         a = _absmax(r)
@@ -128,6 +148,9 @@ OPTIONS = {
     "sqrt(v) E4M4 stochastic; m/sqrt(v) int8 stochastic": SqrtV(minifloat_map(4), "stochastic", "ratio", "stochastic"),
     "sqrt(v) E5M3 stochastic; m/sqrt(v) int8 stochastic": SqrtV(minifloat_map(3), "stochastic", "ratio", "stochastic"),
     "sqrt(v) E3M5 stochastic; m/sqrt(v) int8 stochastic": SqrtV(minifloat_map(5), "stochastic", "ratio", "stochastic"),
+    "sqrt(v) E5M3 stochastic unbiased in v; m/sqrt(v) int8 stochastic": SqrtV(minifloat_map(3), "stochastic", "ratio", "stochastic", power=2),
+    "sqrt(v) graded M6/M4/M2, unbiased in v; m/sqrt(v) int8 stochastic": SqrtV(graded_map(), "stochastic", "ratio", "stochastic", power=2),
+    "sqrt(v) graded M6/M5/M4/M2, unbiased in v; m/sqrt(v) int8 stochastic (adamnp's 'sqrt')": SqrtV(graded_map(((6, 1), (5, 2), (4, 2), (2, 23.75))), "stochastic", "ratio", "stochastic", power=2),
 }
 _nz = dynamic_map(False).copy()
 _nz[0] = _nz[1] / 2
@@ -214,8 +237,8 @@ BATTERY = {
 }
 
 
-def main(quick=False):
-    names = list(OPTIONS)
+def main(quick=False, only=None):
+    names = ["float32"] + [n for n in OPTIONS if n != "float32" and (only is None or only in n)]
     ref = {}
     for case, make in BATTERY.items():
         grad, n = make()
@@ -244,4 +267,5 @@ def main(quick=False):
 
 
 if __name__ == "__main__":
-    main(quick="--quick" in sys.argv)
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    main(quick="--quick" in sys.argv, only=args[0] if args else None)

@@ -6,18 +6,21 @@ below its value and the step ``m / sqrt(v)`` explodes. This format keeps the ste
 element within a few percent of float32's, whatever the block holds:
 
 * the second moment is stored as ``s = sqrt(v)``, whose range is the gradient's, not its
-  square's, on a map **without zero**: 256 codes, the float32 values with bit patterns
-  ``S_BASE + c * 2**20`` (an unsigned float with 5 exponent and 3 mantissa bits, 32 binades
-  from ``2**-32 * 1.125`` to 1) times the block's largest ``s``. A value below the map is
+  square's, on a map **without zero** (:func:`s_map`) times the block's largest ``s``: 256
+  float32 values down from 1, fine near the top where the precision of ``v`` sets the noise
+  of training and coarse but wide below, where it only has to stay within a bounded factor
+  (:data:`S_REGIONS`: 6 mantissa bits over the top binade, 5 over the next 2, 4 over the next
+  2, then 2 over 23.75 binades, down to ``1.25 * 2**-29``: a code step of at most 1/64 of
+  the value above 1/2, 1/32 above 1/8, 1/16 above 1/32, 1/4 below). A value below the map is
   stored as its smallest value: ``v`` is never rounded to zero, only up;
 * the first moment is stored as ``r = m / s`` (``s`` of the same step, unquantized; 0 where
   ``s`` is 0): the ratio the step is made of, bounded by about ``(1 - b1) / sqrt(1 - b2)``
   times a small factor, as 255 levels ``q / 127`` (``q`` in -127..127, a signed byte) times
   the block's largest ``|r|``. The stored moment is ``m = r * s`` with both quantized, so the
   next step's ratio is the stored ``r`` however ``s`` was rounded;
-* both are rounded **stochastically** (unbiased), from one 32-bit counter hash per element
-  (:mod:`.stochastic`): nearest rounding would freeze ``v`` (it moves 0.1% per step, its
-  codes are 9-12% apart) and a decaying ``m``.
+* both are rounded **stochastically**, unbiased in ``v`` and in ``r``, from one 32-bit
+  counter hash per element (:mod:`.stochastic`): nearest rounding would freeze ``v`` (it
+  moves 0.1% per step, far less than a code step) and a decaying ``m``.
 
 Definition (float32 and int32/uint32 operations, the same on every backend). Per block, with
 the updated float32 moments ``m``, ``v`` (and amsgrad's ``vmax``):
@@ -32,8 +35,8 @@ the updated float32 moments ``m``, ``v`` (and amsgrad's ``vmax``):
    h)`` (:func:`r_code`) as a two's-complement byte; amsgrad: ``codes_vmax`` like ``codes_v``
    from ``x / X``.
 
-Decoding: ``s = s_value(code) * S``, ``v = s * s``; ``r = float32(q) * (R / 127)``, ``m = r *
-s``; ``vmax = (s_value(code) * X)**2``. Memory: as bitsandbytes' format, two bytes per
+Decoding: ``s = s_map()[code] * S``, ``v = s * s``; ``r = float32(q) * (R / 127)``, ``m = r *
+s``; ``vmax = (s_map()[code] * X)**2``. Memory: as bitsandbytes' format, two bytes per
 element and two float32 per block.
 
 The scalar functions below are plain Python on ``np.int32``/``np.uint32``/``np.float32``
@@ -47,21 +50,51 @@ import numpy as np
 
 from .stochastic import block_key, mix32
 
-S_SHIFT = 20  # 3 mantissa bits: a code step is 2**20 float32 patterns
-S_BASE = 0x3F800000 - (255 << S_SHIFT)  # pattern of code 0: 2**-32 * 1.125
+#: The map of ``s`` from the top: ``(mantissa bits, binades)`` per region, 255 code steps.
+S_REGIONS = ((6, 1), (5, 2), (4, 2), (2, 23.75))
+_ONE = 0x3F800000  # bit pattern of 1.0
+
+
+def _regions():
+    """``(first code, first pattern, shift)`` of each region, top first."""
+    out, code, pattern = [], 255, _ONE
+    for mbits, binades in S_REGIONS:
+        shift = 23 - mbits
+        count = int(binades * (1 << mbits))
+        code, pattern = code - count, pattern - (count << shift)
+        out.append((code, pattern, shift))
+    assert code == 0
+    return tuple(out)
+
+
+(_C0, _L0, _S0), (_C1, _L1, _S1), (_C2, _L2, _S2), (_C3, _L3, _S3) = _regions()
 _HIGH_SIGN = 0x7FFFFFFF
+_MANTISSA = 0x7FFFFF
+_U_S_BITS = 20  # top hash bits of the rounding of s
+_T_BITS = 21  # the position between two codes, in units of 2**-21 (the widest step's shift)
+_T_MASK = (1 << _T_BITS) - 1
 _R_LEVELS = 127
 _U_R_BITS = 12  # low hash bits of the ratio's rounding; the top 20 round s
 
 
 def s_code(bits, h):
-    """The code of a scaled root ``s / S`` from its float32 bit pattern ``bits`` (int32).
+    """The code of a scaled root ``x = s / S`` in [0, 1] from its float32 bits (int32).
 
-    Stochastic: with ``a = (bits & 0x7FFFFFFF) - S_BASE``, the code is ``(a + (h >> 12)) >>
-    20`` clamped to 0..255: the upper of the two map values around the value with probability
-    its distance from the lower over their gap (the map is linear between neighbouring
-    codes, so this is exact in value). A value below the map (0 included) gets code 0, the
-    map's smallest value: rounded up, never to zero.
+    Stochastic and unbiased in ``v = s**2``: between the two map values ``lo <= x < hi``
+    around it, the upper is chosen with probability ``(x**2 - lo**2) / (hi**2 - lo**2)``, so
+    the stored ``v`` is right on average. (Rounding unbiased in ``s`` instead would bias ``v``
+    up by the rounding's variance every step, which builds up over the ``1 / (1 - b2)``
+    steps ``v`` remembers: measured as a 1-2% higher loss, docs/eight_bit.md.) A value below
+    the map (0 included) gets code 0, the map's smallest value: rounded up, never to zero.
+
+    In bits, with ``a = bits & 0x7FFFFFFF`` in the region ``(c0, low, shift)`` of
+    :data:`S_REGIONS` whose first pattern ``low`` it reaches and ``d = (a - low) << (21 -
+    shift)``: the lower code is ``c = c0 + d >> 21`` and ``t = (d & (2**21 - 1)) * 2**-21`` the
+    position between
+    the two values ``2**e * (1 + k / n)`` and ``2**e * (1 + (k + 1) / n)`` (``n = 2**(23 -
+    shift)`` steps per binade, ``k = (a & 0x7FFFFF) >> shift``); the probability is then ``t *
+    (2n + 2k + t) / (2n + 2k + 1)``: the code moves up when ``u * ((2n + 2k) + 1) < t * ((2n +
+    2k) + t)`` (float32 operations) with ``u = (h >> 12) * 2**-20``. Clamped to 0..255.
 
     Examples
     --------
@@ -69,20 +102,58 @@ def s_code(bits, h):
     >>> int(s_code(one, np.uint32(0xFFFFFFFF))), int(s_code(0, np.uint32(0)))
     (255, 0)
     """
-    a = np.int32(np.int32(bits) & np.int32(_HIGH_SIGN)) - np.int32(S_BASE)
-    c = np.int32(a + np.int32(np.uint32(h) >> np.uint32(32 - S_SHIFT))) >> np.int32(S_SHIFT)
+    a = np.int32(np.int32(bits) & np.int32(_HIGH_SIGN))
+    # The region of a, then everything by constant shifts: the region's step of 2**shift
+    # patterns is scaled to 2**21 by a multiplier (no variable shift, no helper function:
+    # Numba compiles this function alone). Every intermediate is wrapped in np.int32: Numba
+    # widens int32 arithmetic to int64, which halves the SIMD lanes and makes int -> float
+    # conversions scalar (AVX2 has no vector form for int64).
+    below2 = a < np.int32(_L2)
+    below1 = a < np.int32(_L1)
+    below0 = a < np.int32(_L0)
+    c0 = np.int32(_C3) if below2 else np.int32(_C2)
+    c0 = c0 if below1 else np.int32(_C1)
+    c0 = c0 if below0 else np.int32(_C0)
+    low = np.int32(_L3) if below2 else np.int32(_L2)
+    low = low if below1 else np.int32(_L1)
+    low = low if below0 else np.int32(_L0)
+    mul = np.int32(1 << (_T_BITS - _S3)) if below2 else np.int32(1 << (_T_BITS - _S2))
+    mul = mul if below1 else np.int32(1 << (_T_BITS - _S1))
+    mul = mul if below0 else np.int32(1 << (_T_BITS - _S0))
+    d = np.int32(np.int32(a - low) * mul)  # (a - low) << (21 - shift); below the map: < 0
+    c = np.int32(c0 + np.int32(d >> np.int32(_T_BITS)))
+    t = np.float32(np.int32(d & np.int32(_T_MASK))) * np.float32(2.0**-_T_BITS)
+    k = np.int32(np.int32(np.int32(a & np.int32(_MANTISSA)) * mul) >> np.int32(_T_BITS))
+    k2n = np.float32(np.int32(np.int32(k + np.int32(mul * np.int32(4))) * np.int32(2)))
+    u = np.float32(np.int32(np.uint32(h) >> np.uint32(32 - _U_S_BITS)))
+    u = u * np.float32(2.0**-_U_S_BITS)
+    up = u * (k2n + np.float32(1)) < t * (k2n + t)
+    c = np.int32(c + np.int32(up))
     return np.int32(min(max(c, np.int32(0)), np.int32(255)))
 
 
 def s_bits(code):
-    """The float32 bit pattern (int32) of map value ``code`` of ``s``.
+    """The float32 bit pattern (int32) of map value ``code`` (0..255) of ``s``.
 
     Examples
     --------
-    >>> np.int32(s_bits(255)).view(np.float32), np.int32(s_bits(0)).view(np.float32)
-    (np.float32(1.0), np.float32(2.6193447e-10))
+    >>> np.int32(s_bits(255)).view(np.float32), np.int32(s_bits(191)).view(np.float32)
+    (np.float32(1.0), np.float32(0.5))
     """
-    return np.int32(np.int32(S_BASE) + (np.int32(code) << np.int32(S_SHIFT)))
+    code = np.int32(code)
+    below2 = code < np.int32(_C2)
+    below1 = code < np.int32(_C1)
+    below0 = code < np.int32(_C0)
+    c0 = np.int32(_C3) if below2 else np.int32(_C2)
+    c0 = c0 if below1 else np.int32(_C1)
+    c0 = c0 if below0 else np.int32(_C0)
+    low = np.int32(_L3) if below2 else np.int32(_L2)
+    low = low if below1 else np.int32(_L1)
+    low = low if below0 else np.int32(_L0)
+    step = np.int32(1 << _S3) if below2 else np.int32(1 << _S2)
+    step = step if below1 else np.int32(1 << _S1)
+    step = step if below0 else np.int32(1 << _S0)
+    return np.int32(low + np.int32(np.int32(code - c0) * step))
 
 
 def r_code(t, h):
@@ -97,21 +168,48 @@ def r_code(t, h):
     >>> int(r_code(np.float32(-127), np.uint32(0xFFFFFFFF))), int(r_code(np.float32(0.5), 0))
     (-127, 0)
     """
-    u = np.float32(np.uint32(h) & np.uint32(0xFFF)) * np.float32(2.0**-_U_R_BITS)
+    u = np.float32(np.int32(np.uint32(h) & np.uint32(0xFFF))) * np.float32(2.0**-_U_R_BITS)
     q = np.int32(np.float32(np.float32(t) + u) + np.float32(128)) - np.int32(128)
     return np.int32(min(max(q, np.int32(-_R_LEVELS)), np.int32(_R_LEVELS)))
 
 
 def s_map() -> np.ndarray:
-    """The 256 values of the map of ``s`` (float32, increasing, no zero).
+    """The 256 values of the map of ``s`` (float32, increasing, no zero; read-only).
 
     Examples
     --------
     >>> m = s_map()
-    >>> float(m[0]), float(m[-2]), float(m[-1])
-    (2.6193447411060333e-10, 0.9375, 1.0)
+    >>> float(m[0]), float(m[190]), float(m[254]), float(m[255])
+    (2.3283064365386963e-09, 0.4921875, 0.984375, 1.0)
     """
-    return (S_BASE + (np.arange(256, dtype=np.int32) << S_SHIFT)).view(np.float32)
+    codes = np.arange(256, dtype=np.int32)
+    out = np.empty(256, np.int32)
+    for c0, low, shift in _regions():
+        here = codes >= c0
+        out[here] = low + ((codes[here] - c0) << shift)
+        codes = np.where(here, -1, codes)
+    out = out.view(np.float32)
+    out.flags.writeable = False
+    return out
+
+
+def _s_codes(scaled, h):
+    """:func:`s_code` of the float32 array ``scaled`` with hashes ``h`` (uint32), vectorized."""
+    a = scaled.view(np.int32) & np.int32(_HIGH_SIGN)
+    c0 = np.full(a.shape, _C3, np.int32)
+    low = np.full(a.shape, _L3, np.int32)
+    shift = np.full(a.shape, _S3, np.int32)
+    for c, lo, sh in _regions()[2::-1]:
+        here = a >= lo
+        c0[here], low[here], shift[here] = c, lo, sh
+    d = a - low
+    c = c0 + (d >> shift)
+    frac = (d & ((np.int32(1) << shift) - 1)) << (_T_BITS - shift)
+    t = frac.astype(np.float32) * np.float32(2.0**-_T_BITS)
+    k2n = ((((a & _MANTISSA) >> shift) * 2) + (np.int32(2) << (23 - shift))).astype(np.float32)
+    u = (h >> np.uint32(32 - _U_S_BITS)).astype(np.float32) * np.float32(2.0**-_U_S_BITS)
+    up = u * (k2n + np.float32(1)) < t * (k2n + t)
+    return np.clip(c + up, 0, 255)
 
 
 # -- the NumPy reference (whole blocks; the last may be partial)
@@ -158,9 +256,7 @@ def requantize_into(m, v, vmax, codes, absmax, block_size, key, index0) -> None:
     h = _hashes(key, index0, n)
 
     def s_codes(scaled):
-        bits = scaled.view(np.int32) & np.int32(_HIGH_SIGN)
-        c = (bits - np.int32(S_BASE) + (h >> np.uint32(32 - S_SHIFT)).astype(np.int32)) >> 20
-        return np.clip(c, 0, 255)
+        return _s_codes(scaled, h)
 
     def r_codes(scaled):
         t = scaled * np.float32(_R_LEVELS)
@@ -180,11 +276,12 @@ def requantize_into(m, v, vmax, codes, absmax, block_size, key, index0) -> None:
 def dequantize_into(codes, absmax, block_size, out) -> None:
     """Decode ``out["m"]``, ``out["v"]`` (and ``out["vmax"]``) from the stored codes."""
     n = codes["v"].size
-    s = s_map()[codes["v"]] * np.repeat(absmax["v"], block_size)[:n]
+    smap = s_map()
+    s = smap[codes["v"]] * np.repeat(absmax["v"], block_size)[:n]
     rscale = np.repeat(absmax["m"] / np.float32(_R_LEVELS), block_size)[:n]
     r = codes["m"].view(np.int8).astype(np.float32) * rscale
     np.multiply(s, s, out=out["v"])
     np.multiply(r, s, out=out["m"])
     if "vmax" in out:
-        x = s_map()[codes["vmax"]] * np.repeat(absmax["vmax"], block_size)[:n]
+        x = smap[codes["vmax"]] * np.repeat(absmax["vmax"], block_size)[:n]
         np.multiply(x, x, out=out["vmax"])
