@@ -19,16 +19,18 @@ def leaves(count: int, size: int, seed: int = 0) -> dict:
 
 
 def warm_state(backend: str, count: int, size: int, *, state_bits=32, block_size=256,
-               v_rounding="nearest", **config):  # fmt: skip
+               state_format="sqrt", v_rounding=None, **config):  # fmt: skip
     """``(params, grads, state)`` after one step: kernels compiled, state pages touched.
 
-    ``state_bits=8`` gives every leaf 8-bit moments in blocks of ``block_size``, their ``v``
-    rounded by ``v_rounding``; ``config`` goes to :func:`adamnp.adamw`.
+    ``state_bits=8`` gives every leaf 8-bit moments of ``state_format`` in blocks of
+    ``block_size`` (``v_rounding`` for the bnb format); ``config`` goes to
+    :func:`adamnp.adamw`.
     """
     params, grads = leaves(count, size, 0), leaves(count, size, 1)
     bits = {}
     if state_bits == 8:
-        bits = dict(state_bits=8, block_size=block_size, min_8bit_size=1, v_rounding=v_rounding)
+        bits = dict(state_bits=8, block_size=block_size, min_8bit_size=1,
+                    state_format=state_format, v_rounding=v_rounding)  # fmt: skip
     state = adamnp.init(params, adamnp.adamw(**config), backend=backend, **bits)
     adamnp.step(params, grads, state)
     return params, grads, state

@@ -40,18 +40,22 @@ class Step8bitOverFloat32:
     """8-bit step time over float32 step time, same size and backend, in one process.
 
     The 8-bit step moves 16 bytes per element (p, g, two codes read; p, two codes written)
-    against 28, but adds two table lookups to dequantize and two to requantize per element.
-    ``nonfinite="raise"`` (the default) reads g once more before either step.
+    against 28, but adds arithmetic: the default ``"sqrt"`` format decodes and encodes by
+    integer arithmetic on float32 bit patterns (a hash per element for its stochastic
+    rounding), the ``"bnb"`` format looks its maps up in tables (gathers, or in-register
+    permutes with AVX-512 VBMI). ``nonfinite="raise"`` (the default) reads g once more before
+    either step.
     """
 
-    params = (["numba"], SIZES, ["raise", "propagate"])
-    param_names = ["backend", "n", "nonfinite"]
+    params = (["numba"], SIZES, ["raise", "propagate"], ["sqrt", "bnb"])
+    param_names = ["backend", "n", "nonfinite", "state_format"]
     timeout = 600
 
-    def setup(self, backend, n, nonfinite):
+    def setup(self, backend, n, nonfinite, state_format):
         if backend not in BACKENDS:
             raise NotImplementedError(f"backend {backend!r} is not available")
-        self.q8 = warm_state(backend, 1, n, state_bits=8, nonfinite=nonfinite)
+        self.q8 = warm_state(backend, 1, n, state_bits=8, nonfinite=nonfinite,
+                             state_format=state_format)  # fmt: skip
         self.fp32 = warm_state(backend, 1, n, nonfinite=nonfinite)
         kernel = backends.get(backend).traffic_kernel_q8
         arrays = [np.ones(n, np.float32), np.ones(n, np.float32)]
@@ -59,7 +63,7 @@ class Step8bitOverFloat32:
         self.traffic = lambda: kernel(*arrays)
         self.traffic()
 
-    def track_8bit_over_float32(self, backend, n, nonfinite):
+    def track_8bit_over_float32(self, backend, n, nonfinite, state_format):
         q8, fp32 = interleaved_medians(
             lambda: adamnp.step(*self.q8), lambda: adamnp.step(*self.fp32), budget_s=4.0
         )
@@ -67,13 +71,13 @@ class Step8bitOverFloat32:
 
     track_8bit_over_float32.unit = "ratio"
 
-    def track_8bit_ns_per_element(self, backend, n, nonfinite):
+    def track_8bit_ns_per_element(self, backend, n, nonfinite, state_format):
         (q8,) = interleaved_medians(lambda: adamnp.step(*self.q8))
         return q8 / n * 1e9
 
     track_8bit_ns_per_element.unit = "ns/element"
 
-    def track_8bit_over_traffic(self, backend, n, nonfinite):
+    def track_8bit_over_traffic(self, backend, n, nonfinite, state_format):
         """8-bit step time over ``traffic_kernel_q8`` time (its 16 bytes, no math)."""
         q8, traffic = interleaved_medians(lambda: adamnp.step(*self.q8), self.traffic)
         return q8 / traffic
@@ -82,8 +86,9 @@ class Step8bitOverFloat32:
 
 
 class StochasticV:
-    """The 8-bit step with ``v_rounding="stochastic"``: its time over the nearest-rounding
-    8-bit step and over the float32 step (numba, one process, interleaved medians)."""
+    """The bnb-format 8-bit step with ``v_rounding="stochastic"``: its time over the
+    nearest-rounding one and over the float32 step (numba, one process, interleaved
+    medians)."""
 
     params = (["numba"], [1_000_000, 16_000_000])
     param_names = ["backend", "n"]
@@ -92,8 +97,9 @@ class StochasticV:
     def setup(self, backend, n):
         if backend not in BACKENDS:
             raise NotImplementedError(f"backend {backend!r} is not available")
-        self.sr = warm_state(backend, 1, n, state_bits=8, v_rounding="stochastic")
-        self.q8 = warm_state(backend, 1, n, state_bits=8)
+        self.sr = warm_state(backend, 1, n, state_bits=8, state_format="bnb",
+                             v_rounding="stochastic")  # fmt: skip
+        self.q8 = warm_state(backend, 1, n, state_bits=8, state_format="bnb")
         self.fp32 = warm_state(backend, 1, n)
 
     def _medians(self):

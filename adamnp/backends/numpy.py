@@ -239,10 +239,10 @@ def _step_sqrt(group, params, grads, scalars) -> None:
 
 
 def _step_q8(group, params, grads, scalars) -> None:
-    """The ``"bnb"``-format 8-bit step: per chunk of whole blocks, dequantize with the old absmax, run exactly
-    :func:`update_chunk`, requantize with each block's new absmax (the parameter update uses
-    the unquantized moments); with ``v_rounding="stochastic"`` then round ``v``'s codes
-    stochastically (:func:`adamnp.lowbit.reference.round_stochastic`)."""
+    """The ``"bnb"``-format 8-bit step: per chunk of whole blocks, dequantize with the old
+    absmax, run exactly :func:`update_chunk`, requantize with each block's new absmax (the
+    parameter update uses the unquantized moments); with ``v_rounding="stochastic"`` then
+    round ``v``'s codes stochastically (:func:`adamnp.lowbit.reference.round_stochastic`)."""
     k = kernel_scalars(scalars, np.float32)
     bs = group.block_size
     chunk = max(bs, CHUNK // bs * bs)

@@ -3,9 +3,9 @@
 1. Agreement with the NumPy reference at full size (1e6 to 6.4e7 elements, a tree of 1000
    leaves, several configurations, float32 and float64): bit-identical when the kernels are
    compiled without FMA contraction (the default), else within a relative 1e-5.
-2. The same for 8-bit state (``state_bits=8``, block sizes 64, 256 and 4096): params and
-   absmax bitwise, code mismatches counted (expected 0: the same float32 division and the
-   same exact lookup as the reference).
+2. The same for 8-bit state (``state_bits=8``, block sizes 64, 256 and 4096) in both formats
+   (``"sqrt"``, the default, and ``"bnb"``): params and absmax bitwise, code mismatches
+   counted (expected 0: the same float32 operations and integer arithmetic as the reference).
 3. Effective bandwidth of the step as a fraction of ``traffic_kernel``, a kernel that moves
    the same bytes (read p, g, m, v; write p, m, v) without the math, at 64M float32 elements
    as one leaf and as 1000 leaves: the kernels alone (CUDA events) and ``adamnp.step`` end
@@ -83,13 +83,13 @@ def agreement(cuda, sizes, dtype, cfg_name, steps=3) -> bool:
     return ok
 
 
-def agreement_q8(cuda, sizes, cfg_name, block_size, steps=3) -> bool:
+def agreement_q8(cuda, sizes, cfg_name, block_size, state_format="sqrt", steps=3) -> bool:
     """``agreement`` for 8-bit state: params and absmax bitwise, code mismatches counted."""
     cfg = CONFIGS[cfg_name]
     rng = np.random.default_rng(len(sizes) + block_size)
     host = [rng.standard_normal(n).astype(np.float32) for n in sizes]
     dev = [cuda.to_device(a) for a in host]
-    kw = dict(state_bits=8, min_8bit_size=1, block_size=block_size)
+    kw = dict(state_bits=8, min_8bit_size=1, block_size=block_size, state_format=state_format)
     s_ref = adamnp.init(host, cfg, backend="numpy", **kw)
     s_dev = adamnp.init(dev, cfg, backend="cuda", **kw)
     for _ in range(steps):
@@ -115,9 +115,9 @@ def agreement_q8(cuda, sizes, cfg_name, block_size, steps=3) -> bool:
     # off in its last bit) a few codes next to midpoints may.
     ok &= mismatches == 0 if exact else mismatches <= 1e-4 * codes
     how = "bitwise" if exact else "rtol 1e-5"
-    print(f"{'ok  ' if ok else 'FAIL'} agreement {cfg_name:16} 8-bit/{block_size:<4} "
-          f"{len(sizes):4} leaves {sum(sizes):>11,} elements ({how}; {mismatches} of "
-          f"{codes:,} codes differ)")  # fmt: skip
+    print(f"{'ok  ' if ok else 'FAIL'} agreement {cfg_name:16} {state_format:4} "
+          f"8-bit/{block_size:<4} {len(sizes):4} leaves {sum(sizes):>11,} elements "
+          f"({how}; {mismatches} of {codes:,} codes differ)")  # fmt: skip
     return ok
 
 
@@ -181,7 +181,7 @@ def bandwidth(cuda, n=1 << 26, repeat=20, many=1000) -> None:
 
 
 def bandwidth_q8(cuda, n=1 << 26, repeat=20, many=1000, block_sizes=(256, 4096)) -> None:
-    """Bandwidth of the 8-bit step against the 16 B/element traffic kernel."""
+    """Bandwidth of the 8-bit step (both formats) against the 16 B/element traffic kernel."""
     traffic_bytes = 16 * n
     arrays = [cuda.to_device(np.ones(n, np.float32)) for _ in range(2)]
     arrays += [cuda.to_device(np.zeros(n, np.uint8)) for _ in range(2)]
@@ -190,14 +190,15 @@ def bandwidth_q8(cuda, n=1 << 26, repeat=20, many=1000, block_sizes=(256, 4096))
     print(f"     8-bit traffic kernel ({n:,} elements, 16 B each): "
           f"{traffic_bytes / t_traffic / 1e9:8.1f} GB/s")  # fmt: skip
     arrays.clear()  # free device memory for the step's arrays
-    for bs in block_sizes:
-        # the step moves the traffic kernel's 16 B plus the absmax; compare time with time
-        # on the traffic kernel's bytes, as the float32 check does
-        t_equiv = t_traffic * (16 + 16 / bs) / 16
-        for leaves in (1, many):
-            _tree_step_bandwidth(cuda, n, leaves, repeat, n * (16 + 16 / bs), t_equiv,
-                                 f"8-bit/{bs:<4} ", state_bits=8, min_8bit_size=1,
-                                 block_size=bs)  # fmt: skip
+    for fmt in ("sqrt", "bnb"):
+        for bs in block_sizes:
+            # the step moves the traffic kernel's 16 B plus the absmax; compare time with time
+            # on the traffic kernel's bytes, as the float32 check does
+            t_equiv = t_traffic * (16 + 16 / bs) / 16
+            for leaves in (1, many):
+                _tree_step_bandwidth(cuda, n, leaves, repeat, n * (16 + 16 / bs), t_equiv,
+                                     f"8-bit {fmt:4}/{bs:<4} ", state_bits=8, min_8bit_size=1,
+                                     block_size=bs, state_format=fmt)  # fmt: skip
 
 
 def main(argv=None) -> int:
@@ -230,7 +231,8 @@ def main(argv=None) -> int:
     for sizes, dtype, name in cases:
         ok &= agreement(cuda, sizes, dtype, name)
     for sizes, name, bs in q8_cases:
-        ok &= agreement_q8(cuda, sizes, name, bs)
+        for fmt in ("sqrt", "bnb"):
+            ok &= agreement_q8(cuda, sizes, name, bs, fmt)
     bandwidth(cuda, n=(1 << 22) if args.quick else (1 << 26))
     bandwidth_q8(cuda, n=(1 << 22) if args.quick else (1 << 26))
     print("all checks passed" if ok else "SOME CHECKS FAILED")

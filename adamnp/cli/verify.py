@@ -71,7 +71,9 @@ class Outcome:
     error: str | None = None
 
 
-def run_once(backend, config, bits, params0, grads, state_format="sqrt", v_rounding=None) -> Outcome:
+def run_once(
+    backend, config, bits, params0, grads, state_format="sqrt", v_rounding=None
+) -> Outcome:
     """Take ``len(grads)`` steps from ``params0`` on ``backend``; return host copies."""
     import adamnp
 
