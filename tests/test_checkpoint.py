@@ -411,7 +411,7 @@ def _declare_q8(h, i, n, dtype="<f4"):
     blocks = -(-n // h["block_size"])
     h["leaves"][i].update(
         shape=[n], dtype=dtype, slot="q8", block_size=h["block_size"],
-        map_m="ratio-int8", map_v="sqrt-e5m3-8bit",
+        map_m="ratio-int8", map_v="sqrt-graded-8bit",
         arrays={"codes_m": {"dtype": "|u1", "shape": [n]},
                 "codes_v": {"dtype": "|u1", "shape": [n]},
                 "absmax_m": {"dtype": "<f4", "shape": [blocks]},

@@ -15,7 +15,7 @@ UNSIGNED_MAP = "dynamic-unsigned-8bit"  # map of the second moment (v) and of am
 #: The 8-bit state formats: ``"sqrt"`` (:mod:`adamnp.lowbit.sqrt`, the default) and
 #: ``"bnb"`` (bitsandbytes' blockwise layout with the dynamic maps of this module).
 STATE_FORMATS = ("sqrt", "bnb")
-_MAP_NAMES = {"sqrt": ("ratio-int8", "sqrt-e5m3-8bit"), "bnb": (SIGNED_MAP, UNSIGNED_MAP)}
+_MAP_NAMES = {"sqrt": ("ratio-int8", "sqrt-graded-8bit"), "bnb": (SIGNED_MAP, UNSIGNED_MAP)}
 
 
 def _linspace_f32(start, stop, num, fused=True):
