@@ -14,12 +14,15 @@ import time
 import tracemalloc
 import warnings
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 import adamnp
 from adamnp import CheckpointError, backends
+
+ROOT = Path(__file__).resolve().parent.parent
 
 # A training script run in fresh processes: `run(state_or_none, first, last)` takes steps
 # first..last-1 with gradients that depend only on the step index.
@@ -237,7 +240,9 @@ LAYOUTS = {
     "keep": dict(state_bits=8, block_size=64, keep_fp32=["params['emb']"]),
     "min 100": dict(state_bits=8, min_8bit_size=100, v_rounding="stochastic"),
     "bnb": dict(state_bits=8, state_format="bnb"),
-    "bnb + keep": dict(state_bits=8, state_format="bnb", block_size=64, keep_fp32=["params['emb']"]),
+    "bnb + keep": dict(
+        state_bits=8, state_format="bnb", block_size=64, keep_fp32=["params['emb']"]
+    ),
     "min 100 + keep": dict(state_bits=8, min_8bit_size=100, keep_fp32=lambda p, a: a.ndim == 2),
     "huge min": dict(state_bits=8, min_8bit_size=10**9),
 }
@@ -728,3 +733,29 @@ def test_long_target_name_keeps_temporary_names_short(tmp_path):
     target = tmp_path / ("x" * 250)
     adamnp.save_state(target, state)
     assert adamnp.load_state(target).step == 1
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+def test_files_from_before_state_format_resume_as_bnb(rounding, backend):
+    """Files written before the "sqrt" format existed hold bitsandbytes-format state: they
+    load as state_format="bnb" and step on exactly as the code that wrote them did
+    (vectors from tools/make_old_checkpoints.py, run on that code)."""
+    import importlib.util
+
+    if backend == "numba" and importlib.util.find_spec("numba") is None:
+        pytest.skip("numba is not installed")
+    spec = importlib.util.spec_from_file_location(
+        "make_old_checkpoints", ROOT / "tools" / "make_old_checkpoints.py"
+    )
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    vectors = ROOT / "tests" / "vectors"
+    state = adamnp.load_state(vectors / f"checkpoint_v1_bnb_{rounding}.npz", backend=backend)
+    assert (state.state_format, state.v_rounding, state.step) == ("bnb", rounding, 5)
+    with np.load(vectors / f"checkpoint_v1_bnb_{rounding}_params.npz") as saved:
+        p = {k: saved[f"start_{k}"].copy() for k in ("w", "b")}  # the tool's order
+        for k in range(5, 10):
+            adamnp.step(p, tool.grads(p, k), state)
+        for key in p:
+            assert p[key].tobytes() == saved[f"end_{key}"].tobytes()
