@@ -244,7 +244,7 @@ def warn_layout(layout: Layout, paths, shapes, dtypes) -> None:
     Examples
     --------
     >>> import warnings
-    >>> layout = Layout(8, 256, 4096, "nearest", ())
+    >>> layout = Layout(8, "sqrt", 256, 4096, "stochastic", ())
     >>> with warnings.catch_warnings(record=True) as caught:
     ...     warnings.simplefilter("always")
     ...     warn_layout(layout, ["params"], [(10,)], [np.dtype(np.float32)])
