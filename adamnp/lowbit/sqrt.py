@@ -7,12 +7,13 @@ element within a few percent of float32's, whatever the block holds:
 
 * the second moment is stored as ``s = sqrt(v)``, whose range is the gradient's, not its
   square's, on a map **without zero** (:func:`s_map`) times the block's largest ``s``: 256
-  float32 values down from 1, fine near the top where the precision of ``v`` sets the noise
-  of training and coarse but wide below, where it only has to stay within a bounded factor
-  (:data:`S_REGIONS`: 6 mantissa bits over the top binade, 5 over the next 2, 4 over the next
-  2, then 2 over 23.75 binades, down to ``1.25 * 2**-29``: a code step of at most 1/64 of
-  the value above 1/2, 1/32 above 1/8, 1/16 above 1/32, 1/4 below). A value below the map is
-  stored as its smallest value: ``v`` is never rounded to zero, only up;
+  float32 values down from 1, fine near the top and coarser below (:data:`S_REGIONS`: 6
+  mantissa bits over ``[1/2, 1]``, 4 over the next 11.94 binades, down to ``1.0625 *
+  2**-13``: neighbouring values at most 1/64 apart above 1/2 and 1/16 below). Both widths
+  were chosen by measurement (docs/eight_bit.md): the noise stochastic rounding leaves in
+  ``v`` grows with the gap and builds up over the steps ``v`` remembers; coarser regions
+  let it drive a step 1.5-1.7 times float32's. A value below the map is stored as its
+  smallest value: ``v`` is never rounded to zero, only up;
 * the first moment is stored as ``r = m / s`` (``s`` of the same step, unquantized; 0 where
   ``s`` is 0): the ratio the step is made of, bounded by about ``(1 - b1) / sqrt(1 - b2)``
   times a small factor, as 255 levels ``q / 127`` (``q`` in -127..127, a signed byte) times
@@ -25,7 +26,7 @@ element within a few percent of float32's, whatever the block holds:
 Definition (float32 and int32/uint32 operations, the same on every backend). Per block, with
 the updated float32 moments ``m``, ``v`` (and amsgrad's ``vmax``):
 
-1. ``s = sqrt(v)``; ``r = m / s`` where ``s > 0``, else 0; amsgrad: ``x = sqrt(vmax)``.
+1. ``s = sqrt(v)``; ``r = m / s``, but 0 where ``s`` is 0; amsgrad: ``x = sqrt(vmax)``.
 2. ``S = max(s)``, ``R = max(|r|)`` (``X = max(x)``) over the block; each is the block's
    absmax. A block with NaN or Inf in one of them stores absmax NaN and code 0 for that
    moment (it decodes to NaN). A block whose absmax is 0 divides by 1 below.
@@ -51,7 +52,7 @@ import numpy as np
 from .stochastic import block_key, mix32
 
 #: The map of ``s`` from the top: ``(mantissa bits, binades)`` per region, 255 code steps.
-S_REGIONS = ((6, 1), (5, 2), (4, 2), (2, 23.75))
+S_REGIONS = ((6, 1), (4, 11.9375))
 _ONE = 0x3F800000  # bit pattern of 1.0
 
 
@@ -67,8 +68,14 @@ def _regions():
     return tuple(out)
 
 
-(_C0, _L0, _S0), (_C1, _L1, _S1), (_C2, _L2, _S2), (_C3, _L3, _S3) = _regions()
+# Four regions for the scalar code's select chain; a map with fewer repeats its last region
+# (a repeated region's bounds equal its predecessor's, so its selects change nothing).
+_PADDED = (*_regions(), *[_regions()[-1]] * (4 - len(_regions())))
+
+
+(_C0, _L0, _S0), (_C1, _L1, _S1), (_C2, _L2, _S2), (_C3, _L3, _S3) = _PADDED
 _HIGH_SIGN = 0x7FFFFFFF
+_FLOOR = _L3 - (1 << _S3)  # one code step below the map: all smaller magnitudes round alike
 _MANTISSA = 0x7FFFFF
 _U_S_BITS = 20  # top hash bits of the rounding of s
 _T_BITS = 21  # the position between two codes, in units of 2**-21 (the widest step's shift)
@@ -103,6 +110,8 @@ def s_code(bits, h):
     (255, 0)
     """
     a = np.int32(np.int32(bits) & np.int32(_HIGH_SIGN))
+    # below the map every value gets code 0: clamp to one step below it (no int32 overflow)
+    a = np.int32(max(a, np.int32(_FLOOR)))
     # The region of a, then everything by constant shifts: the region's step of 2**shift
     # patterns is scaled to 2**21 by a multiplier (no variable shift, no helper function:
     # Numba compiles this function alone). Every intermediate is wrapped in np.int32: Numba
@@ -195,11 +204,11 @@ def s_map() -> np.ndarray:
 
 def _s_codes(scaled, h):
     """:func:`s_code` of the float32 array ``scaled`` with hashes ``h`` (uint32), vectorized."""
-    a = scaled.view(np.int32) & np.int32(_HIGH_SIGN)
-    c0 = np.full(a.shape, _C3, np.int32)
-    low = np.full(a.shape, _L3, np.int32)
-    shift = np.full(a.shape, _S3, np.int32)
-    for c, lo, sh in _regions()[2::-1]:
+    a = np.maximum(scaled.view(np.int32) & np.int32(_HIGH_SIGN), np.int32(_FLOOR))
+    c0 = np.full(a.shape, _regions()[-1][0], np.int32)
+    low = np.full(a.shape, _regions()[-1][1], np.int32)
+    shift = np.full(a.shape, _regions()[-1][2], np.int32)
+    for c, lo, sh in _regions()[-2::-1]:
         here = a >= lo
         c0[here], low[here], shift[here] = c, lo, sh
     d = a - low
@@ -252,7 +261,7 @@ def requantize_into(m, v, vmax, codes, absmax, block_size, key, index0) -> None:
     s = np.sqrt(v)
     r = np.zeros(n, np.float32)
     with np.errstate(invalid="ignore", divide="ignore"):
-        np.divide(m, s, out=r, where=s > 0)
+        np.divide(m, s, out=r, where=s != 0)
     h = _hashes(key, index0, n)
 
     def s_codes(scaled):

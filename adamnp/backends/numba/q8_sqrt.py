@@ -1,10 +1,10 @@
 """Numba CPU kernel of the fused multi-tensor 8-bit step in the ``"sqrt"`` format.
 
-The format (:mod:`adamnp.lowbit.sqrt`) needs no table: a code of ``sqrt(v)`` is a float32 bit
-pattern (``S_BASE + code << 20``) and one of ``m / sqrt(v)`` a signed byte times a per-block
-scale, so decoding is a shift, an add and two multiplies, and encoding a division and integer
-arithmetic on the quotient's bits. Everything vectorizes without gathers, on any x86-64 or
-Arm CPU.
+The format (:mod:`adamnp.lowbit.sqrt`) needs no table: a code of ``sqrt(v)`` stands for a
+float32 bit pattern (:func:`~adamnp.lowbit.sqrt.s_bits`) and one of ``m / sqrt(v)`` for a
+signed byte times a per-block scale, so decoding is a few integer operations and multiplies,
+and encoding a division and integer arithmetic on the quotient's bits. Everything vectorizes
+without gathers, on any x86-64 or Arm CPU.
 
 Like :mod:`.q8`, ``prange`` runs over chunks of whole blocks, and each block takes two passes
 over L1-resident data: (1) decode, :func:`~adamnp.backends.math.adam_elem` inlined, write
@@ -47,9 +47,9 @@ def _root(code, scale):
 
 @jit(inline="always")
 def _ratio(m, root):
-    """``m / root`` where ``root > 0``, else 0."""
+    """``m / root``, but 0 where ``root`` is 0 (a NaN root gives NaN)."""
     q = m / root
-    return q if root > np.float32(0) else np.float32(0)
+    return np.float32(0) if root == np.float32(0) else q
 
 
 @jit(inline="always")
