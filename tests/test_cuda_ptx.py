@@ -20,8 +20,9 @@ if importlib.util.find_spec("numba_cuda") is None:
     pytest.skip("numba-cuda is not installed (adamnp[cuda])", allow_module_level=True)
 
 KERNELS = ("adam_step", "grad_stats", "fill", "traffic", "traffic_q8")
-Q8_KERNELS = ("adam_step_q8_bs64", "adam_step_q8_bs256", "adam_step_q8_bs1024",
-              "adam_step_q8_bs4096")  # fmt: skip
+BLOCK_SIZES = (64, 256, 1024, 4096)
+# 8-bit kernels, both state formats ("bnb": .q8, "sqrt": .q8_sqrt), one per block size.
+Q8_KERNELS = tuple(f"adam_step_q8{fmt}_bs{bs}" for fmt in ("", "_sqrt") for bs in BLOCK_SIZES)
 CCS = ((8, 0), (9, 0))
 
 
@@ -53,9 +54,9 @@ def _fp32():
 
 
 def _signatures() -> dict:
-    from adamnp.backends.cuda import q8
+    from adamnp.backends.cuda import q8, q8_sqrt
 
-    return {**_fp32().signatures(), **q8.signatures()}
+    return {**_fp32().signatures(), **q8.signatures(), **q8_sqrt.signatures()}
 
 
 @pytest.fixture(autouse=True)
@@ -92,10 +93,11 @@ def test_q8_values_stay_in_registers(name):
 
 
 @pytest.mark.parametrize("cc", CCS, ids=lambda cc: f"sm_{cc[0]}{cc[1]}")
-@pytest.mark.parametrize("name", ["adam_step_q8_bs64", "adam_step_q8_bs1024"])
+@pytest.mark.parametrize("name", [f"adam_step_q8{fmt}_bs{bs}" for fmt in ("", "_sqrt")
+                                  for bs in (64, 1024)])  # fmt: skip
 def test_q8_launch_bounds_hold_without_spills(name, cc, tmp_path):
-    # 4 elements per thread: at most 64 registers, so 4 blocks of 256 threads (and their
-    # 4 x 36 KiB of shared memory) fit on one SM; the bound must not cost spills.
+    # 4 elements per thread: at most 64 registers, so 4 blocks of 256 threads (and, for
+    # "bnb", their 4 x 36 KiB of shared memory) fit on one SM; the bound must not cost spills.
     (ptx,) = _ptx(name, cc)
     assert ".maxntid 256, 1, 1" in ptx and ".minnctapersm 4" in ptx
     ptxas = _ptxas()
@@ -116,6 +118,15 @@ def test_contraction_is_what_exact_arithmetic_removes():
     # Control for the check above: NVVM's default fuses the Adam step's multiply-adds.
     assert all("fma.rn" in ptx for ptx in _ptx("adam_step", (9, 0), exact=False))
     assert all("fma.rn" in ptx for ptx in _ptx("adam_step_q8_bs256", (9, 0), exact=False))
+    assert all("fma.rn" in ptx for ptx in _ptx("adam_step_q8_sqrt_bs256", (9, 0), exact=False))
+
+
+@pytest.mark.parametrize("name", [n for n in Q8_KERNELS if "_sqrt_" in n])
+def test_q8_sqrt_is_float32_only(name):
+    # The "sqrt" kernel's arithmetic is float32 and int32 (numba-cuda widens Python float
+    # literals and int/float mixes to float64; every constant is cast): no f64 instruction.
+    for ptx in _ptx(name, (9, 0)):
+        assert ".f64" not in ptx
 
 
 def _ptxas() -> str | None:

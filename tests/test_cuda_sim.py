@@ -52,7 +52,7 @@ def test_import_adamnp_does_not_import_numba_cuda():
         adamnp.step(p, np.ones(3, np.float32), s)
         # the backend's modules import numba-cuda lazily too (their kernels' build() does)
         import adamnp.backends.cuda, adamnp.backends.cuda.fp32, adamnp.backends.cuda.q8
-        import adamnp.backends.cuda.util
+        import adamnp.backends.cuda.q8_sqrt, adamnp.backends.cuda.util
         bad = sorted(m for m in sys.modules if m.startswith(("numba.cuda", "numba_cuda")))
         assert not bad, bad
         """
@@ -140,3 +140,9 @@ def test_q8_grid_is_the_resident_block_count():
     assert calls == [256]  # asked once, then kept in the plan
     plan.nchunks = 7
     assert be._q8_grid(q, plan) == 7
+    # The "sqrt" kernel's launch asks its own kernel (the plan of a group of that format).
+    sqrt_kernel = SimpleNamespace(overloads={"sig": SimpleNamespace(
+        max_cooperative_grid_blocks=lambda threads: 500)})  # fmt: skip
+    q_sqrt = SimpleNamespace(grid_cap=None, adam_step_q8_sqrt=sqrt_kernel, threads=256)
+    plan = SimpleNamespace(nchunks=10_000, q8=SimpleNamespace(resident=None))
+    assert be._q8_grid(q_sqrt, plan, sqrt_kernel) == 500

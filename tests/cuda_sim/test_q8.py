@@ -1,4 +1,6 @@
-"""8-bit state on the CUDA backend gives the NumPy reference's bits (in the simulator).
+"""8-bit state of bitsandbytes' format (``state_format="bnb"``) on the CUDA backend gives the
+NumPy reference's bits (in the simulator); the ``"sqrt"`` format is test_q8_sqrt.py's, and
+the tests of what both formats share run here for both.
 
 Params and absmax must be bitwise equal. Codes must be equal too: the kernel divides by
 the same float32 absmax (IEEE division) and looks codes up with the same exact table as
@@ -24,12 +26,14 @@ FIELDS = ("codes_m", "codes_v", "codes_vmax", "absmax_m", "absmax_v", "absmax_vm
 
 
 def run_q8(params, grads_seq, config, monkeypatch, block_size=64, min_8bit_size=1, **kw):
-    """Run both backends; return ``(host params, device params, ref state, cuda state,
-    the reference's unquantized float32 moments of the last step, per leaf and moment)``."""
+    """Run both backends on ``"bnb"``-format state; return ``(host params, device params,
+    ref state, cuda state, the reference's unquantized float32 moments of the last step, per
+    leaf and moment)``."""
     leaves, treedef, _ = flatten(params)
     host = adamnp._tree.unflatten(treedef, [a.copy() for a in leaves])
     dev = to_device(params)
-    init = dict(state_bits=8, block_size=block_size, min_8bit_size=min_8bit_size, **kw)
+    init = dict(state_bits=8, block_size=block_size, min_8bit_size=min_8bit_size,
+                state_format="bnb", **kw)  # fmt: skip
     s_ref = adamnp.init(host, config, backend="numpy", **init)
     s_dev = adamnp.init(dev, config, backend="cuda", **init)
     seen = []
@@ -217,13 +221,14 @@ def test_subnormal_and_near_limit_blocks_match_reference(name, monkeypatch):
         assert np.isfinite(absmax_v).all() and absmax_v.max() > 1e33
 
 
+@pytest.mark.parametrize("state_format", ["sqrt", "bnb"])
 @pytest.mark.parametrize("policy", ["raise", "skip"])
-def test_huge_gradient_leaves_8bit_state_unchanged(policy):
+def test_huge_gradient_leaves_8bit_state_unchanged(policy, state_format):
     # 1e21 is finite, but its square overflows v: "raise" and "skip" reject it first.
     rng = np.random.default_rng(19)
     params = to_device({"w": rng.standard_normal(300).astype(np.float32)})
     state = adamnp.init(params, adamnp.adamw(nonfinite=policy), backend="cuda", state_bits=8,
-                        block_size=64, min_8bit_size=1)  # fmt: skip
+                        block_size=64, min_8bit_size=1, state_format=state_format)  # fmt: skip
     adamnp.step(params, to_device(grads_like(to_host(params), rng, 1)[0]), state)
     grads = grads_like(to_host(params), rng, 1)[0]
     grads["w"][100] = 1e21
@@ -274,7 +279,7 @@ def test_stochastic_v_matches_reference(name, monkeypatch):
     # m (which does not depend on v; amsgrad's vmax does).
     host = {k: v.copy() for k, v in params.items()}
     nearest = adamnp.init(host, config, backend="numpy", state_bits=8, block_size=64,
-                          min_8bit_size=min_size)  # fmt: skip
+                          min_8bit_size=min_size, state_format="bnb")  # fmt: skip
     for g in grads:
         adamnp.step(host, g, nearest)
     for got, ref in zip(out[3].slots, nearest.slots, strict=True):
@@ -311,15 +316,16 @@ def test_many_leaves_one_launch(monkeypatch):
                            monkeypatch))  # fmt: skip
 
 
+@pytest.mark.parametrize("state_format", ["sqrt", "bnb"])
 @pytest.mark.parametrize("target", ["cuda", "numpy"])
-def test_checkpoint_round_trip(tmp_path, target):
+def test_checkpoint_round_trip(tmp_path, target, state_format):
     # 8-bit cuda state -> file -> `target` backend; continuing gives the uninterrupted bits.
     rng = np.random.default_rng(15)
     start = {"w": rng.standard_normal((9, 31)).astype(np.float32),
              "b": rng.standard_normal(7).astype(np.float32)}  # fmt: skip
     grads = grads_like(start, rng, 4)
     cfg = adamnp.adamw(lr=1e-2, amsgrad=True)
-    kw = dict(state_bits=8, min_8bit_size=100, block_size=64)
+    kw = dict(state_bits=8, min_8bit_size=100, block_size=64, state_format=state_format)
     full = to_device(start)
     s_full = adamnp.init(full, cfg, backend="cuda", **kw)
     for g in grads:
@@ -331,6 +337,7 @@ def test_checkpoint_round_trip(tmp_path, target):
     adamnp.save_state(tmp_path / "state.npz", s_part)
     loaded = adamnp.load_state(tmp_path / "state.npz", backend=target)
     assert loaded.backend == target and loaded.step == 2 and loaded.block_size == 64
+    assert loaded.state_format == state_format
     resumed = part if target == "cuda" else to_host(part)
     for g in grads[2:]:
         adamnp.step(resumed, to_device(g) if target == "cuda" else g, loaded)
@@ -346,11 +353,18 @@ def test_checkpoint_round_trip(tmp_path, target):
                 assert got.tobytes() == be.to_host(b).tobytes()
 
 
-def test_state_bytes_on_the_device():
+@pytest.mark.parametrize("state_format", ["sqrt", "bnb"])
+def test_state_bytes_on_the_device(state_format):
     params = to_device({"w": np.zeros(1000, np.float32)})
     state = adamnp.init(params, adamnp.adamw(amsgrad=True), backend="cuda", state_bits=8,
-                        min_8bit_size=1, block_size=256)  # fmt: skip
+                        min_8bit_size=1, block_size=256, state_format=state_format)  # fmt: skip
     assert all(be.owns(b) for g in state.groups for b in g.buffers.values())
     assert state.nbytes() == 3 * (1000 + 4 * 4)
-    zero_v = be.to_host(state.slots[0].codes_v)
-    assert (quant.dynamic_map(False)[zero_v] == 0).all()
+    slot = state.slots[0]
+    codes = [be.to_host(c) for c in (slot.codes_m, slot.codes_v, slot.codes_vmax)]
+    assert all((be.to_host(a) == 0).all() for a in (slot.absmax_m, slot.absmax_v))
+    if state_format == "bnb":  # the code of 0 in each map
+        assert (quant.dynamic_map(True)[codes[0]] == 0).all()
+        assert all((quant.dynamic_map(False)[c] == 0).all() for c in codes[1:])
+    else:  # code 0 (r = 0; any s times absmax 0 is 0)
+        assert all((c == 0).all() for c in codes)

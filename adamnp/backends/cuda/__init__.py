@@ -4,9 +4,9 @@ Leaves are CUDA device arrays: Numba device arrays or anything exposing
 ``__cuda_array_interface__`` (CuPy arrays, PyTorch CUDA tensors), used in place without a
 host copy. This module is the backend's front (the contract of :mod:`adamnp.backends`:
 allocation, copies, address tables, launches); the kernels are in :mod:`.fp32` (float32 and
-float64 state, reductions, fill, traffic) and :mod:`.q8` (8-bit state), with what both share
-in :mod:`.util`. Importing this package does not import numba-cuda; the kernels are built on
-first use.
+float64 state, reductions, fill, traffic), :mod:`.q8` and :mod:`.q8_sqrt` (8-bit state),
+with what they share in :mod:`.util`. Importing this package does not import numba-cuda; the
+kernels are built on first use.
 
 Launches: each group of leaves (one per dtype) is updated by ONE multi-tensor kernel launch
 on the default stream, whatever the number of leaves. The leaves' addresses travel in a small
@@ -24,13 +24,16 @@ Results are bit-identical to the NumPy reference: the kernels run the shared ele
 exception is clipping: the gradient norm is summed in another (fixed, deterministic) order
 than NumPy's, so the clipping factor may differ in its last bit.
 
-8-bit groups (``state_bits=8``) have their own kernel, one per block size (:mod:`.q8`), also
-one launch per group: dequantize, the same element math, new absmax per block, requantize
-with the shared exact lookup (:func:`adamnp.lowbit.exact.quantize_bits`), so codes and absmax
-values equal the reference's too. Its maps (:mod:`adamnp.lowbit.maps`) and lookup tables are
-uploaded once per group. With ``v_rounding="stochastic"`` the same kernel also rounds the
-codes of ``v`` stochastically (:mod:`adamnp.lowbit.stochastic`), keyed by the step and the
-group's first leaf as in the reference.
+8-bit groups (``state_bits=8``) have their own kernels, one per state format and block size,
+also one launch per group. ``"bnb"`` (:mod:`.q8`): dequantize, the same element math, new
+absmax per block, requantize with the shared exact lookup
+(:func:`adamnp.lowbit.exact.quantize_bits`), so codes and absmax values equal the
+reference's too. Its maps (:mod:`adamnp.lowbit.maps`) and lookup tables are uploaded once per
+group. With ``v_rounding="stochastic"`` the same kernel also rounds the codes of ``v``
+stochastically (:mod:`adamnp.lowbit.stochastic`), keyed by the step and the group's first
+leaf as in the reference. ``"sqrt"``, the default (:mod:`.q8_sqrt`, format
+:mod:`adamnp.lowbit.sqrt`): the same launch without tables; ``sqrt(v)`` and ``m / sqrt(v)``
+are rounded stochastically with the same key.
 """
 
 from __future__ import annotations
@@ -202,7 +205,7 @@ def _plan(group) -> SimpleNamespace:
     plan = _PLANS.get(group)
     if plan is None:
         cuda = _k().cuda
-        tile = _q8(group.block_size).tile if group.kind == "q8" else None
+        tile = _q8_kernels(group).tile if group.kind == "q8" else None
         chunks, offsets = _tables(np.diff(group.offsets), tile)
         k = len(group.leaf_ids)
         plan = SimpleNamespace(
@@ -243,7 +246,8 @@ def step_group(group, params, grads, scalars) -> None:
 
     The math and its order are those of :func:`adamnp.backends.numpy.update_chunk`; for
     8-bit groups, of the reference's 8-bit step (:func:`adamnp.backends.numpy.step_group`
-    with the quantizer of :mod:`adamnp.lowbit.reference`).
+    with the quantizer of :mod:`adamnp.lowbit.reference` or, for the ``"sqrt"`` format, the
+    codes of :mod:`adamnp.lowbit.sqrt`).
     """
     plan = _plan(group)
     if plan.nchunks == 0:
@@ -270,12 +274,29 @@ def _q8(block_size: int):
     return build(block_size)
 
 
+def _q8_sqrt(block_size: int):
+    from .q8_sqrt import build
+
+    return build(block_size)
+
+
+def _q8_kernels(group):
+    """The kernel namespace of an 8-bit group: :mod:`.q8_sqrt`'s for the ``"sqrt"`` format,
+    :mod:`.q8`'s for ``"bnb"``."""
+    build = _q8_sqrt if group.state_format == "sqrt" else _q8
+    return build(group.block_size)
+
+
 def _q8_plan(group) -> SimpleNamespace:
-    """The device tables an 8-bit group adds to its plan: block offsets, both maps and
-    quantize tables (uploaded per group, so each lives on the group's device)."""
+    """The device tables an 8-bit group adds to its plan: block offsets and, for the
+    ``"bnb"`` format, both maps and quantize tables (uploaded per group, so each lives on
+    the group's device)."""
     from ...lowbit.exact import moment_code
 
     cuda = _k().cuda
+    if group.state_format == "sqrt":  # no tables
+        return SimpleNamespace(block_offsets=cuda.to_device(group.block_offsets),
+                               constants=(), resident=None)  # fmt: skip
     (code_m, tm, zero_m), (code_v, tv, zero_v) = moment_code("m"), moment_code("v")
     # np.array: the simulator cannot copy read-only host arrays.
     arrays = tuple(cuda.to_device(np.array(a)) for a in (code_m, code_v, tm.table, tv.table))
@@ -287,15 +308,16 @@ def _q8_plan(group) -> SimpleNamespace:
     )
 
 
-def _q8_grid(q, plan) -> int:
-    """Blocks to launch: every tile, or as many blocks as fit on the GPU at once (each
-    loops over tiles), so that no block waits for a second wave and the lookup tables are
-    copied into shared memory once per resident block."""
+def _q8_grid(q, plan, kernel=None) -> int:
+    """Blocks to launch ``kernel`` (default ``q.adam_step_q8``) with: every tile, or as many
+    blocks as fit on the GPU at once (each loops over tiles), so that no block waits for a
+    second wave and the lookup tables are copied into shared memory once per resident
+    block."""
     if q.grid_cap:  # the simulator
         return min(plan.nchunks, q.grid_cap)
     cap = plan.q8.resident
     if cap is None:
-        compiled = list(q.adam_step_q8.overloads.values())
+        compiled = list((kernel or q.adam_step_q8).overloads.values())
         if compiled:  # occupancy (registers, shared memory) of the compiled kernel
             cap = plan.q8.resident = compiled[0].max_cooperative_grid_blocks(q.threads)
         else:  # first launch: bounded by threads per SM only
@@ -307,11 +329,20 @@ def _q8_grid(q, plan) -> int:
 
 
 def _step_q8(group, plan, k, s) -> None:
-    q = _q8(group.block_size)
     b = group.buffers
     codes_w = b.get("codes_vmax", b["codes_v"])  # placeholders unless amsgrad: never touched
     absmax_w = b.get("absmax_vmax", b["absmax_v"])
     key = group_key(group, s.step)  # None: v rounded to nearest
+    if group.state_format == "sqrt":
+        q = _q8_sqrt(group.block_size)
+        kernel = q.adam_step_q8_sqrt
+        _launch(
+            kernel, _q8_grid(q, plan, kernel), plan.ptrs, plan.chunks, plan.offsets,
+            plan.q8.block_offsets, b["codes_m"], b["codes_v"], codes_w, b["absmax_m"],
+            b["absmax_v"], absmax_w, k, *kernel_flags(s), np.uint32(key), threads=q.threads,
+        )  # fmt: skip
+        return
+    q = _q8(group.block_size)
     _launch(
         q.adam_step_q8, _q8_grid(q, plan), plan.ptrs, plan.chunks, plan.offsets,
         plan.q8.block_offsets, b["codes_m"], b["codes_v"], codes_w, b["absmax_m"],
