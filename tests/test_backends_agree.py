@@ -186,8 +186,9 @@ def host_view(be, params, state):
 
 
 def config_name(config: str) -> str:
-    """The config without its ``+sr`` suffix (8-bit state with stochastic rounding of v)."""
-    return config.removesuffix("+sr")
+    """The config without its suffix: ``+bnb`` (8-bit state in bitsandbytes' format) or
+    ``+sr`` (the same with stochastic rounding of v)."""
+    return config.removesuffix("+sr").removesuffix("+bnb")
 
 
 def run(backend: str, case, steps: int):
@@ -196,8 +197,9 @@ def run(backend: str, case, steps: int):
     be = backends.get(backend)
     params = on(be, make_tree(kind, size, dtype, np.random.default_rng(7)))
     q8 = dict(state_bits=8, block_size=block_size, min_8bit_size=1) if block_size else {}
-    if config.endswith("+sr"):
-        q8["v_rounding"] = "stochastic"
+    if config.endswith(("+sr", "+bnb")):
+        q8["state_format"] = "bnb"
+        q8["v_rounding"] = "stochastic" if config.endswith("+sr") else "nearest"
     config = config_name(config)
     state = adamnp.init(params, CONFIGS[config](), backend=backend, **q8)
     errors = []
@@ -266,7 +268,8 @@ def compare(got, want, case):
 
 # One table drives the matrix: (tree kind, size, dtype, config, block size), steps. Block size
 # 0 means float32 moments; otherwise every float32 leaf gets 8-bit moments in such blocks
-# (a config ending in "+sr" rounds their v stochastically).
+# in the default "sqrt" format (a config ending in "+bnb": bitsandbytes' format, "+sr": the
+# same with v rounded stochastically).
 CASES = (
     [(("single", n, dt, "adamw", 0), 3) for n in SIZES for dt in (F32, F64)]
     + [(("nested", 257, dt, c, 0), 3) for c in CONFIGS for dt in (F32, F64)]
@@ -283,7 +286,10 @@ CASES = (
         (("single", 1_000_000, F32, c, bs), 3)
         for c, bs in (("adamw", 256), ("amsgrad", 4096), ("propagate-nan", 64), ("clip", 256))
     ]
-    # 8-bit state with stochastic rounding of v ("+sr"): the same bits on every backend.
+    # bitsandbytes' format, v rounded to nearest ("+bnb") and stochastically ("+sr")
+    + [(("single", n, F32, "adamw+bnb", bs), 4) for n in (257, 4096) for bs in (64, 4096)]
+    + [(("nested", 257, F32, f"{c}+bnb", 256), 4) for c in ("amsgrad", "propagate-nan")]
+    + [(("single", 1_000_000, F32, "clip+bnb", 256), 3)]
     + [(("single", n, F32, "adamw+sr", bs), 4) for n in (257, 4096) for bs in (64, 256)]
     + [(("nested", 257, F32, f"{c}+sr", 256), 4) for c in ("amsgrad", "propagate-nan", "all-flags")]
     + [(("many", 70, F32, "adamw+sr", 64), 3), (("single", 1_000_000, F32, "clip+sr", 4096), 3)]
