@@ -189,7 +189,7 @@ def s_map() -> np.ndarray:
     --------
     >>> m = s_map()
     >>> float(m[0]), float(m[190]), float(m[254]), float(m[255])
-    (2.3283064365386963e-09, 0.4921875, 0.9921875, 1.0)
+    (0.00012969970703125, 0.484375, 0.9921875, 1.0)
     """
     codes = np.arange(256, dtype=np.int32)
     out = np.empty(256, np.int32)
