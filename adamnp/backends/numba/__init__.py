@@ -280,9 +280,10 @@ def _vbmi_reason() -> str | None:
 
 
 def q8_kernel() -> str:
-    """The 8-bit kernel family this process uses: ``"vbmi"`` or ``"gather"``.
+    """The bnb-format 8-bit kernel family this process uses: ``"vbmi"`` or ``"gather"``.
 
-    The one place the choice is made, for the 8-bit step and for
+    (The default ``"sqrt"`` format has one kernel, :mod:`.q8_sqrt`.) The one place the choice
+    is made, for the bnb-format step and for
     :func:`adamnp.quantize_blockwise` alike: ``"vbmi"`` (in-register lookups, :mod:`.q8_vbmi`)
     where the CPU has AVX-512 VBMI, else ``"gather"`` (table lookups, :mod:`.q8`). Both give
     the same bits. The environment variable ``ADAMNP_Q8_KERNEL=gather|vbmi`` forces one
