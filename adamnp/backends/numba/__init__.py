@@ -370,13 +370,22 @@ _NO_CODES = np.empty(0, np.uint8)  # stands in for codes_vmax when amsgrad is of
 _NO_ABSMAX = np.empty(0, np.float32)
 
 
-def _q8_buffers(group) -> tuple:
-    """``(codes, absmax)`` of an 8-bit group as the kernels take them: ``(m, v, vmax)`` each,
-    empty stand-ins for vmax without amsgrad. Chunks must hold whole blocks."""
+def _q8_arguments(group, table, p_addr, g_addr) -> tuple:
+    """The arguments both 8-bit kernels take first: the chunk table, the group's layout
+    (leaf ids, element and block offsets, block size), the leaves' addresses, and the code and
+    absmax buffers as ``(m, v, vmax)`` each (empty stand-ins for vmax without amsgrad).
+    Chunks must hold whole blocks."""
     if CHUNK % group.block_size:
         raise ValueError(f"block_size {group.block_size} does not divide the chunk {CHUNK}")
     buf = group.buffers
     return (
+        table,
+        group.leaf_ids,
+        group.offsets,
+        group.block_offsets,
+        group.block_size,
+        p_addr,
+        g_addr,
         (buf["codes_m"], buf["codes_v"], buf.get("codes_vmax", _NO_CODES)),
         (buf["absmax_m"], buf["absmax_v"], buf.get("absmax_vmax", _NO_ABSMAX)),
     )
@@ -387,14 +396,7 @@ def _step_q8_sqrt(group, table, p_addr, g_addr, k, flags, key) -> None:
     _launch(
         step_q8_sqrt,
         int(group.offsets[-1]),
-        table,
-        group.leaf_ids,
-        group.offsets,
-        group.block_offsets,
-        group.block_size,
-        p_addr,
-        g_addr,
-        *_q8_buffers(group),
+        *_q8_arguments(group, table, p_addr, g_addr),
         k,
         flags,
         np.uint32(key),
@@ -411,14 +413,7 @@ def _step_q8(group, table, p_addr, g_addr, k, flags, key) -> None:
     _launch(
         step_q8 if simd is None else step_q8_simd,
         int(group.offsets[-1]),
-        table,
-        group.leaf_ids,
-        group.offsets,
-        group.block_offsets,
-        group.block_size,
-        p_addr,
-        g_addr,
-        *_q8_buffers(group),
+        *_q8_arguments(group, table, p_addr, g_addr),
         *_q8_maps(),
         k,
         flags,
