@@ -473,6 +473,42 @@ def test_zero_block_and_nan_block_agree():
         assert np.array_equal(got, want) if want.dtype == np.uint8 else _same_bits(got, want), name
 
 
+def _tiny_ratio_block(backend):
+    """Block 0 holds ratios ``m / s`` of about 1e-37, below :data:`fmt.R_FLOOR` (m decoded
+    from an absmax of 1e-37, s = 1, zero gradients); block 1 ordinary ones."""
+    n = 2 * 256
+    p = np.ones(n, np.float32)
+    state = adamnp.init(p, adamnp.adam(lr=1e-3), backend=backend, state_bits=8, min_8bit_size=1)
+    slot = state.slots[0]
+    slot.codes_m[:] = np.arange(n) % 255  # -127..127 as two's complement bytes
+    slot.codes_v[:] = 255
+    slot.absmax_m[:] = np.float32([1e-37, 1.0])
+    slot.absmax_v[:] = 1.0
+    g = np.zeros(n, np.float32)
+    g[256:] = np.linspace(-1, 1, 256, dtype=np.float32)
+    adamnp.step(p, g, state)
+    return p, state
+
+
+def test_ratios_below_the_floor_store_the_floor(backend):
+    p, state = _tiny_ratio_block(backend)
+    slot = state.slots[0]
+    assert slot.absmax_m[0] == np.float32(fmt.R_FLOOR)  # raised: 127 / R stays finite
+    assert np.isfinite(slot.absmax_m[1]) and slot.absmax_m[1] > fmt.R_FLOOR
+    decoded = _decode(slot)["m"][:256]
+    assert np.isfinite(decoded).all() and np.abs(decoded).max() <= 1e-36
+    assert np.isfinite(p).all()
+
+
+@pytest.mark.skipif("numba" not in HOST_BACKENDS, reason="needs numba")
+def test_ratios_below_the_floor_agree():
+    (p1, s1), (p2, s2) = _tiny_ratio_block("numpy"), _tiny_ratio_block("numba")
+    assert _same_bits(p2, p1)
+    for name, want in s1.groups[0].buffers.items():
+        got = s2.groups[0].buffers[name]
+        assert np.array_equal(got, want) if want.dtype == np.uint8 else _same_bits(got, want), name
+
+
 # -- 8. memory
 
 

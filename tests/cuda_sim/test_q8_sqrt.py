@@ -213,3 +213,28 @@ def test_sqrt_and_bnb_groups_in_one_process():
     sqrt_slot, bnb_slot = states["sqrt"].slots[0], states["bnb"].slots[0]
     assert be.to_host(sqrt_slot.codes_v).tobytes() != be.to_host(bnb_slot.codes_v).tobytes()
     run_sqrt(params, grads, CONFIGS["adamw"], 64)
+
+
+def test_ratios_below_the_floor_match_reference():
+    # Block 0's ratios m / s are about 1e-37, below R_FLOOR: its stored scale is raised to
+    # the floor (the multiplier 127 / R stays finite) as in the reference; block 1 ordinary.
+    n = 2 * 256
+    grads = np.zeros(n, np.float32)
+    grads[256:] = np.linspace(-1, 1, 256, dtype=np.float32)
+    init = dict(state_bits=8, min_8bit_size=1)
+    host, dev = np.ones(n, np.float32), to_device(np.ones(n, np.float32))
+    s_ref = adamnp.init(host, adamnp.adam(lr=1e-3), backend="numpy", **init)
+    s_dev = adamnp.init(dev, adamnp.adam(lr=1e-3), backend="cuda", **init)
+    seeded = {
+        "codes_m": (np.arange(n) % 255).astype(np.uint8),
+        "codes_v": np.full(n, 255, np.uint8),
+        "absmax_m": np.float32([1e-37, 1.0]),
+        "absmax_v": np.ones(2, np.float32),
+    }
+    for name, value in seeded.items():
+        getattr(s_ref.slots[0], name)[:] = value
+        getattr(s_dev.slots[0], name).copy_to_device(value)
+    adamnp.step(host, grads, s_ref)
+    adamnp.step(dev, to_device(grads), s_dev)
+    assert s_ref.slots[0].absmax_m[0] == np.float32(2.0**-120)
+    assert_step_same(host, dev, s_ref, s_dev, 1)

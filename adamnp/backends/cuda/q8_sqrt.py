@@ -47,7 +47,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from ...lowbit.sqrt import r_code, s_bits, s_code
+from ...lowbit.sqrt import R_FLOOR, r_code, s_bits, s_code
 from ...lowbit.stochastic import block_key, mix32
 from ..math import adam_elem
 from .q8 import MIN_PER_THREAD, SIM_GRID, SIM_THREADS, _rebind, _sim_f2i, _sim_i2f, _sim_quiet
@@ -103,6 +103,7 @@ def build(block_size: int) -> SimpleNamespace:
     zero = np.float32(0)
     one = np.float32(1)
     levels = np.float32(127)
+    r_floor = np.float32(R_FLOOR)
     no_code = np.int32(0)
     inf_bits = np.int32(0x7F800000)
     bounds = (threads, 4) if per_thread == MIN_PER_THREAD else (threads,)
@@ -161,9 +162,15 @@ def build(block_size: int) -> SimpleNamespace:
         return np.int32(f2i(x) & np.int32(0x7FFFFFFF))
 
     @device
-    def divisor(bits):
-        """What a block of maximum ``bits`` divides by: the maximum, or 1 if it is 0."""
-        return i2f(bits) if bits > no_code else one
+    def scale_of(bits, floor):
+        """The scale a block of maximum ``bits`` stores: the maximum raised to ``floor``, or 0
+        (NaN and Inf give Inf or NaN: the block is not ok and stores NaN)."""
+        return max(i2f(bits), floor) if bits > no_code else zero
+
+    @device
+    def multiplier(numerator, scale):
+        """What a block's values are multiplied by: ``numerator / scale``, or ``numerator``."""
+        return numerator / (scale if scale > zero else one)
 
     @kernel_jit
     def adam_step_q8_sqrt(
@@ -253,9 +260,12 @@ def build(block_size: int) -> SimpleNamespace:
             ok_r = bits_r < inf_bits
             ok_s = bits_s < inf_bits
             ok_x = bits_x < inf_bits
-            div_r = divisor(bits_r)
-            div_s = divisor(bits_s)
-            div_x = divisor(bits_x)
+            stored_r = scale_of(bits_r, r_floor)
+            stored_s = scale_of(bits_s, zero)
+            stored_x = scale_of(bits_x, zero)
+            mult_r = multiplier(levels, stored_r)
+            mult_s = multiplier(one, stored_s)
+            mult_x = multiplier(one, stored_x)
             # The block keys of the indices from the block's first on (it crosses at most one
             # multiple of 2**32), as the Numba kernels' block_keys.
             e0 = np.uint64(base + first)
@@ -272,26 +282,26 @@ def build(block_size: int) -> SimpleNamespace:
                 h = mix(np.uint32(index ^ (key0 if index >= low else key1)))
                 hashes[j] = h
                 if i < n:
-                    cs = encode_s(f2i(new_s[j] / div_s), h) if ok_s else no_code
+                    cs = encode_s(f2i(new_s[j] * mult_s), h) if ok_s else no_code
                     codes_v[e] = np.uint8(cs)
             for j in range(per_thread):
                 i = first + j * group + lane
                 if i < n:
                     e = np.uint64(base + i)
-                    cr = encode_r((new_r[j] / div_r) * levels, hashes[j]) if ok_r else no_code
+                    cr = encode_r(new_r[j] * mult_r, hashes[j]) if ok_r else no_code
                     codes_m[e] = np.uint8(cr & np.int32(0xFF))
             if amsgrad:
                 for j in range(per_thread):
                     i = first + j * group + lane
                     if i < n:
                         e = np.uint64(base + i)
-                        cx = encode_s(f2i(new_x[j] / div_x), hashes[j]) if ok_x else no_code
+                        cx = encode_s(f2i(new_x[j] * mult_x), hashes[j]) if ok_x else no_code
                         codes_w[e] = np.uint8(cx)
             if lane == 0 and first < n:
-                absmax_m[b] = i2f(bits_r) if ok_r else nan
-                absmax_v[b] = i2f(bits_s) if ok_s else nan
+                absmax_m[b] = stored_r if ok_r else nan
+                absmax_v[b] = stored_s if ok_s else nan
                 if amsgrad:
-                    absmax_w[b] = i2f(bits_x) if ok_x else nan
+                    absmax_w[b] = stored_x if ok_x else nan
             buf = nxt
 
     return SimpleNamespace(

@@ -10,7 +10,7 @@ Like :mod:`.q8`, ``prange`` runs over chunks of whole blocks, and each block tak
 over L1-resident data: (1) decode, :func:`~adamnp.backends.math.adam_elem` inlined, write
 ``p``, keep ``s = sqrt(v)`` and ``r = m / s`` (and amsgrad's ``sqrt(vmax)``) in a scratch and
 take their block maxima as integer maxima of bit patterns; (2) encode with the element's hash
-(:func:`~.quant.element_hash`). The order of operations is the reference's
+(:func:`~.quant.index_hash`). The order of operations is the reference's
 (:func:`adamnp.lowbit.sqrt.requantize_into`), without fast-math: params, codes and absmax
 equal it bit for bit, whatever the number of threads.
 """
@@ -22,7 +22,7 @@ import numpy as np
 from numba import prange
 
 from ...lowbit import sqrt as fmt
-from .quant import block_keys, element_hash
+from .quant import block_keys, index_hash
 from .util import as_pointer, elem, jit
 
 s_code = jit(inline="always")(fmt.s_code)
@@ -32,6 +32,9 @@ r_code = jit(inline="always")(fmt.r_code)
 _SIGN_OFF = np.int32(0x7FFFFFFF)
 _INF_BITS = np.int32(0x7F800000)
 _LEVELS = np.float32(127)
+_R_FLOOR = np.float32(fmt.R_FLOOR)
+_ONE = np.float32(1)
+_ZERO = np.float32(0)
 
 
 @jit(inline="always")
@@ -93,34 +96,50 @@ def _update_block(p, g, s, n, codes_m, codes_v, codes_x, e, am, av, ax, sr, ss, 
 
 
 @jit(inline="always")
-def _scale(bits):
-    """``(absmax to store, divisor, ok)`` of a block maximum given as bits."""
+def _scale(bits, numerator, floor):
+    """``(absmax to store, multiplier, ok)`` of a block maximum given as bits."""
     ok = bits < _INF_BITS
-    amax = np.int32(bits).view(np.float32)
-    divisor = amax if bits > 0 else np.float32(1)
-    return (amax if ok else np.float32(np.nan)), divisor, ok
+    scale = max(np.int32(bits).view(np.float32), floor) if bits > 0 else np.float32(0)
+    mult = numerator / (scale if bits > 0 else np.float32(1))
+    return (scale if ok else np.float32(np.nan)), mult, ok
+
+
+@jit(inline="always")
+def _zero_codes(codes, e, n):
+    for i in range(np.uint64(0), np.uint64(n)):
+        codes[e + i] = np.uint8(0)
 
 
 @jit(inline="always")
 def _encode_block(sr, ss, sx, n, codes_m, codes_v, codes_x, e, absmax_m, absmax_v, absmax_x,
                   b, br, bs, bx, key, amsgrad):  # fmt: skip
-    """Pass 2: store block ``b``'s absmax and codes (:mod:`adamnp.lowbit.sqrt`, step 2-4)."""
-    absmax_m[b], dr, ok_r = _scale(br)
-    absmax_v[b], ds, ok_s = _scale(bs)
+    """Pass 2: store block ``b``'s absmax and codes (:mod:`adamnp.lowbit.sqrt`, steps 2-4).
+
+    The hot loop has no branch (a NaN/Inf block's codes are zeroed after it) and counts the
+    index in uint32 (:func:`~.quant.index_hash`)."""
+    absmax_m[b], mult_r, ok_r = _scale(br, _LEVELS, _R_FLOOR)
+    absmax_v[b], mult_s, ok_s = _scale(bs, _ONE, _ZERO)
     key0, key1, low = block_keys(key, e)
     e = np.uint64(e)
+    index = low
     for i in range(np.uint64(0), np.uint64(n)):
-        h = element_hash(i, key0, key1, low)
-        cs = s_code(np.float32(ss[i] / ds).view(np.int32), h)
-        cr = r_code(np.float32(sr[i] / dr) * _LEVELS, h)
-        codes_v[e + i] = np.uint8(cs if ok_s else 0)
-        codes_m[e + i] = np.uint8((cr if ok_r else 0) & 0xFF)
+        h = index_hash(index, key0, key1, low)
+        index = np.uint32(index + np.uint32(1))
+        codes_v[e + i] = np.uint8(s_code(np.float32(ss[i] * mult_s).view(np.int32), h))
+        codes_m[e + i] = np.uint8(r_code(np.float32(sr[i] * mult_r), h) & 0xFF)
+    if not ok_s:
+        _zero_codes(codes_v, e, n)
+    if not ok_r:
+        _zero_codes(codes_m, e, n)
     if amsgrad:
-        absmax_x[b], dx, ok_x = _scale(bx)
+        absmax_x[b], mult_x, ok_x = _scale(bx, _ONE, _ZERO)
+        index = low
         for i in range(np.uint64(0), np.uint64(n)):
-            h = element_hash(i, key0, key1, low)
-            cx = s_code(np.float32(sx[i] / dx).view(np.int32), h)
-            codes_x[e + i] = np.uint8(cx if ok_x else 0)
+            h = index_hash(index, key0, key1, low)
+            index = np.uint32(index + np.uint32(1))
+            codes_x[e + i] = np.uint8(s_code(np.float32(sx[i] * mult_x).view(np.int32), h))
+        if not ok_x:
+            _zero_codes(codes_x, e, n)
 
 
 @jit(parallel=True)

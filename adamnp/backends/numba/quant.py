@@ -62,7 +62,14 @@ def block_keys(key, e):
 def element_hash(i, key0, key1, low):
     """The 32-bit hash ``mix32(index_low ^ block_key)`` of element ``e + i`` (``key0, key1,
     low`` from :func:`block_keys` of ``e``), in uint32 arithmetic."""
-    index = np.uint32(low + np.uint32(i))
+    return index_hash(np.uint32(low + np.uint32(i)), key0, key1, low)
+
+
+@jit(inline="always")
+def index_hash(index, key0, key1, low):
+    """:func:`element_hash` of the element whose index has the low 32 bits ``index`` (a
+    loop that keeps its own uint32 counter vectorizes it; a truncated 64-bit index was
+    assembled lane by lane)."""
     return mix32(index ^ (key0 if index >= low else key1))
 
 
