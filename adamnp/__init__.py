@@ -16,6 +16,7 @@ from . import quant, schedules
 from ._api import init, step
 from ._checkpoint import CheckpointError, load_state, save_state
 from ._config import AdamConfig, adam, adamw
+from ._groups import configure
 from ._state import AdamState, Fp32Slot, QuantSlot
 from .quant import dequantize_blockwise, dynamic_map, quantize_blockwise
 
@@ -39,6 +40,7 @@ __all__ = [
     "QuantSlot",
     "adam",
     "adamw",
+    "configure",
     "dequantize_blockwise",
     "dynamic_map",
     "init",

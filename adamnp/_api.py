@@ -3,10 +3,11 @@ backend. No math and no checks here."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from contextlib import nullcontext
 
 from ._config import AdamConfig
+from ._groups import check_configs, resolve_labels
 from ._state import MIN_8BIT_SIZE, AdamState, build_groups
 from ._validate import (
     validate_gradients,
@@ -20,8 +21,9 @@ from .backends.math import clip_scale, host_scalars
 
 def init(
     params,
-    config: AdamConfig,
+    config: AdamConfig | Mapping[str, AdamConfig],
     *,
+    labels: Callable[[str, object], str] | object | None = None,
     backend: str = "auto",
     state_bits: int = 32,
     block_size: int = 256,
@@ -36,8 +38,18 @@ def init(
     ----------
     params : array or tree of arrays
         One float32/float64 array, or dicts / lists / tuples of them (nested freely).
-    config : AdamConfig
-        From :func:`adamnp.adam` or :func:`adamnp.adamw`.
+    config : AdamConfig or mapping of str to AdamConfig
+        From :func:`adamnp.adam` or :func:`adamnp.adamw`; or ``{label: config}`` with
+        ``labels=``, to give leaves different hyperparameters (torch's param groups): each
+        leaf is stepped with its label's config, all in one :func:`step`, with one step
+        count. ``nonfinite`` and ``max_grad_norm`` apply to the whole step and must be equal
+        in every config: ``max_grad_norm`` clips the global norm over all leaves, as
+        ``torch.nn.utils.clip_grad_norm_`` over all parameters. Leaves of different labels
+        are stepped by separate launches of the same kernels.
+    labels : callable or tree of str, optional
+        With a mapping ``config``: each leaf's label, as ``labels(path, leaf) -> str`` (e.g.
+        ``lambda path, a: "no_decay" if a.ndim <= 1 else "decay"``) or a tree of labels with
+        the structure of ``params``.
     backend : {"auto", "numpy", "numba", "cuda"}
         ``"auto"`` picks ``"cuda"`` for CUDA device arrays, else ``"numba"`` when Numba is
         installed, else the ``"numpy"`` reference.
@@ -100,8 +112,21 @@ def init(
     >>> state = adamnp.init(params, adamnp.adamw(), backend="numpy")
     >>> state.step, state.paths
     (0, ("params['b']", "params['w']"))
+
+    No weight decay on vectors (biases, norm scales), and a global gradient clip:
+
+    >>> configs = {"decay": adamnp.adamw(weight_decay=0.1, max_grad_norm=1.0),
+    ...            "no_decay": adamnp.adamw(weight_decay=0.0, max_grad_norm=1.0)}
+    >>> state = adamnp.init(params, configs, labels=lambda path, a: "no_decay" if a.ndim == 1
+    ...                     else "decay", backend="numpy")
+    >>> state.labels
+    ('no_decay', 'decay')
     """
-    leaves, treedef, paths, shapes, dtypes, name, be = validate_params(params, config, backend)
+    single = config if isinstance(config, AdamConfig) else None
+    if single is None:
+        single = next(iter(check_configs(config).values()))
+    leaves, treedef, paths, shapes, dtypes, name, be = validate_params(params, single, backend)
+    configs, leaf_labels = resolve_labels(config, labels, params, paths, leaves)
     layout = validate_layout(
         paths,
         leaves,
@@ -113,9 +138,14 @@ def init(
         keep_fp32=keep_fp32,
     )
     warn_layout(layout, paths, shapes, dtypes)
-    slots, groups = build_groups(paths, shapes, dtypes, layout, config.amsgrad, be)
+    if configs is None:
+        slots, groups = build_groups(paths, shapes, dtypes, layout, config.amsgrad, be)
+    else:
+        amsgrad = {label: cfg.amsgrad for label, cfg in configs.items()}
+        slots, groups = build_groups(paths, shapes, dtypes, layout, amsgrad, be, leaf_labels)
+        single = configs[leaf_labels[0]] if leaf_labels else single
     return AdamState(
-        config=config,
+        config=single,
         backend=name,
         step=0,
         skipped_steps=0,
@@ -126,6 +156,8 @@ def init(
         slots=slots,
         groups=groups,
         layout=layout,
+        labels=leaf_labels,
+        configs=configs,
     )
 
 
@@ -168,15 +200,19 @@ def step(params, grads, state: AdamState) -> None:
     # the whole step under the state's lock (a non-state has none: validate_step refuses it)
     with state._lock if isinstance(state, AdamState) else nullcontext():
         p_leaves, g_leaves, paths, be = validate_step(params, grads, state)
-        cfg = state.config
-        lr = cfg.lr_at(state.step)  # a schedule's value is checked here
+        cfg = state.config  # nonfinite and max_grad_norm: every label's
+        configs = {g.label: state.config_of(g) for g in state.groups}
+        lrs = {label: c.lr_at(state.step) for label, c in configs.items()}  # schedules checked
         if not validate_gradients(g_leaves, paths, state, be):  # nonfinite="skip": NaN or Inf
             state.skipped_steps += 1
             return
         grad_scale = 1.0
-        if cfg.max_grad_norm is not None:
+        if cfg.max_grad_norm is not None:  # the global norm, over all leaves
             grad_scale = clip_scale(be.grad_sq_norm(g_leaves), cfg.max_grad_norm)
-        scalars = host_scalars(cfg, state.step + 1, lr, grad_scale)
+        scalars = {
+            label: host_scalars(c, state.step + 1, lrs[label], grad_scale)
+            for label, c in configs.items()
+        }
         for group in state.groups:
-            be.step_group(group, p_leaves, g_leaves, scalars)
+            be.step_group(group, p_leaves, g_leaves, scalars[group.label])
         state.step += 1

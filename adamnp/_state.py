@@ -126,6 +126,7 @@ class LeafGroup:
     block_offsets: np.ndarray | None  # shape=(k + 1,), int64; q8 only
     layout: Layout
     buffers: dict = field(default_factory=dict)  # name -> flat array (m, v, vmax / codes_*, ...)
+    label: str | None = None  # the leaves' label (AdamState.labels), None without labels
 
     @property
     def block_size(self) -> int:
@@ -169,6 +170,12 @@ class AdamState:
         kept).
     state_bits, state_format, block_size, v_rounding
         Read-only shortcuts to the fields of ``layout``.
+    labels : tuple of str or None
+        Each leaf's label, for a state built from a mapping ``{label: config}``; else None.
+    configs : dict or None
+        ``{label: AdamConfig}`` of such a state (change it with :func:`adamnp.configure`);
+        else None. ``config`` is then the first leaf's label's config (its ``nonfinite`` and
+        ``max_grad_norm`` are every label's).
 
     Notes
     -----
@@ -199,6 +206,8 @@ class AdamState:
     slots: tuple
     groups: tuple
     layout: Layout
+    labels: tuple | None = None
+    configs: dict | None = None
     # held by adamnp.step for its whole duration; not an argument, not part of repr/pickle
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
@@ -232,6 +241,10 @@ class AdamState:
     def v_rounding(self) -> str:
         """``"nearest"`` or ``"stochastic"`` (``layout.v_rounding``)."""
         return self.layout.v_rounding
+
+    def config_of(self, group) -> AdamConfig:
+        """The config that steps ``group`` (one of :attr:`groups`)."""
+        return self.config if group.label is None else self.configs[group.label]
 
     def nbytes(self) -> int:
         """Bytes held by the moment buffers (all slots, all groups)."""
@@ -294,43 +307,43 @@ def _views(buffer, offsets, shapes):
     return [buffer[offsets[j] : offsets[j + 1]].reshape(shapes[j]) for j in range(len(shapes))]
 
 
-def build_groups(paths, shapes, dtypes, layout: Layout, amsgrad: bool, xp):
+def build_groups(paths, shapes, dtypes, layout: Layout, amsgrad, xp, labels=None):
     """Allocate zero moments for every leaf as ``layout`` says; return ``(slots, groups)``.
 
     ``xp`` is the backend module, which provides ``zeros(n, dtype)`` and
-    ``full(n, value, dtype)`` (host or device memory).
+    ``full(n, value, dtype)`` (host or device memory). ``labels``: one per leaf (a group per
+    label, kind and dtype) or None; ``amsgrad`` is then a bool or ``{label: bool}``.
     """
     use_q8 = layout.eight_bit(paths, shapes, dtypes)
     block_size = layout.block_size
     slots: list = [None] * len(shapes)
     groups = []
-    keys = sorted({("q8" if q else "fp32", np.dtype(d).str) for d, q in zip(dtypes, use_q8)})
-    for kind, dstr in keys:
+    tags = [("" if labels is None else labels[i], "q8" if q else "fp32", np.dtype(d).str)
+            for i, (d, q) in enumerate(zip(dtypes, use_q8))]  # fmt: skip
+    for key in sorted(set(tags)):
+        label, kind, dstr = key
         dtype = np.dtype(dstr)
-        ids = [
-            i
-            for i, (d, q) in enumerate(zip(dtypes, use_q8))
-            if np.dtype(d) == dtype and ("q8" if q else "fp32") == kind
-        ]
+        ids = [i for i, tag in enumerate(tags) if tag == key]
+        ams = amsgrad[label] if isinstance(amsgrad, dict) else amsgrad
         sizes = [int(np.prod(shapes[i], dtype=np.int64)) for i in ids]
         offsets = np.zeros(len(ids) + 1, np.int64)
         offsets[1:] = np.cumsum(sizes)
         total = int(offsets[-1])
         gshapes = [shapes[i] for i in ids]
         if kind == "fp32":
-            names = ("m", "v", "vmax") if amsgrad else ("m", "v")
+            names = ("m", "v", "vmax") if ams else ("m", "v")
             buffers = {name: xp.zeros(total, dtype) for name in names}
             views = {name: _views(buffers[name], offsets, gshapes) for name in names}
             for j, i in enumerate(ids):
                 slots[i] = Fp32Slot(
-                    views["m"][j], views["v"][j], views["vmax"][j] if amsgrad else None
+                    views["m"][j], views["v"][j], views["vmax"][j] if ams else None
                 )
             blocks = None
         else:
             blocks = np.zeros(len(ids) + 1, np.int64)
             blocks[1:] = np.cumsum([n_blocks(n, block_size) for n in sizes])
             nb = int(blocks[-1])
-            moments = ("m", "v", "vmax") if amsgrad else ("m", "v")
+            moments = ("m", "v", "vmax") if ams else ("m", "v")
             buffers = {}
             fmt = layout.state_format
             for name in moments:
@@ -347,11 +360,14 @@ def build_groups(paths, shapes, dtypes, layout: Layout, amsgrad: bool, xp):
                     views["codes_v"][j],
                     views["absmax_m"][j],
                     views["absmax_v"][j],
-                    views["codes_vmax"][j] if amsgrad else None,
-                    views["absmax_vmax"][j] if amsgrad else None,
+                    views["codes_vmax"][j] if ams else None,
+                    views["absmax_vmax"][j] if ams else None,
                     block_size,
                     *map_names(fmt),
                 )
         leaf_ids = np.array(ids, np.int64)
-        groups.append(LeafGroup(kind, dtype, leaf_ids, offsets, blocks, layout, buffers))
+        group_label = None if labels is None else label
+        groups.append(
+            LeafGroup(kind, dtype, leaf_ids, offsets, blocks, layout, buffers, group_label)
+        )
     return tuple(slots), tuple(groups)
