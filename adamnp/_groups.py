@@ -149,8 +149,7 @@ def configure(state, label: str | None = None, **changes) -> None:
         step_wide = sorted(set(changes) & set(STEP_OPTIONS))
         if label is not None and step_wide and len(configs) > 1:
             raise ValueError(
-                f"{step_wide[0]} applies to the whole step: change it for every label "
-                "(label=None)"
+                f"{step_wide[0]} applies to the whole step: change it for every label (label=None)"
             )
         targets = list(configs) if label is None else [label]
         new = {k: _replaced(configs[k], changes) if k in targets else configs[k] for k in configs}

@@ -335,9 +335,7 @@ def build_groups(paths, shapes, dtypes, layout: Layout, amsgrad, xp, labels=None
             buffers = {name: xp.zeros(total, dtype) for name in names}
             views = {name: _views(buffers[name], offsets, gshapes) for name in names}
             for j, i in enumerate(ids):
-                slots[i] = Fp32Slot(
-                    views["m"][j], views["v"][j], views["vmax"][j] if ams else None
-                )
+                slots[i] = Fp32Slot(views["m"][j], views["v"][j], views["vmax"][j] if ams else None)
             blocks = None
         else:
             blocks = np.zeros(len(ids) + 1, np.int64)

@@ -41,15 +41,27 @@ def replay(meta, data, backend):
     params = {k: data[f"p0/{k}"].copy() for k in leaves}
     lrs = data["lr_per_step"]
     make = adamnp.adamw if meta["optimizer"] == "adamw" else adamnp.adam
-    cfg = make(
-        lr=(lambda count: float(lrs[count])),
-        betas=tuple(meta["betas"]),
-        eps=meta["eps"],
-        weight_decay=meta["weight_decay"],
-        amsgrad=meta["amsgrad"],
-        maximize=meta["maximize"],
-    )
-    state = adamnp.init(params, cfg, backend=backend)
+    groups = meta.get("groups") or {}
+
+    def config(leaf):  # torch's param group of a leaf (one group if the case has none)
+        group = groups.get(leaf, {})
+        scale = group.get("lr_scale", 1.0)
+        return make(
+            lr=(lambda count: float(lrs[count]) * scale),
+            betas=tuple(meta["betas"]),
+            eps=meta["eps"],
+            weight_decay=group.get("weight_decay", meta["weight_decay"]),
+            amsgrad=meta["amsgrad"],
+            maximize=meta["maximize"],
+            max_grad_norm=meta.get("max_grad_norm"),
+        )
+
+    if groups:  # one label per leaf, one state, one step: clipped by the global norm
+        configs = {leaf: config(leaf) for leaf in leaves}
+        state = adamnp.init(params, configs, labels=lambda path, a: path.split("'")[1],
+                            backend=backend)  # fmt: skip
+    else:
+        state = adamnp.init(params, config(None), backend=backend)
     hist = {k: [] for k in leaves}
     worst_u = 0.0
     for t in range(meta["steps"]):
@@ -57,11 +69,15 @@ def replay(meta, data, backend):
         adamnp.step(params, {k: data[f"grads/{k}"][t] for k in leaves}, state)
         for k in leaves:
             if lrs[t] > 0:
-                u = np.abs(params[k] - before[k]).max() / lrs[t]
+                u = np.abs(params[k] - before[k]).max() / (lrs[t] * _lr_scale(meta, k))
                 worst_u = max(worst_u, float(u))
             if (t + 1) % meta["hist_every"] == 0:
                 hist[k].append(params[k].copy())
     return params, state, hist, worst_u
+
+
+def _lr_scale(meta, leaf):
+    return ((meta.get("groups") or {}).get(leaf) or {}).get("lr_scale", 1.0)
 
 
 @pytest.mark.parametrize("path", VECTORS, ids=[p.stem for p in VECTORS])
@@ -83,7 +99,8 @@ def test_reference_matches_torch(path, backend):
         ulp = np.spacing(dtype.type(p_scale))
         for j, snap in enumerate(hist[leaf]):
             steps = (j + 1) * meta["hist_every"]
-            bound = float(np.sum(K * eps * lrs[:steps] * worst_u) + steps * ulp)
+            lr_leaf = lrs[:steps] * _lr_scale(meta, leaf)
+            bound = float(np.sum(K * eps * lr_leaf * worst_u) + steps * ulp)
             dev = np.abs(snap - data[f"p_hist/{leaf}"][j]).max()
             assert dev <= bound, (leaf, steps, dev, bound)
         np.testing.assert_array_equal(hist[leaf][-1], params[leaf])

@@ -3,6 +3,7 @@
 Run by hand, once, on a machine with torch installed::
 
     python tools/make_torch_vectors.py            # (re)write tests/vectors/torch_*.npz
+    python tools/make_torch_vectors.py --only adamw_groups_clip   # write one case
     python tools/make_torch_vectors.py --check    # regenerate in memory, compare with the files
     python tools/make_torch_vectors.py --replay   # numpy-only replay of the stored files
 
@@ -63,8 +64,12 @@ def _case(
     maximize: bool = False,
     dtype: str = "float32",
     schedule: dict | None = None,
+    groups: dict | None = None,
+    max_grad_norm: float | None = None,
 ) -> dict:
     return dict(
+        groups=groups,
+        max_grad_norm=max_grad_norm,
         optimizer=optimizer,
         lr=lr,
         betas=betas,
@@ -93,6 +98,16 @@ CASES: dict[str, dict] = {
     "adamw_schedule": _case("adamw", lr=3e-3, weight_decay=1e-2, schedule=WARMUP_COSINE),
     "adam_hot": _case("adam", lr=1e-2, betas=(0.5, 0.9), eps=1e-6),
     "adamw_strong_decay": _case("adamw", lr=1e-2, weight_decay=0.5),
+    # torch param groups: "b" without weight decay at 3x the lr, "w" with decay; every step
+    # clips the gradients of both leaves together (clip_grad_norm_ over all parameters).
+    "adamw_groups_clip": _case(
+        "adamw",
+        lr=2e-3,
+        weight_decay=5e-2,
+        schedule=WARMUP_COSINE,
+        groups={"b": {"lr_scale": 3.0, "weight_decay": 0.0}, "w": {"lr_scale": 1.0}},
+        max_grad_norm=1.0,
+    ),
 }
 
 
@@ -163,8 +178,15 @@ def run_torch(hp: dict, inputs: dict) -> dict:
         leaf: torch.tensor(inputs["p0"][leaf], dtype=tdtype, requires_grad=True) for leaf in LEAVES
     }
     cls = torch.optim.AdamW if hp["optimizer"] == "adamw" else torch.optim.Adam
+    groups = hp.get("groups") or {}
+    param_groups = [
+        {"params": [params[leaf]], **{k: v for k, v in groups.get(leaf, {}).items()
+                                       if k != "lr_scale"}}
+        for leaf in LEAVES
+    ] if groups else [{"params": [params[leaf] for leaf in LEAVES]}]  # fmt: skip
+    scale = {leaf: groups.get(leaf, {}).get("lr_scale", 1.0) for leaf in LEAVES}
     opt = cls(
-        [params[leaf] for leaf in LEAVES],
+        param_groups,
         lr=hp["lr"],
         betas=hp["betas"],
         eps=hp["eps"],
@@ -182,16 +204,21 @@ def run_torch(hp: dict, inputs: dict) -> dict:
     try:
         for k in range(STEPS):
             for group in opt.param_groups:
-                group["lr"] = float(lrs[k])
+                (leaf,) = {n for n in LEAVES if params[n] is group["params"][0]}
+                group["lr"] = float(lrs[k]) * scale[leaf]
             for leaf in LEAVES:
                 params[leaf].grad = torch.from_numpy(inputs["grads"][leaf][k].copy())
+            if hp.get("max_grad_norm") is not None:
+                torch.nn.utils.clip_grad_norm_(
+                    [params[leaf] for leaf in LEAVES], hp["max_grad_norm"]
+                )
             opt.step()
             if (k + 1) % HIST_EVERY == 0:
                 for leaf in LEAVES:
                     hist[leaf].append(params[leaf].detach().numpy().copy())
     finally:
         torch_adam._single_tensor_adam = original
-    if calls != STEPS:
+    if calls != STEPS * len(param_groups):  # once per param group and step
         raise RuntimeError(f"_single_tensor_adam ran {calls} times, expected {STEPS}")
 
     out = {
@@ -234,6 +261,8 @@ def build_arrays(name: str, hp: dict) -> dict[str, np.ndarray]:
         "hist_every": HIST_EVERY,
         "leaves": list(LEAVES),
         "schedule": hp.get("schedule"),
+        "groups": hp.get("groups"),
+        "max_grad_norm": hp.get("max_grad_norm"),
         "seed": case_seed(name),
         "zero_grad_step": inputs["zero_step"],
         "torch_version": torch.__version__,
@@ -379,7 +408,7 @@ def _file(out_dir: Path, name: str) -> Path:
     return out_dir / f"torch_{name}.npz"
 
 
-def cmd_write(out_dir: Path) -> int:
+def cmd_write(out_dir: Path, only=()) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     total = 0
     print(
@@ -387,6 +416,8 @@ def cmd_write(out_dir: Path) -> int:
         f"{'|p-p0|max':>10s} {'bytes':>8s}"
     )
     for name, hp in CASES.items():
+        if only and name not in only:
+            continue
         arrays = build_arrays(name, hp)
         path = _file(out_dir, name)
         np.savez_compressed(path, **arrays)
@@ -443,6 +474,9 @@ def cmd_replay(out_dir: Path, torch_sqrt: bool, fma: bool) -> int:
 
     worst_exact = 0
     for name in CASES:
+        if CASES[name].get("groups") or CASES[name].get("max_grad_norm"):
+            print(f"{name:20s} not replayed (the transcription has no groups or clipping)")
+            continue
         with np.load(_file(out_dir, name), allow_pickle=False) as z:
             stored = {k: z[k] for k in z.files}
         got = replay_case(stored, sqrt=sqrt, fma=fma)
@@ -462,6 +496,7 @@ def cmd_replay(out_dir: Path, torch_sqrt: bool, fma: bool) -> int:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="vector directory")
+    ap.add_argument("--only", nargs="*", default=(), help="write only these cases")
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument(
         "--check",
@@ -488,7 +523,7 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_check(args.out)
     if args.replay:
         return cmd_replay(args.out, args.torch_sqrt, not args.no_fma)
-    return cmd_write(args.out)
+    return cmd_write(args.out, args.only)
 
 
 if __name__ == "__main__":
