@@ -14,7 +14,7 @@ array([-0.1, -0.1, -0.1, -0.1], dtype=float32)
 
 from . import quant, schedules
 from ._api import init, step
-from ._checkpoint import CheckpointError, load_state, save_state
+from ._checkpoint import CheckpointError, load_state, load_state_dict, save_state, state_dict
 from ._config import AdamConfig, adam, adamw
 from ._groups import configure
 from ._state import AdamState, Fp32Slot, QuantSlot
@@ -45,9 +45,11 @@ __all__ = [
     "dynamic_map",
     "init",
     "load_state",
+    "load_state_dict",
     "quant",
     "quantize_blockwise",
     "save_state",
     "schedules",
+    "state_dict",
     "step",
 ]
