@@ -485,8 +485,9 @@ def load_state_dict(
     the header implies, and C-contiguous. ``d`` and the header are exactly
     ``{"header", "arrays"}`` and the arrays the header declares: a key missing or extra is an
     error. The header must be JSON data as ``json.loads`` gives it: dicts with str keys,
-    lists (not tuples), str, int, float, bool and None (not NumPy scalars), nested at most 200
-    levels. The state copies the arrays: ``d`` can be changed or dropped afterwards.
+    lists (not tuples), str, int, float, bool and None (not NumPy scalars), nested no deeper
+    than the deepest tree adamnp takes needs. The state copies the arrays: ``d`` can be
+    changed or dropped afterwards.
 
     Parameters
     ----------

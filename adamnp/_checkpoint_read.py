@@ -42,6 +42,7 @@ from ._checkpoint_header import (
     fail,
     show,
 )
+from ._tree import MAX_DEPTH
 
 # What reading a damaged zip member raises (zipfile, zlib and the file underneath).
 _ZIP_ERRORS = (
@@ -282,7 +283,9 @@ class _ZipSource:
 # -- a state_dict
 
 _STATE_DICT_KEYS = ("header", "arrays")
-_MAX_JSON_DEPTH = 200  # levels of a header (a loadable one has the tree's 100 and a few more)
+# Levels a header may nest: a loadable one has its tree's (at most MAX_DEPTH dicts, each three
+# levels of JSON: {"dict": [[key, child], ...]}) and two more.
+_MAX_JSON_DEPTH = 3 * MAX_DEPTH + 8
 
 
 class DictSource:

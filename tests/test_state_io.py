@@ -338,8 +338,22 @@ def test_deep_or_cyclic_header(tmp_path):
     cyclic = {}
     cyclic["x"] = cyclic
     d = _tampered(tmp_path, lambda h, a, d: h.update(treedef=cyclic))
-    with pytest.raises(CheckpointError, match="nested more than 200 levels"):
+    with pytest.raises(CheckpointError, match="nested more than 308 levels"):
         adamnp.load_state_dict(d)
+
+
+def test_deepest_tree_round_trips():
+    """A tree of dicts as deep as adamnp takes (MAX_DEPTH) is no deeper than a header may be."""
+    from adamnp._tree import MAX_DEPTH
+
+    params = np.ones(3, np.float32)
+    for _ in range(MAX_DEPTH):
+        params = {"x": params}
+    state = adamnp.init(params, adamnp.adam(), backend="numpy")
+    assert _identical(adamnp.load_state_dict(adamnp.state_dict(state)), state)
+    buf = io.BytesIO()
+    adamnp.save_state(buf, state)
+    assert _identical(adamnp.load_state(buf), state)
 
 
 @pytest.mark.parametrize("n", [200_000_000, 10**12, 2**59])
