@@ -16,6 +16,7 @@ from . import quant, schedules
 from ._api import init, step
 from ._checkpoint import CheckpointError, load_state, load_state_dict, save_state, state_dict
 from ._config import AdamConfig, adam, adamw
+from ._convert import convert_state
 from ._groups import configure
 from ._state import AdamState, Fp32Slot, QuantSlot
 from .quant import dequantize_blockwise, dynamic_map, quantize_blockwise
@@ -41,6 +42,7 @@ __all__ = [
     "adam",
     "adamw",
     "configure",
+    "convert_state",
     "dequantize_blockwise",
     "dynamic_map",
     "init",
