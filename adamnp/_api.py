@@ -6,8 +6,8 @@ from __future__ import annotations
 from collections.abc import Callable, Collection, Mapping
 from contextlib import nullcontext
 
-from ._config import AdamConfig
-from ._groups import check_configs, resolve_labels
+from ._config import AdamConfig, check_configs
+from ._groups import resolve_labels
 from ._state import MIN_8BIT_SIZE, AdamState, build_groups
 from ._validate import (
     validate_gradients,

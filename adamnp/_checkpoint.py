@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -55,7 +56,7 @@ from ._checkpoint_header import (
     show,
 )
 from ._checkpoint_read import DictSource, zip_source
-from ._config import OPTION_NAMES, AdamConfig, adam, adamw
+from ._config import OPTION_NAMES, AdamConfig, adam, adamw, check_configs
 from ._state import AdamState, Layout, QuantSlot, build_groups
 from ._tree import treedef_to_json
 
@@ -141,6 +142,14 @@ def _leaf_entry(state: AdamState, i: int, be, arrays: dict) -> dict:
     return entry
 
 
+def _labels_to_json(state: AdamState) -> dict:
+    """``configs`` and ``labels`` of a state with per-leaf configs; nothing otherwise."""
+    if state.configs is None:
+        return {}
+    configs = {label: _config_to_json(cfg) for label, cfg in state.configs.items()}
+    return {"configs": configs, "labels": list(state.labels)}
+
+
 def _contents(state: AdamState) -> tuple[dict, dict]:
     """``(header, arrays)``: the header as JSON data, and every array (a host copy) by name."""
     if not isinstance(state, AdamState):
@@ -152,6 +161,7 @@ def _contents(state: AdamState) -> tuple[dict, dict]:
         "format": FORMAT,
         "version": VERSION,
         "config": _config_to_json(state.config),
+        **_labels_to_json(state),
         "backend": state.backend,
         "step": int(state.step),
         "skipped_steps": int(state.skipped_steps),
@@ -267,9 +277,8 @@ def state_dict(state: AdamState) -> dict:
 
 
 # -- loading: the header, in the order the checks run
-def _check_config(c, where: str) -> tuple[dict, AdamConfig, bool]:
+def _check_config(c, where: str, key: str = "header['config']") -> tuple[dict, AdamConfig, bool]:
     """``(the stored configuration, validated as adam()/adamw() do, saved with a schedule)``."""
-    key = "header['config']"
     if not isinstance(c, dict):
         raise fail(where, key, f"bad configuration in header: {show(c)}")
     theirs = _saved_config(c)
@@ -306,12 +315,16 @@ def _check_header(header: dict, where: str) -> Header:
     theirs, config, scheduled = _check_config(header["config"], where)
     treedef, paths = check_tree(header["treedef"], where)
     shapes, dtypes, kinds = check_leaf_table(header["leaves"], paths, where)
+    labels, configs, configs_json = _check_labels(header, len(paths), where)
+    if labels is not None:
+        scheduled = any(c["lr"] is None for c in configs_json.values())
     use_q8 = [kind == "q8" for kind in kinds]
     layout = layout_from_header(header, paths, shapes, dtypes, use_q8, where)
     check_slots(layout, paths, shapes, dtypes, use_q8, where)
     arrays = {}
     for i, entry in enumerate(header["leaves"]):
-        args = (kinds[i], dtypes[i], shapes[i], layout, config.amsgrad, where)
+        amsgrad = (config if labels is None else configs[labels[i]]).amsgrad
+        args = (kinds[i], dtypes[i], shapes[i], layout, amsgrad, where)
         arrays.update(check_leaf_arrays(entry, i, *args))
     return Header(
         config=config,
@@ -326,7 +339,37 @@ def _check_header(header: dict, where: str) -> Header:
         dtypes=tuple(dtypes),
         layout=layout,
         arrays=arrays,
+        labels=labels,
+        configs=configs,
+        configs_json=configs_json,
     )
+
+
+def _check_labels(header: dict, n: int, where: str):
+    """``(labels, {label: AdamConfig}, {label: stored config})``, or three None."""
+    present = [k in header for k in ("configs", "labels")]
+    if not any(present):
+        return None, None, None
+    expect(all(present), where, HEADER, "configs and labels must be stored together")
+    stored, labels = header["configs"], header["labels"]
+    key = "header['configs']"
+    if not (isinstance(stored, dict) and stored):
+        raise fail(where, key, f"bad per-label configs {show(stored)}")
+    configs, configs_json = {}, {}
+    for label, c in stored.items():
+        theirs, cfg, _ = _check_config(c, where, f"{key}[{label!r}]")
+        configs[label], configs_json[label] = cfg, theirs
+    try:
+        check_configs(configs)
+    except (TypeError, ValueError) as exc:
+        raise fail(where, key, f"bad per-label configs: {exc}") from exc
+    key = "header['labels']"
+    if not (type(labels) is list and len(labels) == n):
+        raise fail(where, key, f"bad labels {show(labels)}: must be a list of {n} labels")
+    for i, label in enumerate(labels):
+        if not (type(label) is str and label in configs):
+            raise fail(where, f"{key}[{i}]", f"label {show(label)} is not one of the configs")
+    return tuple(labels), configs, configs_json
 
 
 # -- loading: the caller's arguments and the state
@@ -338,12 +381,49 @@ def _check_arguments(backend, config) -> None:
         isinstance(backend, str) and backend in (*backends.NAMES, "auto")
     ):
         raise ValueError(f"backend must be one of {backends.NAMES} or 'auto', got {backend!r}")
-    if config is not None and not isinstance(config, AdamConfig):
-        raise TypeError(f"config must be an AdamConfig, got {type(config).__name__}")
+    if config is not None and not isinstance(config, AdamConfig | Mapping):
+        raise TypeError(
+            f"config must be an AdamConfig or a mapping {{label: AdamConfig}}, "
+            f"got {type(config).__name__}"
+        )
+
+
+def _configs_for(h: Header, config, where: str, func: str) -> dict:
+    """The saved per-label configs, or the caller's mapping, equal to them but for ``lr``."""
+    if config is None:
+        if h.scheduled:
+            raise ValueError(
+                f"{where} was saved with an lr schedule in some label; pass config={{label: "
+                f"config}} to {func}"
+            )
+        return h.configs
+    if not isinstance(config, Mapping):
+        raise TypeError(
+            f"{where} holds per-leaf configs (labels {sorted(h.configs)}): pass config as a "
+            f"mapping {{label: AdamConfig}}"
+        )
+    configs = check_configs(config)
+    if sorted(configs) != sorted(h.configs):
+        raise ValueError(f"config has labels {sorted(configs)}, the checkpoint {sorted(h.configs)}")
+    for label, cfg in configs.items():
+        _same_but_lr(cfg, h.configs_json[label], f"config[{label!r}]")
+    return configs
+
+
+def _same_but_lr(config: AdamConfig, saved: dict, name: str) -> None:
+    mine = _config_to_json(config)
+    for key in mine:
+        if key not in ("lr", "lr_schedule") and mine[key] != saved[key]:
+            raise ValueError(
+                f"{name}.{key} is {mine[key]!r} but the checkpoint was saved with "
+                f"{show(saved[key])}"
+            )
 
 
 def _config_for(h: Header, config: AdamConfig | None, where: str, func: str) -> AdamConfig:
     """The saved configuration, or the caller's, which must equal it but for ``lr``."""
+    if isinstance(config, Mapping):
+        raise TypeError(f"{where} holds a single config: pass config as an AdamConfig")
     if config is None:
         if h.scheduled:
             raise ValueError(
@@ -351,13 +431,7 @@ def _config_for(h: Header, config: AdamConfig | None, where: str, func: str) -> 
                 f"({show(h.config_json['lr_schedule'])}); pass config=... to {func}"
             )
         return h.config
-    mine = _config_to_json(config)
-    for key in mine:
-        if key not in ("lr", "lr_schedule") and mine[key] != h.config_json[key]:
-            raise ValueError(
-                f"config.{key} is {mine[key]!r} but the checkpoint was saved with "
-                f"{show(h.config_json[key])}"
-            )
+    _same_but_lr(config, h.config_json, "config")
     return config
 
 
@@ -377,9 +451,18 @@ def _load(source, backend, config, func: str) -> AdamState:
     """The state ``source`` holds (see the module for the order of the checks)."""
     h = _check_header(source.header(), source.where)
     source.check_arrays(h)  # before anything the header declares is allocated
-    config = _config_for(h, config, source.where, func)
+    configs = None
+    if h.labels is None:
+        config = _config_for(h, config, source.where, func)
+    else:
+        configs = _configs_for(h, config, source.where, func)
+        config = configs[h.labels[0]]
     backend, be = _backend_for(backend, h.backend)
-    slots, groups = build_groups(h.paths, h.shapes, h.dtypes, h.layout, config.amsgrad, be)
+    if configs is None:
+        amsgrad = config.amsgrad
+    else:
+        amsgrad = {label: c.amsgrad for label, c in configs.items()}
+    slots, groups = build_groups(h.paths, h.shapes, h.dtypes, h.layout, amsgrad, be, h.labels)
     for i, slot in enumerate(slots):  # one array at a time
         for field, dst in _slot_arrays(slot).items():
             name = f"leaf{i}/{field}"
@@ -402,10 +485,12 @@ def _load(source, backend, config, func: str) -> AdamState:
         slots=slots,
         groups=groups,
         layout=h.layout,
+        labels=h.labels,
+        configs=configs,
     )
 
 
-def load_state(file, *, backend: str | None = None, config: AdamConfig | None = None) -> AdamState:
+def load_state(file, *, backend: str | None = None, config=None) -> AdamState:
     """Read a checkpoint written by :func:`save_state`, from a path or a binary file object.
 
     The whole header is validated before anything is allocated, and each stored array
@@ -424,6 +509,9 @@ def load_state(file, *, backend: str | None = None, config: AdamConfig | None = 
     config : AdamConfig, optional
         Required when the saved configuration had a schedule for ``lr`` (a callable cannot be
         stored). When given, every field except ``lr`` must equal the saved one.
+        A state saved with per-leaf configs (``init(params, {label: config}, labels=...)``)
+        comes back with its labels and configs; ``config`` is then a mapping ``{label:
+        AdamConfig}`` with the same labels.
 
     Returns
     -------
@@ -472,9 +560,7 @@ def load_state(file, *, backend: str | None = None, config: AdamConfig | None = 
         return _load(source, backend, config, "load_state")
 
 
-def load_state_dict(
-    d: dict, *, backend: str | None = None, config: AdamConfig | None = None
-) -> AdamState:
+def load_state_dict(d: dict, *, backend: str | None = None, config=None) -> AdamState:
     """The state that a :func:`state_dict` describes, checked as strictly as a file.
 
     ``d`` is trusted in nothing, whatever stored and returned it: the checks are those of
@@ -500,6 +586,9 @@ def load_state_dict(
     config : AdamConfig, optional
         Required when the configuration had a schedule for ``lr``; else, when given, every
         field except ``lr`` must equal the saved one.
+        A state saved with per-leaf configs (``init(params, {label: config}, labels=...)``)
+        comes back with its labels and configs; ``config`` is then a mapping ``{label:
+        AdamConfig}`` with the same labels.
 
     Returns
     -------

@@ -32,11 +32,16 @@ _SLOT_KINDS = ("fp32", "q8")  # a leaf entry's "slot"
 LAYOUT_KEYS = tuple(f.name for f in dataclasses.fields(Layout))
 # Layout keys that files written before they were recorded lack; see layout_from_header.
 _LATER_LAYOUT_KEYS = ("state_format", "v_rounding", "min_8bit_size", "keep_fp32")
-#: Every key of a header (all but _LATER_LAYOUT_KEYS required), in the order saved.
+#: Keys of a state with per-leaf configs (both, or neither): ``{label: config}`` and a
+#: label per leaf; ``config`` then holds the first leaf's label's config.
+LABEL_KEYS = ("configs", "labels")
+#: Every key of a header (all but _LATER_LAYOUT_KEYS and LABEL_KEYS required), in the order
+#: saved.
 HEADER_KEYS = (
     "format",
     "version",
     "config",
+    *LABEL_KEYS,
     "backend",
     "step",
     "skipped_steps",
@@ -108,6 +113,9 @@ class Header:
     dtypes: tuple
     layout: Layout
     arrays: dict  # array name (``leaf0/m``) -> Array
+    labels: tuple | None = None  # per leaf, for a state with per-leaf configs
+    configs: dict | None = None  # label -> AdamConfig (lr 0.0 for a schedule), or None
+    configs_json: dict | None = None  # label -> as stored, defaults filled in
 
     def label(self, name: str) -> str:
         """How messages name a stored array: ``array leaf0/m (params['w'])``."""
@@ -151,7 +159,8 @@ def check_version_and_keys(header: dict, where: str) -> None:
             f"format version {version}, newer than this adamnp reads ({VERSION}); upgrade adamnp",
         )
     expect(version == VERSION, where, key, f"unsupported format version {version}")
-    missing = [k for k in HEADER_KEYS if k not in header and k not in _LATER_LAYOUT_KEYS]
+    optional = (*_LATER_LAYOUT_KEYS, *LABEL_KEYS)
+    missing = [k for k in HEADER_KEYS if k not in header and k not in optional]
     expect(not missing, where, HEADER, f"incomplete header: no {', '.join(missing)}")
     unknown = sorted(k for k in header if k not in HEADER_KEYS)
     if unknown:

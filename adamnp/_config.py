@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 import math
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -330,3 +330,40 @@ def adamw(
     ('adamw', 0.01)
     """
     return _make(True, locals())
+
+
+#: Options of a whole step (all leaves together): equal in every label's config.
+STEP_OPTIONS = ("nonfinite", "max_grad_norm")
+
+
+def check_configs(configs) -> dict:
+    """The mapping ``{label: AdamConfig}`` as a dict, checked: str labels, configs from
+    :func:`adamnp.adam`/:func:`adamnp.adamw`, one value of each :data:`STEP_OPTIONS`."""
+    if not isinstance(configs, Mapping):
+        raise TypeError(
+            "config must be an AdamConfig from adamnp.adam() or adamnp.adamw(), or a mapping "
+            f"{{label: config}}, got {type(configs).__name__}"
+        )
+    if not configs:
+        raise ValueError("config is an empty mapping: give at least one label")
+    out = {}
+    for label, cfg in configs.items():
+        if not isinstance(label, str):
+            raise TypeError(f"labels of configs must be str, got {label!r}")
+        if not isinstance(cfg, AdamConfig):
+            raise TypeError(
+                f"config[{label!r}] must be an AdamConfig from adamnp.adam() or "
+                f"adamnp.adamw(), got {type(cfg).__name__}"
+            )
+        out[label] = cfg
+    first, *rest = out
+    for option in STEP_OPTIONS:
+        for label in rest:
+            a, b = getattr(out[first], option), getattr(out[label], option)
+            if a != b:
+                raise ValueError(
+                    f"{option} applies to the whole step (all leaves together), so every label "
+                    f"must have the same: config[{first!r}].{option} = {a!r}, "
+                    f"config[{label!r}].{option} = {b!r}"
+                )
+    return out

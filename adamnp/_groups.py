@@ -11,14 +11,11 @@ over all parameters is, and a non-finite gradient anywhere skips or refuses the 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
-from ._config import OPTION_NAMES, AdamConfig, adam, adamw
+from ._config import OPTION_NAMES, STEP_OPTIONS, AdamConfig, adam, adamw, check_configs
 from ._state import AdamState
 from ._tree import first_difference, flatten
-
-#: Options of a whole step: equal in every label's config.
-STEP_OPTIONS = ("nonfinite", "max_grad_norm")
 
 
 def resolve_labels(config, labels, params, paths, leaves):
@@ -60,39 +57,6 @@ def _called(labels: Callable, path: str, leaf):
     if not isinstance(label, str):
         raise TypeError(f"labels({path!r}, leaf) returned {type(label).__name__}, not a str")
     return label
-
-
-def check_configs(configs) -> dict:
-    """The mapping ``{label: AdamConfig}`` as a dict, checked: str labels, configs from
-    :func:`adamnp.adam`/:func:`adamnp.adamw`, one value of each :data:`STEP_OPTIONS`."""
-    if not isinstance(configs, Mapping):
-        raise TypeError(
-            "config must be an AdamConfig from adamnp.adam() or adamnp.adamw(), or a mapping "
-            f"{{label: config}}, got {type(configs).__name__}"
-        )
-    if not configs:
-        raise ValueError("config is an empty mapping: give at least one label")
-    out = {}
-    for label, cfg in configs.items():
-        if not isinstance(label, str):
-            raise TypeError(f"labels of configs must be str, got {label!r}")
-        if not isinstance(cfg, AdamConfig):
-            raise TypeError(
-                f"config[{label!r}] must be an AdamConfig from adamnp.adam() or "
-                f"adamnp.adamw(), got {type(cfg).__name__}"
-            )
-        out[label] = cfg
-    first, *rest = out
-    for option in STEP_OPTIONS:
-        for label in rest:
-            a, b = getattr(out[first], option), getattr(out[label], option)
-            if a != b:
-                raise ValueError(
-                    f"{option} applies to the whole step (all leaves together), so every label "
-                    f"must have the same: config[{first!r}].{option} = {a!r}, "
-                    f"config[{label!r}].{option} = {b!r}"
-                )
-    return out
 
 
 def configure(state, label: str | None = None, **changes) -> None:

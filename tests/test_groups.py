@@ -223,3 +223,89 @@ def test_configure_single_config_takes_no_label():
         adamnp.configure(state, "decay", lr=1.0)
     with pytest.raises(TypeError, match="must be an AdamState"):
         adamnp.configure({"config": 1}, lr=1.0)
+
+
+# -- checkpoints keep labels and configs
+
+
+def _labelled_state(backend="numpy", **kw):
+    params = _params()
+    configs = dict(CONFIGS, decay=adamnp.adamw(lr=1e-2, weight_decay=0.1, amsgrad=True))
+    state = adamnp.init(params, configs, labels=_vector_label, backend=backend, **kw)
+    rng = np.random.default_rng(9)
+    for _ in range(3):
+        adamnp.step(params, _grads(params, rng), state)
+    return params, state
+
+
+@pytest.mark.parametrize("state_bits", [32, 8])
+def test_checkpoint_keeps_labels_and_continues_bit_for_bit(backend, tmp_path, state_bits):
+    params, state = _labelled_state(backend, state_bits=state_bits, min_8bit_size=1)
+    path = tmp_path / "opt.npz"
+    adamnp.save_state(path, state)
+    for loaded in (adamnp.load_state(path), adamnp.load_state_dict(adamnp.state_dict(state))):
+        assert loaded.labels == state.labels and loaded.configs == state.configs
+        assert [g.label for g in loaded.groups] == [g.label for g in state.groups]
+        p1 = {k: a.copy() for k, a in params.items()}
+        p2 = {k: a.copy() for k, a in params.items()}
+        g = _grads(params, np.random.default_rng(10))
+        copy = adamnp.load_state(path)
+        adamnp.step(p1, g, copy)
+        adamnp.step(p2, g, loaded)
+        for k in params:
+            assert p1[k].tobytes() == p2[k].tobytes(), k
+
+
+def test_checkpoint_configure_is_recorded(tmp_path):
+    _, state = _labelled_state()
+    adamnp.configure(state, "no_decay", lr=7e-4)
+    adamnp.save_state(tmp_path / "c.npz", state)
+    assert adamnp.load_state(tmp_path / "c.npz").configs["no_decay"].lr == 7e-4
+
+
+def test_checkpoint_labels_with_a_schedule_need_the_mapping(tmp_path):
+    params = _params()
+    sched = adamnp.schedules.warmup_cosine(peak=1e-2, warmup_steps=3, decay_steps=10)
+    configs = {"decay": adamnp.adamw(lr=sched), "no_decay": adamnp.adamw(lr=1e-3)}
+    state = adamnp.init(params, configs, labels=_vector_label, backend="numpy")
+    path = tmp_path / "s.npz"
+    adamnp.save_state(path, state)
+    with pytest.raises(ValueError, match="lr schedule in some label"):
+        adamnp.load_state(path)
+    with pytest.raises(TypeError, match="pass config as a mapping"):
+        adamnp.load_state(path, config=configs["decay"])
+    with pytest.raises(ValueError, match=r"config\['no_decay'\].weight_decay"):
+        adamnp.load_state(path, config=dict(configs, no_decay=adamnp.adamw(weight_decay=0.3)))
+    with pytest.raises(ValueError, match="has labels"):
+        adamnp.load_state(path, config={"decay": configs["decay"]})
+    loaded = adamnp.load_state(path, config=configs)
+    assert loaded.configs["decay"].lr is sched
+
+
+@pytest.mark.parametrize(
+    ("edit", "key"),
+    [
+        (lambda h: h.pop("labels"), "__adamnp__"),
+        (lambda h: h.update(labels=["decay"]), "header['labels']"),
+        (lambda h: h["labels"].__setitem__(0, "other"), "header['labels'][0]"),
+        (lambda h: h.update(configs={}), "header['configs']"),
+        (lambda h: h["configs"]["decay"].update(max_grad_norm=1.0), "header['configs']"),
+        (lambda h: h["configs"]["decay"].update(betas=[0.9, 2.0]), "header['configs']['decay']"),
+        (lambda h: h["configs"]["decay"].update(amsgrad=False), "header['leaves'][1]"),
+    ],
+)
+def test_tampered_labels_are_refused(edit, key):
+    _, state = _labelled_state()
+    d = adamnp.state_dict(state)
+    edit(d["header"])
+    with pytest.raises(adamnp.CheckpointError) as info:
+        adamnp.load_state_dict(d)
+    assert key in str(info.value)
+
+
+def test_single_config_checkpoint_refuses_a_mapping(tmp_path):
+    state = adamnp.init(_params(), adamnp.adam(), backend="numpy")
+    adamnp.save_state(tmp_path / "one.npz", state)
+    with pytest.raises(TypeError, match="single config"):
+        adamnp.load_state(tmp_path / "one.npz", config={"a": adamnp.adam()})
+    assert adamnp.load_state(tmp_path / "one.npz").labels is None
