@@ -8,7 +8,7 @@ from contextlib import nullcontext
 
 from ._config import AdamConfig, check_configs
 from ._groups import resolve_labels
-from ._state import MIN_8BIT_SIZE, AdamState, build_groups
+from ._state import MIN_8BIT_SIZE, AdamState, amsgrad_of, build_groups
 from ._validate import (
     validate_gradients,
     validate_layout,
@@ -138,12 +138,10 @@ def init(
         keep_fp32=keep_fp32,
     )
     warn_layout(layout, paths, shapes, dtypes)
-    if configs is None:
-        slots, groups = build_groups(paths, shapes, dtypes, layout, config.amsgrad, be)
-    else:
-        amsgrad = {label: cfg.amsgrad for label, cfg in configs.items()}
-        slots, groups = build_groups(paths, shapes, dtypes, layout, amsgrad, be, leaf_labels)
-        single = configs[leaf_labels[0]] if leaf_labels else single
+    amsgrad = amsgrad_of(single, configs)
+    slots, groups = build_groups(paths, shapes, dtypes, layout, amsgrad, be, leaf_labels)
+    if configs is not None and leaf_labels:
+        single = configs[leaf_labels[0]]
     return AdamState(
         config=single,
         backend=name,

@@ -57,7 +57,7 @@ from ._checkpoint_header import (
 )
 from ._checkpoint_read import DictSource, zip_source
 from ._config import OPTION_NAMES, AdamConfig, adam, adamw, check_configs
-from ._state import AdamState, Layout, QuantSlot, build_groups
+from ._state import AdamState, Layout, QuantSlot, amsgrad_of, build_groups
 from ._tree import treedef_to_json
 
 __all__ = [  # what other modules and tests use; the public functions are adamnp's
@@ -458,10 +458,7 @@ def _load(source, backend, config, func: str) -> AdamState:
         configs = _configs_for(h, config, source.where, func)
         config = configs[h.labels[0]]
     backend, be = _backend_for(backend, h.backend)
-    if configs is None:
-        amsgrad = config.amsgrad
-    else:
-        amsgrad = {label: c.amsgrad for label, c in configs.items()}
+    amsgrad = amsgrad_of(config, configs)
     slots, groups = build_groups(h.paths, h.shapes, h.dtypes, h.layout, amsgrad, be, h.labels)
     for i, slot in enumerate(slots):  # one array at a time
         for field, dst in _slot_arrays(slot).items():

@@ -13,7 +13,7 @@ from collections.abc import Callable, Collection
 import numpy as np
 
 from . import backends
-from ._state import AdamState, Fp32Slot, build_groups
+from ._state import AdamState, Fp32Slot, amsgrad_of, build_groups
 from ._validate import validate_layout, warn_layout
 from .lowbit import reference as bnb
 from .lowbit import sqrt
@@ -151,10 +151,7 @@ def convert_state(
         warn_layout(layout, state.paths, state.shapes, state.dtypes)
         name = backends.resolve(state.backend if backend is None else backend)
         be = backends.get(name)
-        if state.configs is None:
-            amsgrad = state.config.amsgrad
-        else:
-            amsgrad = {label: c.amsgrad for label, c in state.configs.items()}
+        amsgrad = amsgrad_of(state.config, state.configs)
         slots, groups = build_groups(
             state.paths, state.shapes, state.dtypes, layout, amsgrad, be, state.labels
         )

@@ -307,6 +307,14 @@ def _views(buffer, offsets, shapes):
     return [buffer[offsets[j] : offsets[j + 1]].reshape(shapes[j]) for j in range(len(shapes))]
 
 
+def amsgrad_of(config: AdamConfig, configs: dict | None):
+    """:func:`build_groups`' ``amsgrad``: ``config``'s, or ``{label: amsgrad}`` of
+    per-leaf ``configs``."""
+    if configs is None:
+        return config.amsgrad
+    return {label: c.amsgrad for label, c in configs.items()}
+
+
 def build_groups(paths, shapes, dtypes, layout: Layout, amsgrad, xp, labels=None):
     """Allocate zero moments for every leaf as ``layout`` says; return ``(slots, groups)``.
 
