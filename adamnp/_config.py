@@ -10,6 +10,8 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
+from .lowbit.half import PARAM_ROUNDINGS
+
 NONFINITE_POLICIES = ("raise", "skip", "propagate")
 
 
@@ -40,6 +42,9 @@ class AdamConfig:
         (magnitude >= 2**63 for float32, 2**480 for float64; docs/formulas.md).
     max_grad_norm : float or None
         If set, gradients are scaled so that their global L2 norm is at most this value.
+    param_rounding : {"nearest", "stochastic"}
+        How float16 and bfloat16 params are rounded after their float32 update (other dtypes
+        ignore it).
     """
 
     lr: float | Callable[[int], float]
@@ -51,6 +56,7 @@ class AdamConfig:
     maximize: bool
     nonfinite: str
     max_grad_norm: float | None
+    param_rounding: str = "nearest"
 
     @property
     def name(self) -> str:
@@ -187,6 +193,10 @@ def _make(decoupled: bool, args: dict) -> AdamConfig:
         max_grad_norm = _real("max_grad_norm", max_grad_norm)
         if max_grad_norm <= 0:
             raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm}")
+    if options["param_rounding"] not in PARAM_ROUNDINGS:
+        raise ValueError(
+            f"param_rounding must be one of {PARAM_ROUNDINGS}, got {options['param_rounding']!r}"
+        )
     options.update(
         lr=lr,
         betas=(b1, b2),
@@ -209,6 +219,7 @@ def adam(
     maximize=False,
     nonfinite="raise",
     max_grad_norm=None,
+    param_rounding="nearest",
     **unknown,
 ) -> AdamConfig:
     r"""Adam with an L2 penalty folded into the gradient (``torch.optim.Adam`` semantics).
@@ -234,6 +245,13 @@ def adam(
         ``state.skipped_steps``), or compute as torch does and let NaN/Inf spread.
     max_grad_norm : float, optional
         Clip the gradients' global L2 norm to this value inside :func:`step`.
+    param_rounding : {"nearest", "stochastic"}, default "nearest"
+        How float16 and bfloat16 params are stored after their update, which is computed in
+        float32: rounded to nearest (as torch does), or stochastically (up with probability
+        equal to the distance from the value below, from a counter-based hash of the step and
+        the element: the same on every backend and after a checkpoint), which keeps updates
+        smaller than half a gap of the format from being lost (docs/mixed_precision.md).
+        float32 and float64 params ignore it.
 
     Returns
     -------
@@ -290,6 +308,7 @@ def adamw(
     maximize=False,
     nonfinite="raise",
     max_grad_norm=None,
+    param_rounding="nearest",
     **unknown,
 ) -> AdamConfig:
     r"""AdamW: Adam with decoupled weight decay (``torch.optim.AdamW`` semantics).

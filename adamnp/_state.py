@@ -16,12 +16,15 @@ from typing import NamedTuple
 import numpy as np
 
 from ._config import AdamConfig
+from .backends.math import compute_dtype
+from .lowbit.half import half_format
 from .lowbit.maps import SIGNED_MAP, UNSIGNED_MAP, initial_code, map_names
 from .lowbit.reference import n_blocks
 
 
 class Fp32Slot(NamedTuple):
-    """Full-precision moments of one leaf (float32 leaves get float32, float64 get float64).
+    """Full-precision moments of one leaf: float64 for float64 leaves, float32 for float32,
+    float16 and bfloat16 leaves (:func:`~adamnp.backends.math.compute_dtype`).
 
     The arrays are views into the state's flat buffers: writing into them changes the state.
 
@@ -33,13 +36,14 @@ class Fp32Slot(NamedTuple):
     (dtype('float32'), None)
     """
 
-    m: np.ndarray  # shape=leaf.shape, dtype=leaf dtype; first moment
-    v: np.ndarray  # shape=leaf.shape, dtype=leaf dtype; second moment
-    vmax: np.ndarray | None  # shape=leaf.shape, dtype=leaf dtype; amsgrad running max, else None
+    m: np.ndarray  # shape=leaf.shape, dtype=compute dtype; first moment
+    v: np.ndarray  # shape=leaf.shape, dtype=compute dtype; second moment
+    vmax: np.ndarray | None  # shape=leaf.shape, dtype=compute dtype; amsgrad's max, else None
 
 
 class QuantSlot(NamedTuple):
-    """Blockwise 8-bit moments of one float32 leaf: codes per element, a scale per block.
+    """Blockwise 8-bit moments of one float32, float16 or bfloat16 leaf: codes per element, a
+    scale per block.
 
     What the codes mean depends on the state format, named by ``map_m`` and ``map_v``
     (docs/eight_bit.md): ``"sqrt"`` (the default) stores ``sqrt(v)`` and ``m / sqrt(v)``
@@ -98,12 +102,16 @@ class Layout:
     keep_fp32: tuple[str, ...]  # paths of the leaves opted out of 8-bit state, in tree order
 
     def eight_bit(self, paths, shapes, dtypes) -> list[bool]:
-        """Whether each leaf gets 8-bit moments: float32 leaves of at least
-        ``min_8bit_size`` (and 1) elements not in ``keep_fp32``, when ``state_bits`` is 8."""
+        """Whether each leaf gets 8-bit moments: float32, float16 and bfloat16 leaves of at
+        least ``min_8bit_size`` (and 1) elements not in ``keep_fp32``, when ``state_bits``
+        is 8."""
         kept = frozenset(self.keep_fp32)
         least = max(self.min_8bit_size, 1)
         return [
-            self.state_bits == 8 and d == np.float32 and math.prod(s) >= least and p not in kept
+            self.state_bits == 8
+            and compute_dtype(d) == np.float32
+            and math.prod(s) >= least
+            and p not in kept
             for p, s, d in zip(paths, shapes, dtypes)
         ]
 
@@ -112,8 +120,10 @@ class Layout:
 class LeafGroup:
     """Leaves whose moments share one flat arena; what a backend updates in one call.
 
-    ``kind`` is ``"fp32"`` (full-precision moments in ``dtype``) or ``"q8"`` (8-bit moments
-    of float32 leaves). Leaf ``j`` of the group is leaf ``leaf_ids[j]`` of the tree and owns
+    ``kind`` is ``"fp32"`` (full-precision moments in ``dtype``) or ``"q8"`` (8-bit moments).
+    ``param_dtype`` is the leaves' dtype, ``dtype`` the one the arithmetic and full-precision
+    moments use (:func:`~adamnp.backends.math.compute_dtype`: float32 for float16 and
+    bfloat16 leaves, which are upcast, updated and rounded back). Leaf ``j`` of the group is leaf ``leaf_ids[j]`` of the tree and owns
     elements ``offsets[j]:offsets[j+1]`` of the element buffers and, for ``"q8"``, blocks
     ``block_offsets[j]:block_offsets[j+1]`` of the absmax buffers. ``layout`` is the state's
     :class:`Layout` (the same record, not a copy).
@@ -127,6 +137,17 @@ class LeafGroup:
     layout: Layout
     buffers: dict = field(default_factory=dict)  # name -> flat array (m, v, vmax / codes_*, ...)
     label: str | None = None  # the leaves' label (AdamState.labels), None without labels
+    param_dtype: np.dtype | None = None  # the leaves' dtype; None: ``dtype``
+
+    def __post_init__(self):
+        if self.param_dtype is None:
+            self.param_dtype = self.dtype
+
+    @property
+    def half(self) -> int:
+        """The leaves' half-precision format (:func:`adamnp.lowbit.half.half_format`): 0
+        float16, 1 bfloat16, -1 for float32 and float64 leaves."""
+        return half_format(self.param_dtype)
 
     @property
     def block_size(self) -> int:
@@ -326,11 +347,13 @@ def build_groups(paths, shapes, dtypes, layout: Layout, amsgrad, xp, labels=None
     block_size = layout.block_size
     slots: list = [None] * len(shapes)
     groups = []
-    tags = [("" if labels is None else labels[i], "q8" if q else "fp32", np.dtype(d).str)
+    by_name = {np.dtype(d).name: np.dtype(d) for d in dtypes}  # bfloat16's .str is "<V2"
+    tags = [("" if labels is None else labels[i], "q8" if q else "fp32", np.dtype(d).name)
             for i, (d, q) in enumerate(zip(dtypes, use_q8))]  # fmt: skip
     for key in sorted(set(tags)):
-        label, kind, dstr = key
-        dtype = np.dtype(dstr)
+        label, kind, dname = key
+        param_dtype = by_name[dname]
+        dtype = compute_dtype(param_dtype)
         ids = [i for i, tag in enumerate(tags) if tag == key]
         ams = amsgrad[label] if isinstance(amsgrad, dict) else amsgrad
         sizes = [int(np.prod(shapes[i], dtype=np.int64)) for i in ids]
@@ -374,6 +397,8 @@ def build_groups(paths, shapes, dtypes, layout: Layout, amsgrad, xp, labels=None
         leaf_ids = np.array(ids, np.int64)
         group_label = None if labels is None else label
         groups.append(
-            LeafGroup(kind, dtype, leaf_ids, offsets, blocks, layout, buffers, group_label)
+            LeafGroup(
+                kind, dtype, leaf_ids, offsets, blocks, layout, buffers, group_label, param_dtype
+            )
         )
     return tuple(slots), tuple(groups)

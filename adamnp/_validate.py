@@ -30,11 +30,31 @@ from . import backends
 from ._config import AdamConfig
 from ._state import AdamState, Layout
 from ._tree import first_difference, flatten
-from .backends.math import GRAD_LIMIT_EXP
+from .backends.math import GRAD_LIMIT_EXP, compute_dtype
+from .lowbit.half import half_format
 from .lowbit.maps import STATE_FORMATS
 from .lowbit.reference import is_block_size
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_FLOAT32 = np.dtype(np.float32)
+
+
+def is_param_dtype(dtype) -> bool:
+    """Whether adamnp updates arrays of ``dtype``: float32, float64, float16 or bfloat16
+    (``ml_dtypes.bfloat16``).
+
+    Examples
+    --------
+    >>> is_param_dtype(np.float16), is_param_dtype(np.int32)
+    (True, False)
+    """
+    return np.dtype(dtype) in FLOAT_DTYPES or half_format(dtype) >= 0
+
+
+def grad_dtype_ok(grad_dtype, param_dtype) -> bool:
+    """Whether a gradient of ``grad_dtype`` fits a leaf of ``param_dtype``: the same dtype,
+    or float32 for a float16 or bfloat16 leaf (which is updated in float32 anyway)."""
+    return grad_dtype == param_dtype or (grad_dtype == _FLOAT32 and half_format(param_dtype) >= 0)
 
 
 # -- one leaf
@@ -86,7 +106,7 @@ def leaf_error(path: str, a, be, role: str, shape=None, dtype=None) -> Exception
     --------
     >>> numpy_backend = backends.get("numpy")
     >>> leaf_error("params['w']", np.zeros(3, np.int32), numpy_backend, "params")
-    TypeError("params['w'] has dtype int32; adamnp updates float32 and float64 arrays only")
+    TypeError("params['w'] has dtype int32; adamnp updates float32, float64, float16 and bfloat16 arrays only")
     """
     if isinstance(a, np.ma.MaskedArray):
         return TypeError(
@@ -106,12 +126,16 @@ def leaf_error(path: str, a, be, role: str, shape=None, dtype=None) -> Exception
             )
         return TypeError(f"{path} is a {type(a).__name__}, not an array")
     a_dtype, a_shape = dtype_shape(a)
-    if a_dtype not in FLOAT_DTYPES:
+    if not is_param_dtype(a_dtype):
         return TypeError(
-            f"{path} has dtype {a_dtype}; adamnp updates float32 and float64 arrays only"
+            f"{path} has dtype {a_dtype}; adamnp updates float32, float64, float16 and "
+            "bfloat16 arrays only"
         )
     if dtype is not None and a_dtype != dtype:
-        return TypeError(f"{path} has dtype {a_dtype}, expected {np.dtype(dtype)}")
+        half_grad = role == "grads" and half_format(dtype) >= 0
+        if not (half_grad and a_dtype == _FLOAT32):
+            expected = f"{np.dtype(dtype)} or float32" if half_grad else f"{np.dtype(dtype)}"
+            return TypeError(f"{path} has dtype {a_dtype}, expected {expected}")
     if shape is not None and a_shape != tuple(shape):
         return ValueError(f"{path} has shape {a_shape}, expected {tuple(shape)}")
     if not be.is_contiguous(a):
@@ -549,7 +573,7 @@ def validate_gradients(g_leaves, paths, state: AdamState, be) -> bool:
     if policy == "skip":
         return False
     gpath = paths[bad].replace("params", "grads", 1)
-    dtype = state.dtypes[bad]
+    dtype = compute_dtype(state.dtypes[bad])
     raise ValueError(
         f"{gpath} contains NaN, Inf or a value of magnitude >= 2**{GRAD_LIMIT_EXP[dtype]} "
         f"(nonfinite='raise'; the square of a {dtype} gradient that large could overflow the "

@@ -41,6 +41,7 @@ class StepScalars(NamedTuple):
     amsgrad: bool
     maximize: bool
     step: int = 0  # t, the 1-based step number (keys the stochastic rounding of 8-bit v)
+    stochastic_params: bool = False  # round float16/bfloat16 params stochastically
 
 
 def host_scalars(config, t: int, lr: float, grad_scale: float = 1.0) -> StepScalars:
@@ -64,6 +65,7 @@ def host_scalars(config, t: int, lr: float, grad_scale: float = 1.0) -> StepScal
         amsgrad=config.amsgrad,
         maximize=config.maximize,
         step=int(t),
+        stochastic_params=config.param_rounding == "stochastic",
     )
 
 
@@ -82,8 +84,22 @@ def clip_scale(grad_sq_norm: float, max_grad_norm: float) -> float:
     return 1.0 if coef >= 1.0 else coef  # NaN stays NaN, as in torch
 
 
-#: log2 of :func:`grad_limit` per leaf dtype.
+#: log2 of :func:`grad_limit` per compute dtype (:func:`compute_dtype`).
 GRAD_LIMIT_EXP = {np.dtype(np.float32): 63, np.dtype(np.float64): 480}
+
+
+def compute_dtype(dtype) -> np.dtype:
+    """The dtype a leaf's arithmetic and full-precision moments use: float64 for float64
+    leaves, float32 for float32, float16 and bfloat16 ones (the half-precision formats are
+    upcast exactly, updated in float32 and rounded back, :mod:`adamnp.lowbit.half`).
+
+    Examples
+    --------
+    >>> compute_dtype(np.float16), compute_dtype(np.float64)
+    (dtype('float32'), dtype('float64'))
+    """
+    dtype = np.dtype(dtype)
+    return dtype if dtype == np.float64 else np.dtype(np.float32)
 
 
 def grad_limit(dtype) -> float:
@@ -105,8 +121,11 @@ def grad_limit(dtype) -> float:
     --------
     >>> grad_limit(np.float32) == 2.0**63, grad_limit(np.float64) == 2.0**480
     (True, True)
+
+    A float16 or bfloat16 gradient is checked as the float32 it is upcast to (float16's
+    largest finite value, 65504, is far below the limit: only NaN and Inf count).
     """
-    return math.ldexp(1.0, GRAD_LIMIT_EXP[np.dtype(dtype)])
+    return math.ldexp(1.0, GRAD_LIMIT_EXP[compute_dtype(dtype)])
 
 
 def grad_limit_bits(dtype) -> int:

@@ -16,8 +16,9 @@ import numpy as np
 
 from ..lowbit import reference as q8
 from ..lowbit import sqrt as q8sqrt
+from ..lowbit.half import half_format, param_key, round_half_array, to_f32_array
 from ..lowbit.maps import moment_map, zero_code
-from ..lowbit.stochastic import group_key
+from ..lowbit.stochastic import element_hashes, group_key
 from .math import KernelScalars, grad_limit, kernel_scalars
 
 NAME = "numpy"
@@ -80,6 +81,13 @@ def _chunks(n: int, chunk: int = CHUNK):
         yield lo, min(lo + chunk, n)
 
 
+def as_compute(a) -> np.ndarray:
+    """A float16 or bfloat16 array upcast to float32 (exactly, from its bits); any other
+    array as it is."""
+    fmt = half_format(a.dtype)
+    return a if fmt < 0 else to_f32_array(a.view(np.uint16), fmt)
+
+
 def nonfinite_leaf(grads) -> int:
     """Index of the first gradient with an element that is NaN, Inf or of magnitude at or
     above :func:`~.math.grad_limit` (whose square could overflow ``v``), or -1.
@@ -93,9 +101,9 @@ def nonfinite_leaf(grads) -> int:
     """
     for i, g in enumerate(grads):
         flat = g.reshape(-1)
-        limit = flat.dtype.type(grad_limit(flat.dtype))
+        limit = grad_limit(flat.dtype)
         for lo, hi in _chunks(flat.size):
-            part = flat[lo:hi]
+            part = as_compute(flat[lo:hi])
             # max/min propagate NaN (every comparison with it is False) and reach +-Inf; no
             # boolean temporary of the leaf's size.
             if not (part.max() < limit and part.min() > -limit):
@@ -109,7 +117,7 @@ def grad_sq_norm(grads) -> float:
     for g in grads:
         flat = g.reshape(-1)
         for lo, hi in _chunks(flat.size):
-            part = flat[lo:hi].astype(np.float64)
+            part = as_compute(flat[lo:hi]).astype(np.float64)
             total += float(np.dot(part, part))
     return total
 
@@ -160,12 +168,38 @@ def update_chunk(p, g, m, v, vmax, k: KernelScalars, s, t1, t2) -> None:
     np.add(p, t1, out=p)
 
 
+class _HalfParams:
+    """A float16/bfloat16 chunk of params as float32 (:mod:`adamnp.lowbit.half`): ``load``
+    upcasts it into a scratch, ``store`` rounds the updated scratch back into the params,
+    to nearest or stochastically with the element hashes of the group's step key."""
+
+    def __init__(self, group, scalars, size):
+        self.fmt = half_format(group.param_dtype)
+        self.key = param_key(scalars.step, int(group.leaf_ids[0]))
+        self.stochastic = scalars.stochastic_params
+        self.scratch = np.empty(size if self.fmt >= 0 else 0, np.float32)
+
+    def load(self, p):
+        if self.fmt < 0:
+            return p
+        out = self.scratch[: p.size]
+        out[:] = to_f32_array(p.view(np.uint16), self.fmt)
+        return out
+
+    def store(self, p, x, index0: int) -> None:
+        if self.fmt < 0:
+            return
+        u = element_hashes(self.key, index0, p.size) if self.stochastic else None
+        p.view(np.uint16)[:] = round_half_array(x, self.fmt, u)
+
+
 def _step_fp32(group, params, grads, s) -> None:
     k = kernel_scalars(s, group.dtype)
     t1 = np.empty(CHUNK, group.dtype)
     t2 = np.empty(CHUNK, group.dtype)
     m_all, v_all = group.buffers["m"], group.buffers["v"]
     vmax_all = group.buffers.get("vmax")
+    half = _HalfParams(group, s, CHUNK)
     for j, leaf in enumerate(group.leaf_ids):
         p = params[leaf].reshape(-1)
         g = grads[leaf].reshape(-1)
@@ -173,9 +207,10 @@ def _step_fp32(group, params, grads, s) -> None:
         for lo, hi in _chunks(p.size):
             n = hi - lo
             a, b = base + lo, base + hi
+            x = half.load(p[lo:hi])
             update_chunk(
-                p[lo:hi],
-                g[lo:hi],
+                x,
+                as_compute(g[lo:hi]),
                 m_all[a:b],
                 v_all[a:b],
                 vmax_all[a:b] if vmax_all is not None else None,
@@ -184,6 +219,7 @@ def _step_fp32(group, params, grads, s) -> None:
                 t1[:n],
                 t2[:n],
             )
+            half.store(p[lo:hi], x, a)
 
 
 def step_group(group, params, grads, scalars) -> None:
@@ -228,12 +264,15 @@ def _step_sqrt(group, params, grads, scalars) -> None:
     t2 = np.empty(chunk, np.float32)
     scratch = {x: np.empty(chunk, np.float32) for x in names}
     key = group_key(group, scalars.step)
+    half = _HalfParams(group, scalars, chunk)
     for p, g, codes, absmax, e in _q8_chunks(group, params, grads, names):
         n = p.size
         moments = {x: scratch[x][:n] for x in names}
         q8sqrt.dequantize_into(codes, absmax, bs, moments)
-        update_chunk(p, g, moments["m"], moments["v"], moments.get("vmax"), k, scalars,
-                     t1[:n], t2[:n])  # fmt: skip
+        x = half.load(p)
+        update_chunk(x, as_compute(g), moments["m"], moments["v"], moments.get("vmax"), k,
+                     scalars, t1[:n], t2[:n])  # fmt: skip
+        half.store(p, x, e)
         q8sqrt.requantize_into(moments["m"], moments["v"], moments.get("vmax"), codes, absmax,
                                bs, key, e)  # fmt: skip
 
@@ -253,13 +292,16 @@ def _step_q8(group, params, grads, scalars) -> None:
     t2 = np.empty(chunk, np.float32)
     scratch = {x: np.empty(chunk, np.float32) for x in names}
     key = group_key(group, scalars.step)  # None: v rounded to nearest
+    half = _HalfParams(group, scalars, chunk)
     for p, g, codes, absmax, e in _q8_chunks(group, params, grads, names):
         n = p.size
         moments = {x: scratch[x][:n] for x in names}
         for x in names:
             q8.dequantize_into(codes[x], absmax[x], maps[x], bs, moments[x])
-        update_chunk(p, g, moments["m"], moments["v"], moments.get("vmax"), k, scalars,
-                     t1[:n], t2[:n])  # fmt: skip
+        pf = half.load(p)
+        update_chunk(pf, as_compute(g), moments["m"], moments["v"], moments.get("vmax"), k,
+                     scalars, t1[:n], t2[:n])  # fmt: skip
+        half.store(p, pf, e)
         for x in names:
             q8.requantize_into(moments[x], maps[x], zeros[x], bs, codes[x], absmax[x])
         if key is not None:

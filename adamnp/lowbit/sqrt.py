@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .stochastic import block_key, mix32
+from .stochastic import element_hashes
 
 #: The map of ``s`` from the top: ``(mantissa bits, binades)`` per region, 255 code steps.
 S_REGIONS = ((6, 1), (4, 11.9375))
@@ -237,12 +237,6 @@ def _block_max(x, block_size, nblocks):
     return pad.reshape(nblocks, block_size).max(axis=1)  # NaN propagates
 
 
-def _hashes(key, index0, n):
-    index = np.arange(index0, index0 + n, dtype=np.uint64)
-    bkey = block_key(np.uint32(key), (index >> np.uint64(32)).astype(np.uint32))
-    return mix32((index & np.uint64(0xFFFFFFFF)).astype(np.uint32) ^ bkey)
-
-
 def _encode(y, amax, numerator, floor, block_size, codes_out, absmax_out, code_of):
     """Codes of ``y`` (``y * (numerator / scale)`` through ``code_of``) and the absmax.
 
@@ -274,7 +268,7 @@ def requantize_into(m, v, vmax, codes, absmax, block_size, key, index0) -> None:
     r = np.zeros(n, np.float32)
     with np.errstate(invalid="ignore", divide="ignore"):
         np.divide(m, s, out=r, where=s != 0)
-    h = _hashes(key, index0, n)
+    h = element_hashes(key, index0, n)
 
     def s_codes(scaled):
         return _s_codes(scaled, h)

@@ -96,6 +96,21 @@ def block_key(key, index_high):
     return mix32(_U32(key) ^ _U32(index_high))
 
 
+def element_hashes(key, index0: int, n: int) -> np.ndarray:
+    """The 32-bit hashes ``mix32(index_low ^ block_key(key, index_high))`` of the elements
+    ``index0 .. index0 + n - 1`` of a group's buffers (uint32; the NumPy reference's form of
+    the kernels' per-element hash).
+
+    Examples
+    --------
+    >>> int(element_hashes(7, 2**32 - 1, 2)[1]) == int(mix32(block_key(7, 1)))
+    True
+    """
+    index = np.arange(index0, index0 + n, dtype=np.uint64)
+    bkey = block_key(_U32(key), (index >> np.uint64(32)).astype(np.uint32))
+    return mix32((index & np.uint64(0xFFFFFFFF)).astype(np.uint32) ^ bkey)
+
+
 def uniform(bkey, index_low):
     """The float32 uniform in [0, 1) of an element: 24 bits of ``mix32(index_low ^ bkey)``."""
     h = mix32(_U32(index_low) ^ _U32(bkey))
