@@ -76,12 +76,16 @@ def dtype_shape(a) -> tuple[np.dtype, tuple]:
 
 
 def as_base_array(a):
-    """``a`` itself, or for an ndarray subclass a base ``ndarray`` view of the same memory.
+    """``a`` itself, or a base ``ndarray`` view of its memory: for an ndarray subclass, and
+    for a CPU object exporting DLPack, the buffer protocol or the array interface (a torch
+    CPU tensor, an array-API array, ``array.array``); anything else is returned as it is.
 
-    This is the one policy for subclasses, on every backend: a leaf that is an ``ndarray``
-    subclass (``np.matrix``, ``np.memmap``, an array type with its own ``__array_ufunc__``)
-    is updated in place as the plain array of its memory, never through the subclass's
-    methods or ufunc overrides. Masked arrays are refused before this (:func:`leaf_error`).
+    This is the one policy for foreign leaves, on every backend: a leaf that is an
+    ``ndarray`` subclass (``np.matrix``, ``np.memmap``, an array type with its own
+    ``__array_ufunc__``) is updated in place as the plain array of its memory, never through
+    the subclass's methods or ufunc overrides, and an object of another library through a
+    zero-copy NumPy view (:func:`host_view`). Masked arrays are refused before this
+    (:func:`leaf_error`).
 
     Examples
     --------
@@ -90,9 +94,95 @@ def as_base_array(a):
     >>> type(as_base_array(a)).__name__, np.shares_memory(as_base_array(a), a)
     ('ndarray', True)
     """
-    if type(a) is np.ndarray or not isinstance(a, np.ndarray):
+    if type(a) is np.ndarray:
         return a
-    return np.ndarray.view(a, np.ndarray)  # not a.view: a subclass may override view
+    if isinstance(a, np.ndarray):
+        return np.ndarray.view(a, np.ndarray)  # not a.view: a subclass may override view
+    view, _ = host_view(a)
+    return a if view is None else view
+
+
+def host_view(a) -> tuple[np.ndarray | None, str]:
+    """A zero-copy NumPy view of a CPU array of another library, or ``(None, why not)``.
+
+    Tried in order: DLPack (``__dlpack__`` on a CPU device, :func:`numpy.from_dlpack`), the
+    array interface (``__array_interface__``) and the buffer protocol (``memoryview``). The
+    view is read-only where the producer says so (DLPack 1.0's read-only flag, a read-only
+    buffer). CUDA device arrays and NumPy arrays are not handled here.
+
+    Examples
+    --------
+    >>> import array
+    >>> buf = array.array("f", [1.0, 2.0])
+    >>> view, _ = host_view(buf)
+    >>> view[0] = 5.0
+    >>> buf[0], view.dtype
+    (5.0, dtype('float32'))
+    >>> host_view(3.0)
+    (None, 'it exports neither DLPack, the array interface nor the buffer protocol')
+    """
+    if isinstance(a, np.ndarray) or backends.is_device_array(a):
+        return None, "it is not a foreign CPU array"
+    if hasattr(a, "__dlpack__"):
+        try:
+            device = a.__dlpack_device__()[0]
+        except Exception:  # noqa: BLE001 - a producer's error is reported, not raised
+            device = None
+        if device == 1:  # kDLCPU
+            try:
+                return np.from_dlpack(a), ""
+            except Exception as exc:  # noqa: BLE001
+                return None, f"NumPy cannot import it through DLPack ({exc})"
+        elif device is not None:
+            return None, f"it lives on DLPack device type {device}, not the CPU"
+    if hasattr(a, "__array_interface__"):
+        return np.asarray(a), ""
+    try:
+        return np.asarray(memoryview(a)), ""
+    except TypeError:
+        return None, "it exports neither DLPack, the array interface nor the buffer protocol"
+
+
+def _type_name(a) -> str:
+    return f"{type(a).__module__}.{type(a).__qualname__}"
+
+
+def _is_jax(a) -> bool:
+    return type(a).__module__.split(".")[0] in ("jax", "jaxlib")
+
+
+_JAX_HINT = (
+    "which is immutable: adamnp updates params in place. Keep params as NumPy arrays and "
+    "pass them to JAX as jnp.asarray(p); gradients from JAX are fine (read without a copy)"
+)
+
+
+def _not_an_array(path: str, a, why: str) -> TypeError:
+    """The error for a leaf that is no array adamnp can use, with what to do instead."""
+    text = f"{path} is a {_type_name(a)}, not an array adamnp can update in place: {why}"
+    if "bfloat16" in str(getattr(a, "dtype", "")):
+        text += (
+            ". NumPy has no bfloat16 of its own: view the bits as ml_dtypes.bfloat16 "
+            "(for a torch tensor t: t.view(torch.int16).numpy().view(ml_dtypes.bfloat16), "
+            "which shares t's memory)"
+        )
+    elif "require" in why and "grad" in why:
+        text += ". Pass the tensor detached (p.detach() shares its memory)"
+    return TypeError(
+        text + ". Leaves are NumPy arrays or CPU objects exporting DLPack or the buffer protocol"
+    )
+
+
+def _read_only(path: str, a, original) -> ValueError:
+    """The error for params that cannot be written, naming the foreign type if any."""
+    if original is a or isinstance(original, np.ndarray):
+        return ValueError(f"{path} is read-only; params are updated in place")
+    if _is_jax(original):
+        return ValueError(f"{path} is a {_type_name(original)}, {_JAX_HINT}")
+    return ValueError(
+        f"{path} is a {_type_name(original)} exported read-only; params are updated in place: "
+        "pass a writable array"
+    )
 
 
 def leaf_error(path: str, a, be, role: str, shape=None, dtype=None) -> Exception | None:
@@ -115,7 +205,7 @@ def leaf_error(path: str, a, be, role: str, shape=None, dtype=None) -> Exception
             "gradient's mask into params. Pass plain arrays (np.ma.getdata(a)) and handle the "
             "mask yourself, e.g. gradients a.filled(0)"
         )
-    a = as_base_array(a)
+    original, a = a, as_base_array(a)
     if not be.owns(a):
         if isinstance(a, np.ndarray) or backends.is_device_array(a):
             where = "a CUDA device array" if backends.is_device_array(a) else "a host NumPy array"
@@ -124,7 +214,7 @@ def leaf_error(path: str, a, be, role: str, shape=None, dtype=None) -> Exception
                 "keep every leaf in one memory space and pick the matching backend "
                 "(backend='cuda' for device arrays, 'numba' or 'numpy' for host arrays)"
             )
-        return TypeError(f"{path} is a {type(a).__name__}, not an array")
+        return _not_an_array(path, a, host_view(a)[1])
     a_dtype, a_shape = dtype_shape(a)
     if not is_param_dtype(a_dtype):
         return TypeError(
@@ -143,8 +233,8 @@ def leaf_error(path: str, a, be, role: str, shape=None, dtype=None) -> Exception
             f"{path} is not C-contiguous; adamnp updates arrays in place and needs "
             "contiguous memory (use np.ascontiguousarray and keep that array as the leaf)"
         )
-    if role == "params" and not be.is_writeable(a):
-        return ValueError(f"{path} is read-only; params are updated in place")
+    if role == "params" and (not be.is_writeable(a) or _is_jax(original)):
+        return _read_only(path, a, original)
     return None
 
 
