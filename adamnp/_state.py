@@ -123,10 +123,10 @@ class LeafGroup:
     ``kind`` is ``"fp32"`` (full-precision moments in ``dtype``) or ``"q8"`` (8-bit moments).
     ``param_dtype`` is the leaves' dtype, ``dtype`` the one the arithmetic and full-precision
     moments use (:func:`~adamnp.backends.math.compute_dtype`: float32 for float16 and
-    bfloat16 leaves, which are upcast, updated and rounded back). Leaf ``j`` of the group is leaf ``leaf_ids[j]`` of the tree and owns
-    elements ``offsets[j]:offsets[j+1]`` of the element buffers and, for ``"q8"``, blocks
-    ``block_offsets[j]:block_offsets[j+1]`` of the absmax buffers. ``layout`` is the state's
-    :class:`Layout` (the same record, not a copy).
+    bfloat16 leaves, which are upcast, updated and rounded back). Leaf ``j`` of the group is
+    leaf ``leaf_ids[j]`` of the tree and owns elements ``offsets[j]:offsets[j+1]`` of the
+    element buffers and, for ``"q8"``, blocks ``block_offsets[j]:block_offsets[j+1]`` of the
+    absmax buffers. ``layout`` is the state's :class:`Layout` (the same record, not a copy).
     """
 
     kind: str

@@ -126,12 +126,12 @@ def host_view(a) -> tuple[np.ndarray | None, str]:
     if hasattr(a, "__dlpack__"):
         try:
             device = a.__dlpack_device__()[0]
-        except Exception:  # noqa: BLE001 - a producer's error is reported, not raised
+        except Exception:
             device = None
         if device == 1:  # kDLCPU
             try:
                 return np.from_dlpack(a), ""
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 return None, f"NumPy cannot import it through DLPack ({exc})"
         elif device is not None:
             return None, f"it lives on DLPack device type {device}, not the CPU"
@@ -197,7 +197,7 @@ def leaf_error(path: str, a, be, role: str, shape=None, dtype=None) -> Exception
     >>> numpy_backend = backends.get("numpy")
     >>> leaf_error("params['w']", np.zeros(3, np.int32), numpy_backend, "params")
     TypeError("params['w'] has dtype int32; adamnp updates float32, float64, float16 and bfloat16 arrays only")
-    """
+    """  # noqa: E501
     if isinstance(a, np.ma.MaskedArray):
         return TypeError(
             f"{path} is a masked array (numpy.ma.MaskedArray), which adamnp refuses: it would "
