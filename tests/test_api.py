@@ -82,7 +82,11 @@ BAD_INPUTS = {
     ),
     "shape": (_set("w", lambda a: a.reshape(7, 5)), ValueError, r"grads\['w'\] has shape"),
     "dtype": (_set("w", lambda a: a.astype(np.float64)), TypeError, r"grads\['w'\] has dtype"),
-    "int grads": (_set("w", lambda a: a.astype(np.int32)), TypeError, "float32 and float64"),
+    "int grads": (
+        _set("w", lambda a: a.astype(np.int32)),
+        TypeError,
+        "float32, float64, float16 and bfloat16",
+    ),
     "complex grads": (_set("w", lambda a: a.astype(np.complex64)), TypeError, "float32"),
     "object grads": (_set("w", lambda a: a.astype(object)), TypeError, "float32"),
     "list leaf": (_set("w", lambda a: 3.0), TypeError, "not an array"),

@@ -80,7 +80,7 @@ def test_unknown_option_lists_the_options():
         adamnp.adam(betas1=0.9)
     assert str(info.value) == (
         "unknown option 'betas1'; did you mean 'betas'? Options are: lr, betas, eps, "
-        "weight_decay, amsgrad, maximize, nonfinite, max_grad_norm"
+        "weight_decay, amsgrad, maximize, nonfinite, max_grad_norm, param_rounding"
     )
 
 
@@ -156,3 +156,10 @@ def test_schedule_values_may_be_numpy_numbers(value, want):
 def test_schedule_nonfinite_numpy_values_are_refused(bad):
     with pytest.raises(ValueError, match=r"^lr schedule returned .* at step count 0"):
         adamnp.adamw(lr=lambda count: bad).lr_at(0)
+
+
+def test_param_rounding_is_checked():
+    assert adamnp.adamw().param_rounding == "nearest"
+    assert adamnp.adam(param_rounding="stochastic").param_rounding == "stochastic"
+    with pytest.raises(ValueError, match=r"param_rounding must be one of \('nearest', 'stoch"):
+        adamnp.adamw(param_rounding="up")
