@@ -548,13 +548,15 @@ def _host_leaves_ok(p_leaves, g_leaves, state: AdamState, be) -> bool:
     if not be.owns(_HOST_PROBE):
         return False
     shapes, dtypes = list(state.shapes), list(state.dtypes)
-    g_dtypes = list(map(_DTYPE, g_leaves))
     return (
         {*map(type, p_leaves), *map(type, g_leaves)} == {np.ndarray}
         and list(map(_SHAPE, p_leaves)) == shapes
         and list(map(_SHAPE, g_leaves)) == shapes
         and list(map(_DTYPE, p_leaves)) == dtypes
-        and (g_dtypes == dtypes or all(map(grad_dtype_ok, g_dtypes, dtypes)))
+        and (
+            list(map(_DTYPE, g_leaves)) == dtypes
+            or all(map(grad_dtype_ok, map(_DTYPE, g_leaves), dtypes))
+        )
         and all(map(_C_CONTIGUOUS, p_leaves))
         and all(map(_WRITEABLE, p_leaves))
         and all(map(_C_CONTIGUOUS, g_leaves))
