@@ -45,11 +45,13 @@ else:
     _MISSING = None
     from ...lowbit.decades import build_decade_tables
     from ...lowbit.exact import build_quant_tables, moment_code
+    from ...lowbit.half import param_key
     from ...lowbit.stochastic import gap_tables, group_key
     from ..math import kernel_flags, kernel_scalars
     from . import quant
     from .avx512 import HAVE_VBMI, byte_planes
     from .fp32 import step_fp32, traffic_kernel
+    from .half import step_half, traffic_kernel_half
     from .q8 import step_q8, traffic_kernel_q8
     from .q8_sqrt import step_q8_sqrt
     from .q8_vbmi import quantize_blockwise_simd, step_q8_simd
@@ -78,6 +80,7 @@ __all__ = [
     "step_group",
     "to_host",
     "traffic_kernel",
+    "traffic_kernel_half",
     "traffic_kernel_q8",
     "zeros",
 ]
@@ -123,8 +126,13 @@ _TABLES: dict = {}  # chunk tables of recent gradient trees, keyed by their leaf
 _MAX_TABLES = 16
 
 
+_NO_HALF = np.empty(0, np.int8)  # the formats of 2-byte leaves when there are none
+
+
 def _leaf_table(arrays):
-    """``(elements, chunk table, data addresses, item sizes)`` of a list of host arrays."""
+    """``(elements, chunk table, data addresses, item sizes, half formats)`` of a list of
+    host arrays (the formats: per leaf 0 float16, 1 otherwise, read for 2-byte leaves only;
+    bfloat16 is the other 2-byte dtype validation lets through)."""
     sizes = np.fromiter((a.size for a in arrays), np.int64, len(arrays))
     key = sizes.tobytes()
     table = _TABLES.get(key)
@@ -133,7 +141,10 @@ def _leaf_table(arrays):
             _TABLES.clear()
         table = _TABLES[key] = chunk_table(sizes, CHUNK)
     itemsize = np.fromiter((a.itemsize for a in arrays), np.int64, len(arrays))
-    return int(sizes.sum()), table, data_addresses(arrays), itemsize
+    half = _NO_HALF
+    if (itemsize == 2).any():
+        half = np.fromiter((a.dtype != np.float16 for a in arrays), np.int8, len(arrays))
+    return int(sizes.sum()), table, data_addresses(arrays), itemsize, half
 
 
 PARALLEL_MIN = 1 << 16  # elements of work per extra thread (waking one costs; docs/backends.md)
@@ -227,28 +238,41 @@ def step_group(group, params, grads, scalars) -> None:
     if q8:
         k = kernel_scalars(scalars, np.float32)
         key = group_key(group, scalars.step)
+        half = _half_arguments(group, grads, scalars)
         if group.state_format == "sqrt":
-            _step_q8_sqrt(group, table, p_addr, g_addr, k, flags, key)
+            _step_q8_sqrt(group, table, p_addr, g_addr, k, flags, key, half)
         else:
-            _step_q8(group, table, p_addr, g_addr, k, flags, key)
+            _step_q8(group, table, p_addr, g_addr, k, flags, key, half)
         return
     vmax = group.buffers.get("vmax")
     if vmax is None:
         vmax = _NO_VMAX.setdefault(group.dtype, np.empty(0, group.dtype))
+    common = (table, group.leaf_ids, group.offsets, p_addr, g_addr)
+    moments = (group.buffers["m"], group.buffers["v"], vmax)
+    k = kernel_scalars(scalars, group.dtype)
+    half = group.half
+    if half < 0:
+        _launch(step_fp32, int(group.offsets[-1]), *common, *moments, k, flags)
+        return
     _launch(
-        step_fp32,
+        step_half,
         int(group.offsets[-1]),
-        table,
-        group.leaf_ids,
-        group.offsets,
-        p_addr,
-        g_addr,
-        group.buffers["m"],
-        group.buffers["v"],
-        vmax,
-        kernel_scalars(scalars, group.dtype),
+        *common,
+        _grad_kinds(group, grads),
+        *moments,
+        k,
         flags,
+        half,
+        scalars.stochastic_params,
+        np.uint32(param_key(scalars.step, int(group.leaf_ids[0]))),
     )
+
+
+def _grad_kinds(group, grads) -> np.ndarray:
+    """Per leaf of the half-precision ``group``: 1 if its gradient is half (the params'
+    format: validated), 0 if float32."""
+    ids = group.leaf_ids
+    return np.fromiter((grads[i].itemsize == 2 for i in ids), np.int8, len(ids))
 
 
 @functools.cache
@@ -391,7 +415,17 @@ def _q8_arguments(group, table, p_addr, g_addr) -> tuple:
     )
 
 
-def _step_q8_sqrt(group, table, p_addr, g_addr, k, flags, key) -> None:
+def _half_arguments(group, grads, scalars) -> tuple:
+    """``(half, g_half, stochastic, key)``: the half-precision parameter arguments of the
+    8-bit kernels (format -1 and an empty ``g_half`` for a float32 group)."""
+    half = group.half
+    if half < 0:
+        return -1, _NO_HALF, False, np.uint32(0)
+    key = param_key(scalars.step, int(group.leaf_ids[0]))
+    return half, _grad_kinds(group, grads), scalars.stochastic_params, np.uint32(key)
+
+
+def _step_q8_sqrt(group, table, p_addr, g_addr, k, flags, key, half) -> None:
     """One :func:`~.q8_sqrt.step_q8_sqrt` call for the ``"sqrt"``-format ``group``."""
     _launch(
         step_q8_sqrt,
@@ -400,18 +434,26 @@ def _step_q8_sqrt(group, table, p_addr, g_addr, k, flags, key) -> None:
         k,
         flags,
         np.uint32(key),
+        *half,
     )
 
 
-def _step_q8(group, table, p_addr, g_addr, k, flags, key) -> None:
-    """One :func:`~.q8.step_q8` call for the ``"bnb"``-format 8-bit ``group``.
+def _step_q8(group, table, p_addr, g_addr, k, flags, key, half) -> None:
+    """One :func:`~.q8.step_q8` (or :func:`~.q8_vbmi.step_q8_simd`) call for the
+    ``"bnb"``-format 8-bit ``group``.
 
     ``key`` is the step's :func:`~adamnp.lowbit.stochastic.group_key`, None for nearest
-    rounding of v.
+    rounding of v; ``half`` the :func:`_half_arguments`. A group of float16 or bfloat16
+    params always runs the gather kernel :func:`~.q8.step_q8`, whatever :func:`q8_kernel`
+    says: the AVX-512 VBMI kernel takes float32 params only.
     """
-    simd = _vbmi_inputs() if q8_kernel() == "vbmi" else None
+    simd = _vbmi_inputs() if q8_kernel() == "vbmi" and half[0] < 0 else None
+    if simd is not None:
+        _launch(step_q8_simd, int(group.offsets[-1]), *_q8_arguments(group, table, p_addr, g_addr),
+                *_q8_maps(), k, flags, key is not None, np.uint32(key or 0), *simd)  # fmt: skip
+        return
     _launch(
-        step_q8 if simd is None else step_q8_simd,
+        step_q8,
         int(group.offsets[-1]),
         *_q8_arguments(group, table, p_addr, g_addr),
         *_q8_maps(),
@@ -419,5 +461,5 @@ def _step_q8(group, table, p_addr, g_addr, k, flags, key) -> None:
         flags,
         key is not None,
         np.uint32(key or 0),
-        *(() if simd is None else simd),
+        *half,
     )

@@ -45,6 +45,7 @@ import numba
 import numpy as np
 from numba import prange
 
+from .half import chunk_f32, data_address, store_half
 from .quant import quantize_scaled, round_stochastic
 from .util import CHUNK, as_pointer, elem, jit
 
@@ -119,6 +120,7 @@ def _requantize_gather(x, n, bits, codes, e, absmax, b, zero, table, shift, lo, 
 def step_q8(
     table, leaf_ids, offsets, block_offsets, block_size, p_addr, g_addr,
     codes, absmax, map_m, map_v, quant_m, quant_v, zeros, k, flags, stochastic, key,
+    half, g_half, p_stochastic, p_key,
 ):  # fmt: skip
     """Update all chunks of ``table`` in place.
 
@@ -133,6 +135,12 @@ def step_q8(
     ``key``. Chunk
     starts must be multiples of ``block_size``. The loop body creates no array views (see
     :func:`_update_block`).
+
+    Half-precision parameters (``half`` 0 float16, 1 bfloat16; -1 for float32) are upcast per
+    chunk into a float32 scratch, as are the gradients of the leaves whose ``g_half`` is
+    nonzero (per leaf of the group; may be empty when ``half`` is -1), and rounded back after
+    the chunk's blocks, stochastically with the parameter key ``p_key`` if ``p_stochastic``
+    (:func:`~.half.chunk_f32`, :func:`~.half.store_half`).
     """
     decoupled, l2, amsgrad, maximize = flags
     codes_m, codes_v, codes_x = codes
@@ -147,8 +155,15 @@ def step_q8(
         sm = np.empty(block_size, np.float32)
         sv = np.empty(block_size, np.float32)
         sx = np.empty(width, np.float32)
-        p = numba.carray(as_pointer(p_addr[leaf_ids[j]] + lo * 4, np.float32), hi - lo)
-        g = numba.carray(as_pointer(g_addr[leaf_ids[j]] + lo * 4, np.float32), hi - lo)
+        # half params (and grads): upcast into one scratch, rounded back after the blocks
+        g_fmt = -1
+        if half >= 0:
+            if g_half[j]:
+                g_fmt = half
+        scratch = np.empty(2 * (hi - lo) if half >= 0 else 0, np.float32)
+        at = data_address(scratch)
+        p = chunk_f32(p_addr[leaf_ids[j]], lo, hi - lo, half, at)
+        g = chunk_f32(g_addr[leaf_ids[j]], lo, hi - lo, g_fmt, at + (hi - lo) * 4)
         b = block_offsets[j] + lo // block_size
         for s in range(0, hi - lo, block_size):
             n = min(block_size, hi - lo - s)
@@ -169,6 +184,9 @@ def step_q8(
             if amsgrad:
                 _requantize_gather(sx, n, xx, codes_x, e, absmax_x, b, zero_v, tv, shv, lov, nbv)
             b += 1
+        if half >= 0:
+            store_half(p_addr[leaf_ids[j]] + lo * 2, scratch, hi - lo, half, p_stochastic,
+                       p_key, offsets[j] + lo)  # fmt: skip
 
 
 @jit()

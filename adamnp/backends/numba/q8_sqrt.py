@@ -17,13 +17,13 @@ equal it bit for bit, whatever the number of threads.
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 from numba import prange
 
 from ...lowbit import sqrt as fmt
+from .half import chunk_f32, data_address, store_half
 from .quant import block_keys, index_hash
-from .util import as_pointer, elem, jit
+from .util import elem, jit
 
 s_code = jit(inline="always")(fmt.s_code)
 s_bits = jit(inline="always")(fmt.s_bits)
@@ -144,10 +144,10 @@ def _encode_block(sr, ss, sx, n, codes_m, codes_v, codes_x, e, absmax_m, absmax_
 
 @jit(parallel=True)
 def step_q8_sqrt(table, leaf_ids, offsets, block_offsets, block_size, p_addr, g_addr, codes,
-                 absmax, k, flags, key):  # fmt: skip
+                 absmax, k, flags, key, half, g_half, p_stochastic, p_key):  # fmt: skip
     """Update all chunks of ``table`` in place (arguments as :func:`.q8.step_q8`'s, without
     maps: ``codes = (m, v, vmax)`` and ``absmax = (m, v, vmax)``, the vmax entries empty
-    unless amsgrad; ``key`` the step's hash key)."""
+    unless amsgrad; ``key`` the step's hash key; half-precision parameters as there)."""
     decoupled, l2, amsgrad, maximize = flags
     codes_m, codes_v, codes_x = codes
     absmax_m, absmax_v, absmax_x = absmax
@@ -157,8 +157,15 @@ def step_q8_sqrt(table, leaf_ids, offsets, block_offsets, block_size, p_addr, g_
         sr = np.empty(block_size, np.float32)
         ss = np.empty(block_size, np.float32)
         sx = np.empty(width, np.float32)
-        p = numba.carray(as_pointer(p_addr[leaf_ids[j]] + lo * 4, np.float32), hi - lo)
-        g = numba.carray(as_pointer(g_addr[leaf_ids[j]] + lo * 4, np.float32), hi - lo)
+        # half params (and grads): upcast into one scratch, rounded back after the blocks
+        g_fmt = -1
+        if half >= 0:
+            if g_half[j]:
+                g_fmt = half
+        scratch = np.empty(2 * (hi - lo) if half >= 0 else 0, np.float32)
+        at = data_address(scratch)
+        p = chunk_f32(p_addr[leaf_ids[j]], lo, hi - lo, half, at)
+        g = chunk_f32(g_addr[leaf_ids[j]], lo, hi - lo, g_fmt, at + (hi - lo) * 4)
         b = block_offsets[j] + lo // block_size
         for s in range(0, hi - lo, block_size):
             n = min(block_size, hi - lo - s)
@@ -171,3 +178,6 @@ def step_q8_sqrt(table, leaf_ids, offsets, block_offsets, block_size, p_addr, g_
             _encode_block(sr, ss, sx, n, codes_m, codes_v, codes_x, e, absmax_m, absmax_v,
                           absmax_x, b, br, bs, bx, key, amsgrad)  # fmt: skip
             b += 1
+        if half >= 0:
+            store_half(p_addr[leaf_ids[j]] + lo * 2, scratch, hi - lo, half, p_stochastic,
+                       p_key, offsets[j] + lo)  # fmt: skip

@@ -5,8 +5,12 @@ The non-finite check also rejects finite magnitudes at or above
 
 Both run ``prange`` over the fixed chunk table of :func:`.util.chunk_table` and keep one
 result per chunk, combined afterwards in chunk order, so the answer does not depend on the
-number of threads. Leaves are passed as data addresses plus element sizes (4 or 8 bytes), so
-float32 and float64 leaves share one call.
+number of threads. Leaves are passed as data addresses plus element sizes (2, 4 or 8 bytes),
+so float32, float64 and half-precision leaves share one call; a 2-byte leaf also needs its
+format (float16 or bfloat16, :mod:`adamnp.lowbit.half`), given per leaf. A half-precision
+gradient counts as the float32 it is upcast to: non-finite when NaN or Inf (float16's largest
+finite value is far below the limit) or, for bfloat16, of magnitude at or above ``2**63``
+(``|bits| >= 0x5F00``, the top half of the float32 limit's bits).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import numpy as np
 from numba import prange
 
 from ..math import grad_limit_bits
+from .half import to_f32
 from .util import as_pointer, jit
 
 _ABS32 = np.int32(0x7FFFFFFF)
@@ -25,6 +30,9 @@ _ABS64 = np.int64(0x7FFFFFFFFFFFFFFF)
 # backends/math.py, delete the *.nbi / *.nbc files.)
 _LIMIT32 = np.int32(grad_limit_bits(np.float32))
 _LIMIT64 = np.int64(grad_limit_bits(np.float64))
+_ABS16 = np.int32(0x7FFF)
+_LIMIT_F16 = np.int32(0x7C00)  # float16 NaN and Inf
+_LIMIT_BF16 = np.int32(grad_limit_bits(np.float32) >> 16)  # exact: the limit is a power of 2
 
 
 @jit(inline="always")
@@ -36,15 +44,30 @@ def _max_abs_bits(bits, mask):
     return top
 
 
+@jit(inline="always")
+def _max_abs_half(bits):
+    """Largest ``bits[i] & 0x7FFF`` of uint16 bits, in int32 (vectorizes like the others)."""
+    top = np.int32(0)
+    for i in range(bits.size):
+        top = max(top, np.int32(np.int32(bits[i]) & _ABS16))
+    return top
+
+
 @jit(parallel=True)
-def first_nonfinite(table, addr, itemsize):
+def first_nonfinite(table, addr, itemsize, half):
     """Index of the first leaf holding NaN, Inf or a magnitude at or above
     :func:`~adamnp.backends.math.grad_limit`: the integer max of its ``|x|`` bits reaches
-    :func:`~adamnp.backends.math.grad_limit_bits` (one compare per chunk)."""
+    :func:`~adamnp.backends.math.grad_limit_bits` (one compare per chunk). ``half[j]`` is the
+    format of leaf ``j`` if it has 2-byte elements (0 float16, 1 bfloat16; read only for
+    those: an empty array does when there are none)."""
     bad = np.zeros(table.shape[0], np.bool_)
     for c in prange(table.shape[0]):
         j, lo, hi = table[c, 0], table[c, 1], table[c, 2]
-        if itemsize[j] == 4:
+        if itemsize[j] == 2:
+            x16 = numba.carray(as_pointer(addr[j] + lo * 2, np.uint16), hi - lo)
+            limit = _LIMIT_BF16 if half[j] == 1 else _LIMIT_F16
+            bad[c] = _max_abs_half(x16) >= limit
+        elif itemsize[j] == 4:
             x32 = numba.carray(as_pointer(addr[j] + lo * 4, np.int32), hi - lo)
             bad[c] = _max_abs_bits(x32, _ABS32) >= _LIMIT32
         else:
@@ -81,13 +104,48 @@ def _sum_squares(x):
     return ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
 
 
+@jit(inline="always")
+def _sq(h, fmt):
+    x = np.float64(to_f32(h, fmt))
+    return x * x
+
+
+@jit(inline="always")
+def _sum_squares_half(x, fmt):
+    """:func:`_sum_squares` of the float32 values of half bits ``x`` (format ``fmt``, a
+    constant at each call site): the same partial sums in the same order."""
+    rows = x.size // 8
+    y = x[: rows * 8].reshape((rows, 8))
+    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = 0.0
+    for r in range(rows):
+        s0 += _sq(y[r, 0], fmt)
+        s1 += _sq(y[r, 1], fmt)
+        s2 += _sq(y[r, 2], fmt)
+        s3 += _sq(y[r, 3], fmt)
+        s4 += _sq(y[r, 4], fmt)
+        s5 += _sq(y[r, 5], fmt)
+        s6 += _sq(y[r, 6], fmt)
+        s7 += _sq(y[r, 7], fmt)
+    for i in range(rows * 8, x.size):
+        s0 += _sq(x[i], fmt)
+    return ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
+
+
 @jit(parallel=True)
-def sum_squares(table, addr, itemsize):
-    """Sum of squares of all elements: float64 partials per chunk, added in chunk order."""
+def sum_squares(table, addr, itemsize, half):
+    """Sum of squares of all elements: float64 partials per chunk, added in chunk order.
+
+    2-byte leaves are upcast to float32 first (``half`` as in :func:`first_nonfinite`)."""
     partial = np.zeros(table.shape[0], np.float64)
     for c in prange(table.shape[0]):
         j, lo, hi = table[c, 0], table[c, 1], table[c, 2]
-        if itemsize[j] == 4:
+        if itemsize[j] == 2:
+            x16 = numba.carray(as_pointer(addr[j] + lo * 2, np.uint16), hi - lo)
+            if half[j] == 1:
+                partial[c] = _sum_squares_half(x16, 1)
+            else:
+                partial[c] = _sum_squares_half(x16, 0)
+        elif itemsize[j] == 4:
             partial[c] = _sum_squares(
                 numba.carray(as_pointer(addr[j] + lo * 4, np.float32), hi - lo)
             )

@@ -1,0 +1,204 @@
+"""Numba CPU kernels for float16 and bfloat16 parameters: the fused step, helpers, a probe.
+
+Numba has no float16 on the CPU and no bfloat16 at all, so half-precision leaves are read and
+written as ``uint16`` bits through their data addresses and converted with the scalar
+functions of :mod:`adamnp.lowbit.half` compiled inline: exact upcast to float32, the update in
+float32, rounding back to nearest or stochastically (the element's hash:
+:func:`~.quant.index_hash` with :func:`~adamnp.lowbit.half.param_key`), the bits of the
+reference (:class:`adamnp.backends.numpy._HalfParams`).
+
+:func:`step_half` is the float32-moment step of a half-precision
+:class:`~adamnp._state.LeafGroup`, one pass over memory like :func:`.fp32.step_fp32`, reading
+``p`` (2 bytes), ``g`` (2 or 4 bytes: each leaf's gradient may be half or float32), ``m``,
+``v`` and writing ``p``, ``m``, ``v``. The format, the rounding, the gradient kind and
+amsgrad change the loop body (different loads, conversions and hashing), so each combination
+gets its own loop: the flags are passed as constants to the inlined :func:`_loop`, and LLVM
+compiles sixteen branch-free SIMD loops. The 8-bit kernels (:mod:`.q8`, :mod:`.q8_sqrt`) use
+:func:`load_half` and :func:`store_half` around their block loops instead (a float32 scratch
+per chunk).
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from llvmlite import ir
+from numba import prange, types
+from numba.extending import intrinsic
+
+from ...lowbit import half as fmt
+from .fp32 import _update
+from .quant import block_keys, index_hash
+from .util import CHUNK, as_pointer, jit
+
+f16_to_f32 = jit(inline="always")(fmt.f16_to_f32)
+bf16_to_f32 = jit(inline="always")(fmt.bf16_to_f32)
+f16_round = jit(inline="always")(fmt.f16_round)
+bf16_round = jit(inline="always")(fmt.bf16_round)
+
+_ONE = np.uint32(1)
+#: Elements per piece of :func:`step_half`: its float32 scratches stay in L1.
+PIECE = 1024
+
+
+@jit(inline="always")
+def to_f32(h, half):
+    """:func:`adamnp.lowbit.half.to_f32` of the bits ``h`` (format ``half``: 0 or 1)."""
+    return bf16_to_f32(np.uint32(h)) if half == 1 else f16_to_f32(np.uint32(h))
+
+
+@jit(inline="always")
+def round_half(x, u, half, stochastic):
+    """:func:`adamnp.lowbit.half.round_half`: the uint16 bits of float32 ``x``."""
+    if half == 1:
+        return np.uint16(bf16_round(x, u, stochastic))
+    return np.uint16(f16_round(x, u, stochastic))
+
+
+@jit(inline="always")
+def _load(bits, out, n, half):
+    for i in range(n):
+        out[i] = to_f32(bits[i], half)
+
+
+@jit(inline="always")
+def load_half(address, n, half, out):
+    """Upcast the ``n`` half values (format ``half``) at ``address`` into ``out[:n]``."""
+    bits = numba.carray(as_pointer(address, np.uint16), n)
+    if half == 1:
+        _load(bits, out, n, 1)
+    else:
+        _load(bits, out, n, 0)
+
+
+@intrinsic
+def data_address(typingctx, array):
+    """``data_address(array)``: the address of the array's first element (compiled code
+    only). A call, not an attribute: inside a parallel loop, ``array.ctypes`` counts as an
+    alias and costs the loop body its ``noalias`` arguments (see :mod:`.q8`)."""
+    if not isinstance(array, types.Array):
+        return None
+    sig = types.int64(array)
+
+    def codegen(context, builder, signature, args):
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        return builder.ptrtoint(data, ir.IntType(64))
+
+    return sig, codegen
+
+
+@jit(inline="always")
+def chunk_f32(address, lo, n, half, scratch):
+    """Elements ``lo .. lo + n - 1`` of the leaf at ``address`` as a float32 array: a view
+    of a float32 leaf (``half`` -1), else the values of format ``half`` upcast into the
+    float32 scratch at address ``scratch``, which the caller keeps alive. One definition of
+    the result, by address: two (a view or a new array) would cost the 8-bit kernels' loop
+    bodies their ``noalias`` arguments."""
+    at = address + lo * 4 if half < 0 else scratch
+    out = numba.carray(as_pointer(at, np.float32), n)
+    if half >= 0:
+        load_half(address + lo * 2, n, half, out)
+    return out
+
+
+@jit(inline="always")
+def _store(bits, x, n, half, stochastic, key0, key1, low):
+    index = low
+    for i in range(n):
+        u = index_hash(index, key0, key1, low) if stochastic else np.uint32(0)
+        index = np.uint32(index + _ONE)
+        bits[i] = round_half(x[i], u, half, stochastic)
+
+
+@jit(inline="always")
+def store_half(address, x, n, half, stochastic, key, e):
+    """Round ``x[:n]`` into the ``n`` half values (format ``half``) at ``address``.
+
+    To nearest, or (``stochastic``) with the hashes of the group's elements ``e .. e + n - 1``
+    under the step's parameter ``key`` (:func:`~adamnp.lowbit.half.param_key`).
+    """
+    bits = numba.carray(as_pointer(address, np.uint16), n)
+    key0, key1, low = block_keys(key, e)
+    if half == 1:
+        if stochastic:
+            _store(bits, x, n, 1, True, key0, key1, low)
+        else:
+            _store(bits, x, n, 1, False, key0, key1, low)
+    elif stochastic:
+        _store(bits, x, n, 0, True, key0, key1, low)
+    else:
+        _store(bits, x, n, 0, False, key0, key1, low)
+
+
+@jit(parallel=True)
+def step_half(table, leaf_ids, offsets, p_addr, g_addr, g_half, m, v, vmax, k, flags, half,
+              stochastic, key):  # fmt: skip
+    """Update all chunks of ``table`` in place: a half-precision group with float32 moments.
+
+    Arguments as :func:`.fp32.step_fp32`'s, plus ``g_half`` (per leaf of the group: 1 if its
+    gradient is of the parameter's format, 0 if float32), the parameters' format ``half`` (0
+    float16, 1 bfloat16), ``stochastic`` (round the parameters stochastically) and the step's
+    parameter ``key`` (:func:`~adamnp.lowbit.half.param_key`). Each chunk goes by pieces of
+    :data:`PIECE` elements: upcast ``p`` (and a half ``g``) into a float32 scratch, run
+    :func:`.fp32.step_fp32`'s loop on it, round it back.
+    """
+    decoupled, l2, amsgrad, maximize = flags
+    for c in prange(table.shape[0]):
+        j, lo, hi = table[c, 0], table[c, 1], table[c, 2]
+        leaf = leaf_ids[j]
+        xs = np.empty(PIECE, np.float32)
+        gs = np.empty(PIECE, np.float32)
+        for s in range(lo, hi, PIECE):
+            w = min(PIECE, hi - s)
+            a = offsets[j] + s
+            x = xs[:w]
+            load_half(p_addr[leaf] + s * 2, w, half, x)
+            if g_half[j]:
+                g = gs[:w]
+                load_half(g_addr[leaf] + s * 2, w, half, g)
+            else:
+                g = numba.carray(as_pointer(g_addr[leaf] + s * 4, np.float32), w)
+            _update(x, g, m[a : a + w], v[a : a + w], vmax[a : a + w] if amsgrad else vmax, k,
+                    decoupled, l2, amsgrad, maximize)  # fmt: skip
+            store_half(p_addr[leaf] + s * 2, x, w, half, stochastic, key, a)
+
+
+@jit()
+def _traffic_half_chunk(p, g, m, v):
+    for i in range(p.size):
+        h = g[i]
+        x = np.float32(h)
+        m[i] = m[i] + x
+        v[i] = v[i] + x
+        p[i] = np.uint16(p[i] + h)
+
+
+@jit(parallel=True)
+def _traffic_half(p, g, m, v, chunk):
+    n = p.size
+    for c in prange((n + chunk - 1) // chunk):
+        lo = c * chunk
+        hi = min(lo + chunk, n)
+        _traffic_half_chunk(p[lo:hi], g[lo:hi], m[lo:hi], v[lo:hi])
+
+
+def traffic_kernel_half(p: np.ndarray, g: np.ndarray, m: np.ndarray, v: np.ndarray) -> None:
+    """Move the bytes of a half-precision step without its math: on the bits, ``p += g``,
+    ``m += g``, ``v += g``.
+
+    ``p`` and ``g`` are 2-byte arrays (float16, bfloat16 or uint16; read as bits), ``m`` and
+    ``v`` float32: it reads ``p, g, m, v`` and writes ``p, m, v`` (22 bytes per element) with
+    the chunking of :func:`.fp32.traffic_kernel`. The step time of float32 moments and half
+    gradients over this kernel's time on the same arrays says how close that step runs to the
+    memory bandwidth.
+
+    Examples
+    --------
+    >>> p, g = np.ones(5, np.float16), np.zeros(5, np.float16)
+    >>> m, v = np.ones(5, np.float32), np.zeros(5, np.float32)
+    >>> traffic_kernel_half(p, g, m, v)
+    >>> p, m
+    (array([1., 1., 1., 1., 1.], dtype=float16), array([1., 1., 1., 1., 1.], dtype=float32))
+    """
+    bits = (a.reshape(-1).view(np.uint16) for a in (p, g))
+    _traffic_half(*bits, m.reshape(-1), v.reshape(-1), CHUNK)
