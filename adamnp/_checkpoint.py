@@ -4,8 +4,9 @@
 Layout: a zip archive (NumPy ``.npz``, written uncompressed) holding one JSON header,
 ``__adamnp__`` (a 0-d unicode array), and one array per leaf and moment, named
 ``leaf<i>/<field>``. The header records the format name and version, the configuration, the
-step counters, the tree structure and, for every leaf, its path, shape, dtype, slot kind and
-the dtype and shape of each stored array. A state_dict is ``{"header": <that header>,
+step counters, the tree structure and, for every leaf, its path, shape, dtype (``"<f4"``,
+``"<f8"``, ``"float16"`` or ``"bfloat16"``: :func:`~adamnp._checkpoint_header.dtype_tag`), slot
+kind and the dtype and shape of each stored array. A state_dict is ``{"header": <that header>,
 "arrays": {"leaf<i>/<field>": ndarray}}``.
 
 Loading trusts nothing, wherever the checkpoint comes from (a path, a file object, a
@@ -50,6 +51,7 @@ from ._checkpoint_header import (
     check_slots,
     check_tree,
     check_version_and_keys,
+    dtype_tag,
     expect,
     fail,
     layout_from_header,
@@ -90,6 +92,22 @@ def _config_to_json(cfg: AdamConfig) -> dict:
             out["lr_schedule"] = repr(value) if callable(value) else None
         else:
             out[name] = _json(value)
+    return out
+
+
+#: Options added after the format: stored only when they differ from their default, so that
+#: a file that does not use them stays readable by the adamnp versions before them (which
+#: refuse unknown options); :func:`_saved_config` gives a file that lacks one the default.
+_LATER_OPTIONS = ("param_rounding",)
+
+
+def _config_to_store(cfg: AdamConfig) -> dict:
+    """:func:`_config_to_json` less the :data:`_LATER_OPTIONS` at their defaults."""
+    out = _config_to_json(cfg)
+    defaults = {f.name: f.default for f in dataclasses.fields(AdamConfig)}
+    for name in _LATER_OPTIONS:
+        if out[name] == defaults[name]:
+            del out[name]
     return out
 
 
@@ -134,7 +152,7 @@ def _leaf_entry(state: AdamState, i: int, be, arrays: dict) -> dict:
     entry = {
         "path": state.paths[i],
         "shape": list(state.shapes[i]),
-        "dtype": state.dtypes[i].str,
+        "dtype": dtype_tag(state.dtypes[i]),
         "slot": "q8" if isinstance(slot, QuantSlot) else "fp32",
         "arrays": fields,
     }
@@ -146,7 +164,7 @@ def _labels_to_json(state: AdamState) -> dict:
     """``configs`` and ``labels`` of a state with per-leaf configs; nothing otherwise."""
     if state.configs is None:
         return {}
-    configs = {label: _config_to_json(cfg) for label, cfg in state.configs.items()}
+    configs = {label: _config_to_store(cfg) for label, cfg in state.configs.items()}
     return {"configs": configs, "labels": list(state.labels)}
 
 
@@ -160,7 +178,7 @@ def _contents(state: AdamState) -> tuple[dict, dict]:
     header = {
         "format": FORMAT,
         "version": VERSION,
-        "config": _config_to_json(state.config),
+        "config": _config_to_store(state.config),
         **_labels_to_json(state),
         "backend": state.backend,
         "step": int(state.step),
@@ -253,7 +271,9 @@ def state_dict(state: AdamState) -> dict:
         counters, tree, layout and every stored array: the header of the ``.npz`` file,
         docs/checkpoints.md. ``arrays`` maps names such as ``"leaf0/m"`` or
         ``"leaf3/codes_v"`` to C-contiguous ``np.ndarray`` (float32 or float64 moments,
-        uint8 codes, float32 absmax), in the state's own dtypes.
+        uint8 codes, float32 absmax), in the state's own dtypes (float32 moments for
+        float16 and bfloat16 leaves, whose dtype the header names ``"float16"`` and
+        ``"bfloat16"``).
 
     See Also
     --------

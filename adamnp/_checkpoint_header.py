@@ -20,6 +20,8 @@ from ._config import AdamConfig
 from ._state import MIN_8BIT_SIZE, Layout
 from ._tree import flatten, treedef_from_json, unflatten
 from ._validate import FLOAT_DTYPES, validate_layout
+from .backends.math import compute_dtype
+from .lowbit import half
 from .lowbit.maps import map_names
 from .lowbit.reference import n_blocks
 
@@ -92,6 +94,10 @@ def clip(text: str, n: int = 200) -> str:
 INT64_MAX = 2**63 - 1
 _MAX_NDIM = 32
 _LEAF_DTYPES = {d.str: d for d in FLOAT_DTYPES}  # "<f4", "<f8" on little-endian hosts
+#: The header's tags of the half-precision leaf dtypes: named, since bfloat16's ``dtype.str``
+#: (``"<V2"``, any 2-byte void) says nothing; bfloat16's dtype comes from ``ml_dtypes``.
+HALF_TAGS = half.HALF_FORMATS  # ("float16", "bfloat16"), by format id
+LEAF_DTYPE_TAGS = (*_LEAF_DTYPES, *HALF_TAGS)
 _FLOAT32 = np.dtype(np.float32)
 _CODES = np.dtype(np.uint8)
 _LEAF_KEYS = ("path", "shape", "dtype", "slot", "arrays")
@@ -202,6 +208,46 @@ def check_tree(obj, where: str) -> tuple[object, list]:
     return treedef, paths
 
 
+def dtype_tag(dtype) -> str:
+    """How the header names a leaf dtype: ``dtype.str`` for float32 and float64 (``"<f4"``,
+    ``"<f8"``: what every file has stored), ``"float16"`` and ``"bfloat16"`` for the
+    half-precision formats.
+
+    Examples
+    --------
+    >>> dtype_tag(np.float32), dtype_tag(np.float16)
+    ('<f4', 'float16')
+    """
+    fmt = half.half_format(dtype)
+    return np.dtype(dtype).str if fmt < 0 else HALF_TAGS[fmt]
+
+
+def leaf_dtype(tag, path: str, where: str, key: str) -> np.dtype:
+    """The leaf dtype that header tag ``tag`` names (:func:`dtype_tag`), for leaf ``path``;
+    a :class:`CheckpointError` for any other tag, and for ``"bfloat16"`` when ``ml_dtypes``
+    (which defines NumPy's bfloat16) is not installed."""
+    if isinstance(tag, str) and tag in _LEAF_DTYPES:
+        return _LEAF_DTYPES[tag]
+    if tag == "float16":
+        return np.dtype(np.float16)
+    if tag == "bfloat16":
+        dtype = half.bfloat16_dtype()
+        if dtype is None:
+            raise fail(
+                where,
+                key,
+                f"{path} is a bfloat16 leaf, and NumPy's bfloat16 dtype comes from ml_dtypes, "
+                "which is not installed: pip install ml_dtypes",
+            )
+        return dtype
+    raise fail(
+        where,
+        key,
+        f"bad leaf entry: {path} has dtype {show(tag)}; leaves are float32, float64, float16 "
+        f"or bfloat16 ({', '.join(map(repr, LEAF_DTYPE_TAGS))})",
+    )
+
+
 def _check_shape(value, where: str, key: str) -> tuple:
     ok = isinstance(value, list) and len(value) <= _MAX_NDIM
     ok = ok and all(type(d) is int and 0 <= d <= INT64_MAX for d in value)
@@ -230,24 +276,18 @@ def _check_leaf(entry, i: int, path: str, where: str) -> tuple[tuple, np.dtype, 
             f"bad leaf entry: path {show(entry['path'])}, but leaf {i} of the tree is {path}",
         )
     shape = _check_shape(entry["shape"], where, key)
-    dstr, kind = entry["dtype"], entry["slot"]
-    if not (isinstance(dstr, str) and dstr in _LEAF_DTYPES):
-        raise fail(
-            where,
-            key,
-            f"bad leaf entry: {path} has dtype {show(dstr)}; leaves are float32 or float64 "
-            f"({', '.join(map(repr, _LEAF_DTYPES))})",
-        )
+    kind = entry["slot"]
+    dtype = leaf_dtype(entry["dtype"], path, where, key)
     if kind not in _SLOT_KINDS:
         raise fail(
             where, key, f"bad leaf entry: {path} has slot {show(kind)}, not one of {_SLOT_KINDS}"
         )
-    dtype = _LEAF_DTYPES[dstr]
     expect(
-        kind != "q8" or dtype == _FLOAT32,
+        kind != "q8" or compute_dtype(dtype) == _FLOAT32,
         where,
         key,
-        f"bad leaf entry: {path} is {dtype}; an 8-bit ('q8') slot is for float32 leaves only",
+        f"bad leaf entry: {path} is {dtype}; an 8-bit ('q8') slot is for float16, bfloat16 "
+        "and float32 leaves only",
     )
     return shape, dtype, kind
 
@@ -326,10 +366,12 @@ def check_slots(layout: Layout, paths, shapes, dtypes, use_q8, where: str) -> No
 
 
 def _expected_arrays(kind: str, dtype, shape: tuple, block_size: int, amsgrad: bool) -> dict:
-    """``{field: (dtype, shape)}`` of the arrays of a slot (see Fp32Slot and QuantSlot)."""
+    """``{field: (dtype, shape)}`` of the arrays of a slot (see Fp32Slot and QuantSlot) of a
+    leaf of ``dtype``: full-precision moments in its compute dtype (float32 for float16 and
+    bfloat16 leaves)."""
     moments = ("m", "v", "vmax") if amsgrad else ("m", "v")
     if kind == "fp32":
-        return {m: (dtype, shape) for m in moments}
+        return {m: (compute_dtype(dtype), shape) for m in moments}
     blocks = (n_blocks(math.prod(shape), block_size),)
     codes = {f"codes_{m}": (_CODES, shape) for m in moments}
     return {**codes, **{f"absmax_{m}": (_FLOAT32, blocks) for m in moments}}

@@ -93,6 +93,10 @@ def convert_state(
       ``"bnb"`` to nearest (``v`` then rounded stochastically if ``v_rounding`` says so).
       amsgrad's ``vmax`` is converted like ``v``.
 
+    float16 and bfloat16 leaves have float32 full-precision moments and may have 8-bit
+    ones: they convert exactly as float32 leaves with the same moments do (the param's
+    dtype only names the leaf's group).
+
     Stochastic rounding uses the hash key of the step the state is at: the key
     (:func:`adamnp.lowbit.stochastic.group_key`) and element indices that step
     ``state.step`` of the new state's leaf group would have used. So the conversion is

@@ -22,6 +22,12 @@ its param groups (``param_groups[g]["params"]``, concatenated). Say which leaf e
 Every mismatch (a leaf without a peer parameter, a shape, a dtype, a map, per-parameter step
 counts that differ: adamnp has one step count) raises ``ValueError`` naming the parameter and
 the leaf, before anything is written.
+
+float16 and bfloat16 leaves: adamnp keeps their full-precision moments in float32. torch keeps
+them in the parameter's dtype: :func:`from_torch` upcasts them (exactly) and :func:`to_torch`
+rounds them to the parameter's dtype (to nearest, as torch's own ``load_state_dict`` casts
+state to the parameter's dtype). bitsandbytes keeps float32 (or 8-bit) state for such
+parameters too: :func:`from_bnb` and :func:`to_bnb` move it exactly, as for float32 leaves.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from ._config import AdamConfig, adam, adamw
 from ._state import MIN_8BIT_SIZE, AdamState, QuantSlot
 from ._tree import flatten
 from .backends import get as get_backend
+from .lowbit.half import half_format, round_half_array, to_f32_array
 from .lowbit.maps import SIGNED_MAP, dynamic_map
 from .lowbit.reference import n_blocks
 
@@ -62,7 +69,10 @@ def from_torch(
     state_dict : dict
         ``optimizer.state_dict()``: ``"state"`` (per parameter ``step``, ``exp_avg``,
         ``exp_avg_sq`` and with amsgrad ``max_exp_avg_sq``) and ``"param_groups"``.
-        Arrays: NumPy arrays or CPU tensors.
+        Arrays: NumPy arrays or CPU tensors. The moments have the leaf's dtype; for a float16
+        or bfloat16 leaf (whose state torch keeps in that dtype) they may also be float32,
+        and are upcast to adamnp's float32 moments exactly (a CPU bfloat16 tensor is read
+        through ``.float()``: NumPy has no bfloat16 of its own).
     params : array or tree of arrays
         The parameters, as for :func:`adamnp.init` (not modified).
     config : AdamConfig or mapping of str to AdamConfig, optional
@@ -81,7 +91,8 @@ def from_torch(
     Returns
     -------
     AdamState
-        ``state.step`` is torch's step count; the moments are torch's, bit for bit.
+        ``state.step`` is torch's step count; the moments are torch's, bit for bit (upcast
+        exactly to float32 for float16 and bfloat16 leaves).
 
     Raises
     ------
@@ -148,7 +159,7 @@ def from_torch(
                 )
             if entry and dst is not None:
                 fills.append(
-                    (dst, _array(entry[key], state.shapes[i], state.dtypes[i], where, key))
+                    (dst, _moment(entry[key], state.shapes[i], state.dtypes[i], where, key))
                 )
     state.step = _one_step(steps, order)
     _fill(state, fills)
@@ -167,7 +178,7 @@ def to_torch(
     Parameters
     ----------
     state : AdamState
-        Every leaf must have float32/float64 moments (``state_bits=32``).
+        Every leaf must have full-precision moments (``state_bits=32``, or opted out).
     order, names
         Which leaf each torch parameter is (module docstring); default ``state.paths`` order.
     param_groups : list of dict, optional
@@ -182,6 +193,12 @@ def to_torch(
         ``{"state": {id: {"step", "exp_avg", "exp_avg_sq"[, "max_exp_avg_sq"]}},
         "param_groups": [...]}`` with NumPy arrays (copies); ``step`` is a 0-d float32 array
         and each group's ``lr`` the one of the next step (a schedule's ``lr(state.step)``).
+        The moments have the leaf's dtype, as torch keeps them: those of a float16 or
+        bfloat16 leaf are **rounded** from adamnp's float32 moments to that dtype (to
+        nearest, ties to even; torch's ``load_state_dict`` would cast float32 ones the same
+        way), so small ``exp_avg_sq`` values can underflow to zero in float16 exactly as in
+        torch. A bfloat16 array (``ml_dtypes.bfloat16``) becomes a tensor through its bits:
+        ``torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)`` (docs/interop.md).
 
     See Also
     --------
@@ -212,9 +229,10 @@ def to_torch(
                 "full precision (export 8-bit state with to_bnb)"
             )
         entry = {"step": np.array(float(state.step), np.float32)}
+        dtype = state.dtypes[state.paths.index(path)]
         for name, key in _TORCH_KEYS.items():
             if getattr(slot, name) is not None:
-                entry[key] = np.array(be.to_host(getattr(slot, name)))
+                entry[key] = _in_param_dtype(np.array(be.to_host(getattr(slot, name))), dtype)
         out[pid] = entry
     return {"state": out, "param_groups": out_groups}
 
@@ -240,7 +258,8 @@ def from_bnb(
         ``state1``, ``state2`` (parameters below bitsandbytes' ``min_8bit_size``); nested under
         ``"__bnb_optimizer_quant_state__"`` as bitsandbytes writes them, or not.
     params : array or tree of arrays
-        The parameters (float32), as for :func:`adamnp.init` (not modified).
+        The parameters (float32, float16 or bfloat16: bitsandbytes keeps float32 or 8-bit
+        state for each), as for :func:`adamnp.init` (not modified).
     config : AdamConfig or mapping of str to AdamConfig, optional
         Default: ``adamw`` with each group's ``lr``, ``betas``, ``eps`` and ``weight_decay``
         (bitsandbytes' decay is decoupled in both classes). A given config must agree with them
@@ -294,14 +313,15 @@ def from_bnb(
         config, labels = _group_configs(order_, groups, _bnb_config)
     entries = {p: _bnb_entry(state_dict["state"].get(pid)) for p, pid in zip(order_, ids)}
     q8 = {p for p, e in entries.items() if e and np.asarray(e["state1"]).dtype == np.uint8}
-    rule = {p: getattr(a, "dtype", None) == np.float32 and np.size(a) >= max(min_8bit_size, 1)
+    rule = {p: _eight_bit_dtype(a) and np.size(a) >= max(min_8bit_size, 1)
             for p, a in zip(paths, leaves)}  # fmt: skip
     for k, p in enumerate(order_):
         if p in q8 and not rule[p]:
             raise ValueError(
                 f"bitsandbytes param {k} ({p}) has 8-bit state, but adamnp keeps float32 "
-                f"moments for it (a float32 leaf of at least min_8bit_size={min_8bit_size} "
-                "elements gets 8-bit moments): pass the optimizer's min_8bit_size="
+                f"moments for it (a float32, float16 or bfloat16 leaf of at least "
+                f"min_8bit_size={min_8bit_size} elements gets 8-bit moments): pass the "
+                "optimizer's min_8bit_size="
             )
     state = init(
         params,
@@ -345,7 +365,7 @@ def from_bnb(
                 fills.append((dst, _array(entry[key], shp, dt, where, key)))
         else:
             for dst, key in ((slot.m, "state1"), (slot.v, "state2")):
-                fills.append((dst, _array(entry[key], shape, state.dtypes[i], where, key)))
+                fills.append((dst, _array(entry[key], shape, slot.m.dtype, where, key)))
     state.step = _one_step(steps, order_)
     _fill(state, fills)
     return state
@@ -364,7 +384,8 @@ def to_bnb(
     ----------
     state : AdamState
         8-bit leaves must have ``state_format="bnb"`` and ``block_size=256``; other leaves
-        float32 moments (bitsandbytes' float32 state); no amsgrad.
+        float32 moments (bitsandbytes' float32 state: float32, float16 and bfloat16 leaves,
+        not float64 ones); no amsgrad.
     order, names, param_groups
         As for :func:`to_torch`. New groups have the keys of bitsandbytes 0.50's Adam8bit.
 
@@ -412,7 +433,7 @@ def to_bnb(
                       "absmax1": slot.absmax_m, "absmax2": slot.absmax_v}  # fmt: skip
             q = {key: np.array(be.to_host(a)) for key, a in arrays.items()}
             q.update(qmap1=np.array(dynamic_map(True)), qmap2=np.array(dynamic_map(False)))
-        elif state.dtypes[i] != np.float32:
+        elif slot.m.dtype != np.float32:
             raise ValueError(f"{where} is {state.dtypes[i]}; bitsandbytes keeps float32 state")
         else:
             q = {"state1": np.array(be.to_host(slot.m)), "state2": np.array(be.to_host(slot.v))}
@@ -554,6 +575,43 @@ def _array(value, shape, dtype, where: str, key: str) -> np.ndarray:
             f"{where}: {key} is {a.dtype} {a.shape}, expected {np.dtype(dtype)} {tuple(shape)}"
         )
     return np.ascontiguousarray(a)
+
+
+def _moment(value, shape, dtype, where: str, key: str) -> np.ndarray:
+    """A torch moment of a leaf of ``dtype``, as the state stores it: ``_array`` of it, but
+    for a float16 or bfloat16 leaf one in that dtype (torch's) or float32, upcast exactly."""
+    fmt = half_format(dtype)
+    if str(getattr(value, "dtype", "")) == "torch.bfloat16":
+        value = value.float()  # NumPy has no bfloat16 of its own; exact
+    a = np.asarray(value)
+    if fmt < 0 or a.dtype == np.float32:
+        return _array(a, shape, dtype if fmt < 0 else np.float32, where, key)
+    if a.dtype != dtype or a.shape != tuple(shape):
+        raise ValueError(
+            f"{where}: {key} is {a.dtype} {a.shape}, expected {np.dtype(dtype)} or float32 "
+            f"{tuple(shape)}"
+        )
+    bits = np.ascontiguousarray(a).view(np.uint16)
+    return to_f32_array(bits, fmt).reshape(a.shape)
+
+
+def _in_param_dtype(moment: np.ndarray, dtype) -> np.ndarray:
+    """A float32 moment of a leaf of ``dtype`` in that dtype: rounded to nearest for a
+    float16 or bfloat16 leaf (:mod:`adamnp.lowbit.half`); any other moment as it is."""
+    fmt = half_format(dtype)
+    if fmt < 0:
+        return moment
+    return round_half_array(moment, fmt).view(dtype).reshape(moment.shape)
+
+
+def _eight_bit_dtype(a) -> bool:
+    """Whether a leaf of ``a``'s dtype can have 8-bit state: float32, float16, bfloat16."""
+    dtype = getattr(a, "dtype", None)
+    try:
+        dtype = np.dtype(dtype) if dtype is not None else None
+    except TypeError:
+        return False
+    return dtype is not None and (dtype == np.float32 or half_format(dtype) >= 0)
 
 
 def _fill(state: AdamState, fills) -> None:
