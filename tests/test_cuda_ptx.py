@@ -23,6 +23,15 @@ KERNELS = ("adam_step", "grad_stats", "fill", "traffic", "traffic_q8")
 BLOCK_SIZES = (64, 256, 1024, 4096)
 # 8-bit kernels, both state formats ("bnb": .q8, "sqrt": .q8_sqrt), one per block size.
 Q8_KERNELS = tuple(f"adam_step_q8{fmt}_bs{bs}" for fmt in ("", "_sqrt") for bs in BLOCK_SIZES)
+# float16 ("_f16") and bfloat16 ("_bf16") params: the float32-moment step and the reduction
+# over half gradients (.half), and the 8-bit kernels built for each format at the block sizes
+# of 4 and 16 elements per thread.
+HALF_KERNELS = tuple(f"{k}_{h}" for k in ("adam_step_half", "grad_stats_half")
+                     for h in ("f16", "bf16"))  # fmt: skip
+Q8_HALF_KERNELS = tuple(f"adam_step_q8{fmt}_bs{bs}_{h}" for fmt in ("", "_sqrt")
+                        for bs in (64, 4096) for h in ("f16", "bf16"))  # fmt: skip
+ALL_Q8 = Q8_KERNELS + Q8_HALF_KERNELS
+ALL = KERNELS + HALF_KERNELS + ALL_Q8
 CCS = ((8, 0), (9, 0))
 
 
@@ -53,10 +62,16 @@ def _fp32():
     return fp32
 
 
+@functools.cache
 def _signatures() -> dict:
-    from adamnp.backends.cuda import q8, q8_sqrt
+    from adamnp.backends.cuda import half, q8, q8_sqrt
 
-    return {**_fp32().signatures(), **q8.signatures(), **q8_sqrt.signatures()}
+    out = {**_fp32().signatures(), **q8.signatures(), **q8_sqrt.signatures()}
+    out.update(half.signatures())
+    for h in (0, 1):
+        out.update(q8.signatures((64, 4096), h))
+        out.update(q8_sqrt.signatures((64, 4096), h))
+    return out
 
 
 @pytest.fixture(autouse=True)
@@ -69,11 +84,11 @@ def _no_gpu_needed(monkeypatch):
 
 
 def test_every_kernel_is_listed():
-    assert set(_signatures()) == set(KERNELS + Q8_KERNELS)
+    assert set(_signatures()) == set(ALL)
 
 
 @pytest.mark.parametrize("cc", CCS, ids=lambda cc: f"sm_{cc[0]}{cc[1]}")
-@pytest.mark.parametrize("name", KERNELS + Q8_KERNELS)
+@pytest.mark.parametrize("name", ALL)
 def test_kernel_compiles_to_ptx(name, cc):
     for ptx in _ptx(name, cc):
         assert f".target sm_{cc[0]}{cc[1]}" in ptx
@@ -82,7 +97,7 @@ def test_kernel_compiles_to_ptx(name, cc):
         assert "fma." not in ptx
 
 
-@pytest.mark.parametrize("name", Q8_KERNELS)
+@pytest.mark.parametrize("name", ALL_Q8)
 def test_q8_values_stay_in_registers(name):
     # The 8-bit kernels keep each thread's elements of a tile in per-thread arrays between
     # the absmax reduction and the requantization: fully unrolled, they are registers. A
@@ -94,7 +109,8 @@ def test_q8_values_stay_in_registers(name):
 
 @pytest.mark.parametrize("cc", CCS, ids=lambda cc: f"sm_{cc[0]}{cc[1]}")
 @pytest.mark.parametrize("name", [f"adam_step_q8{fmt}_bs{bs}" for fmt in ("", "_sqrt")
-                                  for bs in (64, 1024)])  # fmt: skip
+                                  for bs in (64, 1024)]
+                         + [n for n in Q8_HALF_KERNELS if "_bs64_" in n])  # fmt: skip
 def test_q8_launch_bounds_hold_without_spills(name, cc, tmp_path):
     # 4 elements per thread: at most 64 registers, so 4 blocks of 256 threads (and, for
     # "bnb", their 4 x 36 KiB of shared memory) fit on one SM; the bound must not cost spills.
@@ -121,12 +137,24 @@ def test_contraction_is_what_exact_arithmetic_removes():
     assert all("fma.rn" in ptx for ptx in _ptx("adam_step_q8_sqrt_bs256", (9, 0), exact=False))
 
 
-@pytest.mark.parametrize("name", [n for n in Q8_KERNELS if "_sqrt_" in n])
+@pytest.mark.parametrize("name", [n for n in ALL_Q8 if "_sqrt_" in n]
+                         + [n for n in HALF_KERNELS if "adam_step" in n])  # fmt: skip
 def test_q8_sqrt_is_float32_only(name):
     # The "sqrt" kernel's arithmetic is float32 and int32 (numba-cuda widens Python float
     # literals and int/float mixes to float64; every constant is cast): no f64 instruction.
     for ptx in _ptx(name, (9, 0)):
         assert ".f64" not in ptx
+
+
+def test_half_params_are_read_as_bits():
+    # Half params and gradients are loaded and stored as 16-bit integers and converted by
+    # the integer code of adamnp.lowbit.half, never by cvt instructions of the f16 type
+    # (whose rounding is the hardware's, not the reference's).
+    for name in ("adam_step_half_f16", "adam_step_q8_bs64_bf16", "adam_step_q8_sqrt_bs64_f16"):
+        (ptx,) = _ptx(name, (9, 0))
+        assert re.search(r"\bld(\.global)?\.u16", ptx), name
+        assert re.search(r"\bst(\.global)?\.u16", ptx), name
+        assert ".f16" not in ptx and ".bf16" not in ptx, name
 
 
 def _ptxas() -> str | None:
@@ -137,7 +165,7 @@ def _ptxas() -> str | None:
 
 
 @pytest.mark.parametrize("cc", CCS, ids=lambda cc: f"sm_{cc[0]}{cc[1]}")
-@pytest.mark.parametrize("name", KERNELS + Q8_KERNELS)
+@pytest.mark.parametrize("name", ALL)
 def test_ptx_assembles(name, cc, tmp_path):
     ptxas = _ptxas()
     if ptxas is None:

@@ -6,11 +6,15 @@
 2. The same for 8-bit state (``state_bits=8``, block sizes 64, 256 and 4096) in both formats
    (``"sqrt"``, the default, and ``"bnb"``): params and absmax bitwise, code mismatches
    counted (expected 0: the same float32 operations and integer arithmetic as the reference).
-3. Effective bandwidth of the step as a fraction of ``traffic_kernel``, a kernel that moves
+3. float16 and bfloat16 params (1e6 elements, float32-moment and both 8-bit states, to
+   nearest and stochastic rounding, half and float32 gradients): params, moments, codes and
+   absmax bitwise. A bfloat16 row reports "skip" when the leaves cannot be passed (see
+   :func:`agreement_half`).
+4. Effective bandwidth of the step as a fraction of ``traffic_kernel``, a kernel that moves
    the same bytes (read p, g, m, v; write p, m, v) without the math, at 64M float32 elements
    as one leaf and as 1000 leaves: the kernels alone (CUDA events) and ``adamnp.step`` end
    to end (wall clock, with validation and host work).
-4. The same for the 8-bit step against ``traffic_kernel_q8`` (16 B per element: read and
+5. The same for the 8-bit step against ``traffic_kernel_q8`` (16 B per element: read and
    write p and both code arrays, read g). The step's byte model is 16 B per element plus
    16 B per block (absmax of m and v read and written), ``16 + 16 / block_size`` B per
    element; the fraction compares bandwidths (bytes / time). Goal: at least 70%.
@@ -31,6 +35,7 @@ import adamnp
 from adamnp._tree import flatten
 from adamnp.backends import cuda as be
 from adamnp.backends.math import host_scalars
+from adamnp.lowbit.half import bfloat16_dtype
 
 CONFIGS = {
     "adamw": adamnp.adamw(lr=1e-3, weight_decay=0.01),
@@ -118,6 +123,39 @@ def agreement_q8(cuda, sizes, cfg_name, block_size, state_format="sqrt", steps=3
     print(f"{'ok  ' if ok else 'FAIL'} agreement {cfg_name:16} {state_format:4} "
           f"8-bit/{block_size:<4} {len(sizes):4} leaves {sum(sizes):>11,} elements "
           f"({how}; {mismatches} of {codes:,} codes differ)")  # fmt: skip
+    return ok
+
+
+def agreement_half(cuda, n, dtype, state, rounding, grad_dtype, steps=3) -> bool:
+    """``agreement`` for float16 or bfloat16 params (``ml_dtypes.bfloat16`` host arrays
+    copied with ``cuda.to_device``): everything bitwise, with the exact arithmetic; a
+    bfloat16 row is skipped (and passes) when validation refuses the device array (a
+    Numba device array reports bfloat16 as typestr ``<V2``)."""
+    cfg = adamnp.adamw(lr=1e-3, weight_decay=0.01, param_rounding=rounding)
+    rng = np.random.default_rng(n + len(state))
+    host = [rng.standard_normal(n).astype(dtype)]
+    dev = [cuda.to_device(a) for a in host]
+    kw = {} if state == "fp32" else dict(state_bits=8, min_8bit_size=1, block_size=256,
+                                         state_format=state)  # fmt: skip
+    label = (f"agreement {np.dtype(dtype).name:8} {state:4} {rounding:10} grads "
+             f"{np.dtype(grad_dtype).name:8} {n:>11,} elements")  # fmt: skip
+    try:
+        s_dev = adamnp.init(dev, cfg, backend="cuda", **kw)
+    except TypeError as exc:
+        print(f"skip {label}: {exc}")
+        return True
+    s_ref = adamnp.init(host, cfg, backend="numpy", **kw)
+    for _ in range(steps):
+        grads = [rng.standard_normal(n).astype(grad_dtype)]
+        adamnp.step(host, grads, s_ref)
+        adamnp.step(dev, [cuda.to_device(g) for g in grads], s_dev)
+    exact = be._k().exact
+    ok = _compare("params", dev[0].copy_to_host().view(np.uint16), host[0].view(np.uint16),
+                  exact)  # fmt: skip
+    for field, expected in s_ref.slots[0]._asdict().items():
+        if isinstance(expected, np.ndarray):
+            ok &= _compare(field, be.to_host(getattr(s_dev.slots[0], field)), expected, exact)
+    print(f"{'ok  ' if ok else 'FAIL'} {label} ({'bitwise' if exact else 'rtol 1e-5'})")
     return ok
 
 
@@ -233,6 +271,11 @@ def main(argv=None) -> int:
     for sizes, name, bs in q8_cases:
         for fmt in ("sqrt", "bnb"):
             ok &= agreement_q8(cuda, sizes, name, bs, fmt)
+    bf16 = bfloat16_dtype()
+    for dtype in [np.float16] + ([bf16] if bf16 is not None else []):
+        for state in ("fp32", "sqrt", "bnb"):
+            for rounding, grad_dtype in (("nearest", dtype), ("stochastic", np.float32)):
+                ok &= agreement_half(cuda, 10**6 + 3, dtype, state, rounding, grad_dtype)
     bandwidth(cuda, n=(1 << 22) if args.quick else (1 << 26))
     bandwidth_q8(cuda, n=(1 << 22) if args.quick else (1 << 26))
     print("all checks passed" if ok else "SOME CHECKS FAILED")

@@ -34,6 +34,15 @@ stochastically (:mod:`adamnp.lowbit.stochastic`), keyed by the step and the grou
 leaf as in the reference. ``"sqrt"``, the default (:mod:`.q8_sqrt`, format
 :mod:`adamnp.lowbit.sqrt`): the same launch without tables; ``sqrt(v)`` and ``m / sqrt(v)``
 are rounded stochastically with the same key.
+
+float16 and bfloat16 params (:mod:`.half`): the same launches with the params read and
+written as uint16 bits, upcast to float32 and rounded back (to nearest or stochastically) by
+the scalar functions of :mod:`adamnp.lowbit.half` compiled as device functions; a third
+column of the address table says per leaf whether its gradient is half or float32. float16
+leaves come through ``__cuda_array_interface__`` (typestr ``<f2``); bfloat16 has no typestr
+of its own: a Numba device array of ``ml_dtypes.bfloat16`` carries its dtype, and ``<V2``
+(what torch exports for bfloat16, and ``ml_dtypes.bfloat16``'s ``dtype.str``) is read as
+bfloat16 (:func:`device_dtype`).
 """
 
 from __future__ import annotations
@@ -45,6 +54,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
+from ...lowbit.half import bfloat16_dtype, half_format, param_key
 from ...lowbit.stochastic import group_key
 from ..math import grad_limit, kernel_flags, kernel_scalars
 
@@ -98,6 +108,26 @@ def owns(array) -> bool:
 def _iface(a) -> dict:
     cai = getattr(a, "__cuda_array_interface__", None)
     return cai if cai is not None else a.__array_interface__  # the simulator's arrays
+
+
+def device_dtype(a) -> np.dtype:
+    """The NumPy dtype of device array ``a``: a Numba device array's own (it may be
+    ``ml_dtypes.bfloat16``), else its interface's typestr, with ``<V2`` read as bfloat16
+    (torch's typestr for it) when ``ml_dtypes`` is installed.
+
+    Examples
+    --------
+    >>> from types import SimpleNamespace
+    >>> device_dtype(SimpleNamespace(__cuda_array_interface__={"typestr": "<f2"}))
+    dtype('float16')
+    """
+    if getattr(a, "__cuda_ndarray__", False):
+        return np.dtype(a.dtype)
+    dtype = np.dtype(_iface(a)["typestr"])
+    if dtype.kind == "V" and dtype.itemsize == 2 and not dtype.names:  # "<V2", "|V2"
+        bf16 = bfloat16_dtype()
+        return dtype if bf16 is None else bf16
+    return dtype
 
 
 def _nbytes(cai) -> int:
@@ -208,13 +238,14 @@ def _plan(group) -> SimpleNamespace:
         tile = _q8_kernels(group).tile if group.kind == "q8" else None
         chunks, offsets = _tables(np.diff(group.offsets), tile)
         k = len(group.leaf_ids)
+        cols = 3 if group.half >= 0 else 2  # half params: whether each grad is half
         plan = SimpleNamespace(
             nchunks=len(chunks),
             q8=None if tile is None else _q8_plan(group),
             chunks=cuda.to_device(chunks),
             offsets=cuda.to_device(offsets),
-            ptrs=cuda.device_array((k, 2), np.uint64),
-            staging=[cuda.pinned_array((k, 2), np.uint64) for _ in range(2)],
+            ptrs=cuda.device_array((k, cols), np.uint64),
+            staging=[cuda.pinned_array((k, cols), np.uint64) for _ in range(2)],
             events=[cuda.event() for _ in range(2)],
             turn=0,
             last=None,
@@ -252,9 +283,13 @@ def step_group(group, params, grads, scalars) -> None:
     plan = _plan(group)
     if plan.nchunks == 0:
         return
-    table = np.array(
-        [(_addr(params[i]), _addr(grads[i])) for i in group.leaf_ids], np.uint64
-    ).reshape(-1, 2)
+    ids = group.leaf_ids
+    if group.half >= 0:  # half params: a third column, 1 where the gradient is half too
+        rows = [(_addr(params[i]), _addr(grads[i]), _itemsize(grads[i]) == 2) for i in ids]
+        table = np.array(rows, np.uint64).reshape(-1, 3)
+    else:
+        table = np.array([(_addr(params[i]), _addr(grads[i])) for i in ids], np.uint64)
+        table = table.reshape(-1, 2)
     _upload(plan, table)
     k = kernel_scalars(scalars, group.dtype)
     if group.kind == "q8":
@@ -262,29 +297,49 @@ def step_group(group, params, grads, scalars) -> None:
         return
     m, v = group.buffers["m"], group.buffers["v"]
     vmax = group.buffers.get("vmax", m)  # a placeholder unless amsgrad: never touched
-    _launch(
-        _k().adam_step, plan.nchunks, plan.ptrs, plan.chunks, plan.offsets, m, v, vmax, k,
-        *kernel_flags(scalars),
-    )  # fmt: skip
+    args = (plan.ptrs, plan.chunks, plan.offsets, m, v, vmax, k, *kernel_flags(scalars))
+    if group.half >= 0:
+        kernel = _half(group.half).adam_step_half
+        _launch(kernel, plan.nchunks, *args, *_param_rounding(group, scalars))
+        return
+    _launch(_k().adam_step, plan.nchunks, *args)
 
 
-def _q8(block_size: int):
+def _itemsize(a) -> int:
+    return np.dtype(_iface(a)["typestr"]).itemsize
+
+
+def _half(fmt: int):
+    from .half import build
+
+    return build(fmt)
+
+
+def _param_rounding(group, scalars) -> tuple:
+    """``(stochastic, key)``: how the kernels round ``group``'s half-precision params (the
+    step's :func:`~adamnp.lowbit.half.param_key`; ignored for float32 params)."""
+    if group.half < 0 or not scalars.stochastic_params:
+        return False, np.uint32(0)
+    return True, np.uint32(param_key(scalars.step, int(group.leaf_ids[0])))
+
+
+def _q8(block_size: int, half: int = -1):
     from .q8 import build
 
-    return build(block_size)
+    return build(block_size, half)
 
 
-def _q8_sqrt(block_size: int):
+def _q8_sqrt(block_size: int, half: int = -1):
     from .q8_sqrt import build
 
-    return build(block_size)
+    return build(block_size, half)
 
 
 def _q8_kernels(group):
     """The kernel namespace of an 8-bit group: :mod:`.q8_sqrt`'s for the ``"sqrt"`` format,
-    :mod:`.q8`'s for ``"bnb"``."""
+    :mod:`.q8`'s for ``"bnb"`` (built for the group's parameter format)."""
     build = _q8_sqrt if group.state_format == "sqrt" else _q8
-    return build(group.block_size)
+    return build(group.block_size, group.half)
 
 
 def _q8_plan(group) -> SimpleNamespace:
@@ -333,45 +388,47 @@ def _step_q8(group, plan, k, s) -> None:
     codes_w = b.get("codes_vmax", b["codes_v"])  # placeholders unless amsgrad: never touched
     absmax_w = b.get("absmax_vmax", b["absmax_v"])
     key = group_key(group, s.step)  # None: v rounded to nearest
+    q = _q8_kernels(group)
+    rounding = _param_rounding(group, s)
     if group.state_format == "sqrt":
-        q = _q8_sqrt(group.block_size)
         kernel = q.adam_step_q8_sqrt
         _launch(
             kernel, _q8_grid(q, plan, kernel), plan.ptrs, plan.chunks, plan.offsets,
             plan.q8.block_offsets, b["codes_m"], b["codes_v"], codes_w, b["absmax_m"],
-            b["absmax_v"], absmax_w, k, *kernel_flags(s), np.uint32(key), threads=q.threads,
+            b["absmax_v"], absmax_w, k, *kernel_flags(s), np.uint32(key), *rounding,
+            threads=q.threads,
         )  # fmt: skip
         return
-    q = _q8(group.block_size)
     _launch(
         q.adam_step_q8, _q8_grid(q, plan), plan.ptrs, plan.chunks, plan.offsets,
         plan.q8.block_offsets, b["codes_m"], b["codes_v"], codes_w, b["absmax_m"],
         b["absmax_v"], absmax_w, *plan.q8.constants, k, *kernel_flags(s), key is not None,
-        np.uint32(key or 0), threads=q.threads,
+        np.uint32(key or 0), *rounding, threads=q.threads,
     )  # fmt: skip
 
 
 def _grad_stats(grads):
     """Yield ``(leaf index per chunk, sum of squares per chunk, bad flag per chunk)``; a
     chunk is bad if an element is NaN, Inf or of magnitude at or above
-    :func:`~adamnp.backends.math.grad_limit`."""
+    :func:`~adamnp.backends.math.grad_limit` (a float16 or bfloat16 gradient: its float32
+    value, :mod:`.half`)."""
     k = _k()
     by_dtype: dict = {}
     for i, g in enumerate(grads):
-        cai = _iface(g)
-        if _nbytes(cai):
-            by_dtype.setdefault(np.dtype(cai["typestr"]), []).append(i)
-    for dtype, ids in sorted(by_dtype.items(), key=lambda item: item[0].str):
+        if _nbytes(_iface(g)):
+            by_dtype.setdefault(device_dtype(g), []).append(i)
+    for dtype, ids in sorted(by_dtype.items(), key=lambda item: item[0].name):
         chunks, offsets = _tables([math.prod(_iface(grads[i])["shape"]) for i in ids])
         table = np.array([[_addr(grads[i])] for i in ids], np.uint64)
         sumsq = k.cuda.device_array(len(chunks), np.float64)
         bad = k.cuda.to_device(np.zeros(len(chunks), np.int32))
-        like = k.cuda.device_array(0, dtype)
-        limit = dtype.type(grad_limit(dtype))
-        _launch(
-            k.grad_stats, len(chunks), k.cuda.to_device(table), k.cuda.to_device(chunks),
-            k.cuda.to_device(offsets), like, limit, sumsq, bad,
-        )  # fmt: skip
+        tables = (k.cuda.to_device(table), k.cuda.to_device(chunks), k.cuda.to_device(offsets))
+        if half_format(dtype) >= 0:
+            _launch(_half(half_format(dtype)).grad_stats_half, len(chunks), *tables, sumsq, bad)
+        else:
+            like = k.cuda.device_array(0, dtype)
+            limit = dtype.type(grad_limit(dtype))
+            _launch(k.grad_stats, len(chunks), *tables, like, limit, sumsq, bad)
         yield np.asarray(ids)[chunks[:, 0]], sumsq.copy_to_host(), bad.copy_to_host()
 
 

@@ -54,6 +54,13 @@ of :mod:`adamnp.lowbit.stochastic` are compiled as device functions: their uint3
 are typed uint64 and cast back to uint32, so they wrap mod 2**32 as on the CPU. ``m`` and
 amsgrad's ``vmax`` are always rounded to nearest.
 
+float16 and bfloat16 params (:func:`build`'s ``half``, a constant of the compiled kernel):
+``p`` (and a gradient of the params' format, per leaf the third column of ``ptrs``) are
+loaded as uint16 bits and upcast (:func:`.half.device_functions`); the updated params wait
+in registers and are rounded back in a loop of their own before the reduction (to nearest,
+or with ``p_stochastic`` from the element's hash under ``p_key``): merged into the element
+loop, the rounding kept that loop from being unrolled at 16 elements per thread.
+
 Arithmetic is exact as in :mod:`.fp32` (launched inside :func:`.util.exact_arithmetic`, no
 FMA contraction). The simulator has neither warp shuffles nor libdevice: there the warp
 reduction goes through a shared array (same groups, same leader lanes) and bit casts go
@@ -63,7 +70,6 @@ through NumPy views; device functions are called as plain Python.
 from __future__ import annotations
 
 import functools
-import types as pytypes
 from types import SimpleNamespace
 
 import numpy as np
@@ -71,7 +77,17 @@ import numpy as np
 from ...lowbit.exact import moment_code, quantize_bits
 from ...lowbit.stochastic import block_key, mix32, round_up, uniform
 from ..math import adam_elem
-from .util import THREADS, flags_types, leaf_ptr, scalars_type, simulating
+from .half import device_functions
+from .util import (
+    THREADS,
+    bits_ptr,
+    flags_types,
+    leaf_ptr,
+    rebind,
+    scalars_type,
+    sim_quiet,
+    simulating,
+)
 
 SIM_THREADS = 64  # in the simulator: two "warps", tiles of 4 blocks of 64 elements
 MIN_PER_THREAD = 4  # a tile has at least 4 elements per thread
@@ -90,29 +106,10 @@ def _sim_i2f(x):
     return np.int32(x).view(np.float32)
 
 
-def _sim_quiet(f):
-    """``f`` run with NumPy's overflow warning off: in the simulator the uint32 hash runs on
-    NumPy scalars, whose products wrap like the compiled ones but warn."""
-
-    def quiet(*args):
-        with np.errstate(over="ignore"):
-            return f(*args)
-
-    return quiet
-
-
-def _rebind(f, **names):
-    """A copy of function ``f`` whose global ``names`` are replaced (by device functions)."""
-    g = pytypes.FunctionType(f.__code__, {**f.__globals__, **names}, f.__name__,
-                             f.__defaults__, f.__closure__)  # fmt: skip
-    g.__kwdefaults__ = f.__kwdefaults__
-    return g
-
-
 @functools.cache
-@functools.cache
-def build(block_size: int) -> SimpleNamespace:
-    """The 8-bit step kernel for ``block_size`` (a power of two, 64..4096)."""
+def build(block_size: int, half: int = -1) -> SimpleNamespace:
+    """The 8-bit step kernel for ``block_size`` (a power of two, 64..4096) and parameters of
+    half-precision format ``half`` (0 float16, 1 bfloat16; -1: float32 parameters)."""
     global cuda
     from numba import cuda
     from numba.cuda import types
@@ -134,17 +131,21 @@ def build(block_size: int) -> SimpleNamespace:
     device = (lambda f: f) if sim else cuda.jit(device=True)
     elem, quantize = device(adam_elem), device(quantize_bits)
     if sim:
-        hash_key, hash_uniform = _sim_quiet(block_key), _sim_quiet(uniform)
+        hash_key, hash_uniform = sim_quiet(block_key), sim_quiet(uniform)
         stochastic_up = round_up
     else:
         # block_key and uniform call mix32: compiled, they must call its device version.
         mix = device(mix32)
-        hash_key = device(_rebind(block_key, mix32=mix))
-        hash_uniform = device(_rebind(uniform, mix32=mix))
+        hash_key = device(rebind(block_key, mix32=mix))
+        hash_uniform = device(rebind(uniform, mix32=mix))
         stochastic_up = device(round_up)
     low32 = np.uint64(0xFFFFFFFF)
     high_shift = np.uint64(32)
     nan = np.float32(np.nan)
+    half = int(half)
+    is_half, hf, bits = half >= 0, device_functions(), bits_ptr()
+    to_f32, round_half, p_mix, p_hash_key = hf.to_f32, hf.round_half, hf.mix, hf.hash_key
+    no_u, one32 = np.uint32(0), np.uint32(1)
     # At most 64 registers per thread for tiles of 4 elements per thread: 4 blocks of 256
     # threads (and 4 x 36 KiB of shared memory) fit on an SM of sm_80 and sm_90.
     bounds = (threads, 4) if per_thread == MIN_PER_THREAD else (threads,)
@@ -213,10 +214,11 @@ def build(block_size: int) -> SimpleNamespace:
         codes_m, codes_v, codes_w, absmax_m, absmax_v, absmax_w,
         map_m, map_v, table_m, table_v,
         shift_m, lo_m, nb_m, zero_m, shift_v, lo_v, nb_v, zero_v,
-        k, decoupled_decay, l2_decay, amsgrad, maximize, stochastic, key,
+        k, decoupled_decay, l2_decay, amsgrad, maximize, stochastic, key, p_stochastic, p_key,
     ):  # fmt: skip
         """One 8-bit Adam/AdamW step of every leaf of a group (``w`` is amsgrad's vmax);
-        ``stochastic``: round ``v`` stochastically with the step's uint32 hash ``key``."""
+        ``stochastic``: round ``v`` stochastically with the step's uint32 hash ``key``;
+        ``p_stochastic``: round half-precision params stochastically with ``p_key``."""
         t = cuda.threadIdx.x
         q = t // group  # the thread's quantization block in each tile
         r = t % group  # its first element in that block; then every group-th
@@ -249,8 +251,21 @@ def build(block_size: int) -> SimpleNamespace:
             n = offsets[leaf + 1] - base
             first = tiles[c, 1] + q * bs  # first element of the thread's block
             b = min(block_offsets[leaf] + first // bs, block_offsets[leaf + 1] - 1)
-            p = ptr(ptrs[leaf, 0], n, map_m)
-            g = ptr(ptrs[leaf, 1], n, map_m)
+            # Half params (and grads where ptrs[leaf, 2] says so) are read as uint16 bits.
+            g_half = is_half and ptrs[leaf, 2] != 0
+            p = ptr(ptrs[leaf, 0], 0 if is_half else n, map_m)
+            p16 = bits(ptrs[leaf, 0], n if is_half else 0)
+            g = ptr(ptrs[leaf, 1], 0 if g_half else n, map_m)
+            g16 = bits(ptrs[leaf, 1], n if g_half else 0)
+            pk0 = no_u
+            pk1 = no_u
+            p_low = no_u
+            if is_half and p_stochastic:  # the block keys of the params' hashes, as below
+                e0 = np.uint64(base + first)
+                p_low = np.uint32(e0 & low32)
+                p_high = np.uint32(e0 >> high_shift)
+                pk0 = p_hash_key(p_key, p_high)
+                pk1 = p_hash_key(p_key, np.uint32(p_high + one32))
             nxt = buf + 1 if buf < 2 else 0
             if t < 3 * qblocks:
                 amax[nxt, t // qblocks, t % qblocks] = 0
@@ -262,8 +277,8 @@ def build(block_size: int) -> SimpleNamespace:
             for j in range(per_thread):
                 i = min(first + j * group + r, n - 1)
                 e = np.uint64(base + i)
-                in_p[j] = p[i]
-                in_g[j] = g[i]
+                in_p[j] = to_f32(p16[i], half) if is_half else p[i]
+                in_g[j] = to_f32(g16[i], half) if g_half else g[i]
                 new_m[j] = s_map_m[codes_m[e]] * old_m
                 new_v[j] = s_map_v[codes_v[e]] * old_v
             if amsgrad:
@@ -284,13 +299,25 @@ def build(block_size: int) -> SimpleNamespace:
                         in_p[j], in_g[j], new_m[j], new_v[j], new_w[j],
                         k, decoupled_decay, l2_decay, amsgrad, maximize,
                     )  # fmt: skip
-                    p[i] = pi
+                    if is_half:
+                        in_p[j] = pi  # rounded in a loop of its own (below)
+                    else:
+                        p[i] = pi
                 new_m[j] = m
                 new_v[j] = v
                 new_w[j] = w
                 hi_m = max(hi_m, np.int32(f2i(m) & 0x7FFFFFFF))
                 hi_v = max(hi_v, np.int32(f2i(v) & 0x7FFFFFFF))
                 hi_w = max(hi_w, np.int32(f2i(w) & 0x7FFFFFFF))
+            if is_half:  # a loop of its own: the element loop stays unrolled
+                for j in range(per_thread):
+                    i = first + j * group + r
+                    if i < n:
+                        u = no_u
+                        if p_stochastic:
+                            index = np.uint32(np.uint64(base + i) & low32)
+                            u = p_mix(np.uint32(index ^ (pk0 if index >= p_low else pk1)))
+                        p16[i] = round_half(in_p[j], u, half, p_stochastic)
             max_into(amax, stage, buf, q, hi_m, hi_v, hi_w, amsgrad)
             cuda.syncthreads()
             bits_m = amax[buf, 0, q]
@@ -321,6 +348,7 @@ def build(block_size: int) -> SimpleNamespace:
 
     return SimpleNamespace(
         block_size=bs,
+        half=half,
         threads=threads,
         tile=threads * per_thread,
         per_thread=per_thread,
@@ -329,8 +357,10 @@ def build(block_size: int) -> SimpleNamespace:
     )
 
 
-def signatures(block_sizes=(64, 256, 1024, 4096)) -> dict:
-    """``{name: (kernel, [argument types])}`` of the 8-bit kernels (for PTX builds)."""
+def signatures(block_sizes=(64, 256, 1024, 4096), half: int = -1) -> dict:
+    """``{name: (kernel, [argument types])}`` of the 8-bit kernels (for PTX builds), for
+    parameters of half-precision format ``half`` (-1: float32; names then end ``_f16`` or
+    ``_bf16``)."""
     from numba.cuda import types
 
     table, ints, offs = types.uint64[:, ::1], types.int64[:, ::1], types.int64[::1]
@@ -339,5 +369,8 @@ def signatures(block_sizes=(64, 256, 1024, 4096)) -> dict:
     sig = (
         (table, ints, offs, offs) + (codes,) * 3 + (f32a,) * 3 + (f32a, f32a, i32a, i32a)
         + (i32,) * 8 + (scalars_type(f32), *flags_types(), types.boolean, types.uint32)
+        + (types.boolean, types.uint32)
     )  # fmt: skip
-    return {f"adam_step_q8_bs{bs}": (build(bs).adam_step_q8, [sig]) for bs in block_sizes}
+    suffix = ("", "_f16", "_bf16")[half + 1]
+    return {f"adam_step_q8_bs{bs}{suffix}": (build(bs, half).adam_step_q8, [sig])
+            for bs in block_sizes}  # fmt: skip

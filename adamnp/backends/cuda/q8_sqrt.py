@@ -31,6 +31,8 @@ threads. Per tile:
    not unrolled at 16 elements per thread, which puts the per-thread arrays in local
    memory); the group's first thread stores the absmax.
 
+float16 and bfloat16 params are read, upcast and rounded back as in :mod:`.q8`.
+
 No lookup table: the only shared memory is the three rotating absmax buffers (see
 :mod:`.q8`). The scalar functions of :mod:`adamnp.lowbit.sqrt` and ``mix32`` are compiled
 as device functions; every constant is float32 or int32, so no operation is widened to
@@ -50,21 +52,33 @@ import numpy as np
 from ...lowbit.sqrt import R_FLOOR, r_code, s_bits, s_code
 from ...lowbit.stochastic import block_key, mix32
 from ..math import adam_elem
-from .q8 import MIN_PER_THREAD, SIM_GRID, SIM_THREADS, _rebind, _sim_f2i, _sim_i2f, _sim_quiet
-from .util import THREADS, flags_types, leaf_ptr, scalars_type, simulating
+from .half import device_functions
+from .q8 import MIN_PER_THREAD, SIM_GRID, SIM_THREADS, _sim_f2i, _sim_i2f
+from .util import (
+    THREADS,
+    bits_ptr,
+    flags_types,
+    leaf_ptr,
+    rebind,
+    scalars_type,
+    sim_quiet,
+    simulating,
+)
 
 # numba.cuda, set by build(): the simulator swaps this module global while a kernel runs.
 cuda = None
 
 
 @functools.cache
-def build(block_size: int) -> SimpleNamespace:
+def build(block_size: int, half: int = -1) -> SimpleNamespace:
     """The ``"sqrt"``-format 8-bit step kernel for ``block_size`` (a power of two, 64..4096).
 
     Parameters
     ----------
     block_size : int
         Elements per quantization block.
+    half : int
+        The parameters' half-precision format (0 float16, 1 bfloat16), -1 for float32.
 
     Returns
     -------
@@ -92,10 +106,10 @@ def build(block_size: int) -> SimpleNamespace:
     elem = device(adam_elem)
     encode_s, value_bits, encode_r = device(s_code), device(s_bits), device(r_code)
     if sim:
-        mix, hash_key = _sim_quiet(mix32), _sim_quiet(block_key)
+        mix, hash_key = sim_quiet(mix32), sim_quiet(block_key)
     else:
         mix = device(mix32)
-        hash_key = device(_rebind(block_key, mix32=mix))  # block_key calls mix32
+        hash_key = device(rebind(block_key, mix32=mix))  # block_key calls mix32
     low32 = np.uint64(0xFFFFFFFF)
     high_shift = np.uint64(32)
     one32 = np.uint32(1)
@@ -106,6 +120,10 @@ def build(block_size: int) -> SimpleNamespace:
     r_floor = np.float32(R_FLOOR)
     no_code = np.int32(0)
     inf_bits = np.int32(0x7F800000)
+    half = int(half)
+    is_half, hf, bits = half >= 0, device_functions(), bits_ptr()
+    to_f32, round_half, p_mix, p_hash_key = hf.to_f32, hf.round_half, hf.mix, hf.hash_key
+    no_u = np.uint32(0)
     bounds = (threads, 4) if per_thread == MIN_PER_THREAD else (threads,)
     kernel_jit = cuda.jit if sim else cuda.jit(launch_bounds=bounds)
     if sim:
@@ -176,10 +194,11 @@ def build(block_size: int) -> SimpleNamespace:
     def adam_step_q8_sqrt(
         ptrs, tiles, offsets, block_offsets,
         codes_m, codes_v, codes_w, absmax_m, absmax_v, absmax_w,
-        k, decoupled_decay, l2_decay, amsgrad, maximize, key,
+        k, decoupled_decay, l2_decay, amsgrad, maximize, key, p_stochastic, p_key,
     ):  # fmt: skip
         """One 8-bit Adam/AdamW step of every leaf of a ``"sqrt"``-format group (``w`` is
-        amsgrad's vmax, ``key`` the step's uint32 hash key)."""
+        amsgrad's vmax, ``key`` the step's uint32 hash key; ``p_stochastic``: round
+        half-precision params stochastically with ``p_key``)."""
         t = cuda.threadIdx.x
         q = t // group  # the thread's quantization block in each tile
         lane = t % group  # its first element in that block; then every group-th
@@ -201,8 +220,21 @@ def build(block_size: int) -> SimpleNamespace:
             n = offsets[leaf + 1] - base
             first = tiles[c, 1] + q * bs  # first element of the thread's block
             b = min(block_offsets[leaf] + first // bs, block_offsets[leaf + 1] - 1)
-            p = ptr(ptrs[leaf, 0], n, absmax_m)
-            g = ptr(ptrs[leaf, 1], n, absmax_m)
+            # Half params (and grads where ptrs[leaf, 2] says so) are read as uint16 bits.
+            g_half = is_half and ptrs[leaf, 2] != 0
+            p = ptr(ptrs[leaf, 0], 0 if is_half else n, absmax_m)
+            p16 = bits(ptrs[leaf, 0], n if is_half else 0)
+            g = ptr(ptrs[leaf, 1], 0 if g_half else n, absmax_m)
+            g16 = bits(ptrs[leaf, 1], n if g_half else 0)
+            pk0 = no_u
+            pk1 = no_u
+            p_low = no_u
+            if is_half and p_stochastic:  # the block keys of the params' hashes, as below
+                p0 = np.uint64(base + first)
+                p_low = np.uint32(p0 & low32)
+                p_high = np.uint32(p0 >> high_shift)
+                pk0 = p_hash_key(p_key, p_high)
+                pk1 = p_hash_key(p_key, np.uint32(p_high + one32))
             nxt = buf + 1 if buf < 2 else 0
             if t < 3 * qblocks:
                 amax[nxt, t // qblocks, t % qblocks] = 0
@@ -212,8 +244,8 @@ def build(block_size: int) -> SimpleNamespace:
             for j in range(per_thread):
                 i = min(first + j * group + lane, n - 1)
                 e = np.uint64(base + i)
-                in_p[j] = p[i]
-                in_g[j] = g[i]
+                in_p[j] = to_f32(p16[i], half) if is_half else p[i]
+                in_g[j] = to_f32(g16[i], half) if g_half else g[i]
                 root = root_of(codes_v[e], scale_s)
                 new_s[j] = root
                 new_r[j] = (f32(signed(codes_m[e])) * scale_r) * root
@@ -241,7 +273,10 @@ def build(block_size: int) -> SimpleNamespace:
                         in_p[j], in_g[j], new_r[j], v0, w0,
                         k, decoupled_decay, l2_decay, amsgrad, maximize,
                     )  # fmt: skip
-                    p[i] = pi
+                    if is_half:
+                        in_p[j] = pi  # rounded in a loop of its own (below)
+                    else:
+                        p[i] = pi
                     root = f32(math.sqrt(v))
                     ratio = zero if root == zero else m / root  # NaN root: NaN
                     if amsgrad:
@@ -252,6 +287,15 @@ def build(block_size: int) -> SimpleNamespace:
                 hi_r = max(hi_r, abs_bits(ratio))
                 hi_s = max(hi_s, abs_bits(root))
                 hi_x = max(hi_x, abs_bits(xroot))
+            if is_half:  # a loop of its own: the element loop stays unrolled
+                for j in range(per_thread):
+                    i = first + j * group + lane
+                    if i < n:
+                        u = no_u
+                        if p_stochastic:
+                            index = np.uint32(np.uint64(base + i) & low32)
+                            u = p_mix(np.uint32(index ^ (pk0 if index >= p_low else pk1)))
+                        p16[i] = round_half(in_p[j], u, half, p_stochastic)
             max_into(amax, stage, buf, q, hi_r, hi_s, hi_x, amsgrad)
             cuda.syncthreads()
             bits_r = amax[buf, 0, q]
@@ -306,6 +350,7 @@ def build(block_size: int) -> SimpleNamespace:
 
     return SimpleNamespace(
         block_size=bs,
+        half=half,
         threads=threads,
         tile=threads * per_thread,
         per_thread=per_thread,
@@ -314,18 +359,21 @@ def build(block_size: int) -> SimpleNamespace:
     )
 
 
-def signatures(block_sizes=(64, 256, 1024, 4096)) -> dict:
+def signatures(block_sizes=(64, 256, 1024, 4096), half: int = -1) -> dict:
     """``{name: (kernel, [argument types])}`` of the ``"sqrt"``-format kernels (PTX builds).
 
     Parameters
     ----------
     block_sizes : tuple of int
         The block sizes to list, one kernel each.
+    half : int
+        The parameters' format: -1 float32, 0 float16, 1 bfloat16.
 
     Returns
     -------
     dict
-        ``adam_step_q8_sqrt_bs<block size>`` -> ``(kernel, [signature])``.
+        ``adam_step_q8_sqrt_bs<block size>`` (``_f16`` or ``_bf16`` appended for half
+        params) -> ``(kernel, [signature])``.
     """
     from numba.cuda import types
 
@@ -333,7 +381,8 @@ def signatures(block_sizes=(64, 256, 1024, 4096)) -> dict:
     codes, f32a = types.uint8[::1], types.float32[::1]
     sig = (
         (table, ints, offs, offs) + (codes,) * 3 + (f32a,) * 3
-        + (scalars_type(types.float32), *flags_types(), types.uint32)
+        + (scalars_type(types.float32), *flags_types(), types.uint32, types.boolean, types.uint32)
     )  # fmt: skip
-    kernels = {bs: build(bs).adam_step_q8_sqrt for bs in block_sizes}
-    return {f"adam_step_q8_sqrt_bs{bs}": (kernel, [sig]) for bs, kernel in kernels.items()}
+    suffix = ("", "_f16", "_bf16")[half + 1]
+    kernels = {bs: build(bs, half).adam_step_q8_sqrt for bs in block_sizes}
+    return {f"adam_step_q8_sqrt_bs{bs}{suffix}": (kernel, [sig]) for bs, kernel in kernels.items()}

@@ -4,9 +4,13 @@
 * :data:`THREADS`: threads per block of every kernel on a GPU (each kernel module has its
   own, smaller, thread count for the simulator, where every thread is a Python thread);
 * :func:`leaf_ptr`: raw device address -> typed pointer, for the multi-tensor launches;
+  :func:`bits_ptr` the same for the ``uint16`` bits of half-precision leaves;
 * :func:`exact_arithmetic`: compile the kernels launched in a context without FMA
   contraction, so results are bit-identical to the NumPy reference;
-* :func:`scalars_type`: the Numba type of the kernels' scalar record.
+* :func:`scalars_type`: the Numba type of the kernels' scalar record;
+* :func:`rebind` and :func:`sim_quiet`: shared scalar functions as device functions (their
+  calls to other shared functions rebound to device versions), or, in the simulator, as
+  plain Python without NumPy's overflow warning.
 
 Nothing here imports numba-cuda at module import time.
 
@@ -32,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import types as pytypes
 
 import numpy as np
 
@@ -74,6 +79,36 @@ def _device_leaf_ptr():
 def leaf_ptr():
     """``leaf_ptr(addr, n, like)`` for kernels: the intrinsic, or the simulator's view."""
     return _sim_leaf_ptr if simulating() else _device_leaf_ptr()
+
+
+def _sim_bits_ptr(addr, n):
+    """The ``n`` uint16 values at host address ``addr`` (the simulator's "device" memory)."""
+    buf = (ctypes.c_char * (int(n) * 2)).from_address(int(addr))
+    return np.frombuffer(buf, np.uint16)
+
+
+def _device_bits_ptr():
+    from numba.cuda import types
+    from numba.cuda.extending import intrinsic
+
+    @intrinsic
+    def bits_ptr(typingctx, addr, n):
+        """A ``uint16`` pointer to device address ``addr`` (``n`` is for the simulator)."""
+        sig = types.CPointer(types.uint16)(addr, n)
+
+        def codegen(context, builder, sig, args):
+            return builder.inttoptr(args[0], context.get_value_type(sig.return_type))
+
+        return sig, codegen
+
+    return bits_ptr
+
+
+@functools.cache
+def bits_ptr():
+    """``bits_ptr(addr, n)`` for kernels: a ``uint16`` pointer to a float16 or bfloat16
+    leaf's bits (numba-cuda types neither format); in the simulator a view of ``n`` values."""
+    return _sim_bits_ptr if simulating() else _device_bits_ptr()
 
 
 @functools.cache
@@ -133,3 +168,23 @@ def flags_types() -> tuple:
     from ..math import KernelFlags
 
     return (types.boolean,) * len(KernelFlags._fields)
+
+
+def sim_quiet(f):
+    """``f`` run with NumPy's overflow warning off: in the simulator the uint32 hash (and the
+    half-precision rounding) run on NumPy scalars, whose arithmetic wraps like the compiled
+    code's but warns."""
+
+    def quiet(*args):
+        with np.errstate(over="ignore"):
+            return f(*args)
+
+    return quiet
+
+
+def rebind(f, **names):
+    """A copy of function ``f`` whose global ``names`` are replaced (by device functions)."""
+    g = pytypes.FunctionType(f.__code__, {**f.__globals__, **names}, f.__name__,
+                             f.__defaults__, f.__closure__)  # fmt: skip
+    g.__kwdefaults__ = f.__kwdefaults__
+    return g
