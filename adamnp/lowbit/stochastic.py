@@ -103,7 +103,8 @@ def element_hashes(key, index0: int, n: int) -> np.ndarray:
 
     Examples
     --------
-    >>> int(element_hashes(7, 2**32 - 1, 2)[1]) == int(mix32(block_key(7, 1)))
+    >>> high = np.array([1], np.uint32)  # arrays: NumPy warns when a scalar product wraps
+    >>> int(element_hashes(7, 2**32 - 1, 2)[1]) == int(mix32(block_key(7, high))[0])
     True
     """
     index = np.arange(index0, index0 + n, dtype=np.uint64)

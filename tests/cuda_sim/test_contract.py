@@ -105,7 +105,7 @@ BAD_INPUTS = {
     "int grads": (
         _set("w", lambda a: cuda.to_device(np.zeros((5, 7), np.int32))),
         TypeError,
-        "float32 and float64",
+        "float32, float64, float16 and bfloat16",
     ),
     "nan grad": (_nan, ValueError, r"grads\['layers'\]\[1\] .*nonfinite='raise'"),
     # finite, but its square overflows v: rejected like NaN (backends.math.grad_limit)
