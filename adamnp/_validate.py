@@ -31,7 +31,7 @@ from ._config import AdamConfig
 from ._state import AdamState, Layout
 from ._tree import first_difference, flatten
 from .backends.math import GRAD_LIMIT_EXP, compute_dtype
-from .lowbit.half import half_format
+from .lowbit.half import half_format, typestr_dtype
 from .lowbit.maps import STATE_FORMATS
 from .lowbit.reference import is_block_size
 
@@ -71,7 +71,7 @@ def dtype_shape(a) -> tuple[np.dtype, tuple]:
     """
     cai = None if isinstance(a, np.ndarray) else getattr(a, "__cuda_array_interface__", None)
     if cai is not None:
-        return np.dtype(cai["typestr"]), tuple(int(d) for d in cai["shape"])
+        return typestr_dtype(cai["typestr"]), tuple(int(d) for d in cai["shape"])
     return np.dtype(a.dtype), tuple(int(d) for d in a.shape)
 
 

@@ -174,3 +174,18 @@ def test_torch_float16_and_bfloat16_views():
     state = adamnp.init(view, cfg, backend="numpy")
     adamnp.step(view, np.ones(3, np.float32), state)
     assert torch.equal(bf, torch.full((3,), -0.25, dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("typestr", ["<V2", "|V2"])
+def test_a_device_arrays_two_byte_void_is_bfloat16(typestr):
+    """torch exports a bfloat16 CUDA tensor's ``__cuda_array_interface__`` typestr as a
+    two-byte void; validation and the CUDA backend read it as bfloat16 (with ml_dtypes)."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    from types import SimpleNamespace
+
+    from adamnp._validate import dtype_shape
+
+    leaf = SimpleNamespace(__cuda_array_interface__={"typestr": typestr, "shape": (3, 4)})
+    assert dtype_shape(leaf) == (np.dtype(ml_dtypes.bfloat16), (3, 4))
+    other = SimpleNamespace(__cuda_array_interface__={"typestr": "<V4", "shape": (2,)})
+    assert dtype_shape(other) == (np.dtype("V4"), (2,))

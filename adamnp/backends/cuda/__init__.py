@@ -54,7 +54,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from ...lowbit.half import bfloat16_dtype, half_format, param_key
+from ...lowbit.half import half_format, param_key, typestr_dtype
 from ...lowbit.stochastic import group_key
 from ..math import grad_limit, kernel_flags, kernel_scalars
 
@@ -123,11 +123,7 @@ def device_dtype(a) -> np.dtype:
     """
     if getattr(a, "__cuda_ndarray__", False):
         return np.dtype(a.dtype)
-    dtype = np.dtype(_iface(a)["typestr"])
-    if dtype.kind == "V" and dtype.itemsize == 2 and not dtype.names:  # "<V2", "|V2"
-        bf16 = bfloat16_dtype()
-        return dtype if bf16 is None else bf16
-    return dtype
+    return typestr_dtype(_iface(a)["typestr"])
 
 
 def _nbytes(cai) -> int:
