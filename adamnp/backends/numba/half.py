@@ -24,6 +24,8 @@ import numba
 import numpy as np
 from llvmlite import ir
 from numba import prange, types
+from numba.core import config
+from numba.core.codegen import get_host_cpu_features
 from numba.extending import intrinsic
 
 from ...lowbit import half as fmt
@@ -31,10 +33,82 @@ from .fp32 import _update
 from .quant import block_keys, index_hash
 from .util import CHUNK, as_pointer, jit
 
-f16_to_f32 = jit(inline="always")(fmt.f16_to_f32)
 bf16_to_f32 = jit(inline="always")(fmt.bf16_to_f32)
-f16_round = jit(inline="always")(fmt.f16_round)
 bf16_round = jit(inline="always")(fmt.bf16_round)
+_f16_to_f32_bits = jit(inline="always")(fmt.f16_to_f32)
+_f16_round_bits = jit(inline="always")(fmt.f16_round)
+
+
+def _compiles_for_f16c() -> bool:
+    """Whether Numba compiles for a CPU with F16C, x86's float16 <-> float32 instructions
+    (every x86 CPU with AVX2 has them): the host's features, or ``NUMBA_CPU_FEATURES``."""
+    features = config.CPU_FEATURES
+    if features is None:
+        features = get_host_cpu_features()
+    return "+f16c" in features.split(",")
+
+
+#: float16 conversions by the CPU's instructions (LLVM's ``fpext``/``fptrunc`` of ``half``)
+#: rather than the bit arithmetic of :mod:`adamnp.lowbit.half`. Both are exact IEEE
+#: conversions (rounding to nearest even, subnormals, overflow to Inf), so they give the same
+#: bits except for NaN payloads: :func:`f16_round` gives the quiet NaN as the reference
+#: does, and :func:`f16_to_f32` quiets a signalling NaN, which no result can tell
+#: (tests/test_half_numba.py checks both on every float16 value and on float32 patterns
+#: across the range, and the half steps against the reference). Without F16C, LLVM would
+#: call a conversion routine that Numba does not link, so other CPUs keep the bit arithmetic.
+HARDWARE_F16 = _compiles_for_f16c()
+
+
+@intrinsic
+def _f16_value(typingctx, h):
+    """``_f16_value(h)``: the float32 value of the float16 bits ``h`` (uint16)."""
+    if not isinstance(h, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        bits = builder.trunc(args[0], ir.IntType(16)) if h.bitwidth > 16 else args[0]
+        return builder.fpext(builder.bitcast(bits, ir.HalfType()), ir.FloatType())
+
+    return types.float32(h), codegen
+
+
+@intrinsic
+def _f16_nearest(typingctx, x):
+    """``_f16_nearest(x)``: the float16 bits (uint16) of float32 ``x``, to nearest even."""
+    if not isinstance(x, types.Float):
+        return None
+
+    def codegen(context, builder, signature, args):
+        half = builder.fptrunc(args[0], ir.HalfType())
+        return builder.bitcast(half, ir.IntType(16))
+
+    return types.uint16(types.float32), codegen
+
+
+if HARDWARE_F16:
+
+    @jit(inline="always")
+    def f16_to_f32(h):
+        """:func:`adamnp.lowbit.half.f16_to_f32`, by the CPU's conversion, which makes a
+        signalling NaN quiet (sets the top bit of its payload). No result can tell: every
+        upcast value goes through float32 arithmetic, which quiets it the same way, or
+        through a finiteness test or a rounding back (to the quiet NaN). Keeping the
+        signalling bit costs a select that halves the conversion loop's speed."""
+        return _f16_value(np.uint16(h))
+
+    @jit(inline="always")
+    def f16_round(x, u, stochastic):
+        """:func:`adamnp.lowbit.half.f16_round`: the nearest float16 by the CPU's
+        conversion (a NaN made the quiet NaN with its sign), stochastic rounding by bits."""
+        if stochastic:
+            return _f16_round_bits(x, u, stochastic)
+        bits = np.uint32(_f16_nearest(np.float32(x)))
+        nan = np.uint32(np.uint32(bits & np.uint32(0x8000)) | np.uint32(0x7E00))
+        return nan if x != x else bits
+
+else:
+    f16_to_f32 = _f16_to_f32_bits
+    f16_round = _f16_round_bits
 
 _ONE = np.uint32(1)
 #: Elements per piece of :func:`step_half`: its float32 scratches stay in L1.
