@@ -8,6 +8,7 @@ from contextlib import nullcontext
 
 from ._config import AdamConfig, check_configs
 from ._groups import resolve_labels
+from ._small import try_step as try_small_step
 from ._state import MIN_8BIT_SIZE, AdamState, amsgrad_of, build_groups
 from ._validate import (
     validate_gradients,
@@ -197,6 +198,8 @@ def step(params, grads, state: AdamState) -> None:
     """
     # the whole step under the state's lock (a non-state has none: validate_step refuses it)
     with state._lock if isinstance(state, AdamState) else nullcontext():
+        if isinstance(state, AdamState) and try_small_step(params, grads, state):
+            return
         p_leaves, g_leaves, paths, be = validate_step(params, grads, state)
         cfg = state.config  # nonfinite and max_grad_norm: every label's
         configs = {g.label: state.config_of(g) for g in state.groups}

@@ -180,6 +180,12 @@ def kernel_scalars(s: StepScalars, dtype) -> KernelScalars:
     )
 
 
+#: What a backend's one-call step of a single leaf (``step_one``, :mod:`adamnp._small`)
+#: returns: the leaf was updated; its gradient is non-finite (nothing written); two of the
+#: leaf, its gradient and its moments share memory (nothing written).
+SMALL_UPDATED, SMALL_NONFINITE, SMALL_SHARES_MEMORY = 0, 1, 2
+
+
 class KernelFlags(NamedTuple):
     """The branches of :func:`adam_elem`, in the order every kernel takes them."""
 

@@ -56,6 +56,7 @@ else:
     from .q8_sqrt import step_q8_sqrt
     from .q8_vbmi import quantize_blockwise_simd, step_q8_simd
     from .reduce import first_nonfinite, sum_squares
+    from .small import step_one
     from .util import CHUNK, chunk_table, data_addresses
 
 NAME = "numba"
@@ -78,6 +79,7 @@ __all__ = [
     "q8_kernel_description",
     "quantize_into",
     "step_group",
+    "step_one",
     "to_host",
     "traffic_kernel",
     "traffic_kernel_half",

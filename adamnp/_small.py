@@ -1,0 +1,109 @@
+"""The small-step path of :func:`adamnp.step`: one leaf, one compiled call.
+
+For a state of one float32 or float64 leaf of at most :data:`SMALL_MAX` elements with
+full-precision moments on a backend that has a one-call kernel (``step_one``: the Numba
+backend), a step is: the cheap checks that can change between steps (the leaf's type,
+shape, dtype, contiguity, writability), the step's scalars, and one call that checks
+aliasing and non-finite gradients and then updates, writing nothing unless every check
+passes. Anything else, and any step that a check refuses, goes the full way
+(:func:`~adamnp._validate.validate_step` and the backend's group kernels), which names what
+is wrong; so errors, and the all-or-nothing guarantee, are the same on both paths, and so
+are the results (the same scalars and element math, bit for bit; tests/test_small_step.py).
+
+What it saves is the fixed cost of a step (tens of microseconds): scipy-style loops over
+small parameter vectors pay it every iteration (docs/backends.md has the numbers).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import backends
+from ._state import AdamState
+from ._validate import _leaves_like
+from .backends.math import SMALL_NONFINITE, SMALL_UPDATED, host_scalars
+
+#: Largest leaf (elements) the small path takes; larger ones gain from threads.
+SMALL_MAX = 1 << 16
+
+
+class _Plan:
+    """What a state's small steps reuse: the kernel, the leaf's shape and dtype, its
+    moment buffers and the config's group."""
+
+    __slots__ = ("dtype", "group", "groups", "kernel", "m", "shape", "v", "vmax")
+
+    def __init__(self, state: AdamState, kernel):
+        group = state.groups[0]
+        self.groups, self.kernel, self.group = state.groups, kernel, group
+        self.shape, self.dtype = state.shapes[0], state.dtypes[0]
+        buffers = group.buffers
+        self.m, self.v = buffers["m"], buffers["v"]
+        self.vmax = buffers.get("vmax", np.empty(0, self.dtype))
+
+
+def _plan(state: AdamState) -> _Plan | None:
+    """The state's small-step plan, made on first use, or None if the path does not apply."""
+    cached = state.__dict__.get("_small_plan")
+    if cached is not None and cached[0] is state.groups:
+        return cached[1]
+    kernel = getattr(backends.get(state.backend), "step_one", None)
+    groups = state.groups
+    plan = None
+    if (
+        kernel is not None
+        and len(state.slots) == 1
+        and len(groups) == 1
+        and groups[0].kind == "fp32"
+        and groups[0].half < 0
+        and int(np.prod(state.shapes[0])) <= SMALL_MAX
+    ):
+        plan = _Plan(state, kernel)
+    state.__dict__["_small_plan"] = (groups, plan)  # not a field; AdamState.__getstate__ drops it
+    return plan
+
+
+def try_step(params, grads, state: AdamState) -> bool:
+    """Take the step on the small path if it applies and every check passes.
+
+    True if the step was taken (or, under ``nonfinite="skip"``, counted as skipped); False
+    if nothing was touched and the full path must run. Call with the state's lock held.
+    """
+    plan = _plan(state)
+    if plan is None or state.config.max_grad_norm is not None:
+        return False
+    if state.treedef is None:
+        p, g = params, grads
+    else:
+        leaves = []
+        if not (
+            _leaves_like(params, state.treedef, leaves)
+            and _leaves_like(grads, state.treedef, leaves)
+        ):
+            return False
+        p, g = leaves
+    if type(p) is not np.ndarray or type(g) is not np.ndarray:
+        return False
+    if p.shape != plan.shape or g.shape != plan.shape:
+        return False
+    if p.dtype != plan.dtype or g.dtype != plan.dtype:
+        return False
+    p_flags = p.flags
+    if not (p_flags.c_contiguous and p_flags.writeable and g.flags.c_contiguous):
+        return False
+    if p.ndim != 1:  # one compiled kernel: flat views (C-contiguous, so no copies)
+        p, g = p.reshape(-1), g.reshape(-1)
+    config = state.config_of(plan.group)
+    nonfinite = state.config.nonfinite
+    s = host_scalars(config, state.step + 1, config.lr_at(state.step))
+    status = plan.kernel(
+        p, g, plan.m, plan.v, plan.vmax, np.array(s[:9]), s.decoupled_decay, s.l2_decay,
+        s.amsgrad, s.maximize, nonfinite != "propagate",
+    )  # fmt: skip
+    if status == SMALL_UPDATED:
+        state.step += 1
+        return True
+    if status == SMALL_NONFINITE and nonfinite == "skip":
+        state.skipped_steps += 1
+        return True
+    return False

@@ -1,0 +1,99 @@
+"""Numba CPU kernel for small steps: one leaf, checked and updated in one serial call.
+
+A step of a few thousand elements costs far less than the calls around it: validating the
+tree, the non-finite check as a kernel of its own, the chunk table, the data addresses, the
+thread count, the scalars record. :func:`step_one` does all of a float32 or float64 leaf's
+step in one call that takes the arrays themselves (Numba unboxes an array in a tenth of a
+microsecond, a record of scalars in microseconds): the aliasing check between the leaf, its
+gradient and its moments, the non-finite check, then the update, on the calling thread.
+Nothing is written unless every check passes. The arithmetic is :func:`.fp32.step_fp32`'s
+(:func:`~adamnp.backends.math.adam_elem`, scalars rounded from the same float64 values), so
+the results are the same bits.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import types
+from numba.extending import overload
+
+from ..math import SMALL_NONFINITE, SMALL_SHARES_MEMORY, SMALL_UPDATED, KernelScalars
+from .fp32 import _update
+from .reduce import _ABS32, _ABS64, _LIMIT32, _LIMIT64, _max_abs_bits
+from .util import jit
+
+
+@jit(inline="always")
+def _disjoint(a, b):
+    """Whether the memory of arrays ``a`` and ``b`` does not overlap (empty arrays never do)."""
+    if a.size == 0 or b.size == 0:
+        return True
+    a0, b0 = a.ctypes.data, b.ctypes.data
+    return a0 + a.nbytes <= b0 or b0 + b.nbytes <= a0
+
+
+def _in_dtype_of(like, x):
+    """``x`` rounded to the dtype of array ``like`` (compiled code only)."""
+    raise NotImplementedError
+
+
+@overload(_in_dtype_of, inline="always")
+def _in_dtype_of_impl(like, x):
+    if like.dtype == types.float32:
+        return lambda like, x: np.float32(x)
+    return lambda like, x: np.float64(x)
+
+
+def _nonfinite(g):
+    """Whether ``g`` holds NaN, Inf or a magnitude at or above the gradient limit."""
+    raise NotImplementedError
+
+
+@overload(_nonfinite, inline="always")
+def _nonfinite_impl(g):
+    if g.dtype == types.float32:
+        return lambda g: _max_abs_bits(g.view(np.int32), _ABS32) >= _LIMIT32
+    return lambda g: _max_abs_bits(g.view(np.int64), _ABS64) >= _LIMIT64
+
+
+@jit(inline="always")
+def _scalars(like, grad_scale, decay, weight_decay, lerp_weight, beta2, one_minus_beta2,
+             neg_step_size, bc2_sqrt, eps):  # fmt: skip
+    """:func:`~adamnp.backends.math.kernel_scalars` of the float64 values, in ``like``'s
+    dtype (the same roundings: float64 to float32 or float64, then ``1 - w``)."""
+    w = _in_dtype_of(like, lerp_weight)
+    return KernelScalars(
+        _in_dtype_of(like, grad_scale),
+        _in_dtype_of(like, decay),
+        _in_dtype_of(like, weight_decay),
+        w,
+        _in_dtype_of(like, 1.0) - w,
+        _in_dtype_of(like, beta2),
+        _in_dtype_of(like, one_minus_beta2),
+        _in_dtype_of(like, neg_step_size),
+        _in_dtype_of(like, bc2_sqrt),
+        _in_dtype_of(like, eps),
+        abs(np.float64(w)) < 0.5,
+    )
+
+
+@jit()
+def step_one(p, g, m, v, vmax, host, decoupled, l2, amsgrad, maximize, check):
+    """One step of one leaf in place: ``SMALL_UPDATED``, or ``SMALL_NONFINITE`` or
+    ``SMALL_SHARES_MEMORY`` with nothing written (:mod:`adamnp.backends.math`).
+
+    ``p`` and ``g`` are the leaf and its gradient (1-D, C-contiguous, one dtype, float32
+    or float64), ``m``, ``v`` and ``vmax`` its moments (``vmax`` empty unless amsgrad),
+    ``host`` the first nine :class:`~adamnp.backends.math.StepScalars` values (float64),
+    then the four branch flags and ``check`` (reject non-finite gradients).
+    """
+    if not (_disjoint(p, g) and _disjoint(p, m) and _disjoint(p, v) and _disjoint(p, vmax)):
+        return SMALL_SHARES_MEMORY
+    if not (_disjoint(g, m) and _disjoint(g, v) and _disjoint(g, vmax)):
+        return SMALL_SHARES_MEMORY
+    if check and _nonfinite(g):
+        return SMALL_NONFINITE
+    k = _scalars(p, host[0], host[1], host[2], host[3], host[4], host[5], host[6], host[7],
+                 host[8])  # fmt: skip
+    _update(p, g, m, v, vmax, k, decoupled, l2, amsgrad, maximize)
+    return SMALL_UPDATED

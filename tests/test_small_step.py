@@ -1,0 +1,237 @@
+"""The small-step path (adamnp._small): the same bits, the same errors, nothing written on
+a refusal, and taken exactly when it applies."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import numpy as np
+import pytest
+from conftest import snapshot
+
+import adamnp
+from adamnp import _small, backends
+
+if not backends.available("numba"):
+    pytest.skip("the numba backend is not available", allow_module_level=True)
+
+CONFIGS = {
+    "adamw": dict(),
+    "adamw-amsgrad-maximize": dict(amsgrad=True, maximize=True, weight_decay=0.1),
+    "adam-l2": dict(decoupled=False, weight_decay=0.05),
+    "adam-no-decay-schedule": dict(decoupled=False, lr=lambda c: 1e-2 / (1 + c)),
+    "betas-lerp-large": dict(betas=(0.3, 0.99), eps=1e-6),
+}
+
+
+def _config(decoupled=True, **options):
+    return (adamnp.adamw if decoupled else adamnp.adam)(**options)
+
+
+def _run(backend, p0, grads, config, small, tree=False):
+    """Params and state bytes after stepping through ``grads`` with the small path on or off
+    (off: ``SMALL_MAX`` 0), and how many steps the small path took."""
+    p = {"x": p0.copy()} if tree else p0.copy()
+    old, _small.SMALL_MAX = _small.SMALL_MAX, (_small.SMALL_MAX if small else 0)
+    try:
+        state = adamnp.init(p, config, backend=backend)
+        taken = 0
+        for g in grads:
+            g = {"x": g} if tree else g
+            with state._lock:
+                done = _small.try_step(p, g, state)
+            taken += done
+            if not done:
+                adamnp.step(p, g, state)
+    finally:
+        _small.SMALL_MAX = old
+    return snapshot(p, state), taken
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("case", sorted(CONFIGS))
+@pytest.mark.parametrize("shape", [(1,), (1000,), (7, 33), (1 << 16,)])
+def test_equals_the_reference_and_the_group_kernels(dtype, case, shape):
+    rng = np.random.default_rng(len(shape) + shape[0])
+    p0 = rng.standard_normal(shape).astype(dtype)
+    grads = [rng.standard_normal(shape).astype(dtype) * 10.0**k for k in (-3, 0, 2, -6, 0)]
+    config = _config(**CONFIGS[case])
+    reference, _ = _run("numpy", p0, grads, config, small=False)
+    full, none = _run("numba", p0, grads, config, small=False)
+    fast, taken = _run("numba", p0, grads, config, small=True)
+    assert none == 0 and taken == len(grads)
+    assert fast == reference
+    assert fast == full
+
+
+def test_a_one_leaf_tree_takes_it_too():
+    rng = np.random.default_rng(1)
+    p0 = rng.standard_normal(500).astype(np.float32)
+    grads = [rng.standard_normal(500).astype(np.float32) for _ in range(4)]
+    fast, taken = _run("numba", p0, grads, adamnp.adamw(), small=True, tree=True)
+    reference, _ = _run("numpy", p0, grads, adamnp.adamw(), small=False, tree=True)
+    assert taken == 4 and fast == reference
+
+
+def _state(p, **options):
+    return adamnp.init(p, adamnp.adamw(**options.pop("config", {})), backend="numba", **options)
+
+
+@pytest.mark.parametrize(
+    "why",
+    ["8-bit", "two leaves", "too large", "clipping", "numpy backend", "float16", "labels"],
+)
+def test_it_steps_aside_where_it_does_not_apply(why):
+    p = np.ones(5000, np.float32)
+    g = np.ones_like(p)
+    if why == "8-bit":
+        state = _state(p, state_bits=8, min_8bit_size=1)
+    elif why == "two leaves":
+        p, g = [p, p.copy()], [g, g.copy()]
+        state = _state(p)
+    elif why == "too large":
+        p = np.ones(_small.SMALL_MAX + 1, np.float32)
+        g = np.ones_like(p)
+        state = _state(p)
+    elif why == "clipping":
+        state = _state(p, config=dict(max_grad_norm=1.0))
+    elif why == "numpy backend":
+        state = adamnp.init(p, adamnp.adamw(), backend="numpy")
+    elif why == "float16":
+        p, g = p.astype(np.float16), g.astype(np.float16)
+        state = _state(p)
+    else:
+        p, g = {"a": p}, {"a": g}
+        state = adamnp.init(p, {"x": adamnp.adamw()}, labels={"a": "x"}, backend="numba")
+    before = snapshot(p, state)
+    with state._lock:
+        took = _small.try_step(p, g, state)
+    if why == "labels":  # one leaf with a label: the path applies, with that label's config
+        assert took and state.step == 1
+        return
+    assert not took
+    assert snapshot(p, state) == before
+
+
+def _bad_inputs():
+    """(name, change(p, g, state) -> (p, g), exception or None for a skip)."""
+
+    def alias(p, g, s):
+        return p, p
+
+    def grad_view_of_param(p, g, s):
+        return p, p[::1]
+
+    def grad_is_moment(p, g, s):
+        return p, s.slots[0].m
+
+    def param_is_moment(p, g, s):
+        return s.slots[0].v, g
+
+    def read_only(p, g, s):
+        p.flags.writeable = False
+        return p, g
+
+    def strided(p, g, s):
+        return p, np.repeat(g, 2)[::2]
+
+    def wrong_dtype(p, g, s):
+        return p, g.astype(np.float64)
+
+    def wrong_shape(p, g, s):
+        return p, g[:-1].copy()
+
+    def subclass(p, g, s):
+        return p, np.ma.masked_array(g)
+
+    def nan(p, g, s):
+        g = g.copy()
+        g[17] = np.nan
+        return p, g
+
+    def huge(p, g, s):
+        g = g.copy()
+        g[3] = 2.0**64
+        return p, g
+
+    return {
+        "alias": (alias, ValueError),
+        "grad view of param": (grad_view_of_param, ValueError),
+        "grad is the state's m": (grad_is_moment, ValueError),
+        "param is the state's v": (param_is_moment, ValueError),
+        "read-only param": (read_only, ValueError),
+        "strided grad": (strided, ValueError),
+        "wrong dtype": (wrong_dtype, TypeError),
+        "wrong shape": (wrong_shape, ValueError),
+        "masked grad": (subclass, TypeError),
+        "nan grad": (nan, ValueError),
+        "huge grad": (huge, ValueError),
+    }
+
+
+@pytest.mark.parametrize("case", sorted(_bad_inputs()))
+def test_refusals_change_nothing_and_name_the_problem_as_before(case):
+    change, exc = _bad_inputs()[case]
+    messages = []
+    for small_max in (_small.SMALL_MAX, 0):  # the small path, then the full path alone
+        rng = np.random.default_rng(3)
+        p = rng.standard_normal(300).astype(np.float32)
+        state = _state(p)
+        adamnp.step(p, rng.standard_normal(300).astype(np.float32), state)
+        state.__dict__.pop("_small_plan", None)
+        old, _small.SMALL_MAX = _small.SMALL_MAX, small_max
+        try:
+            pp, gg = change(p, rng.standard_normal(300).astype(np.float32), state)
+            before = snapshot(pp, state)
+            with pytest.raises(exc) as info:
+                adamnp.step(pp, gg, state)
+            assert snapshot(pp, state) == before
+            messages.append(str(info.value))
+        finally:
+            _small.SMALL_MAX = old
+    assert messages[0] == messages[1]
+
+
+def test_skip_counts_and_writes_nothing():
+    p = np.ones(100, np.float32)
+    state = _state(p, config=dict(nonfinite="skip"))
+    g = np.ones_like(p)
+    g[50] = np.inf
+    before = snapshot(p, state)
+    adamnp.step(p, g, state)
+    after = snapshot(p, state)
+    assert after[:3] == before[:3] and state.skipped_steps == 1 and state.step == 0
+
+
+def test_propagate_computes_through_nan_as_the_reference():
+    rng = np.random.default_rng(4)
+    p0 = rng.standard_normal(64).astype(np.float32)
+    g = rng.standard_normal(64).astype(np.float32)
+    g[5] = np.nan
+    config = adamnp.adamw(nonfinite="propagate")
+    fast, taken = _run("numba", p0, [g, g * 0.5], config, small=True)
+    reference, _ = _run("numpy", p0, [g, g * 0.5], config, small=False)
+    assert taken == 2 and fast == reference
+
+
+def test_configure_and_copies_keep_working():
+    """A live change reaches the next small step; a pickled or deep-copied state makes its
+    own plan (the cache is not part of the state's data) and steps like the original."""
+    p = np.linspace(-1, 1, 50, dtype=np.float32)
+    g = np.full_like(p, 0.5)
+    state = _state(p)
+    adamnp.step(p, g, state)
+    before = p.copy()
+    adamnp.configure(state, lr=0.5)
+    adamnp.step(p, g, state)
+    assert np.abs(p - before).max() > 0.4  # lr 0.5 reached the step
+    for twin in (pickle.loads(pickle.dumps(state)), copy.deepcopy(state)):
+        assert "_small_plan" not in twin.__dict__ or twin.__dict__["_small_plan"] is None
+        q = p.copy()
+        adamnp.step(q, g, twin)
+        assert twin.step == state.step + 1
+        r = p.copy()
+        mirror = copy.deepcopy(state)
+        adamnp.step(r, g, mirror)
+        assert np.array_equal(q, r)
