@@ -59,11 +59,18 @@ class _FunAndGrad:
                 f"jac={jac!r} is not supported by adam_method: pass jac=True or a callable "
                 "(finite differences are not offered: Adam would amplify their noise)"
             )
+        owner = getattr(jac, "__self__", None)
+        if owner is not None and owner is fun and callable(getattr(owner, "fun", None)):
+            # minimize(..., jac=True) wraps fun in scipy's MemoizeJac and passes its bound
+            # `derivative` as jac; calling the wrapped fun once per point skips the wrapper's
+            # comparison and copy of x on every call (most of a small problem's iteration)
+            fun, jac = owner.fun, True
         self.fun, self.jac, self.args = fun, jac, args
         self.nfev = self.njev = 0
 
     def __call__(self, x):
-        """``(f, g)`` at ``x`` (a private copy is passed to the user's functions)."""
+        """``(f, g)`` at ``x`` (a private copy is passed to the user's functions; ``g`` is
+        theirs unless it needs converting)."""
         if self.jac is True:
             out = self.fun(x.copy(), *self.args)
             try:
@@ -77,8 +84,12 @@ class _FunAndGrad:
             self.nfev += 1
             g = self.jac(x.copy(), *self.args)
             self.njev += 1
-        f = float(np.asarray(f).reshape(()))
-        g = np.array(g, dtype=x.dtype, order="C", copy=True)
+        if type(f) is not float:
+            f = float(np.asarray(f).reshape(()))
+        # x itself never reaches the user's code, so a gradient that is already a C-contiguous
+        # ndarray of x's dtype cannot share x's memory and is stepped with as it is
+        if not (type(g) is np.ndarray and g.dtype == x.dtype and g.flags.c_contiguous):
+            g = np.array(g, dtype=x.dtype, order="C", copy=True)
         if g.shape != x.shape:
             raise ValueError(f"the gradient has shape {g.shape}, expected {x.shape} (as x0)")
         return f, g
@@ -157,8 +168,10 @@ def adam_method(
     tol : float, optional
         What ``minimize(..., tol=...)`` passes on; see ``gtol``.
     backend : {"numpy", "numba", "auto"}, default "numpy"
-        The adamnp backend. For the small vectors scipy handles the NumPy reference is fastest;
-        ``"numba"`` pays off from about a million elements.
+        The adamnp backend. ``"numba"`` takes several times less per iteration (small
+        vectors go through its one-call small step), after compiling its kernel once per
+        machine, which takes seconds (cached on disk); the NumPy reference starts at once.
+        docs/backends.md has the measurements.
     state_bits : {32, 8}, default 32
         8-bit moments apply to float32 ``x`` with at least 4096 elements (see
         :func:`adamnp.init`).
@@ -240,7 +253,8 @@ def adam_method(
     f, g = evaluate(x)
     nit = 0
     while True:
-        gnorm = float(np.linalg.norm(g.astype(np.float64, copy=False)))
+        g64 = g.astype(np.float64, copy=False)
+        gnorm = math.sqrt(float(np.dot(g64, g64)))  # np.linalg.norm's value, without its checks
         if not (math.isfinite(f) and math.isfinite(gnorm)):
             status = 2
             break
@@ -272,7 +286,7 @@ def adam_method(
     result = OptimizeResult(
         x=x,
         fun=f,
-        jac=g,
+        jac=g.copy(),  # not the user's own array
         nit=nit,
         nfev=evaluate.nfev,
         njev=evaluate.njev,
