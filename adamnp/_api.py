@@ -11,6 +11,7 @@ from ._groups import resolve_labels
 from ._small import try_step as try_small_step
 from ._state import MIN_8BIT_SIZE, AdamState, amsgrad_of, build_groups
 from ._validate import (
+    nonfinite_verdict,
     validate_gradients,
     validate_layout,
     validate_params,
@@ -204,8 +205,16 @@ def step(params, grads, state: AdamState) -> None:
         cfg = state.config  # nonfinite and max_grad_norm: every label's
         configs = {g.label: state.config_of(g) for g in state.groups}
         lrs = {label: c.lr_at(state.step) for label, c in configs.items()}  # schedules checked
-        if not validate_gradients(g_leaves, paths, state, be):  # nonfinite="skip": NaN or Inf
-            state.skipped_steps += 1
+        # one group and nothing computed from the gradients before the update: the backend
+        # may check them in the step's own call (still before writing anything)
+        fused = (
+            len(state.groups) == 1
+            and cfg.nonfinite != "propagate"
+            and cfg.max_grad_norm is None
+            and hasattr(be, "checked_step_group")
+        )
+        if not fused and not validate_gradients(g_leaves, paths, state, be):
+            state.skipped_steps += 1  # nonfinite="skip": NaN or Inf
             return
         grad_scale = 1.0
         if cfg.max_grad_norm is not None:  # the global norm, over all leaves
@@ -214,6 +223,13 @@ def step(params, grads, state: AdamState) -> None:
             label: host_scalars(c, state.step + 1, lrs[label], grad_scale)
             for label, c in configs.items()
         }
-        for group in state.groups:
-            be.step_group(group, p_leaves, g_leaves, scalars[group.label])
+        if fused:
+            (group,) = state.groups
+            bad = be.checked_step_group(group, p_leaves, g_leaves, scalars[group.label])
+            if not nonfinite_verdict(bad, paths, state):
+                state.skipped_steps += 1
+                return
+        else:
+            for group in state.groups:
+                be.step_group(group, p_leaves, g_leaves, scalars[group.label])
         state.step += 1

@@ -580,6 +580,22 @@ def _disjoint(leaves, be, arenas: _Arenas | None = None) -> bool:
     return not np.any(lo[1:] < np.maximum.accumulate(hi)[:-1])
 
 
+_SPECS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # state -> (groups, spec)
+
+
+def _leaf_spec(state: AdamState, be):
+    """The backend's record of what the state's leaves must be (``be.leaf_spec``: shapes,
+    dtypes, and float32 as the other gradient dtype of half-precision leaves), made once per
+    state like :func:`_state_arenas`."""
+    cached = _SPECS.get(state)
+    if cached is not None and cached[0] is state.groups:
+        return cached[1]
+    alt = [_FLOAT32 if half_format(d) >= 0 else d for d in state.dtypes]
+    spec = be.leaf_spec(state.shapes, state.dtypes, alt)
+    _SPECS[state] = (state.groups, spec)
+    return spec
+
+
 def _validate_fast(params, grads, state: AdamState, be, arenas: _Arenas):
     """``(p_leaves, g_leaves, paths)`` if all is valid and cheap to check, else None.
 
@@ -597,6 +613,11 @@ def _validate_fast(params, grads, state: AdamState, be, arenas: _Arenas):
             and _leaves_like(grads, state.treedef, g_leaves)
         ):
             return None
+    scan = getattr(be, "host_leaves_ok", None)
+    if scan is not None:  # every check below in one compiled call
+        verdict = scan(p_leaves, g_leaves, _leaf_spec(state, be), arenas.lo, arenas.hi)
+        if verdict is not None:
+            return (p_leaves, g_leaves, state.paths) if verdict else None
     if not _host_leaves_ok(p_leaves, g_leaves, state, be):
         return None
     if not _disjoint(p_leaves + g_leaves, be, arenas):
@@ -657,13 +678,18 @@ def validate_gradients(g_leaves, paths, state: AdamState, be) -> bool:
     >>> validate_gradients([g], state.paths, state, backends.get("numpy"))
     False
     """
-    policy = state.config.nonfinite
-    if policy == "propagate":
+    if state.config.nonfinite == "propagate":
         return True
-    bad = be.nonfinite_leaf(g_leaves)
+    return nonfinite_verdict(be.nonfinite_leaf(g_leaves), paths, state)
+
+
+def nonfinite_verdict(bad: int, paths, state: AdamState) -> bool:
+    """What the ``nonfinite`` policy makes of ``bad``, the index of the first leaf whose
+    gradient is non-finite (-1: none): True (go on), False (``"skip"``), or the ``ValueError``
+    of ``"raise"`` naming the gradient."""
     if bad < 0:
         return True
-    if policy == "skip":
+    if state.config.nonfinite == "skip":
         return False
     gpath = paths[bad].replace("params", "grads", 1)
     dtype = compute_dtype(state.dtypes[bad])

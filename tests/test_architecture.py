@@ -110,5 +110,5 @@ def test_contract_lists_what_the_core_calls():
                 if node.value.id in ("be", "xp"):
                     used.add(node.attr)
     assert {"step_group", "nonfinite_leaf", "owns"} <= used  # the scan sees the calls
-    optional = {"data_addresses"}  # a fast path the core takes when a backend offers it
+    optional = set(backends.OPTIONAL)  # fast paths the core takes when a backend offers them
     assert used - optional <= set(backends.CONTRACT), sorted(used - set(backends.CONTRACT))

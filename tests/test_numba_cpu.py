@@ -305,12 +305,16 @@ def test_hot_loops_are_simd_and_fma_free(tmp_path, cpu):
         from adamnp.backends.numba.q8_sqrt import step_q8_sqrt
         from adamnp.backends.numba.fp32 import step_fp32
         from adamnp.backends.numba.reduce import first_nonfinite
+        from adamnp.backends.numba.small import step_one
         from adamnp.backends.numba.avx512 import HAVE_VBMI
-        p = np.ones(5000, np.float32)
-        for bits, fmt in ((32, "sqrt"), (8, "bnb"), (8, "sqrt")):
-            state = adamnp.init(p, adamnp.adamw(), backend="numba", state_bits=bits,
-                                state_format=fmt)
-            adamnp.step(p, np.ones(5000, np.float32), state)
+        from adamnp.backends import numba as backend
+        for n in (5000, 70000):  # the small path's kernel, then the group kernels
+            p = np.ones(n, np.float32)
+            for bits, fmt in ((32, "sqrt"), (8, "bnb"), (8, "sqrt")):
+                state = adamnp.init(p, adamnp.adamw(), backend="numba", state_bits=bits,
+                                    state_format=fmt)
+                adamnp.step(p, np.ones(n, np.float32), state)
+        backend.nonfinite_leaf([p, p])  # (a one-group step checks inside its own kernel)
         pattern = re.compile(
             r"^\\s+(v?(?:divps|sqrtps|pmaxsd|p?gather\\w+|fmadd\\w*|fnmadd\\w*|permi2b|permi2ps"
             r"|permt2b|permd|permps))\\s",
@@ -319,7 +323,7 @@ def test_hot_loops_are_simd_and_fma_free(tmp_path, cpu):
         q8 = q8_vbmi.step_q8_simd if HAVE_VBMI else _numba_q8.step_q8
         print("vbmi", int(HAVE_VBMI))
         kernels = (("step_fp32", step_fp32), ("first_nonfinite", first_nonfinite), ("q8", q8),
-                   ("sqrt", step_q8_sqrt))
+                   ("sqrt", step_q8_sqrt), ("step_one", step_one))
         for name, f in kernels:
             asm = f.inspect_asm(f.signatures[0])
             ops = sorted(set(pattern.findall(asm)))
@@ -348,8 +352,9 @@ def test_hot_loops_are_simd_and_fma_free(tmp_path, cpu):
     }
     vbmi = ops["vbmi"] == {"1"}
     step_ops, check_ops, q8_ops = ops["step_fp32"], ops["first_nonfinite"], ops["q8"]
-    assert {"divps", "sqrtps"} <= step_ops, out
+    assert {"divps", "sqrtps", "pmaxsd"} <= step_ops, out  # with its own non-finite check
     assert "pmaxsd" in check_ops, out
+    assert {"divps", "sqrtps", "pmaxsd"} <= ops["step_one"], out
     assert {"divps", "sqrtps", "pmaxsd"} <= q8_ops, out  # update, new absmax as an integer max
     if cpu == "haswell":
         assert not vbmi, out
@@ -367,7 +372,7 @@ def test_hot_loops_are_simd_and_fma_free(tmp_path, cpu):
     # with no table lookup at all
     assert {"divps", "sqrtps", "pmaxsd"} <= ops["sqrt"], out
     assert not any("gather" in op for op in ops["sqrt"]), out
-    for kernel_ops in (step_ops, ops["q8_update"], ops["sqrt"]):
+    for kernel_ops in (step_ops, ops["q8_update"], ops["sqrt"], ops["step_one"]):
         assert not any("fmadd" in op or "fnmadd" in op for op in kernel_ops), out
 
 
@@ -397,6 +402,8 @@ def test_vbmi_kernel_compiles_for_an_avx512_vbmi_target(tmp_path, amsgrad):
         assert front.q8_kernel() == "vbmi"
         launched = []
         front._launch = lambda kernel, work, *args: launched.append((kernel, args))
+        from adamnp.backends.numba import leaves
+        leaves.FIELDS = None  # validation in Python: its compiled scan would not run here
         p = np.ones(5000, np.float32)
         cfg = adamnp.adamw(nonfinite="propagate", amsgrad={amsgrad})
         state = adamnp.init(p, cfg, backend="numba", state_bits=8, state_format="bnb")

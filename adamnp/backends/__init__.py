@@ -73,6 +73,16 @@ class Backend(Protocol):
         :class:`~adamnp.backends.math.StepScalars`."""
 
 
+#: Fast paths the core takes where a backend defines them (the Numba backend does):
+#: ``data_addresses(arrays)`` (int64 data pointers, for the vectorized aliasing check);
+#: ``leaf_spec(shapes, dtypes, alt_grad_dtypes)`` and ``host_leaves_ok(p_leaves, g_leaves,
+#: spec, arena_lo, arena_hi) -> bool | None`` (every leaf check of a step in one call; None:
+#: check in Python); ``checked_step_group(group, params, grads, scalars) -> int`` (the
+#: non-finite check in the step's own call, for one-group states: -1 or the first bad leaf,
+#: nothing written); ``step_one`` (the one-call step of a small single-leaf state,
+#: :mod:`adamnp._small`).
+OPTIONAL = ("data_addresses", "leaf_spec", "host_leaves_ok", "checked_step_group", "step_one")
+
 #: Every name a backend module must define.
 CONTRACT = ("NAME", *(n for n, f in vars(Backend).items() if callable(f) and n[0] != "_"))
 

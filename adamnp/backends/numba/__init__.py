@@ -52,6 +52,8 @@ else:
     from .avx512 import HAVE_VBMI, byte_planes
     from .fp32 import step_fp32, traffic_kernel
     from .half import step_half, traffic_kernel_half
+    from .leaves import LeafSpec as leaf_spec
+    from .leaves import host_leaves_ok
     from .q8 import step_q8, traffic_kernel_q8
     from .q8_sqrt import step_q8_sqrt
     from .q8_vbmi import quantize_blockwise_simd, step_q8_simd
@@ -65,14 +67,17 @@ __all__ = [
     "NAME",
     "address_range",
     "availability",
+    "checked_step_group",
     "copy_from_host",
     "data_addresses",
     "dequantize_into",
     "from_host",
     "full",
     "grad_sq_norm",
+    "host_leaves_ok",
     "is_contiguous",
     "is_writeable",
+    "leaf_spec",
     "nonfinite_leaf",
     "owns",
     "q8_kernel",
@@ -254,7 +259,7 @@ def step_group(group, params, grads, scalars) -> None:
     k = kernel_scalars(scalars, group.dtype)
     half = group.half
     if half < 0:
-        _launch(step_fp32, int(group.offsets[-1]), *common, *moments, k, flags)
+        _launch(step_fp32, int(group.offsets[-1]), *common, *moments, k, flags, False)
         return
     _launch(
         step_half,
@@ -268,6 +273,35 @@ def step_group(group, params, grads, scalars) -> None:
         scalars.stochastic_params,
         np.uint32(param_key(scalars.step, int(group.leaf_ids[0]))),
     )
+
+
+def checked_step_group(group, params, grads, scalars) -> int:
+    """:func:`step_group` after checking the group's gradients, in one call where the kernel
+    allows: -1 when updated, else the tree index of the first leaf whose gradient is
+    non-finite (:func:`nonfinite_leaf`'s test), with nothing written.
+
+    For a state of one group this is the whole step's check, so :func:`adamnp.step` uses it
+    then (one pass less over the leaves' addresses and one call less).
+    """
+    if group.kind == "fp32" and group.half < 0:
+        table = _CHUNKS.get(group)
+        if table is None:
+            table = _CHUNKS[group] = chunk_table(np.diff(group.offsets), CHUNK)
+        if table.shape[0] and scalars.amsgrad == ("vmax" in group.buffers):
+            vmax = group.buffers.get("vmax")
+            if vmax is None:
+                vmax = _NO_VMAX.setdefault(group.dtype, np.empty(0, group.dtype))
+            common = (table, group.leaf_ids, group.offsets, data_addresses(params))
+            moments = (data_addresses(grads), group.buffers["m"], group.buffers["v"], vmax)
+            k, flags = kernel_scalars(scalars, group.dtype), kernel_flags(scalars)
+            work = int(group.offsets[-1])
+            return int(_launch(step_fp32, work, *common, *moments, k, flags, True))
+    ids = group.leaf_ids
+    bad = nonfinite_leaf([grads[i] for i in ids])
+    if bad >= 0:
+        return int(ids[bad])
+    step_group(group, params, grads, scalars)
+    return -1
 
 
 def _grad_kinds(group, grads) -> np.ndarray:

@@ -16,6 +16,7 @@ import numba
 import numpy as np
 from numba import prange
 
+from .finite import is_nonfinite
 from .util import CHUNK, as_pointer, elem, jit
 
 
@@ -35,16 +36,28 @@ def _update(p, g, m, v, vmax, k, decoupled, l2, amsgrad, maximize):
 
 
 @jit(parallel=True)
-def step_fp32(table, leaf_ids, offsets, p_addr, g_addr, m, v, vmax, k, flags):
-    """Update all chunks of ``table`` in place.
+def step_fp32(table, leaf_ids, offsets, p_addr, g_addr, m, v, vmax, k, flags, check):
+    """Update all chunks of ``table`` in place; -1, or with ``check`` the tree index of the
+    first leaf whose gradient is non-finite (:func:`.reduce.first_nonfinite`'s test), with
+    nothing written.
 
     ``p_addr``/``g_addr`` hold the data addresses of all leaves of the tree, ``leaf_ids`` maps
     a group's leaf to its tree index, ``offsets`` locate it in the arenas ``m``, ``v`` and
     ``vmax`` (empty unless amsgrad); ``k`` are the :class:`~adamnp.backends.math.KernelScalars` and
-    ``flags = (decoupled_decay, l2_decay, amsgrad, maximize)``.
+    ``flags = (decoupled_decay, l2_decay, amsgrad, maximize)``. The check is a pass of its own
+    over the gradients before the update pass, in the same call.
     """
     decoupled, l2, amsgrad, maximize = flags
     size = m.itemsize
+    if check:
+        bad = np.zeros(table.shape[0], np.bool_)
+        for c in prange(table.shape[0]):
+            j, lo, hi = table[c, 0], table[c, 1], table[c, 2]
+            g = numba.carray(as_pointer(g_addr[leaf_ids[j]] + lo * size, m), hi - lo)
+            bad[c] = is_nonfinite(g)
+        for c in range(table.shape[0]):
+            if bad[c]:
+                return leaf_ids[table[c, 0]]
     for c in prange(table.shape[0]):
         j, lo, hi = table[c, 0], table[c, 1], table[c, 2]
         leaf = leaf_ids[j]
@@ -53,6 +66,7 @@ def step_fp32(table, leaf_ids, offsets, p_addr, g_addr, m, v, vmax, k, flags):
         g = numba.carray(as_pointer(g_addr[leaf] + lo * size, m), hi - lo)
         _update(p, g, m[a:b], v[a:b], vmax[a:b] if amsgrad else vmax, k, decoupled, l2, amsgrad,
                 maximize)  # fmt: skip
+    return -1
 
 
 @jit()

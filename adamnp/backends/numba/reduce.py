@@ -19,38 +19,18 @@ import numba
 import numpy as np
 from numba import prange
 
-from ..math import grad_limit_bits
+from .finite import (
+    ABS32,
+    ABS64,
+    LIMIT32,
+    LIMIT64,
+    LIMIT_BF16,
+    LIMIT_F16,
+    max_abs_bits,
+    max_abs_half,
+)
 from .half import to_f32
 from .util import as_pointer, jit
-
-_ABS32 = np.int32(0x7FFFFFFF)
-_ABS64 = np.int64(0x7FFFFFFFFFFFFFFF)
-# The bits of grad_limit: |x| bits at or above them are NaN, Inf or |x| >= grad_limit.
-# (Numba freezes these globals into the cached kernel: after changing grad_limit in
-# backends/math.py, delete the *.nbi / *.nbc files.)
-_LIMIT32 = np.int32(grad_limit_bits(np.float32))
-_LIMIT64 = np.int64(grad_limit_bits(np.float64))
-_ABS16 = np.int32(0x7FFF)
-_LIMIT_F16 = np.int32(0x7C00)  # float16 NaN and Inf
-_LIMIT_BF16 = np.int32(grad_limit_bits(np.float32) >> 16)  # exact: the limit is a power of 2
-
-
-@jit(inline="always")
-def _max_abs_bits(bits, mask):
-    """Largest ``bits[i] & mask``: an integer max, which LLVM vectorizes (a float max not)."""
-    top = bits.dtype.type(0)
-    for i in range(bits.size):
-        top = max(top, bits.dtype.type(bits[i] & mask))  # stay in 32 bits for int32
-    return top
-
-
-@jit(inline="always")
-def _max_abs_half(bits):
-    """Largest ``bits[i] & 0x7FFF`` of uint16 bits, in int32 (vectorizes like the others)."""
-    top = np.int32(0)
-    for i in range(bits.size):
-        top = max(top, np.int32(np.int32(bits[i]) & _ABS16))
-    return top
 
 
 @jit(parallel=True)
@@ -65,14 +45,14 @@ def first_nonfinite(table, addr, itemsize, half):
         j, lo, hi = table[c, 0], table[c, 1], table[c, 2]
         if itemsize[j] == 2:
             x16 = numba.carray(as_pointer(addr[j] + lo * 2, np.uint16), hi - lo)
-            limit = _LIMIT_BF16 if half[j] == 1 else _LIMIT_F16
-            bad[c] = _max_abs_half(x16) >= limit
+            limit = LIMIT_BF16 if half[j] == 1 else LIMIT_F16
+            bad[c] = max_abs_half(x16) >= limit
         elif itemsize[j] == 4:
             x32 = numba.carray(as_pointer(addr[j] + lo * 4, np.int32), hi - lo)
-            bad[c] = _max_abs_bits(x32, _ABS32) >= _LIMIT32
+            bad[c] = max_abs_bits(x32, ABS32) >= LIMIT32
         else:
             x64 = numba.carray(as_pointer(addr[j] + lo * 8, np.int64), hi - lo)
-            bad[c] = _max_abs_bits(x64, _ABS64) >= _LIMIT64
+            bad[c] = max_abs_bits(x64, ABS64) >= LIMIT64
     for c in range(table.shape[0]):
         if bad[c]:
             return table[c, 0]

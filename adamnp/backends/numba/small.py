@@ -18,8 +18,8 @@ from numba import types
 from numba.extending import overload
 
 from ..math import SMALL_NONFINITE, SMALL_SHARES_MEMORY, SMALL_UPDATED, KernelScalars
+from .finite import is_nonfinite
 from .fp32 import _update
-from .reduce import _ABS32, _ABS64, _LIMIT32, _LIMIT64, _max_abs_bits
 from .util import jit
 
 
@@ -42,18 +42,6 @@ def _in_dtype_of_impl(like, x):
     if like.dtype == types.float32:
         return lambda like, x: np.float32(x)
     return lambda like, x: np.float64(x)
-
-
-def _nonfinite(g):
-    """Whether ``g`` holds NaN, Inf or a magnitude at or above the gradient limit."""
-    raise NotImplementedError
-
-
-@overload(_nonfinite, inline="always")
-def _nonfinite_impl(g):
-    if g.dtype == types.float32:
-        return lambda g: _max_abs_bits(g.view(np.int32), _ABS32) >= _LIMIT32
-    return lambda g: _max_abs_bits(g.view(np.int64), _ABS64) >= _LIMIT64
 
 
 @jit(inline="always")
@@ -91,7 +79,7 @@ def step_one(p, g, m, v, vmax, host, decoupled, l2, amsgrad, maximize, check):
         return SMALL_SHARES_MEMORY
     if not (_disjoint(g, m) and _disjoint(g, v) and _disjoint(g, vmax)):
         return SMALL_SHARES_MEMORY
-    if check and _nonfinite(g):
+    if check and is_nonfinite(g):
         return SMALL_NONFINITE
     k = _scalars(p, host[0], host[1], host[2], host[3], host[4], host[5], host[6], host[7],
                  host[8])  # fmt: skip

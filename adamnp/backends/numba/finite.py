@@ -1,0 +1,60 @@
+"""The non-finite test of gradients, in integer arithmetic on their bits (compiled code).
+
+A gradient element counts as non-finite when it is NaN, Inf or of magnitude at or above
+:func:`adamnp.backends.math.grad_limit` (its square could overflow ``v``): the bits of
+``|x|`` reach :func:`~adamnp.backends.math.grad_limit_bits`, which an integer max decides
+(LLVM vectorizes it; a float max not). Used by :mod:`.reduce` (the check over all leaves) and
+by the step kernels that check their own gradients before writing (:mod:`.fp32`,
+:mod:`.small`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import types
+from numba.extending import overload
+
+from ..math import grad_limit_bits
+from .util import jit
+
+ABS32 = np.int32(0x7FFFFFFF)
+ABS64 = np.int64(0x7FFFFFFFFFFFFFFF)
+# The bits of grad_limit: |x| bits at or above them are NaN, Inf or |x| >= grad_limit.
+# (Numba freezes these globals into the cached kernel: after changing grad_limit in
+# backends/math.py, delete the *.nbi / *.nbc files.)
+LIMIT32 = np.int32(grad_limit_bits(np.float32))
+LIMIT64 = np.int64(grad_limit_bits(np.float64))
+ABS16 = np.int32(0x7FFF)
+LIMIT_F16 = np.int32(0x7C00)  # float16 NaN and Inf
+LIMIT_BF16 = np.int32(grad_limit_bits(np.float32) >> 16)  # exact: the limit is a power of 2
+
+
+@jit(inline="always")
+def max_abs_bits(bits, mask):
+    """Largest ``bits[i] & mask``: an integer max, which LLVM vectorizes (a float max not)."""
+    top = bits.dtype.type(0)
+    for i in range(bits.size):
+        top = max(top, bits.dtype.type(bits[i] & mask))  # stay in 32 bits for int32
+    return top
+
+
+@jit(inline="always")
+def max_abs_half(bits):
+    """Largest ``bits[i] & 0x7FFF`` of uint16 bits, in int32 (vectorizes like the others)."""
+    top = np.int32(0)
+    for i in range(bits.size):
+        top = max(top, np.int32(np.int32(bits[i]) & ABS16))
+    return top
+
+
+def is_nonfinite(g):
+    """Whether the float32 or float64 array ``g`` holds NaN, Inf or a magnitude at or above
+    the gradient limit (compiled code only; the test of :func:`.reduce.first_nonfinite`)."""
+    raise NotImplementedError
+
+
+@overload(is_nonfinite, inline="always")
+def _is_nonfinite(g):
+    if g.dtype == types.float32:
+        return lambda g: max_abs_bits(g.view(np.int32), ABS32) >= LIMIT32
+    return lambda g: max_abs_bits(g.view(np.int64), ABS64) >= LIMIT64

@@ -1,0 +1,162 @@
+"""The compiled leaf check (adamnp.backends.numba.leaves) against the same checks in Python:
+it may only say True where every check passes, and must say False where one fails."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from adamnp import backends
+
+if not backends.available("numba"):
+    pytest.skip("the numba backend is not available", allow_module_level=True)
+
+from adamnp.backends.numba import leaves
+
+if leaves.FIELDS is None:
+    pytest.skip("NumPy's array struct could not be verified here", allow_module_level=True)
+
+ml_dtypes = pytest.importorskip("ml_dtypes")
+BF16 = np.dtype(ml_dtypes.bfloat16)
+SHAPES = [(3,), (2, 5), (0,), (), (4, 1, 3), (257,)]
+DTYPES = [np.float32, np.float64, np.float16, BF16, np.float32, np.float64]
+
+
+def _alt(dtype):
+    return np.dtype(np.float32) if np.dtype(dtype).itemsize == 2 else np.dtype(dtype)
+
+
+def _oracle(p_leaves, g_leaves, shapes, dtypes, arenas) -> bool:
+    """The checks written plainly."""
+    for i, (p, g) in enumerate(zip(p_leaves, g_leaves)):
+        if p.shape != shapes[i] or g.shape != shapes[i] or p.dtype != dtypes[i]:
+            return False
+        if g.dtype not in (np.dtype(dtypes[i]), _alt(dtypes[i])):
+            return False
+        if not (p.flags.c_contiguous and p.flags.writeable and g.flags.c_contiguous):
+            return False
+    spans = [_span(a) for a in p_leaves + g_leaves + list(arenas)]
+    spans = [(lo, hi) for lo, hi in spans if hi > lo]  # empty arrays overlap nothing
+    return not any(a[0] < b[1] and b[0] < a[1] for i, a in enumerate(spans) for b in spans[i + 1 :])
+
+
+def _span(a):
+    lo = a.__array_interface__["data"][0]
+    return lo, lo + a.nbytes
+
+
+def _fresh(rng):
+    p = [
+        rng.standard_normal(s).astype(d) if s else np.array(1.5, d) for s, d in zip(SHAPES, DTYPES)
+    ]
+    g = [
+        rng.standard_normal(s).astype(d) if s else np.array(0.5, d) for s, d in zip(SHAPES, DTYPES)
+    ]
+    arena = np.zeros(64, np.float32)
+    return p, g, [arena]
+
+
+def _verdict(p, g, arenas):
+    spec = leaves.LeafSpec(SHAPES, DTYPES, [_alt(d) for d in DTYPES])
+    lo = np.array([a.__array_interface__["data"][0] for a in arenas], np.int64)
+    hi = lo + np.array([a.nbytes for a in arenas], np.int64)
+    return leaves.host_leaves_ok(p, g, spec, lo, hi)
+
+
+def _change(name, p, g, arenas):
+    if name == "float32 grad of a half leaf":
+        g[2] = g[2].astype(np.float32)
+    elif name == "float64 grad of a float32 leaf":
+        g[0] = g[0].astype(np.float64)
+    elif name == "byte-swapped dtype":
+        p[1] = p[1].astype(">f8")
+    elif name == "float16 param where bfloat16 expected":
+        p[3] = p[3].astype(np.float32).astype(np.float16)
+    elif name == "transposed":
+        p[1] = np.ascontiguousarray(p[1].T).T
+    elif name == "strided grad":
+        g[5] = np.repeat(g[5], 2)[::2]
+    elif name == "read-only param":
+        p[0].flags.writeable = False
+    elif name == "read-only grad":
+        g[0].flags.writeable = False
+    elif name == "grad is its param":
+        g[1] = p[1]
+    elif name == "grad is a view of another param":
+        g[0] = p[5][10:13]
+    elif name == "params overlap":
+        p[0] = p[5][:3]
+    elif name == "param in the state's arena":
+        p[0] = arenas[0][5:8]
+    elif name == "empty leaves share an address":
+        g[2] = p[2]
+    elif name == "wrong shape":
+        g[4] = g[4].reshape(4, 3, 1)
+    elif name == "wrong size":
+        p[5] = np.zeros(256, np.float64)
+    elif name == "0-d grad shape ()":
+        g[3] = np.zeros((1,), BF16)
+    elif name == "adjacent, not overlapping":
+        base = np.zeros(6, np.float32)
+        p[0], g[0] = base[:3], base[3:]
+    return p, g, arenas
+
+
+CHANGES = [
+    "none",
+    "float32 grad of a half leaf",
+    "float64 grad of a float32 leaf",
+    "byte-swapped dtype",
+    "float16 param where bfloat16 expected",
+    "transposed",
+    "strided grad",
+    "read-only param",
+    "read-only grad",
+    "grad is its param",
+    "grad is a view of another param",
+    "params overlap",
+    "param in the state's arena",
+    "empty leaves share an address",
+    "wrong shape",
+    "wrong size",
+    "0-d grad shape ()",
+    "adjacent, not overlapping",
+]
+
+
+@pytest.mark.parametrize("name", CHANGES)
+def test_agrees_with_the_checks_in_python(name):
+    p, g, arenas = _change(name, *_fresh(np.random.default_rng(0)))
+    expected = _oracle(p, g, SHAPES, DTYPES, arenas)
+    assert _verdict(p, g, arenas) is expected
+    if name in (
+        "none",
+        "float32 grad of a half leaf",
+        "read-only grad",
+        "adjacent, not overlapping",
+    ):
+        assert expected  # the cases that must pass do
+
+
+def test_random_views_of_one_buffer():
+    """Leaves cut from one buffer at random offsets: True exactly when none overlap."""
+    rng = np.random.default_rng(1)
+    shapes, dtypes = [(5,)] * 4, [np.float32] * 4
+    spec = leaves.LeafSpec(shapes, dtypes, dtypes)
+    empty = np.empty(0, np.int64)
+    seen = set()
+    for _ in range(300):
+        buf = np.zeros(120, np.float32)
+        starts = rng.integers(0, 116, 8)
+        cut = [buf[s : s + 5] for s in starts]
+        verdict = leaves.host_leaves_ok(cut[:4], cut[4:], spec, empty, empty)
+        expected = _oracle(cut[:4], cut[4:], shapes, dtypes, [])
+        assert verdict is expected
+        seen.add(expected)
+    assert seen == {True, False}
+
+
+def test_other_types_are_left_to_python():
+    p, g, arenas = _fresh(np.random.default_rng(2))
+    g[0] = np.ma.masked_array(g[0])
+    assert _verdict(p, g, arenas) is None
