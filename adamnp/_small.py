@@ -97,7 +97,7 @@ def try_step(params, grads, state: AdamState) -> bool:
     nonfinite = state.config.nonfinite
     s = host_scalars(config, state.step + 1, config.lr_at(state.step))
     status = plan.kernel(
-        p, g, plan.m, plan.v, plan.vmax, np.array(s[:9]), s.decoupled_decay, s.l2_decay,
+        p, g, plan.m, plan.v, plan.vmax, s[:9], s.decoupled_decay, s.l2_decay,
         s.amsgrad, s.maximize, nonfinite != "propagate",
     )  # fmt: skip
     if status == SMALL_UPDATED:

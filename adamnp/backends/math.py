@@ -48,24 +48,23 @@ def host_scalars(config, t: int, lr: float, grad_scale: float = 1.0) -> StepScal
     """Scalars of step ``t`` (1-based) at learning rate ``lr``, in float64 as torch does."""
     b1, b2 = config.betas
     wd = config.weight_decay
-    bc1 = 1.0 - b1**t
-    bc2 = 1.0 - b2**t
-    return StepScalars(
-        grad_scale=float(grad_scale),
-        decay=1.0 - lr * wd,
-        weight_decay=wd,
-        lerp_weight=1.0 - b1,
-        beta2=b2,
-        one_minus_beta2=1.0 - b2,
-        neg_step_size=-(lr / bc1),
-        bc2_sqrt=math.sqrt(bc2),
-        eps=config.eps,
-        decoupled_decay=config.decoupled and wd != 0.0,
-        l2_decay=(not config.decoupled) and wd != 0.0,
-        amsgrad=config.amsgrad,
-        maximize=config.maximize,
-        step=int(t),
-        stochastic_params=config.param_rounding == "stochastic",
+    decoupled = config.decoupled
+    return StepScalars(  # positional: a per-step cost on small problems
+        float(grad_scale),  # grad_scale
+        1.0 - lr * wd,  # decay
+        wd,  # weight_decay
+        1.0 - b1,  # lerp_weight
+        b2,  # beta2
+        1.0 - b2,  # one_minus_beta2
+        -(lr / (1.0 - b1**t)),  # neg_step_size
+        math.sqrt(1.0 - b2**t),  # bc2_sqrt
+        config.eps,  # eps
+        decoupled and wd != 0.0,  # decoupled_decay
+        (not decoupled) and wd != 0.0,  # l2_decay
+        config.amsgrad,  # amsgrad
+        config.maximize,  # maximize
+        int(t),  # step
+        config.param_rounding == "stochastic",  # stochastic_params
     )
 
 

@@ -72,7 +72,7 @@ def step_one(p, g, m, v, vmax, host, decoupled, l2, amsgrad, maximize, check):
 
     ``p`` and ``g`` are the leaf and its gradient (1-D, C-contiguous, one dtype, float32
     or float64), ``m``, ``v`` and ``vmax`` its moments (``vmax`` empty unless amsgrad),
-    ``host`` the first nine :class:`~adamnp.backends.math.StepScalars` values (float64),
+    ``host`` the first nine :class:`~adamnp.backends.math.StepScalars` values (a tuple),
     then the four branch flags and ``check`` (reject non-finite gradients).
     """
     if not (_disjoint(p, g) and _disjoint(p, m) and _disjoint(p, v) and _disjoint(p, vmax)):
