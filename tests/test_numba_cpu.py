@@ -31,6 +31,7 @@ import llvmlite.binding
 import numba
 
 from adamnp.backends import numba as numba_cpu
+from adamnp.backends.numba import schedule
 from adamnp.backends.numba import util as _numba_util
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,8 +113,11 @@ def test_one_compiled_call_per_8bit_group(monkeypatch, fmt):
     state = adamnp.init(params, adamnp.adamw(), backend="numba", state_bits=8, min_8bit_size=1,
                         state_format=fmt)  # fmt: skip
     adamnp.step(params, like(params, rng), state)
-    assert [g.kind for g in state.groups] == ["q8"] and len(calls) == 1
-    assert calls[0][0] == 75 * 3 + 75 * 3  # one chunk per small leaf, 3 per 70 000 elements
+    # one call per batch of about BATCH_ELEMENTS elements (5.6M here: 11), never per leaf
+    table = numba_cpu._CHUNKS[state.groups[0]]
+    assert [g.kind for g in state.groups] == ["q8"]
+    assert len(calls) == len(schedule.batch_bounds(table)) - 1 == 11
+    assert sum(rows for rows, _ in calls) == 75 * 3 + 75 * 3  # a chunk per small leaf, 3 per 70K
 
 
 def test_small_calls_restore_thread_count():

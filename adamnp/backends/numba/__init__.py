@@ -48,7 +48,7 @@ else:
     from ...lowbit.half import param_key
     from ...lowbit.stochastic import gap_tables, group_key
     from ..math import kernel_flags, kernel_scalars
-    from . import quant
+    from . import quant, schedule
     from .avx512 import HAVE_VBMI, byte_planes
     from .fp32 import step_fp32, traffic_kernel
     from .half import step_half, traffic_kernel_half
@@ -157,21 +157,15 @@ def _leaf_table(arrays):
 PARALLEL_MIN = 1 << 16  # elements of work per extra thread (waking one costs; docs/backends.md)
 
 
-def _launch(kernel, work: int, *args):
-    """Call the parallel ``kernel(*args)`` with one thread per ``PARALLEL_MIN`` elements of work.
-
-    Small calls then run on the calling thread without waking the pool: faster, and immune to
-    the multi-millisecond stalls a parallel region suffers when other processes hold the cores.
+def _launch(kernel, work: int, *args) -> list:
+    """Run the parallel ``kernel(table, *args)`` over its chunk table with one thread per
+    ``PARALLEL_MIN`` elements of work (at most ``numba.get_num_threads()``), through
+    :func:`.schedule.run`: batches of the table claimed by the threads that are running, so a
+    busy machine never makes the step wait for a thread that has not started. Returns the
+    results per batch, in table order.
     """
-    threads = numba.get_num_threads()
-    wanted = 1 + work // PARALLEL_MIN
-    if wanted >= threads:
-        return kernel(*args)
-    numba.set_num_threads(wanted)
-    try:
-        return kernel(*args)
-    finally:
-        numba.set_num_threads(threads)
+    threads = min(numba.get_num_threads(), 1 + work // PARALLEL_MIN)
+    return schedule.run(kernel, threads, *args)
 
 
 def nonfinite_leaf(grads) -> int:
@@ -188,7 +182,7 @@ def nonfinite_leaf(grads) -> int:
     """
     if not grads:
         return -1
-    return int(_launch(first_nonfinite, *_leaf_table(grads)))
+    return next((int(b) for b in _launch(first_nonfinite, *_leaf_table(grads)) if b >= 0), -1)
 
 
 def grad_sq_norm(grads) -> float:
@@ -204,7 +198,10 @@ def grad_sq_norm(grads) -> float:
     """
     if not grads:
         return 0.0
-    return float(_launch(sum_squares, *_leaf_table(grads)))
+    total = 0.0
+    for partial in _launch(sum_squares, *_leaf_table(grads)):  # batch order: thread-independent
+        total += partial
+    return total
 
 
 _NO_VMAX = {}  # dtype -> empty array standing in for vmax when amsgrad is off
@@ -287,7 +284,8 @@ def checked_step_group(group, params, grads, scalars) -> int:
         table = _CHUNKS.get(group)
         if table is None:
             table = _CHUNKS[group] = chunk_table(np.diff(group.offsets), CHUNK)
-        if table.shape[0] and scalars.amsgrad == ("vmax" in group.buffers):
+        one_batch = len(schedule.batch_bounds(table)) == 2  # else threads claim batches
+        if one_batch and scalars.amsgrad == ("vmax" in group.buffers):
             vmax = group.buffers.get("vmax")
             if vmax is None:
                 vmax = _NO_VMAX.setdefault(group.dtype, np.empty(0, group.dtype))
@@ -295,7 +293,7 @@ def checked_step_group(group, params, grads, scalars) -> int:
             moments = (data_addresses(grads), group.buffers["m"], group.buffers["v"], vmax)
             k, flags = kernel_scalars(scalars, group.dtype), kernel_flags(scalars)
             work = int(group.offsets[-1])
-            return int(_launch(step_fp32, work, *common, *moments, k, flags, True))
+            return int(_launch(step_fp32, work, *common, *moments, k, flags, True)[0])
     ids = group.leaf_ids
     bad = nonfinite_leaf([grads[i] for i in ids])
     if bad >= 0:
