@@ -279,3 +279,21 @@ def test_cuda_install_hint_works_from_a_checkout_and_from_an_index(capsys, monke
     code, out = run(capsys, "verify", "--backend", "auto")
     assert code == 0
     assert f"cuda: a CUDA GPU and {cuda.INSTALL})" in out
+
+
+def test_a_slow_first_step_says_it_is_compiling(monkeypatch):
+    import io
+    import time
+
+    from adamnp.cli import common
+
+    monkeypatch.setattr(common, "NOTICE_AFTER_S", 0.01)
+    out = io.StringIO()
+    with common.compile_notice("numba, 8-bit state", out):
+        time.sleep(0.3)
+    assert "compiling kernels for this machine: numba, 8-bit state" in out.getvalue()
+    quiet = io.StringIO()
+    with common.compile_notice("numba, 32-bit state", quiet):
+        pass
+    time.sleep(0.05)
+    assert quiet.getvalue() == ""

@@ -114,6 +114,8 @@ def time_step(backend: str, bits: int, n: int, repeats: int):
         warnings.simplefilter("ignore", UserWarning)
         state = adamnp.init(p, adamnp.adamw(lr=1e-4), backend=backend, state_bits=bits)
     quantized = any(isinstance(s, adamnp.QuantSlot) for s in state.slots)
+    with cli.compile_notice(f"{backend}, {bits}-bit state"):
+        adamnp.step(p, g, state)
     return median_time(lambda: adamnp.step(p, g, state), mover.sync, repeats), quantized
 
 

@@ -6,6 +6,10 @@ trees between host and a backend's memory, and plain-text tables.
 
 from __future__ import annotations
 
+import contextlib
+import sys
+import threading
+
 import numpy as np
 
 from .. import backends
@@ -13,6 +17,38 @@ from .._tree import flatten, unflatten
 
 CHOICES = ("auto", "all", *backends.NAMES)
 EIGHT_BIT_ERRORS = (ImportError, NotImplementedError)  # 8-bit state not built into this copy
+#: Seconds a first call may take before :func:`compile_notice` speaks.
+NOTICE_AFTER_S = 1.0
+
+
+@contextlib.contextmanager
+def compile_notice(what: str, out=None):
+    """Say that kernels are compiling if the block (a first step) is still running after
+    :data:`NOTICE_AFTER_S` seconds: Numba compiles each kernel once per machine (seconds for
+    float32, tens of seconds for 8-bit state; docs/backends.md) and caches it on disk.
+
+    Examples
+    --------
+    >>> import io
+    >>> out = io.StringIO()
+    >>> with compile_notice("float32 step", out):
+    ...     pass
+    >>> out.getvalue()
+    ''
+    """
+    out = sys.stderr if out is None else out
+
+    def speak():
+        print(f"(compiling kernels for this machine: {what}; first run only, cached on disk)",
+              file=out, flush=True)  # fmt: skip
+
+    timer = threading.Timer(NOTICE_AFTER_S, speak)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
 
 
 def host_auto() -> str:

@@ -70,7 +70,11 @@ def train(
         for t in range(steps):
             grads = mover.to_backend(problem.grad(host, t))
             start = time.perf_counter()
-            adamnp.step(params, grads, state)
+            if t == 0:
+                with cli.compile_notice(f"{backend}, {bits}-bit state"):
+                    adamnp.step(params, grads, state)
+            else:
+                adamnp.step(params, grads, state)
             mover.sync()
             if t > 0:
                 elapsed += time.perf_counter() - start

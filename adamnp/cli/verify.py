@@ -82,8 +82,12 @@ def run_once(
     try:
         state = adamnp.init(params, config, backend=backend, state_bits=bits, min_8bit_size=0,
                             state_format=state_format, v_rounding=v_rounding)  # fmt: skip
-        for g in grads:
-            adamnp.step(params, mover.to_backend(g), state)
+        for i, g in enumerate(grads):
+            if i == 0:
+                with cli.compile_notice(f"{backend}, {bits}-bit state"):
+                    adamnp.step(params, mover.to_backend(g), state)
+            else:
+                adamnp.step(params, mover.to_backend(g), state)
         mover.sync()
     except cli.EIGHT_BIT_ERRORS as exc:
         if bits != 8:
