@@ -297,3 +297,15 @@ def test_a_slow_first_step_says_it_is_compiling(monkeypatch):
         pass
     time.sleep(0.05)
     assert quiet.getvalue() == ""
+
+
+def test_bench_marks_unstable_rows_instead_of_printing_a_ratio():
+    from adamnp.cli import bench
+
+    steady, data = bench._row("numba", 32, 1000, 1e-6, 28.0, (1e-6, "numba"), spread=0.05)
+    assert steady[-1] == "100%" and not data["unstable"]
+    noisy, data = bench._row("numba", 32, 1000, 1e-6, 28.0, (1e-6, "numba"), spread=0.5)
+    assert noisy[-1] == "?" and noisy[3].endswith("?") and data["unstable"]
+    too_fast, data = bench._row("numba", 32, 1000, 1e-7, 28.0, (1e-5, "numba"), spread=0.0)
+    assert too_fast[-1] == "?" and data["unstable"]  # 10000% of the traffic kernel: noise
+    assert ">999%" not in "".join(map(str, too_fast))

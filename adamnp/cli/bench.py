@@ -40,33 +40,59 @@ def bytes_per_element(bits: int, block_size: int = BLOCK) -> float:
     return 16.0 + 16.0 / block_size
 
 
-def median_time(fn, sync=lambda: None, repeats: int = 5, min_time: float = 0.05) -> float:
-    """Median seconds per call of ``fn`` over ``repeats`` timed batches, after a warm-up.
+#: Interquartile range over median above which a timing counts as unstable.
+UNSTABLE_SPREAD = 0.2
 
-    Two untimed calls warm up (JIT compilation, caches); each timed batch repeats ``fn`` enough
-    times to last about ``min_time`` seconds; ``sync`` runs before each clock read.
+
+def interleaved_times(calls, repeats: int = 5, min_time: float = 0.05) -> list[tuple]:
+    """``(median seconds per call, spread)`` of each ``(fn, sync)`` in ``calls``, timed in
+    alternation: ``repeats`` rounds in which each function runs one timed batch in turn, so
+    that drift and other processes hit all of them alike. ``spread`` is the interquartile
+    range of the batches over their median.
+
+    Two untimed calls of each warm up (JIT compilation, caches); each batch repeats ``fn``
+    enough times to last about ``min_time`` seconds; ``sync`` runs before each clock read.
+
+    Examples
+    --------
+    >>> [(t < 1e-3, s >= 0) for t, s in interleaved_times([(lambda: None, lambda: None)], 3, 1e-4)]
+    [(True, True)]
+    """
+    inner = []
+    for fn, sync in calls:
+        fn()
+        fn()
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        once = max(time.perf_counter() - start, 1e-9)
+        inner.append(max(1, min(10_000, int(min_time / once))))
+    samples = [[] for _ in calls]
+    for _ in range(repeats):
+        for (fn, sync), count, out in zip(calls, inner, samples):
+            start = time.perf_counter()
+            for _ in range(count):
+                fn()
+            sync()
+            out.append((time.perf_counter() - start) / count)
+    result = []
+    for out in samples:
+        median = statistics.median(out)
+        q1, q3 = np.percentile(out, [25, 75])
+        result.append((median, float((q3 - q1) / median) if median > 0 else 0.0))
+    return result
+
+
+def median_time(fn, sync=lambda: None, repeats: int = 5, min_time: float = 0.05) -> float:
+    """Median seconds per call of ``fn`` (:func:`interleaved_times` of ``fn`` alone).
 
     Examples
     --------
     >>> median_time(lambda: None, repeats=3, min_time=1e-4) < 1e-3
     True
     """
-    fn()
-    fn()
-    sync()
-    start = time.perf_counter()
-    fn()
-    sync()
-    once = max(time.perf_counter() - start, 1e-9)
-    inner = max(1, min(10_000, int(min_time / once)))
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(inner):
-            fn()
-        sync()
-        samples.append((time.perf_counter() - start) / inner)
-    return statistics.median(samples)
+    return interleaved_times([(fn, sync)], repeats, min_time)[0][0]
 
 
 def _arrays(n: int, seed: int = 0):
@@ -93,19 +119,29 @@ def traffic_function(backend: str):
     return None, None
 
 
-def time_traffic(backend: str, n: int, repeats: int):
-    """Seconds per traffic-kernel call on ``n`` float32 elements, and whose kernel it was."""
+def traffic_call(backend: str, n: int):
+    """``((fn, sync), owner)``: a call of the traffic kernel on ``n`` float32 elements for
+    ``backend`` and whose kernel it is, or ``(None, None)``."""
     kernel, owner = traffic_function(backend)
     if kernel is None:
         return None, None
     mover = cli.Mover(owner)
     p, g = _arrays(n)
     p, g, m, v = (mover.to_backend(a) for a in (p, g, np.zeros_like(p), np.zeros_like(p)))
-    return median_time(lambda: kernel(p, g, m, v), mover.sync, repeats), owner
+    return (lambda: kernel(p, g, m, v), mover.sync), owner
 
 
-def time_step(backend: str, bits: int, n: int, repeats: int):
-    """``(seconds per adamnp.step, state is 8-bit)`` for one float32 leaf of ``n`` elements."""
+def time_traffic(backend: str, n: int, repeats: int):
+    """Seconds per traffic-kernel call on ``n`` float32 elements, and whose kernel it was."""
+    call, owner = traffic_call(backend, n)
+    if call is None:
+        return None, None
+    return median_time(*call, repeats), owner
+
+
+def step_call(backend: str, bits: int, n: int):
+    """``((fn, sync), state is 8-bit)``: ``adamnp.step`` on one float32 leaf of ``n``
+    elements, its first step (the compile) taken."""
     import adamnp
 
     mover = cli.Mover(backend)
@@ -116,47 +152,99 @@ def time_step(backend: str, bits: int, n: int, repeats: int):
     quantized = any(isinstance(s, adamnp.QuantSlot) for s in state.slots)
     with cli.compile_notice(f"{backend}, {bits}-bit state"):
         adamnp.step(p, g, state)
-    return median_time(lambda: adamnp.step(p, g, state), mover.sync, repeats), quantized
+    return (lambda: adamnp.step(p, g, state), mover.sync), quantized
 
 
-def time_torch(n: int, repeats: int):
-    """Seconds per ``torch.optim.AdamW(fused=True).step()`` on the CPU, or raise."""
+def time_step(backend: str, bits: int, n: int, repeats: int):
+    """``(seconds per adamnp.step, state is 8-bit)`` for one float32 leaf of ``n`` elements."""
+    call, quantized = step_call(backend, bits, n)
+    return median_time(*call, repeats), quantized
+
+
+def torch_call(n: int):
+    """``(fn, sync)``: ``torch.optim.AdamW(fused=True).step()`` on the CPU (raises without
+    torch)."""
     import torch
 
     p, g = _arrays(n)
     param = torch.nn.Parameter(torch.from_numpy(p))
     param.grad = torch.from_numpy(g)
     opt = torch.optim.AdamW([param], lr=1e-4, fused=True)
-    return median_time(opt.step, repeats=repeats)
+    return opt.step, lambda: None
 
 
-def _row(name, bits, n, seconds, nbytes, traffic):
+def time_torch(n: int, repeats: int):
+    """Seconds per ``torch.optim.AdamW(fused=True).step()`` on the CPU, or raise."""
+    return median_time(*torch_call(n), repeats=repeats)
+
+
+UNSTABLE_NOTE = (
+    "? : the repeats of this row varied by more than "
+    f"{UNSTABLE_SPREAD:.0%} (interquartile range over median; other work on this machine?): "
+    "its numbers and its % traffic are not reliable; rerun with more --repeats on a quieter "
+    "machine"
+)
+
+
+def measure(call, traffic, repeats: int):
+    """``(seconds, spread, traffic seconds or None, owner)``: the step ``call`` and the
+    traffic kernel ``traffic = ((fn, sync), owner)`` timed in alternation."""
+    (traffic_fn, owner) = traffic
+    calls = [call] if traffic_fn is None else [call, traffic_fn]
+    times = interleaved_times(calls, repeats)
+    seconds, spread = times[0]
+    if traffic_fn is None:
+        return seconds, spread, None, None
+    return seconds, max(spread, times[1][1]), times[1][0], owner
+
+
+def _row(name, bits, n, seconds, nbytes, traffic, spread=0.0):
     gbs = nbytes * n / seconds / 1e9
     row = [name, bits, f"{n:,}", f"{seconds * 1e6:,.1f}", f"{seconds / n * 1e9:.3f}", f"{gbs:.2f}"]
     data = {"backend": name, "bits": bits, "size": n, "seconds": seconds, "gbs": gbs}
+    data["spread"] = spread
+    unstable = spread > UNSTABLE_SPREAD
     if traffic[0] is None:
         row += ["-", "-"]
     else:
         tgbs = 28.0 * n / traffic[0] / 1e9
         share = 100 * gbs / tgbs
-        row += [f"{tgbs:.2f} ({traffic[1]})", f"{share:.0f}%" if share < 1000 else ">999%"]
+        unstable = unstable or share > 150  # faster than moving its bytes: a timing artefact
+        row += [f"{tgbs:.2f} ({traffic[1]})", "?" if unstable else f"{share:.0f}%"]
         data["traffic_gbs"] = tgbs
+    data["unstable"] = unstable
+    if unstable:
+        row[3] += " ?"
     return row, data
 
 
 def bench(backends, bits, sizes, repeats, torch_too, out=None):
-    """Measure everything; print ``.`` per measurement; return ``(rows, records, notes)``."""
+    """Measure everything; print ``.`` per measurement; return ``(rows, records, notes)``.
+
+    Each row's step and its traffic kernel are timed in alternation (:func:`measure`); a row
+    whose repeats vary too much is marked ``?`` with a note instead of a ratio."""
     out = sys.stdout if out is None else out
     rows, records, notes = [], [], {}
-    traffic_cache = {}
+    traffic_calls = {}
+
+    def add(name, k, n, call, nbytes, on_host, kernel_of=None):
+        key = (on_host, n)  # one traffic kernel per memory and size, as in the byte model
+        if key not in traffic_calls:
+            traffic_calls[key] = traffic_call(kernel_of or name, n)
+        seconds, spread, t_seconds, owner = measure(call, traffic_calls[key], repeats)
+        row, data = _row(name, k, n, seconds, nbytes, (t_seconds, owner), spread)
+        if data["unstable"]:
+            notes[UNSTABLE_NOTE] = None
+        rows.append(row)
+        records.append(data)
+        print(".", end="", file=out, flush=True)
+        return row
+
     for name in backends:
         for k in bits:
             for n in sizes:
-                key = (cli.Mover(name).on_host, n)
-                if key not in traffic_cache:
-                    traffic_cache[key] = time_traffic(name, n, repeats)
                 try:
-                    seconds, quantized = time_step(name, k, n, repeats)
+                    call, quantized = step_call(name, k, n)
                 except cli.EIGHT_BIT_ERRORS as exc:
                     if k != 8:
                         raise
@@ -164,14 +252,13 @@ def bench(backends, bits, sizes, repeats, torch_too, out=None):
                     rows.append([name, k, "any", "n/a", "-", "-", "-", "-"])
                     break
                 nbytes = bytes_per_element(8 if quantized else 32)
+                key = ("numba" if cli.Mover(name).on_host else name, n)
+                row = add(
+                    name, k, n, call, nbytes, (name, n) if not cli.Mover(name).on_host else key
+                )
                 if k == 8 and not quantized:
                     notes["8-bit rows marked * keep float32 moments (leaf < 4096 elements)"] = None
-                row, data = _row(name, k, n, seconds, nbytes, traffic_cache[key])
-                if k == 8 and not quantized:
                     row[1] = "8*"
-                rows.append(row)
-                records.append(data)
-                print(".", end="", file=out, flush=True)
     if torch_too:
         try:
             import torch
@@ -179,18 +266,12 @@ def bench(backends, bits, sizes, repeats, torch_too, out=None):
             torch = None
         if torch is not None:
             for n in sizes:
-                key = (True, n)
-                if key not in traffic_cache:
-                    traffic_cache[key] = time_traffic("torch", n, repeats)
                 try:
-                    seconds = time_torch(n, repeats)
+                    call = torch_call(n)
+                    add("torch", 32, n, call, 28.0, True, kernel_of="numpy")
                 except (RuntimeError, TypeError, ValueError) as exc:
                     notes[f"torch fused AdamW skipped: {exc}"] = None
                     break
-                row, data = _row("torch", 32, n, seconds, 28.0, traffic_cache[key])
-                rows.append(row)
-                records.append(data)
-                print(".", end="", file=out, flush=True)
             notes[
                 f"torch: torch.optim.AdamW(fused=True) on the CPU, torch {torch.__version__}, "
                 f"{torch.get_num_threads()} threads"
