@@ -24,6 +24,7 @@ Numba's own threads instead.
 from __future__ import annotations
 
 import itertools
+import os
 import queue
 import threading
 import weakref
@@ -42,10 +43,21 @@ _jobs: queue.SimpleQueue = queue.SimpleQueue()
 _start_lock = threading.Lock()
 
 
-def _helper_loop() -> None:
+def _forget_helpers() -> None:
+    """In a forked child: the parent's helper threads do not exist here."""
+    global _jobs, _start_lock
+    _helpers.clear()
+    _jobs, _start_lock = queue.SimpleQueue(), threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_helpers)
+
+
+def _helper_loop(jobs: queue.SimpleQueue) -> None:
     numba.set_num_threads(1)
     while True:
-        _jobs.get()()
+        jobs.get()()
 
 
 def _layer_allows_helpers() -> bool:
@@ -61,7 +73,9 @@ def _ensure_helpers(count: int) -> int:
     if len(_helpers) < count:
         with _start_lock:
             while len(_helpers) < count:
-                thread = threading.Thread(target=_helper_loop, name="adamnp-helper", daemon=True)
+                thread = threading.Thread(
+                    target=_helper_loop, args=(_jobs,), name="adamnp-helper", daemon=True
+                )
                 thread.start()
                 _helpers.append(thread)
     return len(_helpers)
