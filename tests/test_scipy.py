@@ -218,3 +218,29 @@ def test_x0_must_be_one_dimensional_as_minimize_requires():
         adam_method(fun, 3.0, jac=True, maxiter=2),
     ):
         assert result.x.shape == (1,) and result.nit == 2
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+def test_minimize_calls_fun_once_per_point_and_keeps_gradients_apart(backend):
+    """minimize(jac=True) wraps fun in scipy's MemoizeJac; adam_method calls the user's fun
+    once per point, and a gradient returned as the same array every time (or as the x it
+    was given) is used as it is without ever aliasing the iterate."""
+    calls = []
+    buffer = np.zeros(3)
+
+    def fun(x):
+        calls.append(x.copy())
+        np.multiply(x, 2.0, out=buffer)  # the same array every call
+        return float(x @ x), buffer
+
+    res = minimize(
+        fun, np.array([1.0, -2.0, 0.5]), jac=True, method=adam_method,
+        options={"lr": 0.05, "maxiter": 40, "backend": backend},
+    )  # fmt: skip
+    assert len(calls) == res.nit + 1 == res.nfev == res.njev
+    assert res.jac is not buffer and np.array_equal(res.jac, 2 * res.x)
+    same = minimize(
+        lambda x: (float(x @ x) / 2, x), np.array([1.0, -2.0, 0.5]), jac=True,
+        method=adam_method, options={"lr": 0.05, "maxiter": 40, "backend": backend},
+    )  # fmt: skip
+    assert same.nit == 40 and np.all(np.abs(same.x) < np.abs([1.0, -2.0, 0.5]))
