@@ -17,7 +17,8 @@ import numpy as np
 from numba import prange
 
 from .finite import is_nonfinite
-from .util import CHUNK, as_pointer, elem, jit
+from .schedule import launch_traffic
+from .util import as_pointer, elem, jit
 
 
 @jit(inline="always")
@@ -79,11 +80,9 @@ def _traffic_chunk(p, g, m, v):
 
 
 @jit(parallel=True)
-def _traffic(p, g, m, v, chunk):
-    n = p.size
-    for c in prange((n + chunk - 1) // chunk):
-        lo = c * chunk
-        hi = min(lo + chunk, n)
+def _traffic(table, p, g, m, v):
+    for c in prange(table.shape[0]):
+        lo, hi = table[c, 1], table[c, 2]
         _traffic_chunk(p[lo:hi], g[lo:hi], m[lo:hi], v[lo:hi])
 
 
@@ -101,4 +100,4 @@ def traffic_kernel(p: np.ndarray, g: np.ndarray, m: np.ndarray, v: np.ndarray) -
     >>> p
     array([2., 2., 2., 2., 2.], dtype=float32)
     """
-    _traffic(p.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1), CHUNK)
+    launch_traffic(_traffic, p.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1))

@@ -31,7 +31,8 @@ from numba.extending import intrinsic
 from ...lowbit import half as fmt
 from .fp32 import _update
 from .quant import block_keys, index_hash
-from .util import CHUNK, as_pointer, jit
+from .schedule import launch_traffic
+from .util import as_pointer, jit
 
 bf16_to_f32 = jit(inline="always")(fmt.bf16_to_f32)
 bf16_round = jit(inline="always")(fmt.bf16_round)
@@ -248,11 +249,9 @@ def _traffic_half_chunk(p, g, m, v):
 
 
 @jit(parallel=True)
-def _traffic_half(p, g, m, v, chunk):
-    n = p.size
-    for c in prange((n + chunk - 1) // chunk):
-        lo = c * chunk
-        hi = min(lo + chunk, n)
+def _traffic_half(table, p, g, m, v):
+    for c in prange(table.shape[0]):
+        lo, hi = table[c, 1], table[c, 2]
         _traffic_half_chunk(p[lo:hi], g[lo:hi], m[lo:hi], v[lo:hi])
 
 
@@ -275,4 +274,4 @@ def traffic_kernel_half(p: np.ndarray, g: np.ndarray, m: np.ndarray, v: np.ndarr
     (array([1., 1., 1., 1., 1.], dtype=float16), array([1., 1., 1., 1., 1.], dtype=float32))
     """
     bits = (a.reshape(-1).view(np.uint16) for a in (p, g))
-    _traffic_half(*bits, m.reshape(-1), v.reshape(-1), CHUNK)
+    launch_traffic(_traffic_half, *bits, m.reshape(-1), v.reshape(-1))

@@ -47,7 +47,8 @@ from numba import prange
 
 from .half import chunk_f32, data_address, store_half
 from .quant import quantize_scaled, round_stochastic
-from .util import CHUNK, as_pointer, elem, jit
+from .schedule import launch_traffic
+from .util import as_pointer, elem, jit
 
 _SIGN_OFF = np.int32(0x7FFFFFFF)
 _INF_BITS = np.int32(0x7F800000)
@@ -198,11 +199,9 @@ def _traffic_q8_chunk(p, g, codes_m, codes_v):
 
 
 @jit(parallel=True)
-def _traffic_q8(p, g, codes_m, codes_v, chunk):
-    n = p.size
-    for c in prange((n + chunk - 1) // chunk):
-        lo = c * chunk
-        hi = min(lo + chunk, n)
+def _traffic_q8(table, p, g, codes_m, codes_v):
+    for c in prange(table.shape[0]):
+        lo, hi = table[c, 1], table[c, 2]
         _traffic_q8_chunk(p[lo:hi], g[lo:hi], codes_m[lo:hi], codes_v[lo:hi])
 
 
@@ -223,4 +222,4 @@ def traffic_kernel_q8(p, g, codes_m, codes_v) -> None:
     (array([2., 2., 2., 2., 2.], dtype=float32), [1, 1, 1, 1, 1], [0, 0, 0, 0, 0])
     """
     flat = (x.reshape(-1) for x in (p, g, codes_m, codes_v))
-    _traffic_q8(*flat, CHUNK)
+    launch_traffic(_traffic_q8, *flat)

@@ -32,6 +32,8 @@ import weakref
 import numba
 import numpy as np
 
+from .util import CHUNK, chunk_table
+
 #: Elements per claim (whole rows of the chunk table): about half a millisecond of a step
 #: on one core, far above the cost of a call. A table of fewer elements is one call.
 BATCH_ELEMENTS = 1 << 19
@@ -166,3 +168,11 @@ def run(kernel, threads: int, table, *args) -> list:
         return job.wait()
     finally:
         numba.set_num_threads(own)
+
+
+def launch_traffic(kernel, *arrays) -> None:
+    """Run a traffic kernel ``kernel(table, *arrays)`` over the chunks of its flat arrays as
+    the step kernels run (:func:`run` on all of Numba's threads), so that a step and its
+    traffic kernel are timed under the same scheduling."""
+    table = chunk_table(np.array([arrays[0].size]), CHUNK)
+    run(kernel, numba.get_num_threads(), table, *arrays)
