@@ -252,10 +252,7 @@ def bench(backends, bits, sizes, repeats, torch_too, out=None):
                     rows.append([name, k, "any", "n/a", "-", "-", "-", "-"])
                     break
                 nbytes = bytes_per_element(8 if quantized else 32)
-                key = ("numba" if cli.Mover(name).on_host else name, n)
-                row = add(
-                    name, k, n, call, nbytes, (name, n) if not cli.Mover(name).on_host else key
-                )
+                row = add(name, k, n, call, nbytes, cli.Mover(name).on_host)
                 if k == 8 and not quantized:
                     notes["8-bit rows marked * keep float32 moments (leaf < 4096 elements)"] = None
                     row[1] = "8*"
