@@ -227,13 +227,26 @@ def step_group(group, params, grads, scalars) -> None:
     >>> p.round(6)
     array([ 0.9, -1.9], dtype=float32)
     """
-    if group.kind not in ("fp32", "q8"):
-        raise NotImplementedError(f"the 'numba' backend does not implement {group.kind!r} state")
+    _step_group(group, params, grads, scalars, check=False)
+
+
+def _group_table(group) -> np.ndarray:
+    """The group's chunk table, made on first use and kept as long as the group."""
     table = _CHUNKS.get(group)
     if table is None:
         table = _CHUNKS[group] = chunk_table(np.diff(group.offsets), CHUNK)
+    return table
+
+
+def _step_group(group, params, grads, scalars, check: bool) -> int:
+    """:func:`step_group`; with ``check`` (float32/float64 groups whose table is one batch
+    only) the gradients are checked first in the same call: the result of
+    :func:`.fp32.step_fp32`, -1 or the first bad leaf's tree index with nothing written."""
+    if group.kind not in ("fp32", "q8"):
+        raise NotImplementedError(f"the 'numba' backend does not implement {group.kind!r} state")
+    table = _group_table(group)
     if table.shape[0] == 0:
-        return
+        return -1
     q8 = group.kind == "q8"
     if scalars.amsgrad != (("codes_vmax" if q8 else "vmax") in group.buffers):
         raise ValueError("amsgrad does not match the state's buffers (vmax)")
@@ -247,7 +260,7 @@ def step_group(group, params, grads, scalars) -> None:
             _step_q8_sqrt(group, table, p_addr, g_addr, k, flags, key, half)
         else:
             _step_q8(group, table, p_addr, g_addr, k, flags, key, half)
-        return
+        return -1
     vmax = group.buffers.get("vmax")
     if vmax is None:
         vmax = _NO_VMAX.setdefault(group.dtype, np.empty(0, group.dtype))
@@ -256,8 +269,8 @@ def step_group(group, params, grads, scalars) -> None:
     k = kernel_scalars(scalars, group.dtype)
     half = group.half
     if half < 0:
-        _launch(step_fp32, int(group.offsets[-1]), *common, *moments, k, flags, False)
-        return
+        work = int(group.offsets[-1])
+        return int(_launch(step_fp32, work, *common, *moments, k, flags, check)[0])
     _launch(
         step_half,
         int(group.offsets[-1]),
@@ -270,6 +283,7 @@ def step_group(group, params, grads, scalars) -> None:
         scalars.stochastic_params,
         np.uint32(param_key(scalars.step, int(group.leaf_ids[0]))),
     )
+    return -1
 
 
 def checked_step_group(group, params, grads, scalars) -> int:
@@ -281,19 +295,11 @@ def checked_step_group(group, params, grads, scalars) -> int:
     then (one pass less over the leaves' addresses and one call less).
     """
     if group.kind == "fp32" and group.half < 0:
-        table = _CHUNKS.get(group)
-        if table is None:
-            table = _CHUNKS[group] = chunk_table(np.diff(group.offsets), CHUNK)
-        one_batch = len(schedule.batch_bounds(table)) == 2  # else threads claim batches
+        # one batch: one kernel call checks every chunk before it updates any (with several,
+        # each batch would check only its own)
+        one_batch = len(schedule.batch_bounds(_group_table(group))) == 2
         if one_batch and scalars.amsgrad == ("vmax" in group.buffers):
-            vmax = group.buffers.get("vmax")
-            if vmax is None:
-                vmax = _NO_VMAX.setdefault(group.dtype, np.empty(0, group.dtype))
-            common = (table, group.leaf_ids, group.offsets, data_addresses(params))
-            moments = (data_addresses(grads), group.buffers["m"], group.buffers["v"], vmax)
-            k, flags = kernel_scalars(scalars, group.dtype), kernel_flags(scalars)
-            work = int(group.offsets[-1])
-            return int(_launch(step_fp32, work, *common, *moments, k, flags, True)[0])
+            return _step_group(group, params, grads, scalars, check=True)
     ids = group.leaf_ids
     bad = nonfinite_leaf([grads[i] for i in ids])
     if bad >= 0:
