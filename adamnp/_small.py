@@ -16,11 +16,13 @@ small parameter vectors pay it every iteration (docs/backends.md has the numbers
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 
 from . import backends
 from ._state import AdamState
-from ._validate import _leaves_like
+from ._validate import _leaves_like, per_state
 from .backends.math import SMALL_NONFINITE, SMALL_UPDATED, host_scalars
 
 #: Largest leaf (elements) the small path takes; larger ones gain from threads.
@@ -42,14 +44,18 @@ class _Plan:
         self.vmax = buffers.get("vmax", np.empty(0, self.dtype))
 
 
+_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # state -> (groups, plan)
+
+
 def _plan(state: AdamState) -> _Plan | None:
-    """The state's small-step plan, made on first use, or None if the path does not apply."""
-    cached = state.__dict__.get("_small_plan")
-    if cached is not None and cached[0] is state.groups:
-        return cached[1]
+    """The state's small-step plan (:func:`~adamnp._validate.per_state`), or None if the
+    path does not apply."""
+    return per_state(_PLANS, state, _make_plan)
+
+
+def _make_plan(state: AdamState) -> _Plan | None:
     kernel = getattr(backends.get(state.backend), "step_one", None)
     groups = state.groups
-    plan = None
     if (
         kernel is not None
         and len(state.slots) == 1
@@ -58,9 +64,8 @@ def _plan(state: AdamState) -> _Plan | None:
         and groups[0].half < 0
         and int(np.prod(state.shapes[0])) <= SMALL_MAX
     ):
-        plan = _Plan(state, kernel)
-    state.__dict__["_small_plan"] = (groups, plan)  # not a field; AdamState.__getstate__ drops it
-    return plan
+        return _Plan(state, kernel)
+    return None
 
 
 def try_step(params, grads, state: AdamState) -> bool:

@@ -235,7 +235,6 @@ class AdamState:
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         del state["_lock"]  # a lock cannot be copied or pickled; each copy gets its own
-        state.pop("_small_plan", None)  # a cache of adamnp._small, made again on first use
         return state
 
     def __setstate__(self, state: dict) -> None:

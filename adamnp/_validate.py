@@ -388,28 +388,46 @@ class _Arenas(NamedTuple):
     hi: np.ndarray  # shape=(len(spans),), int64; the ends
 
 
+def per_state(cache: weakref.WeakKeyDictionary, state: AdamState, make):
+    """``make(state)``, computed once per state and kept in ``cache`` (keyed weakly by the
+    state) until ``state.groups`` is replaced: what the step derives from a state's layout
+    and buffers, which never move.
+
+    Examples
+    --------
+    >>> import adamnp
+    >>> cache, state = weakref.WeakKeyDictionary(), adamnp.init(np.zeros(3), adamnp.adam())
+    >>> per_state(cache, state, lambda s: object()) is per_state(cache, state, len)
+    True
+    """
+    cached = cache.get(state)
+    if cached is not None and cached[0] is state.groups:
+        return cached[1]
+    value = make(state)
+    cache[state] = (state.groups, value)
+    return value
+
+
 _ARENAS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # state -> (groups, _Arenas)
 
 
 def _state_arenas(state: AdamState, be) -> _Arenas:
-    """The state's :class:`_Arenas`. They never move, so they are computed once per state
-    (again if ``state.groups`` is replaced)."""
-    cached = _ARENAS.get(state)
-    if cached is not None and cached[0] is state.groups:
-        return cached[1]
+    """The state's :class:`_Arenas` (:func:`per_state`)."""
+    return per_state(_ARENAS, state, lambda state: _arenas(state, be))
+
+
+def _arenas(state: AdamState, be) -> _Arenas:
     spans = []
     for gi, group in enumerate(state.groups):
         for name, buf in group.buffers.items():
             lo, hi = be.address_range(buf)
             if hi > lo:
                 spans.append((lo, hi, "state", (gi, name)))
-    arenas = _Arenas(
+    return _Arenas(
         spans,
         np.array([span[0] for span in spans], np.int64),
         np.array([span[1] for span in spans], np.int64),
     )
-    _ARENAS[state] = (state.groups, arenas)
-    return arenas
 
 
 def _state_slot(state: AdamState, be, where, start: int) -> str:
@@ -585,15 +603,14 @@ _SPECS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # state -> (gro
 
 def _leaf_spec(state: AdamState, be):
     """The backend's record of what the state's leaves must be (``be.leaf_spec``: shapes,
-    dtypes, and float32 as the other gradient dtype of half-precision leaves), made once per
-    state like :func:`_state_arenas`."""
-    cached = _SPECS.get(state)
-    if cached is not None and cached[0] is state.groups:
-        return cached[1]
-    alt = [_FLOAT32 if half_format(d) >= 0 else d for d in state.dtypes]
-    spec = be.leaf_spec(state.shapes, state.dtypes, alt)
-    _SPECS[state] = (state.groups, spec)
-    return spec
+    dtypes, and float32 as the other gradient dtype of half-precision leaves;
+    :func:`per_state`)."""
+
+    def make(state):
+        alt = [_FLOAT32 if half_format(d) >= 0 else d for d in state.dtypes]
+        return be.leaf_spec(state.shapes, state.dtypes, alt)
+
+    return per_state(_SPECS, state, make)
 
 
 def _validate_fast(params, grads, state: AdamState, be, arenas: _Arenas):

@@ -179,7 +179,7 @@ def test_refusals_change_nothing_and_name_the_problem_as_before(case):
         p = rng.standard_normal(300).astype(np.float32)
         state = _state(p)
         adamnp.step(p, rng.standard_normal(300).astype(np.float32), state)
-        state.__dict__.pop("_small_plan", None)
+        _small._PLANS.pop(state, None)  # made again under the SMALL_MAX below
         old, _small.SMALL_MAX = _small.SMALL_MAX, small_max
         try:
             pp, gg = change(p, rng.standard_normal(300).astype(np.float32), state)
@@ -227,7 +227,7 @@ def test_configure_and_copies_keep_working():
     adamnp.step(p, g, state)
     assert np.abs(p - before).max() > 0.4  # lr 0.5 reached the step
     for twin in (pickle.loads(pickle.dumps(state)), copy.deepcopy(state)):
-        assert "_small_plan" not in twin.__dict__ or twin.__dict__["_small_plan"] is None
+        assert twin not in _small._PLANS  # a copy makes its own plan
         q = p.copy()
         adamnp.step(q, g, twin)
         assert twin.step == state.step + 1
