@@ -23,6 +23,7 @@ Numba's own threads instead.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import queue
@@ -174,5 +175,10 @@ def launch_traffic(kernel, *arrays) -> None:
     """Run a traffic kernel ``kernel(table, *arrays)`` over the chunks of its flat arrays as
     the step kernels run (:func:`run` on all of Numba's threads), so that a step and its
     traffic kernel are timed under the same scheduling."""
-    table = chunk_table(np.array([arrays[0].size]), CHUNK)
-    run(kernel, numba.get_num_threads(), table, *arrays)
+    run(kernel, numba.get_num_threads(), _flat_table(arrays[0].size), *arrays)
+
+
+@functools.lru_cache(maxsize=16)
+def _flat_table(n: int) -> np.ndarray:
+    """The chunk table of one flat array of ``n`` elements, kept (so are its batch bounds)."""
+    return chunk_table(np.array([n]), CHUNK)
