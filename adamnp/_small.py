@@ -22,7 +22,7 @@ import numpy as np
 
 from . import backends
 from ._state import AdamState
-from ._validate import _leaves_like, per_state
+from ._validate import leaves_like_state, per_state
 from .backends.math import SMALL_NONFINITE, SMALL_UPDATED, host_scalars
 
 #: Largest leaf (elements) the small path takes; larger ones gain from threads.
@@ -77,16 +77,10 @@ def try_step(params, grads, state: AdamState) -> bool:
     plan = _plan(state)
     if plan is None or state.config.max_grad_norm is not None:
         return False
-    if state.treedef is None:
-        p, g = params, grads
-    else:
-        leaves = []
-        if not (
-            _leaves_like(params, state.treedef, leaves)
-            and _leaves_like(grads, state.treedef, leaves)
-        ):
-            return False
-        p, g = leaves
+    leaves = leaves_like_state(params, grads, state)
+    if leaves is None:
+        return False
+    (p,), (g,) = leaves
     if type(p) is not np.ndarray or type(g) is not np.ndarray:
         return False
     if p.shape != plan.shape or g.shape != plan.shape:

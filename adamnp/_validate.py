@@ -561,6 +561,22 @@ def _leaves_like(tree, treedef, out: list) -> bool:
     return True
 
 
+def leaves_like_state(params, grads, state: AdamState) -> tuple[list, list] | None:
+    """``(p_leaves, g_leaves)`` if both trees have exactly the state's structure (the leaves
+    in flattening order, unchecked), else None (the full validation says what differs)."""
+    if state.treedef is None:
+        if isinstance(params, _CONTAINERS) or isinstance(grads, _CONTAINERS):
+            return None
+        return [params], [grads]
+    p_leaves, g_leaves = [], []
+    if not (
+        _leaves_like(params, state.treedef, p_leaves)
+        and _leaves_like(grads, state.treedef, g_leaves)
+    ):
+        return None
+    return p_leaves, g_leaves
+
+
 def _host_leaves_ok(p_leaves, g_leaves, state: AdamState, be) -> bool:
     """True if every leaf is a plain host ndarray passing :func:`leaf_error`'s checks."""
     if not be.owns(_HOST_PROBE):
@@ -619,17 +635,10 @@ def _validate_fast(params, grads, state: AdamState, be, arenas: _Arenas):
     The paths are ``state.paths``: the tree has exactly the state's structure, so
     :func:`flatten` would name its leaves the same way.
     """
-    if state.treedef is None:
-        if isinstance(params, _CONTAINERS) or isinstance(grads, _CONTAINERS):
-            return None
-        p_leaves, g_leaves = [params], [grads]
-    else:
-        p_leaves, g_leaves = [], []
-        if not (
-            _leaves_like(params, state.treedef, p_leaves)
-            and _leaves_like(grads, state.treedef, g_leaves)
-        ):
-            return None
+    leaves = leaves_like_state(params, grads, state)
+    if leaves is None:
+        return None
+    p_leaves, g_leaves = leaves
     scan = getattr(be, "host_leaves_ok", None)
     if scan is not None:  # every check below in one compiled call
         verdict = scan(p_leaves, g_leaves, _leaf_spec(state, be), arenas.lo, arenas.hi)
