@@ -138,10 +138,22 @@ class LeafGroup:
     buffers: dict = field(default_factory=dict)  # name -> flat array (m, v, vmax / codes_*, ...)
     label: str | None = None  # the leaves' label (AdamState.labels), None without labels
     param_dtype: np.dtype | None = None  # the leaves' dtype; None: ``dtype``
+    # Stochastic rounding's coordinates (adamnp.lowbit.stochastic): the group's hash tag (None:
+    # its first leaf's tree index) and the hash index of the arena's first element. A shard of
+    # a distributed state (adamnp.distributed) sets both to the unsharded group's, so that it
+    # rounds exactly as the unsharded state does.
+    hash_tag: int | None = None
+    index_base: int = 0
 
     def __post_init__(self):
         if self.param_dtype is None:
             self.param_dtype = self.dtype
+
+    @property
+    def tag(self) -> int:
+        """The tag that keys the group's stochastic rounding (``step_key(step, tag)``):
+        ``hash_tag``, or the tree index of the group's first leaf."""
+        return int(self.leaf_ids[0]) if self.hash_tag is None else int(self.hash_tag)
 
     @property
     def half(self) -> int:

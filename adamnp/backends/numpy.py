@@ -175,7 +175,7 @@ class _HalfParams:
 
     def __init__(self, group, scalars, size):
         self.fmt = half_format(group.param_dtype)
-        self.key = param_key(scalars.step, int(group.leaf_ids[0]))
+        self.key = param_key(scalars.step, group.tag)
         self.stochastic = scalars.stochastic_params
         self.scratch = np.empty(size if self.fmt >= 0 else 0, np.float32)
 

@@ -66,20 +66,20 @@ def step_key(step: int, group_tag: int) -> int:
 
 def group_key(group, step: int) -> int | None:
     """The hash key of step ``step`` for an 8-bit ``group``, or None if it rounds ``v`` to
-    nearest. Every backend takes its key from here (the group's first leaf is its tag).
+    nearest. Every backend takes its key from here (``group.tag``: its first leaf, or
+    the unsharded group's for a shard of a distributed state).
 
     Examples
     --------
     >>> from types import SimpleNamespace
-    >>> ids = np.array([3])
-    >>> group_key(SimpleNamespace(v_rounding="stochastic", leaf_ids=ids), 5) == step_key(5, 3)
+    >>> group_key(SimpleNamespace(v_rounding="stochastic", tag=3), 5) == step_key(5, 3)
     True
-    >>> group_key(SimpleNamespace(v_rounding="nearest", leaf_ids=ids), 5) is None
+    >>> group_key(SimpleNamespace(v_rounding="nearest", tag=3), 5) is None
     True
     """
     if group.v_rounding != "stochastic":
         return None
-    return step_key(step, int(group.leaf_ids[0]))
+    return step_key(step, group.tag)
 
 
 def _mix32_int(x: int) -> int:

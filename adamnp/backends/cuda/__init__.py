@@ -316,7 +316,7 @@ def _param_rounding(group, scalars) -> tuple:
     step's :func:`~adamnp.lowbit.half.param_key`; ignored for float32 params)."""
     if group.half < 0 or not scalars.stochastic_params:
         return False, np.uint32(0)
-    return True, np.uint32(param_key(scalars.step, int(group.leaf_ids[0])))
+    return True, np.uint32(param_key(scalars.step, group.tag))
 
 
 def _q8(block_size: int, half: int = -1):

@@ -281,7 +281,7 @@ def _step_group(group, params, grads, scalars, check: bool) -> int:
         flags,
         half,
         scalars.stochastic_params,
-        np.uint32(param_key(scalars.step, int(group.leaf_ids[0]))),
+        np.uint32(param_key(scalars.step, group.tag)),
     )
     return -1
 
@@ -461,7 +461,7 @@ def _half_arguments(group, grads, scalars) -> tuple:
     half = group.half
     if half < 0:
         return -1, _NO_HALF, False, np.uint32(0)
-    key = param_key(scalars.step, int(group.leaf_ids[0]))
+    key = param_key(scalars.step, group.tag)
     return half, _grad_kinds(group, grads), scalars.stochastic_params, np.uint32(key)
 
 
