@@ -348,29 +348,70 @@ def amsgrad_of(config: AdamConfig, configs: dict | None):
     return {label: c.amsgrad for label, c in configs.items()}
 
 
+class GroupPlan(NamedTuple):
+    """Where one leaf group's moments live, from shapes alone (:func:`plan_groups`)."""
+
+    label: str | None  # the leaves' label, None without labels
+    kind: str  # "fp32" or "q8"
+    param_dtype: np.dtype  # the leaves' dtype
+    leaf_ids: np.ndarray  # shape=(k,), int64: tree indices of the group's leaves, ascending
+    offsets: np.ndarray  # shape=(k + 1,), int64: leaf j owns elements offsets[j]:offsets[j+1]
+    block_offsets: np.ndarray | None  # shape=(k + 1,), int64; "q8" only: its absmax blocks
+
+
+def plan_groups(paths, shapes, dtypes, layout: Layout, labels=None) -> list[GroupPlan]:
+    """The leaf groups of a state, in the order :func:`build_groups` makes them: one per
+    label, kind and dtype (sorted by them), leaves in tree order, no allocation.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> lay = Layout(8, "sqrt", 256, 1000, "stochastic", ())
+    >>> [(g.kind, g.leaf_ids.tolist(), g.offsets.tolist())
+    ...  for g in plan_groups(["a", "b", "c"], [(10,), (1000,), (2000,)], [np.float32] * 3, lay)]
+    [('fp32', [0], [0, 10]), ('q8', [1, 2], [0, 1000, 3000])]
+    """
+    use_q8 = layout.eight_bit(paths, shapes, dtypes)
+    by_name = {np.dtype(d).name: np.dtype(d) for d in dtypes}  # bfloat16's .str is "<V2"
+    tags = [("" if labels is None else labels[i], "q8" if q else "fp32", np.dtype(d).name)
+            for i, (d, q) in enumerate(zip(dtypes, use_q8))]  # fmt: skip
+    plans = []
+    for key in sorted(set(tags)):
+        label, kind, dname = key
+        ids = [i for i, tag in enumerate(tags) if tag == key]
+        sizes = [int(np.prod(shapes[i], dtype=np.int64)) for i in ids]
+        offsets = np.zeros(len(ids) + 1, np.int64)
+        offsets[1:] = np.cumsum(sizes)
+        blocks = None
+        if kind == "q8":
+            blocks = np.zeros(len(ids) + 1, np.int64)
+            blocks[1:] = np.cumsum([n_blocks(n, layout.block_size) for n in sizes])
+        plans.append(GroupPlan(None if labels is None else label, kind, by_name[dname],
+                               np.array(ids, np.int64), offsets, blocks))  # fmt: skip
+    return plans
+
+
 def build_groups(paths, shapes, dtypes, layout: Layout, amsgrad, xp, labels=None):
     """Allocate zero moments for every leaf as ``layout`` says; return ``(slots, groups)``.
 
     ``xp`` is the backend module, which provides ``zeros(n, dtype)`` and
     ``full(n, value, dtype)`` (host or device memory). ``labels``: one per leaf (a group per
-    label, kind and dtype) or None; ``amsgrad`` is then a bool or ``{label: bool}``.
+    label, kind and dtype, :func:`plan_groups`) or None; ``amsgrad`` is then a bool or
+    ``{label: bool}``.
     """
-    use_q8 = layout.eight_bit(paths, shapes, dtypes)
     block_size = layout.block_size
     slots: list = [None] * len(shapes)
     groups = []
-    by_name = {np.dtype(d).name: np.dtype(d) for d in dtypes}  # bfloat16's .str is "<V2"
-    tags = [("" if labels is None else labels[i], "q8" if q else "fp32", np.dtype(d).name)
-            for i, (d, q) in enumerate(zip(dtypes, use_q8))]  # fmt: skip
-    for key in sorted(set(tags)):
-        label, kind, dname = key
-        param_dtype = by_name[dname]
+    for plan in plan_groups(paths, shapes, dtypes, layout, labels):
+        kind, param_dtype, offsets, blocks = (
+            plan.kind,
+            plan.param_dtype,
+            plan.offsets,
+            plan.block_offsets,
+        )
         dtype = compute_dtype(param_dtype)
-        ids = [i for i, tag in enumerate(tags) if tag == key]
-        ams = amsgrad[label] if isinstance(amsgrad, dict) else amsgrad
-        sizes = [int(np.prod(shapes[i], dtype=np.int64)) for i in ids]
-        offsets = np.zeros(len(ids) + 1, np.int64)
-        offsets[1:] = np.cumsum(sizes)
+        ids = plan.leaf_ids.tolist()
+        ams = amsgrad[plan.label or ""] if isinstance(amsgrad, dict) else amsgrad
         total = int(offsets[-1])
         gshapes = [shapes[i] for i in ids]
         if kind == "fp32":
@@ -379,10 +420,7 @@ def build_groups(paths, shapes, dtypes, layout: Layout, amsgrad, xp, labels=None
             views = {name: _views(buffers[name], offsets, gshapes) for name in names}
             for j, i in enumerate(ids):
                 slots[i] = Fp32Slot(views["m"][j], views["v"][j], views["vmax"][j] if ams else None)
-            blocks = None
         else:
-            blocks = np.zeros(len(ids) + 1, np.int64)
-            blocks[1:] = np.cumsum([n_blocks(n, block_size) for n in sizes])
             nb = int(blocks[-1])
             moments = ("m", "v", "vmax") if ams else ("m", "v")
             buffers = {}
@@ -406,11 +444,17 @@ def build_groups(paths, shapes, dtypes, layout: Layout, amsgrad, xp, labels=None
                     block_size,
                     *map_names(fmt),
                 )
-        leaf_ids = np.array(ids, np.int64)
-        group_label = None if labels is None else label
         groups.append(
             LeafGroup(
-                kind, dtype, leaf_ids, offsets, blocks, layout, buffers, group_label, param_dtype
+                kind,
+                dtype,
+                plan.leaf_ids,
+                offsets,
+                blocks,
+                layout,
+                buffers,
+                plan.label,
+                param_dtype,
             )
         )
     return tuple(slots), tuple(groups)
