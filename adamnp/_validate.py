@@ -205,6 +205,12 @@ def leaf_error(path: str, a, be, role: str, shape=None, dtype=None) -> Exception
             "gradient's mask into params. Pass plain arrays (np.ma.getdata(a)) and handle the "
             "mask yourself, e.g. gradients a.filled(0)"
         )
+    if role == "params" and isinstance(a, np.generic):
+        return TypeError(
+            f"{path} is a NumPy scalar ({type(a).__name__}), which is immutable: adamnp "
+            "updates params in place, so a step would change a temporary copy. Use a 0-d "
+            "array instead (np.array(x))"
+        )
     original, a = a, as_base_array(a)
     if not be.owns(a):
         if isinstance(a, np.ndarray) or backends.is_device_array(a):

@@ -424,3 +424,18 @@ def test_eight_bit_state_with_nothing_quantized_warns():
         warnings.simplefilter("error")
         adamnp.init(small, adamnp.adam(), backend="numpy", state_bits=8, min_8bit_size=50)
         adamnp.init(small, adamnp.adam(), backend="numpy", state_bits=32)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+def test_numpy_scalar_params_are_refused_scalar_grads_are_read(backend):
+    # np.float32(x) exports the array interface, but np.asarray of it is a new array: a step
+    # "in place" would have changed a temporary copy and left the param as it was, silently
+    with pytest.raises(TypeError, match=r"params\['f'\] is a NumPy scalar \(float32\)"):
+        adamnp.init({"f": np.float32(0.3)}, adamnp.adam(), backend=backend)
+    p = {"f": np.array(0.5, np.float32)}
+    state = adamnp.init(p, adamnp.adam(lr=0.1), backend=backend)
+    adamnp.step(p, {"f": np.float32(1.0)}, state)  # a scalar gradient is only read
+    assert p["f"] == np.float32(0.4)
+    with pytest.raises(TypeError, match="NumPy scalar"):
+        adamnp.step({"f": np.float32(0.4)}, {"f": np.float32(1.0)}, state)
+    assert state.step == 1
