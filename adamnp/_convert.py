@@ -253,12 +253,13 @@ def _encode(group, staged: dict, moments: dict, key, e: int, b: int) -> None:
     n = moments["m"].size
     codes = {x: staged[f"codes_{x}"][e : e + n] for x in moments}
     absmax = {x: staged[f"absmax_{x}"][b : b + -(-n // bs)] for x in moments}
+    h = group.index_base + e  # the hash index of element e (the backends')
     if group.state_format == "sqrt":
         sqrt.requantize_into(moments["m"], moments["v"], moments.get("vmax"), codes, absmax,
-                             bs, key, e)  # fmt: skip
+                             bs, key, h)  # fmt: skip
         return
     for x, values in moments.items():
         qmap = moment_map(x)
         bnb.requantize_into(values, qmap, zero_code(qmap), bs, codes[x], absmax[x])
     if key is not None:  # v_rounding="stochastic"
-        bnb.round_stochastic(moments["v"], moment_map("v"), bs, codes["v"], absmax["v"], key, e)
+        bnb.round_stochastic(moments["v"], moment_map("v"), bs, codes["v"], absmax["v"], key, h)

@@ -171,12 +171,14 @@ def update_chunk(p, g, m, v, vmax, k: KernelScalars, s, t1, t2) -> None:
 class _HalfParams:
     """A float16/bfloat16 chunk of params as float32 (:mod:`adamnp.lowbit.half`): ``load``
     upcasts it into a scratch, ``store`` rounds the updated scratch back into the params,
-    to nearest or stochastically with the element hashes of the group's step key."""
+    to nearest or stochastically with the element hashes of the group's step key (hash
+    index ``group.index_base`` plus the element's index in the group's buffers)."""
 
     def __init__(self, group, scalars, size):
         self.fmt = half_format(group.param_dtype)
         self.key = param_key(scalars.step, group.tag)
         self.stochastic = scalars.stochastic_params
+        self.base = int(group.index_base)
         self.scratch = np.empty(size if self.fmt >= 0 else 0, np.float32)
 
     def load(self, p):
@@ -186,10 +188,11 @@ class _HalfParams:
         out[:] = to_f32_array(p.view(np.uint16), self.fmt)
         return out
 
-    def store(self, p, x, index0: int) -> None:
+    def store(self, p, x, e: int) -> None:
+        """Round ``x`` into ``p``, elements ``e ..`` of the group's buffers."""
         if self.fmt < 0:
             return
-        u = element_hashes(self.key, index0, p.size) if self.stochastic else None
+        u = element_hashes(self.key, self.base + e, p.size) if self.stochastic else None
         p.view(np.uint16)[:] = round_half_array(x, self.fmt, u)
 
 
@@ -235,7 +238,8 @@ def step_group(group, params, grads, scalars) -> None:
 def _q8_chunks(group, params, grads, names):
     """Per chunk of whole blocks of an 8-bit group: ``(p, g, codes, absmax, e)``, the
     chunk's parameter and gradient views, its slices of the code and absmax buffers of
-    each moment in ``names`` and the index of its first element in the group's buffers."""
+    each moment in ``names`` and the index of its first element in the group's buffers
+    (its stochastic rounding's hash index is ``group.index_base + e``)."""
     bs = group.block_size
     chunk = max(bs, CHUNK // bs * bs)
     buf = group.buffers
@@ -274,7 +278,7 @@ def _step_sqrt(group, params, grads, scalars) -> None:
                      scalars, t1[:n], t2[:n])  # fmt: skip
         half.store(p, x, e)
         q8sqrt.requantize_into(moments["m"], moments["v"], moments.get("vmax"), codes, absmax,
-                               bs, key, e)  # fmt: skip
+                               bs, key, group.index_base + e)  # fmt: skip
 
 
 def _step_q8(group, params, grads, scalars) -> None:
@@ -305,4 +309,5 @@ def _step_q8(group, params, grads, scalars) -> None:
         for x in names:
             q8.requantize_into(moments[x], maps[x], zeros[x], bs, codes[x], absmax[x])
         if key is not None:
-            q8.round_stochastic(moments["v"], maps["v"], bs, codes["v"], absmax["v"], key, e)
+            q8.round_stochastic(moments["v"], maps["v"], bs, codes["v"], absmax["v"], key,
+                                group.index_base + e)  # fmt: skip

@@ -14,7 +14,8 @@ no float16 on the CPU and no bfloat16 anywhere), with NumPy array twins for the 
 array is read through a ``uint16`` view of its bits.
 
 Definition (``bits``: the float32's bit pattern, ``a = bits & 0x7FFFFFFF``, ``u``: a 32-bit
-random integer, :func:`param_key` and :func:`~.stochastic.mix32` of the element's index):
+random integer, :func:`param_key` and :func:`~.stochastic.mix32` of the element's hash index,
+its group's ``index_base`` plus its index in the group's buffers):
 
 * **float16, nearest**: NaN gives the quiet NaN ``0x7E00`` (with the sign); ``a >= 2**16``
   gives Inf; below ``2**-14`` (float16's subnormals) the value is ``float32(|x| + 0.5)``'s

@@ -102,8 +102,9 @@ def requantize_into(x, code, zero_code, block_size, codes_out, absmax_out) -> No
 def round_stochastic(x, code, block_size, codes, absmax, key, index0) -> None:
     """Stochastic rounding of ``codes`` (the nearest codes of ``x``) in place.
 
-    ``index0`` is the index of ``x[0]`` in its group's buffer; ``key`` the step's
-    :func:`~.stochastic.step_key`. Blocks with a non-finite absmax keep their codes.
+    ``index0`` is the hash index of ``x[0]``: its group's ``index_base`` plus its index in
+    the group's buffer; ``key`` the step's :func:`~.stochastic.step_key`. Blocks with a
+    non-finite absmax keep their codes.
     """
     n = x.size
     divisor = np.where(absmax > 0, absmax, np.float32(1))

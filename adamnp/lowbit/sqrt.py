@@ -31,8 +31,10 @@ the updated float32 moments ``m``, ``v`` (and amsgrad's ``vmax``):
    ``v`` (and ``vmax``); ``m`` stores ``R`` raised to at least :data:`R_FLOOR` (``R = 0``
    stays 0), so that ``127 / R`` is finite. A block with NaN or Inf in one of them stores
    absmax NaN and code 0 for that moment (it decodes to NaN).
-3. ``h = mix32(index_low ^ block_key(key, index_high))`` for the element's index in its
-   group's buffer, ``key`` the step's :func:`~.stochastic.step_key`.
+3. ``h = mix32(index_low ^ block_key(key, index_high))`` for the element's hash index, its
+   group's ``index_base`` plus its index in the group's buffer (a shard of a distributed
+   state hashes as the unsharded state does), ``key`` the step's
+   :func:`~.stochastic.step_key`.
 4. Each moment is scaled by one float32 multiplier per block (a multiply per element, not a
    division: measured 6% of the CPU step): ``codes_v = s_code(bits(s * (1 / S)), h)``
    (:func:`s_code`); ``codes_m = r_code(r * (127 / R), h)`` (:func:`r_code`) as a
@@ -259,8 +261,9 @@ def requantize_into(m, v, vmax, codes, absmax, block_size, key, index0) -> None:
     """Store the updated float32 moments ``m``, ``v`` (and ``vmax``, or None) of whole blocks.
 
     ``codes`` and ``absmax`` map ``"m"``, ``"v"`` (and ``"vmax"``) to the output slices;
-    ``index0`` is the index of the first element in its group's buffer, ``key`` the step's
-    hash key. The definition is the module's.
+    ``index0`` is the hash index of the first element (its group's ``index_base`` plus its
+    index in the group's buffer), ``key`` the step's hash key. The definition is the
+    module's.
     """
     n = m.size
     nb = -(-n // block_size)

@@ -12,7 +12,8 @@ Definition (every backend computes exactly these float32 and uint32 operations):
 * ``c`` is the nearest code of ``x / absmax`` (what nearest rounding stores) and ``d = s -
   map[c]``;
 * ``u`` is a 24-bit uniform in [0, 1) from a counter-based hash of the step, the group and the
-  element's index (`uniform`);
+  element's hash index, the group's ``index_base`` plus its index in the group's buffers
+  (`uniform`);
 * if ``d >= 0`` the code moves up to ``c + 1`` when ``u * (map[c + 1] - map[c]) < d``, else it
   moves down to ``c - 1`` when ``u * (map[c] - map[c - 1]) < -d`` (never past either end of
   the map). So it lands on the upper of the two map values around ``s`` with probability
@@ -98,8 +99,8 @@ def block_key(key, index_high):
 
 def element_hashes(key, index0: int, n: int) -> np.ndarray:
     """The 32-bit hashes ``mix32(index_low ^ block_key(key, index_high))`` of the elements
-    ``index0 .. index0 + n - 1`` of a group's buffers (uint32; the NumPy reference's form of
-    the kernels' per-element hash).
+    of hash indices ``index0 .. index0 + n - 1`` (a group's ``index_base`` plus the indices
+    in its buffers; uint32; the NumPy reference's form of the kernels' per-element hash).
 
     Examples
     --------

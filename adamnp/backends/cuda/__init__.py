@@ -30,10 +30,11 @@ absmax per block, requantize with the shared exact lookup
 (:func:`adamnp.lowbit.exact.quantize_bits`), so codes and absmax values equal the
 reference's too. Its maps (:mod:`adamnp.lowbit.maps`) and lookup tables are uploaded once per
 group. With ``v_rounding="stochastic"`` the same kernel also rounds the codes of ``v``
-stochastically (:mod:`adamnp.lowbit.stochastic`), keyed by the step and the group's first
-leaf as in the reference. ``"sqrt"``, the default (:mod:`.q8_sqrt`, format
-:mod:`adamnp.lowbit.sqrt`): the same launch without tables; ``sqrt(v)`` and ``m / sqrt(v)``
-are rounded stochastically with the same key.
+stochastically (:mod:`adamnp.lowbit.stochastic`), keyed by the step and the group's tag
+(:attr:`~adamnp._state.LeafGroup.tag`), each element hashed by its index in the group's
+buffers plus the group's ``index_base``, as in the reference. ``"sqrt"``, the default
+(:mod:`.q8_sqrt`, format :mod:`adamnp.lowbit.sqrt`): the same launch without tables;
+``sqrt(v)`` and ``m / sqrt(v)`` are rounded stochastically with the same key and indices.
 
 float16 and bfloat16 params (:mod:`.half`): the same launches with the params read and
 written as uint16 bits, upcast to float32 and rounded back (to nearest or stochastically) by
@@ -296,7 +297,8 @@ def step_group(group, params, grads, scalars) -> None:
     args = (plan.ptrs, plan.chunks, plan.offsets, m, v, vmax, k, *kernel_flags(scalars))
     if group.half >= 0:
         kernel = _half(group.half).adam_step_half
-        _launch(kernel, plan.nchunks, *args, *_param_rounding(group, scalars))
+        rounding = _param_rounding(group, scalars)
+        _launch(kernel, plan.nchunks, *args, *rounding, np.int64(group.index_base))
         return
     _launch(_k().adam_step, plan.nchunks, *args)
 
@@ -392,14 +394,14 @@ def _step_q8(group, plan, k, s) -> None:
             kernel, _q8_grid(q, plan, kernel), plan.ptrs, plan.chunks, plan.offsets,
             plan.q8.block_offsets, b["codes_m"], b["codes_v"], codes_w, b["absmax_m"],
             b["absmax_v"], absmax_w, k, *kernel_flags(s), np.uint32(key), *rounding,
-            threads=q.threads,
+            np.int64(group.index_base), threads=q.threads,
         )  # fmt: skip
         return
     _launch(
         q.adam_step_q8, _q8_grid(q, plan), plan.ptrs, plan.chunks, plan.offsets,
         plan.q8.block_offsets, b["codes_m"], b["codes_v"], codes_w, b["absmax_m"],
         b["absmax_v"], absmax_w, *plan.q8.constants, k, *kernel_flags(s), key is not None,
-        np.uint32(key or 0), *rounding, threads=q.threads,
+        np.uint32(key or 0), *rounding, np.int64(group.index_base), threads=q.threads,
     )  # fmt: skip
 
 

@@ -6,8 +6,9 @@ round differently) and converted with the scalar functions of :mod:`adamnp.lowbi
 compiled as device functions (:func:`device_functions`): exact upcast to float32, the
 float32 update, rounding back to nearest or stochastically. The stochastic rounding's
 random ``u`` of an element is ``mix32(index_low ^ block_key(key, index_high))`` of its
-index in the group's buffers, ``key`` the step's :func:`~adamnp.lowbit.half.param_key`:
-the reference's (:class:`adamnp.backends.numpy._HalfParams`) bit for bit.
+hash index, the group's ``index_base`` plus its index in the group's buffers, ``key`` the
+step's :func:`~adamnp.lowbit.half.param_key`: the reference's
+(:class:`adamnp.backends.numpy._HalfParams`) bit for bit.
 
 :func:`build` (per format, a compile-time constant of the kernels) defines
 
@@ -102,11 +103,12 @@ def build(half: int) -> SimpleNamespace:
     @cuda.jit
     def adam_step_half(
         ptrs, chunks, offsets, m, v, vmax,
-        k, decoupled_decay, l2_decay, amsgrad, maximize, stochastic, key,
+        k, decoupled_decay, l2_decay, amsgrad, maximize, stochastic, key, index_base,
     ):  # fmt: skip
         """One Adam/AdamW step of every leaf of a half-precision group (block c: chunk c);
         ``ptrs[j] = (param, grad, grad is half)``; ``stochastic``: round the params with the
-        step's uint32 ``key``."""
+        step's uint32 ``key``, element ``e`` of the buffers under hash index ``index_base +
+        e`` (int64)."""
         c = cuda.blockIdx.x
         leaf = chunks[c, 0]
         lo = chunks[c, 1]
@@ -117,8 +119,9 @@ def build(half: int) -> SimpleNamespace:
         p = bits(ptrs[leaf, 0], n)
         g16 = bits(ptrs[leaf, 1], n if g_half else 0)
         g32 = ptr(ptrs[leaf, 1], 0 if g_half else n, m)
-        # The block keys of the chunk's indices (it crosses at most one multiple of 2**32).
-        e0 = np.uint64(base + lo)
+        # The block keys of the chunk's hash indices (it crosses at most one multiple of 2**32).
+        hash_base = index_base + base  # the hash index of the leaf's first element
+        e0 = np.uint64(hash_base + lo)
         low = np.uint32(e0 & low32)
         high = np.uint32(e0 >> high_shift)
         key0 = hash_key(key, high)
@@ -134,7 +137,7 @@ def build(half: int) -> SimpleNamespace:
             )  # fmt: skip
             u = no_u
             if stochastic:
-                index = np.uint32(np.uint64(e) & low32)
+                index = np.uint32(np.uint64(hash_base + i) & low32)
                 u = mix(np.uint32(index ^ (key0 if index >= low else key1)))
             p[i] = round_half(p_new, u, half, stochastic)
             m[e] = m_new
@@ -189,7 +192,7 @@ def signatures() -> dict:
     table, ints, offs = types.uint64[:, ::1], types.int64[:, ::1], types.int64[::1]
     a = types.float32[::1]
     step = (table, ints, offs, a, a, a, scalars_type(types.float32), *flags_types(),
-            types.boolean, types.uint32)  # fmt: skip
+            types.boolean, types.uint32, types.int64)  # fmt: skip
     stats = (table, ints, offs, types.float64[::1], types.int32[::1])
     out = {}
     for half, name in enumerate(("f16", "bf16")):

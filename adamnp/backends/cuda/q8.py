@@ -47,12 +47,13 @@ Stochastic rounding of ``v`` (``v_rounding="stochastic"``, :mod:`adamnp.lowbit.s
 when the kernel's ``stochastic`` argument is set (the step's uint32 hash ``key`` comes with
 it), a second loop after step 3 moves each finite block's nearest ``v`` code, just stored, to
 one of the two map values around ``s = x * (1 / absmax)`` (``round_up``, the element's
-``uniform`` from ``key`` and its index in the group's buffer, the ``v`` map in shared
-memory). A loop of its own keeps the nearest loop as it was (fully unrolled at 16 elements
-per thread, where the merged body was not); with the flag off it is skipped. The functions
-of :mod:`adamnp.lowbit.stochastic` are compiled as device functions: their uint32 products
-are typed uint64 and cast back to uint32, so they wrap mod 2**32 as on the CPU. ``m`` and
-amsgrad's ``vmax`` are always rounded to nearest.
+``uniform`` from ``key`` and its hash index, the group's ``index_base`` plus its index in
+the group's buffer, the ``v`` map in shared memory). A loop of its own keeps the nearest
+loop as it was (fully unrolled at 16 elements per thread, where the merged body was not);
+with the flag off it is skipped. The functions of :mod:`adamnp.lowbit.stochastic` are
+compiled as device functions: their uint32 products are typed uint64 and cast back to
+uint32, so they wrap mod 2**32 as on the CPU. ``m`` and amsgrad's ``vmax`` are always
+rounded to nearest.
 
 float16 and bfloat16 params (:func:`build`'s ``half``, a constant of the compiled kernel):
 ``p`` (and a gradient of the params' format, per leaf the third column of ``ptrs``) are
@@ -200,7 +201,8 @@ def build(block_size: int, half: int = -1) -> SimpleNamespace:
 
     @device
     def round_v(x, code, amax_bits, qmap, key, e):
-        """The stochastic code of ``v`` element ``e`` (group index) of nearest code ``code``."""
+        """The stochastic code of the ``v`` element of hash index ``e`` (uint64) and nearest
+        code ``code``."""
         if amax_bits >= 0x7F800000:  # NaN or Inf in the block: the zero code stays
             return code
         scale = i2f(amax_bits) if amax_bits != 0 else f32(1)
@@ -215,10 +217,12 @@ def build(block_size: int, half: int = -1) -> SimpleNamespace:
         map_m, map_v, table_m, table_v,
         shift_m, lo_m, nb_m, zero_m, shift_v, lo_v, nb_v, zero_v,
         k, decoupled_decay, l2_decay, amsgrad, maximize, stochastic, key, p_stochastic, p_key,
+        index_base,
     ):  # fmt: skip
         """One 8-bit Adam/AdamW step of every leaf of a group (``w`` is amsgrad's vmax);
         ``stochastic``: round ``v`` stochastically with the step's uint32 hash ``key``;
-        ``p_stochastic``: round half-precision params stochastically with ``p_key``."""
+        ``p_stochastic``: round half-precision params stochastically with ``p_key``; element
+        ``e`` of the buffers hashes as ``index_base + e`` (int64)."""
         t = cuda.threadIdx.x
         q = t // group  # the thread's quantization block in each tile
         r = t % group  # its first element in that block; then every group-th
@@ -260,8 +264,8 @@ def build(block_size: int, half: int = -1) -> SimpleNamespace:
             pk0 = no_u
             pk1 = no_u
             p_low = no_u
-            if is_half and p_stochastic:  # the block keys of the params' hashes, as below
-                e0 = np.uint64(base + first)
+            if is_half and p_stochastic:  # the block keys of the params' hashes
+                e0 = np.uint64(index_base + base + first)
                 p_low = np.uint32(e0 & low32)
                 p_high = np.uint32(e0 >> high_shift)
                 pk0 = p_hash_key(p_key, p_high)
@@ -315,7 +319,7 @@ def build(block_size: int, half: int = -1) -> SimpleNamespace:
                     if i < n:
                         u = no_u
                         if p_stochastic:
-                            index = np.uint32(np.uint64(base + i) & low32)
+                            index = np.uint32(np.uint64(index_base + base + i) & low32)
                             u = p_mix(np.uint32(index ^ (pk0 if index >= p_low else pk1)))
                         p16[i] = round_half(in_p[j], u, half, p_stochastic)
             max_into(amax, stage, buf, q, hi_m, hi_v, hi_w, amsgrad)
@@ -338,7 +342,10 @@ def build(block_size: int, half: int = -1) -> SimpleNamespace:
                     i = first + j * group + r
                     if i < n:
                         e = np.uint64(base + i)
-                        codes_v[e] = round_v(new_v[j], codes_v[e], bits_v, s_map_v, key, e)
+                        # its hash index (summed here: kept live from the tile's start,
+                        # index_base + base cost register spills at 64 registers on sm_80)
+                        h = np.uint64(index_base + base + i)
+                        codes_v[e] = round_v(new_v[j], codes_v[e], bits_v, s_map_v, key, h)
             if r == 0 and first < n:
                 absmax_m[b] = nan if bits_m >= 0x7F800000 else i2f(bits_m)
                 absmax_v[b] = nan if bits_v >= 0x7F800000 else i2f(bits_v)
@@ -369,7 +376,7 @@ def signatures(block_sizes=(64, 256, 1024, 4096), half: int = -1) -> dict:
     sig = (
         (table, ints, offs, offs) + (codes,) * 3 + (f32a,) * 3 + (f32a, f32a, i32a, i32a)
         + (i32,) * 8 + (scalars_type(f32), *flags_types(), types.boolean, types.uint32)
-        + (types.boolean, types.uint32)
+        + (types.boolean, types.uint32, types.int64)
     )  # fmt: skip
     suffix = ("", "_f16", "_bf16")[half + 1]
     return {f"adam_step_q8_bs{bs}{suffix}": (build(bs, half).adam_step_q8, [sig])

@@ -10,8 +10,9 @@ scalar record ``k`` and the four flags, as in :mod:`.fp32`), then store ``s = sq
 ``r = m / s`` (0 where ``s`` is 0) with the block's new maxima ``S`` and ``R``,
 both rounded stochastically (:func:`~adamnp.lowbit.sqrt.s_code`,
 :func:`~adamnp.lowbit.sqrt.r_code`) from one hash per element: ``mix32(index_low ^
-block_key(key, index_high))`` of the element's index in its group's buffers, ``key`` the
-step's :func:`~adamnp.lowbit.stochastic.group_key`. A block whose ``s``, ``|r|`` (or
+block_key(key, index_high))`` of the element's hash index (the group's ``index_base`` plus
+its index in the group's buffers), ``key`` the step's
+:func:`~adamnp.lowbit.stochastic.group_key`. A block whose ``s``, ``|r|`` (or
 ``sqrt(vmax)``) holds NaN or Inf stores absmax NaN and code 0 for that moment.
 
 Work split and launch are :mod:`.q8`'s: tiles of ``threads * per_thread`` elements (whole
@@ -194,11 +195,12 @@ def build(block_size: int, half: int = -1) -> SimpleNamespace:
     def adam_step_q8_sqrt(
         ptrs, tiles, offsets, block_offsets,
         codes_m, codes_v, codes_w, absmax_m, absmax_v, absmax_w,
-        k, decoupled_decay, l2_decay, amsgrad, maximize, key, p_stochastic, p_key,
+        k, decoupled_decay, l2_decay, amsgrad, maximize, key, p_stochastic, p_key, index_base,
     ):  # fmt: skip
         """One 8-bit Adam/AdamW step of every leaf of a ``"sqrt"``-format group (``w`` is
         amsgrad's vmax, ``key`` the step's uint32 hash key; ``p_stochastic``: round
-        half-precision params stochastically with ``p_key``)."""
+        half-precision params stochastically with ``p_key``; element ``e`` of the buffers
+        hashes as ``index_base + e``, int64)."""
         t = cuda.threadIdx.x
         q = t // group  # the thread's quantization block in each tile
         lane = t % group  # its first element in that block; then every group-th
@@ -218,6 +220,7 @@ def build(block_size: int, half: int = -1) -> SimpleNamespace:
             leaf = tiles[c, 0]
             base = offsets[leaf]
             n = offsets[leaf + 1] - base
+            hash_base = index_base + base  # the hash index of the leaf's first element
             first = tiles[c, 1] + q * bs  # first element of the thread's block
             b = min(block_offsets[leaf] + first // bs, block_offsets[leaf + 1] - 1)
             # Half params (and grads where ptrs[leaf, 2] says so) are read as uint16 bits.
@@ -230,7 +233,7 @@ def build(block_size: int, half: int = -1) -> SimpleNamespace:
             pk1 = no_u
             p_low = no_u
             if is_half and p_stochastic:  # the block keys of the params' hashes, as below
-                p0 = np.uint64(base + first)
+                p0 = np.uint64(hash_base + first)
                 p_low = np.uint32(p0 & low32)
                 p_high = np.uint32(p0 >> high_shift)
                 pk0 = p_hash_key(p_key, p_high)
@@ -293,7 +296,7 @@ def build(block_size: int, half: int = -1) -> SimpleNamespace:
                     if i < n:
                         u = no_u
                         if p_stochastic:
-                            index = np.uint32(np.uint64(base + i) & low32)
+                            index = np.uint32(np.uint64(hash_base + i) & low32)
                             u = p_mix(np.uint32(index ^ (pk0 if index >= p_low else pk1)))
                         p16[i] = round_half(in_p[j], u, half, p_stochastic)
             max_into(amax, stage, buf, q, hi_r, hi_s, hi_x, amsgrad)
@@ -310,9 +313,9 @@ def build(block_size: int, half: int = -1) -> SimpleNamespace:
             mult_r = multiplier(levels, stored_r)
             mult_s = multiplier(one, stored_s)
             mult_x = multiplier(one, stored_x)
-            # The block keys of the indices from the block's first on (it crosses at most one
-            # multiple of 2**32), as the Numba kernels' block_keys.
-            e0 = np.uint64(base + first)
+            # The block keys of the hash indices from the block's first on (it crosses at most
+            # one multiple of 2**32), as the Numba kernels' block_keys.
+            e0 = np.uint64(hash_base + first)
             low = np.uint32(e0 & low32)
             high = np.uint32(e0 >> high_shift)
             key0 = hash_key(key, high)
@@ -322,7 +325,7 @@ def build(block_size: int, half: int = -1) -> SimpleNamespace:
             for j in range(per_thread):
                 i = first + j * group + lane
                 e = np.uint64(base + i)
-                index = np.uint32(e & low32)
+                index = np.uint32(np.uint64(hash_base + i) & low32)
                 h = mix(np.uint32(index ^ (key0 if index >= low else key1)))
                 hashes[j] = h
                 if i < n:
@@ -382,6 +385,7 @@ def signatures(block_sizes=(64, 256, 1024, 4096), half: int = -1) -> dict:
     sig = (
         (table, ints, offs, offs) + (codes,) * 3 + (f32a,) * 3
         + (scalars_type(types.float32), *flags_types(), types.uint32, types.boolean, types.uint32)
+        + (types.int64,)
     )  # fmt: skip
     suffix = ("", "_f16", "_bf16")[half + 1]
     kernels = {bs: build(bs, half).adam_step_q8_sqrt for bs in block_sizes}

@@ -282,6 +282,7 @@ def _step_group(group, params, grads, scalars, check: bool) -> int:
         half,
         scalars.stochastic_params,
         np.uint32(param_key(scalars.step, group.tag)),
+        np.int64(group.index_base),
     )
     return -1
 
@@ -475,6 +476,7 @@ def _step_q8_sqrt(group, table, p_addr, g_addr, k, flags, key, half) -> None:
         flags,
         np.uint32(key),
         *half,
+        np.int64(group.index_base),
     )
 
 
@@ -484,10 +486,12 @@ def _step_q8(group, table, p_addr, g_addr, k, flags, key, half) -> None:
 
     ``key`` is the step's :func:`~adamnp.lowbit.stochastic.group_key`, None for nearest
     rounding of v; ``half`` the :func:`_half_arguments`. A group of float16 or bfloat16
-    params always runs the gather kernel :func:`~.q8.step_q8`, whatever :func:`q8_kernel`
-    says: the AVX-512 VBMI kernel takes float32 params only.
+    params, or with a nonzero ``index_base`` (a shard of a distributed state), always runs
+    the gather kernel :func:`~.q8.step_q8`, whatever :func:`q8_kernel` says: the AVX-512 VBMI
+    kernel takes float32 params only and hashes element ``e`` as ``e``.
     """
-    simd = _vbmi_inputs() if q8_kernel() == "vbmi" and half[0] < 0 else None
+    vbmi = q8_kernel() == "vbmi" and half[0] < 0 and group.index_base == 0
+    simd = _vbmi_inputs() if vbmi else None
     if simd is not None:
         _launch(step_q8_simd, int(group.offsets[-1]), *_q8_arguments(group, table, p_addr, g_addr),
                 *_q8_maps(), k, flags, key is not None, np.uint32(key or 0), *simd)  # fmt: skip
@@ -502,4 +506,5 @@ def _step_q8(group, table, p_addr, g_addr, k, flags, key, half) -> None:
         key is not None,
         np.uint32(key or 0),
         *half,
+        np.int64(group.index_base),
     )

@@ -4,8 +4,9 @@ Numba has no float16 on the CPU and no bfloat16 at all, so half-precision leaves
 written as ``uint16`` bits through their data addresses and converted with the scalar
 functions of :mod:`adamnp.lowbit.half` compiled inline: exact upcast to float32, the update in
 float32, rounding back to nearest or stochastically (the element's hash:
-:func:`~.quant.index_hash` with :func:`~adamnp.lowbit.half.param_key`), the bits of the
-reference (:class:`adamnp.backends.numpy._HalfParams`).
+:func:`~.quant.index_hash` with :func:`~adamnp.lowbit.half.param_key` of its hash index, the
+group's ``index_base`` plus its index in the group's buffers), the bits of the reference
+(:class:`adamnp.backends.numpy._HalfParams`).
 
 :func:`step_half` is the float32-moment step of a half-precision
 :class:`~adamnp._state.LeafGroup`, one pass over memory like :func:`.fp32.step_fp32`, reading
@@ -186,14 +187,15 @@ def _store(bits, x, n, half, stochastic, key0, key1, low):
 
 
 @jit(inline="always")
-def store_half(address, x, n, half, stochastic, key, e):
+def store_half(address, x, n, half, stochastic, key, h):
     """Round ``x[:n]`` into the ``n`` half values (format ``half``) at ``address``.
 
-    To nearest, or (``stochastic``) with the hashes of the group's elements ``e .. e + n - 1``
-    under the step's parameter ``key`` (:func:`~adamnp.lowbit.half.param_key`).
+    To nearest, or (``stochastic``) with the hashes of the hash indices ``h .. h + n - 1``
+    (the group's ``index_base`` plus the elements' indices in its buffers) under the step's
+    parameter ``key`` (:func:`~adamnp.lowbit.half.param_key`).
     """
     bits = numba.carray(as_pointer(address, np.uint16), n)
-    key0, key1, low = block_keys(key, e)
+    key0, key1, low = block_keys(key, h)
     if half == 1:
         if stochastic:
             _store(bits, x, n, 1, True, key0, key1, low)
@@ -207,13 +209,14 @@ def store_half(address, x, n, half, stochastic, key, e):
 
 @jit(parallel=True)
 def step_half(table, leaf_ids, offsets, p_addr, g_addr, g_half, m, v, vmax, k, flags, half,
-              stochastic, key):  # fmt: skip
+              stochastic, key, index_base):  # fmt: skip
     """Update all chunks of ``table`` in place: a half-precision group with float32 moments.
 
     Arguments as :func:`.fp32.step_fp32`'s, plus ``g_half`` (per leaf of the group: 1 if its
     gradient is of the parameter's format, 0 if float32), the parameters' format ``half`` (0
     float16, 1 bfloat16), ``stochastic`` (round the parameters stochastically) and the step's
-    parameter ``key`` (:func:`~adamnp.lowbit.half.param_key`). Each chunk goes by pieces of
+    parameter ``key`` (:func:`~adamnp.lowbit.half.param_key`); element ``e`` of the
+    buffers hashes as ``index_base + e`` (int64). Each chunk goes by pieces of
     :data:`PIECE` elements: upcast ``p`` (and a half ``g``) into a float32 scratch, run
     :func:`.fp32.step_fp32`'s loop on it, round it back.
     """
@@ -235,7 +238,7 @@ def step_half(table, leaf_ids, offsets, p_addr, g_addr, g_half, m, v, vmax, k, f
                 g = numba.carray(as_pointer(g_addr[leaf] + s * 4, np.float32), w)
             _update(x, g, m[a : a + w], v[a : a + w], vmax[a : a + w] if amsgrad else vmax, k,
                     decoupled, l2, amsgrad, maximize)  # fmt: skip
-            store_half(p_addr[leaf] + s * 2, x, w, half, stochastic, key, a)
+            store_half(p_addr[leaf] + s * 2, x, w, half, stochastic, key, index_base + a)
 
 
 @jit()

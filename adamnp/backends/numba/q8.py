@@ -121,7 +121,7 @@ def _requantize_gather(x, n, bits, codes, e, absmax, b, zero, table, shift, lo, 
 def step_q8(
     table, leaf_ids, offsets, block_offsets, block_size, p_addr, g_addr,
     codes, absmax, map_m, map_v, quant_m, quant_v, zeros, k, flags, stochastic, key,
-    half, g_half, p_stochastic, p_key,
+    half, g_half, p_stochastic, p_key, index_base,
 ):  # fmt: skip
     """Update all chunks of ``table`` in place.
 
@@ -133,7 +133,8 @@ def step_q8(
     in each map; ``k`` are the :class:`~adamnp.backends.math.KernelScalars` and ``flags =
     (decoupled_decay, l2_decay, amsgrad, maximize)``. With ``stochastic`` the codes of ``v``
     are then rounded stochastically (:mod:`adamnp.lowbit.stochastic`) with the step's hash
-    ``key``. Chunk
+    ``key``, element ``e`` of the buffers under the hash index ``index_base + e`` (int64;
+    the parameters' stochastic rounding too). Chunk
     starts must be multiples of ``block_size``. The loop body creates no array views (see
     :func:`_update_block`).
 
@@ -181,13 +182,13 @@ def step_q8(
                 # loop body's noalias (every loop of this kernel then stays scalar)
                 qmap = numba.carray(as_pointer(map_v_at, np.float32), 256)
                 round_stochastic(sv, 0, n, absmax_v[b] if xv else np.float32(1), codes_v, e,
-                                 qmap, key)  # fmt: skip
+                                 qmap, key, index_base + e)  # fmt: skip
             if amsgrad:
                 _requantize_gather(sx, n, xx, codes_x, e, absmax_x, b, zero_v, tv, shv, lov, nbv)
             b += 1
         if half >= 0:
             store_half(p_addr[leaf_ids[j]] + lo * 2, scratch, hi - lo, half, p_stochastic,
-                       p_key, offsets[j] + lo)  # fmt: skip
+                       p_key, index_base + offsets[j] + lo)  # fmt: skip
 
 
 @jit()

@@ -10,7 +10,8 @@ Like :mod:`.q8`, ``prange`` runs over chunks of whole blocks, and each block tak
 over L1-resident data: (1) decode, :func:`~adamnp.backends.math.adam_elem` inlined, write
 ``p``, keep ``s = sqrt(v)`` and ``r = m / s`` (and amsgrad's ``sqrt(vmax)``) in a scratch and
 take their block maxima as integer maxima of bit patterns; (2) encode with the element's hash
-(:func:`~.quant.index_hash`). The order of operations is the reference's
+(:func:`~.quant.index_hash` of its hash index: the group's ``index_base`` plus its index in
+the group's buffers). The order of operations is the reference's
 (:func:`adamnp.lowbit.sqrt.requantize_into`), without fast-math: params, codes and absmax
 equal it bit for bit, whatever the number of threads.
 """
@@ -111,15 +112,16 @@ def _zero_codes(codes, e, n):
 
 
 @jit(inline="always")
-def _encode_block(sr, ss, sx, n, codes_m, codes_v, codes_x, e, absmax_m, absmax_v, absmax_x,
-                  b, br, bs, bx, key, amsgrad):  # fmt: skip
-    """Pass 2: store block ``b``'s absmax and codes (:mod:`adamnp.lowbit.sqrt`, steps 2-4).
+def _encode_block(sr, ss, sx, n, codes_m, codes_v, codes_x, e, h, absmax_m, absmax_v,
+                  absmax_x, b, br, bs, bx, key, amsgrad):  # fmt: skip
+    """Pass 2: store block ``b``'s absmax and codes (:mod:`adamnp.lowbit.sqrt`, steps 2-4);
+    the block's first element is ``codes_*[e]``, of hash index ``h``.
 
     The hot loop has no branch (a NaN/Inf block's codes are zeroed after it) and counts the
     index in uint32 (:func:`~.quant.index_hash`)."""
     absmax_m[b], mult_r, ok_r = _scale(br, _LEVELS, _R_FLOOR)
     absmax_v[b], mult_s, ok_s = _scale(bs, _ONE, _ZERO)
-    key0, key1, low = block_keys(key, e)
+    key0, key1, low = block_keys(key, h)
     e = np.uint64(e)
     index = low
     for i in range(np.uint64(0), np.uint64(n)):
@@ -144,10 +146,12 @@ def _encode_block(sr, ss, sx, n, codes_m, codes_v, codes_x, e, absmax_m, absmax_
 
 @jit(parallel=True)
 def step_q8_sqrt(table, leaf_ids, offsets, block_offsets, block_size, p_addr, g_addr, codes,
-                 absmax, k, flags, key, half, g_half, p_stochastic, p_key):  # fmt: skip
+                 absmax, k, flags, key, half, g_half, p_stochastic, p_key,
+                 index_base):  # fmt: skip
     """Update all chunks of ``table`` in place (arguments as :func:`.q8.step_q8`'s, without
     maps: ``codes = (m, v, vmax)`` and ``absmax = (m, v, vmax)``, the vmax entries empty
-    unless amsgrad; ``key`` the step's hash key; half-precision parameters as there)."""
+    unless amsgrad; ``key`` the step's hash key; half-precision parameters as there; element
+    ``e`` of the buffers hashes as ``index_base + e``)."""
     decoupled, l2, amsgrad, maximize = flags
     codes_m, codes_v, codes_x = codes
     absmax_m, absmax_v, absmax_x = absmax
@@ -175,9 +179,10 @@ def step_q8_sqrt(table, leaf_ids, offsets, block_offsets, block_size, p_addr, g_
                 absmax_x[b] if amsgrad else np.float32(0), sr, ss, sx, k,
                 decoupled, l2, amsgrad, maximize,
             )  # fmt: skip
-            _encode_block(sr, ss, sx, n, codes_m, codes_v, codes_x, e, absmax_m, absmax_v,
-                          absmax_x, b, br, bs, bx, key, amsgrad)  # fmt: skip
+            _encode_block(sr, ss, sx, n, codes_m, codes_v, codes_x, e, index_base + e,
+                          absmax_m, absmax_v, absmax_x, b, br, bs, bx, key,
+                          amsgrad)  # fmt: skip
             b += 1
         if half >= 0:
             store_half(p_addr[leaf_ids[j]] + lo * 2, scratch, hi - lo, half, p_stochastic,
-                       p_key, offsets[j] + lo)  # fmt: skip
+                       p_key, index_base + offsets[j] + lo)  # fmt: skip

@@ -83,17 +83,18 @@ def element_uniform(i, key0, key1, low):
 
 
 @jit(inline="always")
-def round_stochastic(x, o, n, scale, codes, e, qmap, key):
+def round_stochastic(x, o, n, scale, codes, e, qmap, key, h):
     """Stochastic rounding of ``codes[e:e + n]``, the nearest codes of ``x[o:o + n] / scale``.
 
-    Element by element (:func:`~adamnp.lowbit.stochastic.round_up`); offsets and ``n`` are
-    uint64. The
+    Element by element (:func:`~adamnp.lowbit.stochastic.round_up`), ``codes[e]`` with the
+    hash index ``h`` (the group's ``index_base + e``), the next ones with the indices after
+    it; offsets and ``n`` are uint64. The
     gather kernel inlines it and must pass ``qmap`` as a view made from a raw pointer: the map
     array itself, passed a second time inside its parallel loop, cost that loop its
     ``noalias`` and with it all vectorization.
     """
     inverse = np.float32(1) / scale
-    key0, key1, low = block_keys(key, e)
+    key0, key1, low = block_keys(key, h)
     o = np.uint64(o)
     e = np.uint64(e)
     for i in range(np.uint64(0), np.uint64(n)):
