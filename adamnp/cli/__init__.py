@@ -1,9 +1,12 @@
-"""Command line: ``python -m adamnp {demo,verify,bench}``.
+"""Command line: ``python -m adamnp {demo,verify,bench,bench-dist,consolidate}``.
 
-demo    train built-in problems (logistic regression, Rosenbrock, a small MLP) with AdamW on
-        every available backend, with float32 and 8-bit state, and print a results table
-verify  check every available backend against the NumPy reference on this machine
-bench   measure optimizer-step throughput (ns/element, GB/s) per backend and state size
+demo         train built-in problems (logistic regression, Rosenbrock, a small MLP) with
+             AdamW on every available backend, with float32 and 8-bit state, and print a
+             results table
+verify       check every available backend against the NumPy reference on this machine
+bench        measure optimizer-step throughput (ns/element, GB/s) per backend and state size
+bench-dist   time a sharded step's phases under MPI (mpiexec -n N python -m adamnp bench-dist)
+consolidate  turn a sharded checkpoint directory into one plain checkpoint file
 """
 
 from __future__ import annotations
@@ -53,7 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,verify,bench}")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="{demo,verify,bench,bench-dist,consolidate}"
+    )
 
     demo = sub.add_parser(
         "demo",
@@ -124,6 +129,34 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto (default): include torch's fused CPU AdamW when torch imports; no: skip it",
     )
     _common(bench)
+
+    dist = sub.add_parser(
+        "bench-dist",
+        help="time a sharded (ZeRO-1) step's phases under MPI",
+        description="Run under mpiexec (mpiexec -n N python -m mpi4py -m adamnp bench-dist). "
+        "Times adamnp.distributed.step on one float32 model per size: reduce-scatter, "
+        "allreduce, local step and all-gather from the slowest rank, bytes each rank sends "
+        "against the ring minimum 2(N-1)/N x gradient bytes, state bytes per rank, and the "
+        "same run's replicated data-parallel baseline (allreduce of the gradients, then a "
+        "full step on every rank).",
+    )
+    dist.add_argument("--sizes", type=_sizes, default=[1 << 20, 1 << 23],
+                      help="comma-separated element counts (default 1048576,8388608)")  # fmt: skip
+    dist.add_argument("--repeats", type=_positive_int, default=7,
+                      help="timed steps; the median is shown (default 7)")  # fmt: skip
+    dist.add_argument("--bits", default="32", choices=["32", "8"], help="state bits (default 32)")
+    dist.add_argument("--backend", default="auto", choices=["auto", "numpy", "numba"])
+
+    cons = sub.add_parser(
+        "consolidate",
+        help="turn a sharded checkpoint directory into one plain checkpoint",
+        description="Read a checkpoint directory written by adamnp.distributed.save_state "
+        "(index.json and one file per rank), validate every file, and write the whole state "
+        "as one plain checkpoint (adamnp.load_state reads it; adamnp.distributed.load_state "
+        "reads it at any number of ranks). No MPI needed.",
+    )
+    cons.add_argument("folder", help="the sharded checkpoint directory")
+    cons.add_argument("out", help="the checkpoint file to write (e.g. whole.npz)")
     return parser
 
 
@@ -134,6 +167,28 @@ def main(argv=None) -> int:
         from .demo import main as run
     elif args.command == "verify":
         from .verify import main as run
+    elif args.command == "consolidate":
+        return _consolidate(args)
+    elif args.command == "bench-dist":
+        from .bench_dist import main as run
     else:
         from .bench import main as run
     return run(args)
+
+
+def _consolidate(args) -> int:
+    import sys
+
+    from .. import CheckpointError, save_state
+    from ..distributed.files import read_sharded
+
+    try:
+        state = read_sharded(args.folder)
+        save_state(args.out, state)
+    except (CheckpointError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(
+        f"{args.out}: {len(state.paths)} leaves, step {state.step}, {state.nbytes()} bytes of state"
+    )
+    return 0
