@@ -60,7 +60,9 @@ def test_docs_index_blocks_run_in_order(tmp_path, monkeypatch):
     assert (tmp_path / "opt.npz").is_file()
 
 
-@pytest.mark.parametrize("page", ["docs/frameworks.md", "docs/mixed_precision.md"])
+@pytest.mark.parametrize(
+    "page", ["docs/frameworks.md", "docs/mixed_precision.md", "docs/distributed.md"]
+)
 def test_guide_blocks_run_in_order(page, tmp_path, monkeypatch):
     """Each block of a guide runs, in order in one namespace; a block that imports torch or
     ml_dtypes is skipped where they are not installed (CI installs ml_dtypes, not torch)."""
