@@ -71,6 +71,7 @@ SHAPES = {"a": (1000,), "b": (7,), "c": (3, 700), "d": (5000,), "e": (0,), "f": 
 CASES = {
     "fp32": ({}, adamnp.adamw(lr=1e-2)),
     "sqrt": ({"state_bits": 8}, adamnp.adamw(lr=1e-2)),
+    "bnb": ({"state_bits": 8, "state_format": "bnb"}, adamnp.adamw(lr=1e-2)),
     "bnb-stochastic": (
         {"state_bits": 8, "state_format": "bnb", "v_rounding": "stochastic"},
         adamnp.adamw(lr=1e-2),
@@ -144,6 +145,30 @@ def test_half_params_labels_and_the_reference_backend(nranks):
             for k in SHAPES:
                 assert params[k].tobytes() == p[k].tobytes(), (backend, k)
         _assert_same_state(out[0][1], single)
+
+
+@pytest.mark.parametrize("nranks", [1, 3])
+def test_float64_leaves_reduce_in_float64(nranks):
+    rng = np.random.default_rng(5)
+    p0 = {"x": rng.integers(-512, 512, 3000) / 1024, "y": np.ones(300, np.float32)}
+    grads = [
+        {"x": rng.integers(-512, 512, 3000) / 1024, "y": np.full(300, 0.25, np.float32)}
+        for _ in range(nranks)
+    ]
+    cfg = adamnp.adam(lr=1e-3, max_grad_norm=2.0)
+
+    def rank(comm):
+        state = ad.init({k: v.copy() for k, v in p0.items()}, cfg, comm, backend="numba")
+        ad.step(state.params, grads[comm.rank], state)
+        return {k: v.copy() for k, v in state.params.items()}
+
+    p = {k: v.copy() for k, v in p0.items()}
+    single = adamnp.init(p, cfg, backend="numba")
+    mean = {"x": sum(g["x"] for g in grads) / nranks, "y": np.full(300, 0.25, np.float32)}
+    adamnp.step(p, mean, single)
+    for q in ad.simulate(nranks, rank):
+        assert q["x"].dtype == np.float64
+        assert all(q[k].tobytes() == p[k].tobytes() for k in p)
 
 
 def test_one_rank_steps_on_the_given_gradients_without_copies():
