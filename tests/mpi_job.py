@@ -89,6 +89,16 @@ def steps(comm, n: int, out: str) -> None:
             np.savez(os.path.join(out, f"params-{n}.npz"), **state.params)
 
 
+def threads(comm) -> None:
+    """Ranks sharing a machine share its cores (NUMBA_NUM_THREADS is not set here)."""
+    import numba
+
+    ad.init({"w": np.ones(10, np.float32)}, adamnp.adam(), comm, backend="numba")
+    want = max(1, numba.config.NUMBA_NUM_THREADS // comm.Get_size())  # one machine here
+    if numba.get_num_threads() != want:
+        raise AssertionError(f"{numba.get_num_threads()} Numba threads, expected {want}")
+
+
 def errors(comm) -> None:
     state = ad.init({"w": np.ones(3000, np.float32)}, adamnp.adamw(), comm, backend="numba")
     before = state.params["w"].copy()
@@ -132,6 +142,8 @@ def main() -> None:
     n = comm.Get_size()
     steps(comm, n, out)
     errors(comm)
+    if "NUMBA_NUM_THREADS" not in os.environ:
+        threads(comm)
     reshard(comm, n, out)
     comm.Barrier()
     if comm.Get_rank() == 0:

@@ -62,6 +62,15 @@ class MPIComm:
     def barrier(self) -> None:
         self.comm.Barrier()
 
+    def ranks_on_this_machine(self) -> int:
+        """How many ranks of the communicator share this rank's machine (its shared-memory
+        node)."""
+        node = self.comm.Split_type(self._mpi.COMM_TYPE_SHARED)
+        try:
+            return node.Get_size()
+        finally:
+            node.Free()
+
 
 class _Hub:
     """What the threads of :func:`simulate` share."""
@@ -135,6 +144,11 @@ class ThreadComm:
 
     def barrier(self) -> None:
         self._hub.barrier.wait()
+
+    def ranks_on_this_machine(self) -> int:
+        """Threads share the process's Numba threads; each sets its own: 1 here means
+        "leave them as they are"."""
+        return 1
 
 
 def simulate(nranks: int, fn: Callable, *, timeout: float = 600.0) -> list:

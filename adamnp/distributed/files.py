@@ -32,7 +32,15 @@ from .._tree import flatten, treedef_from_json, treedef_to_json, unflatten
 from .._validate import as_base_array, validate_layout, validate_params
 from .comm import agree, as_comm
 from .layout import DistLayout
-from .state import REDUCTIONS, DistState, _bits, _host_backend, _local_state, check_same
+from .state import (
+    REDUCTIONS,
+    DistState,
+    _bits,
+    _host_backend,
+    _local_state,
+    check_same,
+    share_cores,
+)
 
 INDEX = "index.json"
 FORMAT = "adamnp-sharded-state"
@@ -438,6 +446,7 @@ def load_state(path, params, comm=None, *, backend: str = "auto", config=None,
     dlayout, local, reduce, treedef, be, leaves = result
     check_same(comm, "the checkpoint and params", dlayout.paths, dlayout.shapes,
                [d.name for d in dlayout.dtypes], dlayout.layout, local.step, reduce)  # fmt: skip
+    share_cores(comm, local.backend)
     state = DistState(comm, dlayout, local, reduce, treedef, be)
     for leaf, dst in zip(leaves, state._p_leaves):
         dst[...] = as_base_array(leaf)

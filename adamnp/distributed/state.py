@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import time
 from collections.abc import Callable, Collection, Mapping
@@ -204,9 +205,11 @@ def init(
     """A sharded (ZeRO-1) state for ``params`` over the ranks of ``comm``. Collective.
 
     Every rank passes the same tree (shapes, dtypes) and options; the values of rank 0's
-    params become every rank's. The state copies them into flat buffers: from here on use
-    ``state.params`` (views into those buffers) as the parameters, and ``state.grads`` for
-    the gradients (:class:`DistState`).
+    params become every rank's. With the numba backend and several ranks on one machine,
+    the calling thread's Numba threads are set to the rank's share of the cores
+    (:func:`share_cores`) unless ``NUMBA_NUM_THREADS`` is set. The state copies the params
+    into flat buffers: from here on use ``state.params`` (views into those buffers) as the
+    parameters, and ``state.grads`` for the gradients (:class:`DistState`).
 
     Parameters
     ----------
@@ -266,6 +269,7 @@ def init(
                layout, leaf_labels, single, configs, name, reduce)  # fmt: skip
     dlayout = DistLayout(paths, shapes, dtypes, layout, leaf_labels, comm.size)
     local = _local_state(dlayout, comm.rank, single, configs, name, be)
+    share_cores(comm, name)
     state = DistState(comm, dlayout, local, reduce, treedef, be)
     for leaf, dst in zip(leaves, state._p_leaves):
         dst[...] = as_base_array(leaf)
@@ -273,6 +277,20 @@ def init(
         for flat in state.flat_params.values():
             comm.bcast(_bits(flat), 0)
     return state
+
+
+def share_cores(comm, backend: str) -> None:
+    """Give the calling thread's Numba kernels this rank's share of the machine's cores:
+    ``cores // ranks on this machine`` (at least 1), unless ``NUMBA_NUM_THREADS`` is set
+    (then it is the user's choice) or one rank runs here. Without it every rank would start
+    a thread per core and the ranks' threads would compete for them."""
+    if backend != "numba" or "NUMBA_NUM_THREADS" in os.environ:
+        return
+    here = comm.ranks_on_this_machine()
+    if here > 1:
+        import numba
+
+        numba.set_num_threads(max(1, numba.config.NUMBA_NUM_THREADS // here))
 
 
 def _bits(flat: np.ndarray) -> np.ndarray:
