@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import numba
 import numpy as np
-from numba import prange
 
 from .finite import is_nonfinite
 from .schedule import launch_traffic
@@ -36,7 +35,7 @@ def _update(p, g, m, v, vmax, k, decoupled, l2, amsgrad, maximize):
             )
 
 
-@jit(parallel=True)
+@jit()
 def step_fp32(table, leaf_ids, offsets, p_addr, g_addr, m, v, vmax, k, flags, check):
     """Update all chunks of ``table`` in place; -1, or with ``check`` the tree index of the
     first leaf whose gradient is non-finite (:func:`.reduce.first_nonfinite`'s test), with
@@ -52,14 +51,14 @@ def step_fp32(table, leaf_ids, offsets, p_addr, g_addr, m, v, vmax, k, flags, ch
     size = m.itemsize
     if check:
         bad = np.zeros(table.shape[0], np.bool_)
-        for c in prange(table.shape[0]):
+        for c in range(table.shape[0]):
             j, lo, hi = table[c, 0], table[c, 1], table[c, 2]
             g = numba.carray(as_pointer(g_addr[leaf_ids[j]] + lo * size, m), hi - lo)
             bad[c] = is_nonfinite(g)
         for c in range(table.shape[0]):
             if bad[c]:
                 return leaf_ids[table[c, 0]]
-    for c in prange(table.shape[0]):
+    for c in range(table.shape[0]):
         j, lo, hi = table[c, 0], table[c, 1], table[c, 2]
         leaf = leaf_ids[j]
         a, b = offsets[j] + lo, offsets[j] + hi
@@ -79,9 +78,9 @@ def _traffic_chunk(p, g, m, v):
         p[i] = p[i] + x
 
 
-@jit(parallel=True)
+@jit()
 def _traffic(table, p, g, m, v):
-    for c in prange(table.shape[0]):
+    for c in range(table.shape[0]):
         lo, hi = table[c, 1], table[c, 2]
         _traffic_chunk(p[lo:hi], g[lo:hi], m[lo:hi], v[lo:hi])
 

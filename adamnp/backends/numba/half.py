@@ -24,7 +24,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 from llvmlite import ir
-from numba import prange, types
+from numba import types
 from numba.core import config
 from numba.core.codegen import get_host_cpu_features
 from numba.extending import intrinsic
@@ -207,7 +207,7 @@ def store_half(address, x, n, half, stochastic, key, h):
         _store(bits, x, n, 0, False, key0, key1, low)
 
 
-@jit(parallel=True)
+@jit()
 def step_half(table, leaf_ids, offsets, p_addr, g_addr, g_half, m, v, vmax, k, flags, half,
               stochastic, key, index_base):  # fmt: skip
     """Update all chunks of ``table`` in place: a half-precision group with float32 moments.
@@ -221,7 +221,7 @@ def step_half(table, leaf_ids, offsets, p_addr, g_addr, g_half, m, v, vmax, k, f
     :func:`.fp32.step_fp32`'s loop on it, round it back.
     """
     decoupled, l2, amsgrad, maximize = flags
-    for c in prange(table.shape[0]):
+    for c in range(table.shape[0]):
         j, lo, hi = table[c, 0], table[c, 1], table[c, 2]
         leaf = leaf_ids[j]
         xs = np.empty(PIECE, np.float32)
@@ -251,9 +251,9 @@ def _traffic_half_chunk(p, g, m, v):
         p[i] = np.uint16(p[i] + h)
 
 
-@jit(parallel=True)
+@jit()
 def _traffic_half(table, p, g, m, v):
-    for c in prange(table.shape[0]):
+    for c in range(table.shape[0]):
         lo, hi = table[c, 1], table[c, 2]
         _traffic_half_chunk(p[lo:hi], g[lo:hi], m[lo:hi], v[lo:hi])
 

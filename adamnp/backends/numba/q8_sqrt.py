@@ -19,7 +19,6 @@ equal it bit for bit, whatever the number of threads.
 from __future__ import annotations
 
 import numpy as np
-from numba import prange
 
 from ...lowbit import sqrt as fmt
 from .half import chunk_f32, data_address, store_half
@@ -144,7 +143,7 @@ def _encode_block(sr, ss, sx, n, codes_m, codes_v, codes_x, e, h, absmax_m, absm
             _zero_codes(codes_x, e, n)
 
 
-@jit(parallel=True)
+@jit()
 def step_q8_sqrt(table, leaf_ids, offsets, block_offsets, block_size, p_addr, g_addr, codes,
                  absmax, k, flags, key, half, g_half, p_stochastic, p_key,
                  index_base):  # fmt: skip
@@ -156,7 +155,7 @@ def step_q8_sqrt(table, leaf_ids, offsets, block_offsets, block_size, p_addr, g_
     codes_m, codes_v, codes_x = codes
     absmax_m, absmax_v, absmax_x = absmax
     width = block_size if amsgrad else 0
-    for c in prange(table.shape[0]):
+    for c in range(table.shape[0]):
         j, lo, hi = table[c, 0], table[c, 1], table[c, 2]
         sr = np.empty(block_size, np.float32)
         ss = np.empty(block_size, np.float32)

@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import numba
 import numpy as np
-from numba import prange
 
 from .finite import LIMIT_BF16, LIMIT_F16, is_nonfinite, max_abs_half
 from .half import to_f32
 from .util import as_pointer, jit
 
 
-@jit(parallel=True)
+@jit()
 def first_nonfinite(table, addr, itemsize, half):
     """Index of the first leaf holding NaN, Inf or a magnitude at or above
     :func:`~adamnp.backends.math.grad_limit`: the integer max of its ``|x|`` bits reaches
@@ -32,7 +31,7 @@ def first_nonfinite(table, addr, itemsize, half):
     format of leaf ``j`` if it has 2-byte elements (0 float16, 1 bfloat16; read only for
     those: an empty array does when there are none)."""
     bad = np.zeros(table.shape[0], np.bool_)
-    for c in prange(table.shape[0]):
+    for c in range(table.shape[0]):
         j, lo, hi = table[c, 0], table[c, 1], table[c, 2]
         if itemsize[j] == 2:
             x16 = numba.carray(as_pointer(addr[j] + lo * 2, np.uint16), hi - lo)
@@ -100,13 +99,13 @@ def _sum_squares_half(x, fmt):
     return ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
 
 
-@jit(parallel=True)
+@jit()
 def sum_squares(table, addr, itemsize, half):
     """Sum of squares of all elements: float64 partials per chunk, added in chunk order.
 
     2-byte leaves are upcast to float32 first (``half`` as in :func:`first_nonfinite`)."""
     partial = np.zeros(table.shape[0], np.float64)
-    for c in prange(table.shape[0]):
+    for c in range(table.shape[0]):
         j, lo, hi = table[c, 0], table[c, 1], table[c, 2]
         if itemsize[j] == 2:
             x16 = numba.carray(as_pointer(addr[j] + lo * 2, np.uint16), hi - lo)

@@ -12,13 +12,16 @@ calling thread waits only for batches that a running helper has claimed. Every k
 runs on one Numba thread (``numba.set_num_threads(1)`` in each thread: no barrier with
 anyone).
 
-The kernels are the backend's parallel kernels, given a slice of the chunk table; elements
-do not depend on which thread updates them, and reductions are combined batch by batch in
-table order, so results do not depend on the number of threads. Helpers are Python threads
-started on first use, one per extra thread of ``numba.get_num_threads()``; they sleep on a
-queue in between. Under Numba's ``workqueue`` threading layer, which does not allow
-launches from two threads at once, :func:`run` runs the batches one after another on
-Numba's own threads instead.
+The kernels are given a slice of the chunk table. Most are serial compiled functions
+(``nogil``; a serial kernel compiles in a fraction of a parallel one's time and never enters
+Numba's threading layer); the bitsandbytes-format kernels keep a parallel loop, whose
+``noalias`` arguments let LLVM vectorize their table lookups, and run on one Numba thread
+each. Elements do not depend on which thread updates them, and reductions are combined batch
+by batch in table order, so results do not depend on the number of threads. Helpers are
+Python threads started on first use, one per extra thread of ``numba.get_num_threads()``;
+they sleep on a queue in between. Under Numba's ``workqueue`` threading layer, which does not
+allow launches of parallel kernels from two threads at once, :func:`run` runs such a
+kernel's batches one after another on Numba's own threads instead.
 """
 
 from __future__ import annotations
@@ -69,6 +72,12 @@ def _layer_allows_helpers() -> bool:
         return numba.threading_layer() != "workqueue"
     except ValueError:  # no parallel region has run yet: the layer is not chosen
         return False
+
+
+def _is_serial(kernel) -> bool:
+    """A kernel without a parallel loop runs on its caller's thread alone: it never enters
+    Numba's threading layer, so helpers may call it under any layer."""
+    return not getattr(kernel, "targetoptions", {}).get("parallel", False)
 
 
 def _ensure_helpers(count: int) -> int:
@@ -159,7 +168,8 @@ def run(kernel, threads: int, table, *args) -> list:
         if batches <= 1:
             return [kernel(table, *args)]
         job = _Job(kernel, table, args, bounds)
-        if threads <= 1 or not _layer_allows_helpers():  # batch after batch on this thread,
+        helpers_ok = _is_serial(kernel) or _layer_allows_helpers()
+        if threads <= 1 or not helpers_ok:  # batch after batch on this thread,
             numba.set_num_threads(min(own, threads))  # each on Numba's own threads
             job()
             return job.wait()
