@@ -160,3 +160,19 @@ def test_other_types_are_left_to_python():
     p, g, arenas = _fresh(np.random.default_rng(2))
     g[0] = np.ma.masked_array(g[0])
     assert _verdict(p, g, arenas) is None
+
+
+def test_the_scan_s_own_sort_orders_any_keys():
+    import numba
+
+    from adamnp.backends.numba.leaves import _order
+
+    order = numba.njit(lambda keys: _order(keys))
+    rng = np.random.default_rng(0)
+    for n in (0, 1, 2, 3, 7, 64, 1000):
+        for high in (3, 2**62):  # many ties, then distinct addresses
+            keys = rng.integers(0, high, n).astype(np.int64)
+            idx = order(keys)
+            assert sorted(idx.tolist()) == list(range(n))
+            assert (np.diff(keys[idx]) >= 0).all()
+        assert order(np.arange(n, dtype=np.int64)[::-1].copy()).tolist() == list(range(n))[::-1]

@@ -73,6 +73,38 @@ def _field_offsets() -> np.ndarray | None:
 FIELDS = _field_offsets()
 
 
+@jit(inline="always")
+def _sift(keys, idx, root, end):
+    """Move ``idx[root]`` down the max-heap ``idx[:end]`` (ordered by ``keys``)."""
+    while True:
+        child = 2 * root + 1
+        if child >= end:
+            return
+        if child + 1 < end and keys[idx[child]] < keys[idx[child + 1]]:
+            child += 1
+        if keys[idx[root]] >= keys[idx[child]]:
+            return
+        idx[root], idx[child] = idx[child], idx[root]
+        root = child
+
+
+@jit(inline="always")
+def _order(keys):
+    """Indices that sort ``keys`` ascending (heapsort: n log n whatever the order; the order
+    of equal keys is unspecified). Written out because compiling ``np.argsort`` (Numba's
+    quicksort) cost about 2 s of a cold first step."""
+    n = keys.size
+    idx = np.empty(n, np.int64)
+    for i in range(n):
+        idx[i] = i
+    for root in range(n // 2 - 1, -1, -1):
+        _sift(keys, idx, root, n)
+    for end in range(n - 1, 0, -1):
+        idx[0], idx[end] = idx[end], idx[0]
+        _sift(keys, idx, 0, end)
+    return idx
+
+
 @jit()
 def _scan(ids, n_params, nd, dims, dim_start, descr, itemsize, alt_descr, alt_itemsize,
           arena_lo, arena_hi, fields):  # fmt: skip
@@ -110,7 +142,7 @@ def _scan(ids, n_params, nd, dims, dim_start, descr, itemsize, alt_descr, alt_it
     for a in range(arena_lo.size):
         lo[total + a], hi[total + a] = arena_lo[a], arena_hi[a]
     reach = np.int64(0)  # the end of the memory seen so far, in address order
-    for i in np.argsort(lo):
+    for i in _order(lo):
         if hi[i] > lo[i]:  # an empty leaf overlaps nothing
             if lo[i] < reach:
                 return False

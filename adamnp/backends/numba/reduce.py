@@ -18,7 +18,16 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from .finite import LIMIT_BF16, LIMIT_F16, is_nonfinite, max_abs_half
+from .finite import (
+    ABS32,
+    ABS64,
+    LIMIT32,
+    LIMIT64,
+    LIMIT_BF16,
+    LIMIT_F16,
+    max_abs_bits,
+    max_abs_half,
+)
 from .half import to_f32
 from .util import as_pointer, jit
 
@@ -37,10 +46,12 @@ def first_nonfinite(table, addr, itemsize, half):
             x16 = numba.carray(as_pointer(addr[j] + lo * 2, np.uint16), hi - lo)
             limit = LIMIT_BF16 if half[j] == 1 else LIMIT_F16
             bad[c] = max_abs_half(x16) >= limit
-        elif itemsize[j] == 4:
-            bad[c] = is_nonfinite(numba.carray(as_pointer(addr[j] + lo * 4, np.float32), hi - lo))
+        elif itemsize[j] == 4:  # is_nonfinite's test, on the bits (one function less to compile)
+            x32 = numba.carray(as_pointer(addr[j] + lo * 4, np.int32), hi - lo)
+            bad[c] = max_abs_bits(x32, ABS32) >= LIMIT32
         else:
-            bad[c] = is_nonfinite(numba.carray(as_pointer(addr[j] + lo * 8, np.float64), hi - lo))
+            x64 = numba.carray(as_pointer(addr[j] + lo * 8, np.int64), hi - lo)
+            bad[c] = max_abs_bits(x64, ABS64) >= LIMIT64
     for c in range(table.shape[0]):
         if bad[c]:
             return table[c, 0]
