@@ -55,7 +55,7 @@ else:
     from .leaves import LeafSpec as leaf_spec
     from .leaves import host_leaves_ok
     from .q8 import step_q8, traffic_kernel_q8
-    from .q8_sqrt import step_q8_sqrt
+    from .q8_sqrt import step_q8_sqrt, step_q8_sqrt_half
     from .q8_vbmi import quantize_blockwise_simd, step_q8_simd
     from .reduce import first_nonfinite, sum_squares
     from .small import step_one
@@ -467,17 +467,14 @@ def _half_arguments(group, grads, scalars) -> tuple:
 
 
 def _step_q8_sqrt(group, table, p_addr, g_addr, k, flags, key, half) -> None:
-    """One :func:`~.q8_sqrt.step_q8_sqrt` call for the ``"sqrt"``-format ``group``."""
-    _launch(
-        step_q8_sqrt,
-        int(group.offsets[-1]),
-        *_q8_arguments(group, table, p_addr, g_addr),
-        k,
-        flags,
-        np.uint32(key),
-        *half,
-        np.int64(group.index_base),
-    )
+    """One :func:`~.q8_sqrt.step_q8_sqrt` call for the ``"sqrt"``-format ``group``
+    (:func:`~.q8_sqrt.step_q8_sqrt_half` for float16/bfloat16 params)."""
+    work, args = int(group.offsets[-1]), _q8_arguments(group, table, p_addr, g_addr)
+    base = np.int64(group.index_base)
+    if half[0] < 0:
+        _launch(step_q8_sqrt, work, *args, k, flags, np.uint32(key), base)
+    else:
+        _launch(step_q8_sqrt_half, work, *args, k, flags, np.uint32(key), *half, base)
 
 
 def _step_q8(group, table, p_addr, g_addr, k, flags, key, half) -> None:

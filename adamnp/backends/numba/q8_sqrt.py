@@ -18,12 +18,13 @@ equal it bit for bit, whatever the number of threads.
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 
 from ...lowbit import sqrt as fmt
 from .half import chunk_f32, data_address, store_half
 from .quant import block_keys, index_hash
-from .util import elem, jit
+from .util import as_pointer, elem, jit
 
 s_code = jit(inline="always")(fmt.s_code)
 s_bits = jit(inline="always")(fmt.s_bits)
@@ -144,44 +145,64 @@ def _encode_block(sr, ss, sx, n, codes_m, codes_v, codes_x, e, h, absmax_m, absm
 
 
 @jit()
-def step_q8_sqrt(table, leaf_ids, offsets, block_offsets, block_size, p_addr, g_addr, codes,
-                 absmax, k, flags, key, half, g_half, p_stochastic, p_key,
-                 index_base):  # fmt: skip
-    """Update all chunks of ``table`` in place (arguments as :func:`.q8.step_q8`'s, without
-    maps: ``codes = (m, v, vmax)`` and ``absmax = (m, v, vmax)``, the vmax entries empty
-    unless amsgrad; ``key`` the step's hash key; half-precision parameters as there; element
-    ``e`` of the buffers hashes as ``index_base + e``)."""
+def _chunk(p, g, j, lo, hi, offsets, block_offsets, block_size, codes, absmax, k, flags, key,
+           index_base):  # fmt: skip
+    """Both passes over every block of one chunk (``p`` and ``g`` its float32 values). A call,
+    not inlined: the two kernels share its compiled code, and Numba's inlining of it into
+    each took seconds of compile time (one call per chunk of up to 32768 elements)."""
     decoupled, l2, amsgrad, maximize = flags
     codes_m, codes_v, codes_x = codes
     absmax_m, absmax_v, absmax_x = absmax
-    width = block_size if amsgrad else 0
+    sr = np.empty(block_size, np.float32)
+    ss = np.empty(block_size, np.float32)
+    sx = np.empty(block_size if amsgrad else 0, np.float32)
+    b = block_offsets[j] + lo // block_size
+    for s in range(0, hi - lo, block_size):
+        n = min(block_size, hi - lo - s)
+        e = offsets[j] + lo + s
+        br, bs, bx = _update_block(
+            p, g, s, n, codes_m, codes_v, codes_x, e, absmax_m[b], absmax_v[b],
+            absmax_x[b] if amsgrad else np.float32(0), sr, ss, sx, k,
+            decoupled, l2, amsgrad, maximize,
+        )  # fmt: skip
+        _encode_block(sr, ss, sx, n, codes_m, codes_v, codes_x, e, index_base + e,
+                      absmax_m, absmax_v, absmax_x, b, br, bs, bx, key,
+                      amsgrad)  # fmt: skip
+        b += 1
+
+
+@jit()
+def step_q8_sqrt(table, leaf_ids, offsets, block_offsets, block_size, p_addr, g_addr, codes,
+                 absmax, k, flags, key, index_base):  # fmt: skip
+    """Update all chunks of ``table`` in place: float32 params and grads (arguments as
+    :func:`.q8.step_q8`'s, without maps: ``codes = (m, v, vmax)`` and ``absmax = (m, v,
+    vmax)``, the vmax entries empty unless amsgrad; ``key`` the step's hash key; element
+    ``e`` of the buffers hashes as ``index_base + e``)."""
     for c in range(table.shape[0]):
         j, lo, hi = table[c, 0], table[c, 1], table[c, 2]
-        sr = np.empty(block_size, np.float32)
-        ss = np.empty(block_size, np.float32)
-        sx = np.empty(width, np.float32)
-        # half params (and grads): upcast into one scratch, rounded back after the blocks
-        g_fmt = -1
-        if half >= 0:
-            if g_half[j]:
-                g_fmt = half
-        scratch = np.empty(2 * (hi - lo) if half >= 0 else 0, np.float32)
+        p = numba.carray(as_pointer(p_addr[leaf_ids[j]] + lo * 4, np.float32), hi - lo)
+        g = numba.carray(as_pointer(g_addr[leaf_ids[j]] + lo * 4, np.float32), hi - lo)
+        _chunk(p, g, j, lo, hi, offsets, block_offsets, block_size, codes, absmax, k, flags,
+               key, index_base)  # fmt: skip
+
+
+@jit()
+def step_q8_sqrt_half(table, leaf_ids, offsets, block_offsets, block_size, p_addr, g_addr,
+                      codes, absmax, k, flags, key, half, g_half, p_stochastic, p_key,
+                      index_base):  # fmt: skip
+    """:func:`step_q8_sqrt` for float16 (``half`` 0) or bfloat16 (1) params, with grads of
+    that format where ``g_half[j]`` (else float32): each chunk is upcast into a scratch and
+    rounded back after its blocks, stochastically under ``p_key`` with ``p_stochastic``. A
+    kernel of its own: its conversions would more than double the float32 kernel's compile
+    time."""
+    for c in range(table.shape[0]):
+        j, lo, hi = table[c, 0], table[c, 1], table[c, 2]
+        g_fmt = half if g_half[j] else -1
+        scratch = np.empty(2 * (hi - lo), np.float32)
         at = data_address(scratch)
         p = chunk_f32(p_addr[leaf_ids[j]], lo, hi - lo, half, at)
         g = chunk_f32(g_addr[leaf_ids[j]], lo, hi - lo, g_fmt, at + (hi - lo) * 4)
-        b = block_offsets[j] + lo // block_size
-        for s in range(0, hi - lo, block_size):
-            n = min(block_size, hi - lo - s)
-            e = offsets[j] + lo + s
-            br, bs, bx = _update_block(
-                p, g, s, n, codes_m, codes_v, codes_x, e, absmax_m[b], absmax_v[b],
-                absmax_x[b] if amsgrad else np.float32(0), sr, ss, sx, k,
-                decoupled, l2, amsgrad, maximize,
-            )  # fmt: skip
-            _encode_block(sr, ss, sx, n, codes_m, codes_v, codes_x, e, index_base + e,
-                          absmax_m, absmax_v, absmax_x, b, br, bs, bx, key,
-                          amsgrad)  # fmt: skip
-            b += 1
-        if half >= 0:
-            store_half(p_addr[leaf_ids[j]] + lo * 2, scratch, hi - lo, half, p_stochastic,
-                       p_key, index_base + offsets[j] + lo)  # fmt: skip
+        _chunk(p, g, j, lo, hi, offsets, block_offsets, block_size, codes, absmax, k, flags,
+               key, index_base)  # fmt: skip
+        store_half(p_addr[leaf_ids[j]] + lo * 2, scratch, hi - lo, half, p_stochastic, p_key,
+                   index_base + offsets[j] + lo)  # fmt: skip
