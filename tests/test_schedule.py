@@ -85,3 +85,26 @@ def test_batch_bounds_cover_the_table_once():
         full = -(-int(sizes.sum()) // schedule.BATCH_ELEMENTS)  # the last may be merged
         assert len(work) in (full - 1, full) or (full == 1 and len(work) == 1)
         assert np.all(work < schedule.BATCH_ELEMENTS + numba_cpu.CHUNK)
+
+
+@pytest.mark.parametrize("where", ["first", "last"])
+def test_a_bad_gradient_in_any_batch_stops_a_many_batch_step_before_any_write(where):
+    # a one-group float32 state of several batches: a check-only call of the step kernel over
+    # every batch, then the update (one call checks and updates only a single-batch table)
+    params = {"a": np.ones(600_000, np.float32), "b": np.ones(700_001, np.float32)}
+    assert len(schedule.batch_bounds(numba_cpu._group_table(
+        adamnp.init(params, adamnp.adam(), backend="numba").groups[0]))) > 3  # fmt: skip
+    for policy in ("raise", "skip"):
+        state = adamnp.init(params, adamnp.adam(nonfinite=policy), backend="numba")
+        grads = {k: np.full(a.shape, 0.5, np.float32) for k, a in params.items()}
+        grads["a" if where == "first" else "b"][1 if where == "first" else -1] = np.inf
+        before = [a.copy() for a in params.values()]
+        if policy == "raise":
+            leaf = "a" if where == "first" else "b"
+            with pytest.raises(ValueError, match=rf"grads\['{leaf}'\] contains NaN, Inf"):
+                adamnp.step(params, grads, state)
+        else:
+            adamnp.step(params, grads, state)
+            assert state.skipped_steps == 1
+        assert all(a.tobytes() == b.tobytes() for a, b in zip(params.values(), before))
+        assert state.step == 0 and not state.groups[0].buffers["m"].any()

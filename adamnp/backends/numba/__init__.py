@@ -50,7 +50,7 @@ else:
     from ..math import kernel_flags, kernel_scalars
     from . import quant, schedule
     from .avx512 import HAVE_VBMI, byte_planes
-    from .fp32 import step_fp32, traffic_kernel
+    from .fp32 import CHECK_ONLY, CHECK_THEN_UPDATE, NO_CHECK, step_fp32, traffic_kernel
     from .half import step_half, traffic_kernel_half
     from .leaves import LeafSpec as leaf_spec
     from .leaves import host_leaves_ok
@@ -227,7 +227,7 @@ def step_group(group, params, grads, scalars) -> None:
     >>> p.round(6)
     array([ 0.9, -1.9], dtype=float32)
     """
-    _step_group(group, params, grads, scalars, check=False)
+    _step_group(group, params, grads, scalars)
 
 
 def _group_table(group) -> np.ndarray:
@@ -238,10 +238,10 @@ def _group_table(group) -> np.ndarray:
     return table
 
 
-def _step_group(group, params, grads, scalars, check: bool) -> int:
-    """:func:`step_group`; with ``check`` (float32/float64 groups whose table is one batch
-    only) the gradients are checked first in the same call: the result of
-    :func:`.fp32.step_fp32`, -1 or the first bad leaf's tree index with nothing written."""
+def _step_group(group, params, grads, scalars, check: int = NO_CHECK) -> int:
+    """:func:`step_group`; for float32/float64 groups ``check`` is :func:`.fp32.step_fp32`'s
+    (:data:`~.fp32.CHECK_THEN_UPDATE` only for a table of one batch): -1, or the first bad
+    leaf's tree index with nothing written."""
     if group.kind not in ("fp32", "q8"):
         raise NotImplementedError(f"the 'numba' backend does not implement {group.kind!r} state")
     table = _group_table(group)
@@ -270,7 +270,8 @@ def _step_group(group, params, grads, scalars, check: bool) -> int:
     half = group.half
     if half < 0:
         work = int(group.offsets[-1])
-        return int(_launch(step_fp32, work, *common, *moments, k, flags, check)[0])
+        results = _launch(step_fp32, work, *common, *moments, k, flags, check)
+        return next((int(r) for r in results if r >= 0), -1)  # the first in table order
     _launch(
         step_half,
         int(group.offsets[-1]),
@@ -295,12 +296,16 @@ def checked_step_group(group, params, grads, scalars) -> int:
     For a state of one group this is the whole step's check, so :func:`adamnp.step` uses it
     then (one pass less over the leaves' addresses and one call less).
     """
-    if group.kind == "fp32" and group.half < 0:
-        # one batch: one kernel call checks every chunk before it updates any (with several,
-        # each batch would check only its own)
-        one_batch = len(schedule.batch_bounds(_group_table(group))) == 2
-        if one_batch and scalars.amsgrad == ("vmax" in group.buffers):
-            return _step_group(group, params, grads, scalars, check=True)
+    if group.kind == "fp32" and group.half < 0 and scalars.amsgrad == ("vmax" in group.buffers):
+        # one batch: one kernel call checks every chunk before it updates any; with several
+        # (each call checks only its own batch), a check-only pass of the same kernel first
+        # (no second kernel to compile for the check)
+        if len(schedule.batch_bounds(_group_table(group))) == 2:
+            return _step_group(group, params, grads, scalars, CHECK_THEN_UPDATE)
+        bad = _step_group(group, params, grads, scalars, CHECK_ONLY)
+        if bad < 0:
+            _step_group(group, params, grads, scalars, NO_CHECK)
+        return bad
     ids = group.leaf_ids
     bad = nonfinite_leaf([grads[i] for i in ids])
     if bad >= 0:

@@ -35,11 +35,17 @@ def _update(p, g, m, v, vmax, k, decoupled, l2, amsgrad, maximize):
             )
 
 
+#: ``step_fp32``'s ``check``: none, a check pass then the update (one call: only for a table
+#: run as one batch), the check pass alone.
+NO_CHECK, CHECK_THEN_UPDATE, CHECK_ONLY = 0, 1, 2
+
+
 @jit()
 def step_fp32(table, leaf_ids, offsets, p_addr, g_addr, m, v, vmax, k, flags, check):
     """Update all chunks of ``table`` in place; -1, or with ``check`` the tree index of the
     first leaf whose gradient is non-finite (:func:`.reduce.first_nonfinite`'s test), with
-    nothing written.
+    nothing written. ``check``: :data:`NO_CHECK`, :data:`CHECK_THEN_UPDATE` or
+    :data:`CHECK_ONLY` (the check pass alone: -1 or the bad leaf, nothing written).
 
     ``p_addr``/``g_addr`` hold the data addresses of all leaves of the tree, ``leaf_ids`` maps
     a group's leaf to its tree index, ``offsets`` locate it in the arenas ``m``, ``v`` and
@@ -58,6 +64,8 @@ def step_fp32(table, leaf_ids, offsets, p_addr, g_addr, m, v, vmax, k, flags, ch
         for c in range(table.shape[0]):
             if bad[c]:
                 return leaf_ids[table[c, 0]]
+        if check == CHECK_ONLY:
+            return -1
     for c in range(table.shape[0]):
         j, lo, hi = table[c, 0], table[c, 1], table[c, 2]
         leaf = leaf_ids[j]
