@@ -1,8 +1,8 @@
-"""Median times of the numba float32 step, the 8-bit "sqrt" step and the float32 traffic
-kernel, interleaved in one process: an A/B of two versions of the kernels is this script run
-once per version, alternately (each version's kernels compile on its first run).
+"""Median times of the numba float32 step, an 8-bit step ("sqrt" or "bnb") and the float32
+traffic kernel, interleaved in one process: an A/B of two versions of the kernels is this
+script run once per version, alternately (each version's kernels compile on its first run).
 
-    python tools/step_times.py [label] [--n 16000000] [--repeats 15]
+    python tools/step_times.py [label] [--n 16000000] [--repeats 15] [--format sqrt|bnb]
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ def main() -> None:
     parser.add_argument("label", nargs="?", default="")
     parser.add_argument("--n", type=int, default=16_000_000)
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--format", choices=["sqrt", "bnb"], default="sqrt")
     args = parser.parse_args()
     n = args.n
 
@@ -33,7 +34,7 @@ def main() -> None:
     buffers = [np.ones(n, np.float32) for _ in range(4)]
     runs = {
         "float32": stepper(),
-        "sqrt": stepper(state_bits=8),
+        args.format: stepper(state_bits=8, state_format=args.format),
         "traffic": lambda: backend.traffic_kernel(*buffers),
     }
     runs["traffic"]()
@@ -47,7 +48,7 @@ def main() -> None:
     print(
         args.label,
         " ".join(f"{name}={t:.2f}ms" for name, t in ms.items()),
-        f"sqrt/float32={ms['sqrt'] / ms['float32']:.3f}",
+        f"{args.format}/float32={ms[args.format] / ms['float32']:.3f}",
         f"float32/traffic={ms['float32'] / ms['traffic']:.3f}",
     )
 
