@@ -2,9 +2,9 @@
 
 Params and grads of one dtype share a flat buffer (a *bucket*), so that one collective moves
 them all. Buckets are ordered by dtype name; inside one, leaves follow the unsharded state's
-leaf groups (:func:`adamnp._state.plan_groups`), in tree order within each group. A leaf with
-8-bit moments starts at a multiple of the quantization block, any other leaf at a multiple of
-:data:`ALIGN` elements; the bucket is padded to a multiple of ``nranks * block_size``. Rank
+leaf groups (:func:`adamnp._state.plan_groups`), in tree order within each group. Every leaf
+starts at a multiple of the quantization block (``block_size``, also with float32 state), and
+the bucket is padded to a multiple of ``nranks * block_size``. Rank
 ``r`` owns elements ``r * shard .. (r + 1) * shard`` of every bucket: equal shards whose
 boundaries fall on block boundaries of every 8-bit leaf, so every block is stepped whole by
 one rank. Padding lives in the flat param and grad buffers only, never in the state.
@@ -22,10 +22,6 @@ import numpy as np
 
 from .._state import GroupPlan, Layout, plan_groups
 from ..backends.math import compute_dtype
-
-#: Alignment, in elements, of a leaf without 8-bit moments in the flat buffers (64 bytes of
-#: float32: a cache line).
-ALIGN = 16
 
 
 class Piece(NamedTuple):
@@ -89,9 +85,8 @@ class DistLayout:
             for g in self.groups:
                 if g.param_dtype.name != name:
                     continue
-                unit = block if g.kind == "q8" else ALIGN
                 for leaf in g.leaf_ids.tolist():
-                    pos = _round_up(pos, unit)
+                    pos = _round_up(pos, block)
                     ids.append(leaf)
                     starts.append(pos)
                     pos += self.sizes[leaf]
