@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Mapping
 from contextlib import nullcontext
+from typing import NamedTuple
 
 from ._config import AdamConfig, check_configs
 from ._groups import resolve_labels
 from ._small import try_step as try_small_step
-from ._state import MIN_8BIT_SIZE, AdamState, amsgrad_of, build_groups
+from ._state import MIN_8BIT_SIZE, AdamState, Layout, amsgrad_of, build_groups
 from ._validate import (
     nonfinite_verdict,
     validate_gradients,
@@ -124,41 +125,61 @@ def init(
     >>> state.labels
     ('no_decay', 'decay')
     """
+    got = check_init(params, config, labels, backend, state_bits=state_bits,
+                     state_format=state_format, block_size=block_size,
+                     min_8bit_size=min_8bit_size, v_rounding=v_rounding,
+                     keep_fp32=keep_fp32)  # fmt: skip
+    warn_layout(got.layout, got.paths, got.shapes, got.dtypes)
+    amsgrad = amsgrad_of(got.config, got.configs)
+    slots, groups = build_groups(got.paths, got.shapes, got.dtypes, got.layout, amsgrad, got.be,
+                                 got.labels)  # fmt: skip
+    return AdamState(
+        config=got.config,
+        backend=got.backend,
+        step=0,
+        skipped_steps=0,
+        treedef=got.treedef,
+        paths=tuple(got.paths),
+        shapes=got.shapes,
+        dtypes=got.dtypes,
+        slots=slots,
+        groups=groups,
+        layout=got.layout,
+        labels=got.labels,
+        configs=got.configs,
+    )
+
+
+class InitInputs(NamedTuple):
+    """What :func:`check_init` made of :func:`init`'s arguments."""
+
+    leaves: list  # the flattened params
+    treedef: object
+    paths: list
+    shapes: tuple
+    dtypes: tuple
+    backend: str  # the backend's name, "auto" resolved
+    be: object  # the backend module
+    layout: Layout
+    configs: dict | None  # {label: AdamConfig}, or None for one config
+    labels: tuple | None  # each leaf's label, or None
+    config: AdamConfig  # the one config, or the first leaf's label's
+
+
+def check_init(params, config, labels, backend: str, **layout_options) -> InitInputs:
+    """Every check :func:`init` makes before it allocates (the params, the configs and
+    labels, the layout options: ``TypeError`` / ``ValueError`` naming the culprit), and what
+    they resolve to. :func:`adamnp.distributed.init` makes the same checks."""
     single = config if isinstance(config, AdamConfig) else None
     if single is None:
         single = next(iter(check_configs(config).values()))
     leaves, treedef, paths, shapes, dtypes, name, be = validate_params(params, single, backend)
     configs, leaf_labels = resolve_labels(config, labels, params, paths, leaves)
-    layout = validate_layout(
-        paths,
-        leaves,
-        state_bits=state_bits,
-        state_format=state_format,
-        block_size=block_size,
-        min_8bit_size=min_8bit_size,
-        v_rounding=v_rounding,
-        keep_fp32=keep_fp32,
-    )
-    warn_layout(layout, paths, shapes, dtypes)
-    amsgrad = amsgrad_of(single, configs)
-    slots, groups = build_groups(paths, shapes, dtypes, layout, amsgrad, be, leaf_labels)
+    layout = validate_layout(paths, leaves, **layout_options)
     if configs is not None and leaf_labels:
         single = configs[leaf_labels[0]]
-    return AdamState(
-        config=single,
-        backend=name,
-        step=0,
-        skipped_steps=0,
-        treedef=treedef,
-        paths=tuple(paths),
-        shapes=shapes,
-        dtypes=dtypes,
-        slots=slots,
-        groups=groups,
-        layout=layout,
-        labels=leaf_labels,
-        configs=configs,
-    )
+    return InitInputs(leaves, treedef, paths, shapes, dtypes, name, be, layout, configs,
+                      leaf_labels, single)  # fmt: skip
 
 
 def step(params, grads, state: AdamState) -> None:

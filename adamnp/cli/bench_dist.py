@@ -66,9 +66,8 @@ def main(args) -> int:
         ring_min = 2 * (comm.size - 1) / comm.size * n * 4
         state_bytes = np.array([state.nbytes()], np.float64)
         comm.allreduce(state_bytes, "max")
-        one_rank = n * (8 if int(args.bits) == 32 else 2) + (
-            0 if int(args.bits) == 32 else -(-n // 256) * 8
-        )
+        block = state.layout.layout.block_size
+        one_rank = n * 8 if int(args.bits) == 32 else n * 2 + -(-n // block) * 8
         rows.append((n, med, total, base, sent, ring_min, float(state_bytes[0]), one_rank))
     if comm.rank == 0:
         print(f"ranks: {comm.size}, state bits: {args.bits}, backend: {state.local.backend}; "

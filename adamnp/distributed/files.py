@@ -29,17 +29,17 @@ from .._checkpoint import save_state as save_plain
 from .._config import adam
 from .._state import AdamState, Layout, amsgrad_of, build_groups
 from .._tree import flatten, treedef_from_json, treedef_to_json, unflatten
-from .._validate import as_base_array, validate_layout, validate_params
+from .._validate import validate_layout, validate_params
+from ..backends.math import compute_dtype
 from .comm import agree, as_comm
 from .layout import DistLayout
 from .state import (
     REDUCTIONS,
     DistState,
-    _bits,
     _host_backend,
     _local_state,
+    assemble,
     check_same,
-    share_cores,
 )
 
 INDEX = "index.json"
@@ -60,13 +60,13 @@ def _buffer_names(group, config, configs) -> list[str]:
     return [f"{p}_{x}" for x in moments for p in ("codes", "absmax")]
 
 
-def _empty_like(group, name: str, layout: DistLayout) -> np.ndarray:
+def _empty_like(group, name: str) -> np.ndarray:
+    """An empty array of the dtype of ``group``'s buffer ``name`` (a rank holding none of
+    the group sends it to a gather)."""
     if name.startswith("codes_"):
         return np.zeros(0, np.uint8)
     if name.startswith("absmax_"):
         return np.zeros(0, np.float32)
-    from ..backends.math import compute_dtype
-
     return np.zeros(0, compute_dtype(group.param_dtype))
 
 
@@ -120,7 +120,7 @@ def consolidate(state: DistState, root: int = 0) -> AdamState | None:
         for name in _buffer_names(g, local.config, local.configs):
             blocks = name.startswith("absmax_")
             counts = [(r[3] - r[2]) if blocks else (r[1] - r[0]) for r in ranges]
-            send = mine[gi][name] if gi in mine else _empty_like(g, name, lay)
+            send = mine[gi][name] if gi in mine else _empty_like(g, name)
             recv = full.groups[gi].buffers[name] if full is not None else None
             if comm.size == 1:
                 recv[:] = send
@@ -446,14 +446,7 @@ def load_state(path, params, comm=None, *, backend: str = "auto", config=None,
     dlayout, local, reduce, treedef, be, leaves = result
     check_same(comm, "the checkpoint and params", dlayout.paths, dlayout.shapes,
                [d.name for d in dlayout.dtypes], dlayout.layout, local.step, reduce)  # fmt: skip
-    share_cores(comm, local.backend)
-    state = DistState(comm, dlayout, local, reduce, treedef, be)
-    for leaf, dst in zip(leaves, state._p_leaves):
-        dst[...] = as_base_array(leaf)
-    if comm.size > 1:
-        for flat in state.flat_params.values():
-            comm.bcast(_bits(flat), 0)
-    return state
+    return assemble(comm, dlayout, local, reduce, treedef, be, leaves)
 
 
 def _load_local(path, params, comm, backend, config, reduce):
@@ -465,51 +458,41 @@ def _load_local(path, params, comm, backend, config, reduce):
         params, first if first is not None else adam(), "numpy"
     )
     name, be = _host_backend(backend, leaves)
-    if os.path.isdir(path):
+    if os.path.isdir(path):  # sharded: the index, and one file for the configs
         index = _read_index(path)
         saved = _saved_layout(path, index)
-        layout, labels, step, skipped = (
-            saved.layout,
-            saved.labels,
-            index["step"],
-            index["skipped_steps"],
-        )
-        reduce = reduce or index["reduce"]
-        saved_shapes, saved_dtypes = saved.shapes, saved.dtypes
-        saved_paths = saved.paths
-    else:
-        full = load_plain(path, backend="numpy", config=config)
-        layout, labels, step, skipped = full.layout, full.labels, full.step, full.skipped_steps
-        reduce = reduce or "mean"
-        saved_paths, saved_shapes, saved_dtypes = full.paths, full.shapes, full.dtypes
-    if (tuple(paths), tuple(shapes), tuple(dtypes)) != (tuple(saved_paths), tuple(saved_shapes),
-                                                         tuple(saved_dtypes)):  # fmt: skip
-        diff = next((i for i, x in enumerate(zip(paths, shapes, dtypes))
-                     if i >= len(saved_paths) or x != (saved_paths[i], saved_shapes[i],
-                                                       saved_dtypes[i])),
-                    len(paths))  # fmt: skip
+        loaded: dict = {}
+        source = _fill(path, index, saved, {}, config, read_one=True, loaded=loaded)
+        if source is None:
+            raise CheckpointError(f"{path}: the checkpoint holds no elements")
+        step, skipped, reduce = index["step"], index["skipped_steps"], reduce or index["reduce"]
+
+        def fill(targets):
+            _fill(path, index, saved, targets, config, read_one=False, loaded=loaded)
+
+    else:  # consolidated: one plain checkpoint, read whole
+        saved = source = load_plain(path, backend="numpy", config=config)
+        step, skipped, reduce = source.step, source.skipped_steps, reduce or "mean"
+
+        def fill(targets):
+            have = _local_buffers(source, dlayout)
+            for gi, (e0, e1, b0, b1, dst) in targets.items():
+                for key, buf in dst.items():
+                    lo, hi = (b0, b1) if key.startswith("absmax_") else (e0, e1)
+                    buf[:] = have[gi][key][lo:hi]
+
+    mine = list(zip(paths, shapes, dtypes))
+    theirs = list(zip(saved.paths, saved.shapes, saved.dtypes))
+    if mine != theirs:
+        diff = next((i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b),
+                    min(len(mine), len(theirs)))  # fmt: skip
         where = paths[diff] if diff < len(paths) else f"leaf {diff}"
         raise CheckpointError(
             f"{path}: the params do not match the checkpoint (first at {where}; the "
-            f"checkpoint has {len(saved_paths)} leaves, params {len(paths)})"
+            f"checkpoint has {len(theirs)} leaves, params {len(mine)})"
         )
-    dlayout = DistLayout(paths, shapes, dtypes, layout, labels, comm.size)
-    if os.path.isdir(path):
-        loaded: dict = {}
-        probe = _fill(path, index, saved, {}, config, read_one=True, loaded=loaded)
-        if probe is None:
-            raise CheckpointError(f"{path}: the checkpoint holds no elements")
-        cfg, cfgs = probe.config, probe.configs
-    else:
-        cfg, cfgs = full.config, full.configs
-    local = _local_state(dlayout, comm.rank, cfg, cfgs, name, be, step, skipped)
-    targets = _targets(dlayout, comm.rank, local)
-    if os.path.isdir(path):
-        _fill(path, index, saved, targets, config, read_one=False, loaded=loaded)
-    else:
-        have = _local_buffers(full, dlayout)
-        for gi, (e0, e1, b0, b1, dst) in targets.items():
-            for key, buf in dst.items():
-                lo, hi = (b0, b1) if key.startswith("absmax_") else (e0, e1)
-                buf[:] = have[gi][key][lo:hi]
+    dlayout = DistLayout(paths, shapes, dtypes, saved.layout, saved.labels, comm.size)
+    local = _local_state(dlayout, comm.rank, source.config, source.configs, name, be, step,
+                         skipped)  # fmt: skip
+    fill(_targets(dlayout, comm.rank, local))
     return dlayout, local, reduce, treedef, be, leaves

@@ -141,7 +141,3 @@ class DistLayout:
             return int(g.block_offsets[j]) + (x - int(g.offsets[j])) // bs
 
         return block(lo), block(hi - 1) + 1
-
-    def piece_path(self, piece: Piece) -> str:
-        """The name of a piece in a rank's state: the leaf's path and its element range."""
-        return f"{self.paths[piece.leaf]}[{piece.start}:{piece.stop}]"

@@ -13,18 +13,11 @@ from types import SimpleNamespace
 import numpy as np
 
 from .. import backends
-from .._config import AdamConfig, check_configs
-from .._groups import resolve_labels
+from .._api import check_init
+from .._config import AdamConfig
 from .._state import MIN_8BIT_SIZE, AdamState, Layout, amsgrad_of, build_groups
 from .._tree import first_difference, flatten, unflatten
-from .._validate import (
-    as_base_array,
-    leaf_error,
-    nonfinite_verdict,
-    validate_layout,
-    validate_params,
-    warn_layout,
-)
+from .._validate import as_base_array, leaf_error, nonfinite_verdict, warn_layout
 from ..backends.math import clip_scale, host_scalars
 from ..lowbit.half import half_format, to_f32_array
 from .comm import agree, as_comm
@@ -246,31 +239,36 @@ def init(
     [(0.9, 4096), (0.9, 3904)]
     """
     comm = as_comm(comm)
-    error, state = None, None
+    error = got = None
     try:
-        single = config if isinstance(config, AdamConfig) else None
-        if single is None:
-            single = next(iter(check_configs(config).values()))
         if reduce not in REDUCTIONS:
             raise ValueError(f"reduce must be one of {REDUCTIONS}, got {reduce!r}")
-        leaves, treedef, paths, shapes, dtypes, _, _ = validate_params(params, single, "numpy")
-        name, be = _host_backend(backend, leaves)
-        configs, leaf_labels = resolve_labels(config, labels, params, paths, leaves)
-        layout = validate_layout(paths, leaves, state_bits=state_bits, state_format=state_format,
-                                 block_size=block_size, min_8bit_size=min_8bit_size,
-                                 v_rounding=v_rounding, keep_fp32=keep_fp32)  # fmt: skip
-        warn_layout(layout, paths, shapes, dtypes)
-        if configs is not None and leaf_labels:
-            single = configs[leaf_labels[0]]
+        # validated as host arrays; the backend is resolved below (host backends only)
+        got = check_init(params, config, labels, "numpy", state_bits=state_bits,
+                         state_format=state_format, block_size=block_size,
+                         min_8bit_size=min_8bit_size, v_rounding=v_rounding,
+                         keep_fp32=keep_fp32)  # fmt: skip
+        name, be = _host_backend(backend, got.leaves)
+        warn_layout(got.layout, got.paths, got.shapes, got.dtypes)
     except (TypeError, ValueError) as exc:
         error = exc
     agree(comm, error)
-    check_same(comm, "the params tree and options", paths, shapes, [d.name for d in dtypes],
-               layout, leaf_labels, single, configs, name, reduce)  # fmt: skip
-    dlayout = DistLayout(paths, shapes, dtypes, layout, leaf_labels, comm.size)
-    local = _local_state(dlayout, comm.rank, single, configs, name, be)
-    share_cores(comm, name)
-    state = DistState(comm, dlayout, local, reduce, treedef, be)
+    check_same(comm, "the params tree and options", got.paths, got.shapes,
+               [d.name for d in got.dtypes], got.layout, got.labels, got.config, got.configs,
+               name, reduce)  # fmt: skip
+    dlayout = DistLayout(got.paths, got.shapes, got.dtypes, got.layout, got.labels, comm.size)
+    local = _local_state(dlayout, comm.rank, got.config, got.configs, name, be)
+    return assemble(comm, dlayout, local, reduce, got.treedef, be, got.leaves)
+
+
+def assemble(comm, layout: DistLayout, local: AdamState, reduce: str, treedef, be,
+             leaves) -> DistState:  # fmt: skip
+    """The :class:`DistState` of this rank's ``local`` state, its flat buffers holding rank
+    0's values of the param ``leaves`` (what :func:`init` and
+    :func:`~adamnp.distributed.load_state` end with); the rank's threads set by
+    :func:`share_cores`."""
+    share_cores(comm, local.backend)
+    state = DistState(comm, layout, local, reduce, treedef, be)
     for leaf, dst in zip(leaves, state._p_leaves):
         dst[...] = as_base_array(leaf)
     if comm.size > 1:
