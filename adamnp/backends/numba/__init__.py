@@ -55,7 +55,12 @@ else:
     from .leaves import LeafSpec as leaf_spec
     from .leaves import host_leaves_ok
     from .q8 import step_q8, traffic_kernel_q8
-    from .q8_sqrt import step_q8_sqrt, step_q8_sqrt_half
+    from .q8_sqrt import (
+        step_q8_sqrt,
+        step_q8_sqrt_amsgrad,
+        step_q8_sqrt_half,
+        step_q8_sqrt_half_amsgrad,
+    )
     from .q8_vbmi import quantize_blockwise_simd, step_q8_simd
     from .reduce import first_nonfinite, sum_squares
     from .small import step_one
@@ -473,13 +478,17 @@ def _half_arguments(group, grads, scalars) -> tuple:
 
 def _step_q8_sqrt(group, table, p_addr, g_addr, k, flags, key, half) -> None:
     """One :func:`~.q8_sqrt.step_q8_sqrt` call for the ``"sqrt"``-format ``group``
-    (:func:`~.q8_sqrt.step_q8_sqrt_half` for float16/bfloat16 params)."""
+    (:func:`~.q8_sqrt.step_q8_sqrt_half` for float16/bfloat16 params; their ``_amsgrad``
+    versions with amsgrad, so that a state compiles only the kernel it runs)."""
     work, args = int(group.offsets[-1]), _q8_arguments(group, table, p_addr, g_addr)
     base = np.int64(group.index_base)
+    amsgrad = "codes_vmax" in group.buffers
     if half[0] < 0:
-        _launch(step_q8_sqrt, work, *args, k, flags, np.uint32(key), base)
+        kernel = step_q8_sqrt_amsgrad if amsgrad else step_q8_sqrt
+        _launch(kernel, work, *args, k, flags, np.uint32(key), base)
     else:
-        _launch(step_q8_sqrt_half, work, *args, k, flags, np.uint32(key), *half, base)
+        kernel = step_q8_sqrt_half_amsgrad if amsgrad else step_q8_sqrt_half
+        _launch(kernel, work, *args, k, flags, np.uint32(key), *half, base)
 
 
 def _step_q8(group, table, p_addr, g_addr, k, flags, key, half) -> None:

@@ -57,42 +57,53 @@ def _ratio(m, root):
 
 
 @jit(inline="always")
-def _update_block(p, g, s, n, codes_m, codes_v, codes_x, e, am, av, ax, sr, ss, sx,
-                  k, decoupled, l2, amsgrad, maximize):  # fmt: skip
-    """Pass 1 over the ``n`` elements of one block; returns the block maxima's bits of
-    ``|r|``, ``s`` and amsgrad's ``sqrt(vmax)``. Unsigned offsets, no slices (see :mod:`.q8`)."""
+def _update_block(p, g, s, n, codes_m, codes_v, e, am, av, sr, ss, k, decoupled, l2,
+                  maximize):  # fmt: skip
+    """Pass 1 over the ``n`` elements of one block (without amsgrad); returns the bits of the
+    block maxima of ``|r|`` and ``s``. Unsigned offsets, no slices (see :mod:`.q8`)."""
+    s = np.uint64(s)
+    e = np.uint64(e)
+    rscale = am / _LEVELS
+    xr = np.int32(0)
+    xs = np.int32(0)
+    for i in range(np.uint64(0), np.uint64(n)):
+        sq = _root(codes_v[e + i], av)
+        m0 = (np.float32(np.int8(codes_m[e + i])) * rscale) * sq
+        v0 = sq * sq
+        p[s + i], m, v, _ = elem(p[s + i], g[s + i], m0, v0, v0, k, decoupled, l2, False,
+                                 maximize)  # fmt: skip
+        root = np.sqrt(v)
+        r = _ratio(m, root)
+        sr[i], ss[i] = r, root
+        xr = max(xr, _abs_bits(r))
+        xs = max(xs, _abs_bits(root))
+    return xr, xs
+
+
+@jit(inline="always")
+def _update_block_amsgrad(p, g, s, n, codes_m, codes_v, codes_x, e, am, av, ax, sr, ss, sx,
+                          k, decoupled, l2, maximize):  # fmt: skip
+    """:func:`_update_block` with amsgrad's ``vmax``: also keeps ``sqrt(vmax)`` and returns
+    the bits of its block maximum third."""
     s = np.uint64(s)
     e = np.uint64(e)
     rscale = am / _LEVELS
     xr = np.int32(0)
     xs = np.int32(0)
     xx = np.int32(0)
-    if amsgrad:
-        for i in range(np.uint64(0), np.uint64(n)):
-            sq = _root(codes_v[e + i], av)
-            xq = _root(codes_x[e + i], ax)
-            m0 = (np.float32(np.int8(codes_m[e + i])) * rscale) * sq
-            p[s + i], m, v, x = elem(p[s + i], g[s + i], m0, sq * sq, xq * xq, k, decoupled,
-                                     l2, True, maximize)  # fmt: skip
-            root = np.sqrt(v)
-            r = _ratio(m, root)
-            xroot = np.sqrt(x)
-            sr[i], ss[i], sx[i] = r, root, xroot
-            xr = max(xr, _abs_bits(r))
-            xs = max(xs, _abs_bits(root))
-            xx = max(xx, _abs_bits(xroot))
-    else:
-        for i in range(np.uint64(0), np.uint64(n)):
-            sq = _root(codes_v[e + i], av)
-            m0 = (np.float32(np.int8(codes_m[e + i])) * rscale) * sq
-            v0 = sq * sq
-            p[s + i], m, v, _ = elem(p[s + i], g[s + i], m0, v0, v0, k, decoupled, l2, False,
-                                     maximize)  # fmt: skip
-            root = np.sqrt(v)
-            r = _ratio(m, root)
-            sr[i], ss[i] = r, root
-            xr = max(xr, _abs_bits(r))
-            xs = max(xs, _abs_bits(root))
+    for i in range(np.uint64(0), np.uint64(n)):
+        sq = _root(codes_v[e + i], av)
+        xq = _root(codes_x[e + i], ax)
+        m0 = (np.float32(np.int8(codes_m[e + i])) * rscale) * sq
+        p[s + i], m, v, x = elem(p[s + i], g[s + i], m0, sq * sq, xq * xq, k, decoupled,
+                                 l2, True, maximize)  # fmt: skip
+        root = np.sqrt(v)
+        r = _ratio(m, root)
+        xroot = np.sqrt(x)
+        sr[i], ss[i], sx[i] = r, root, xroot
+        xr = max(xr, _abs_bits(r))
+        xs = max(xs, _abs_bits(root))
+        xx = max(xx, _abs_bits(xroot))
     return xr, xs, xx
 
 
@@ -112,10 +123,10 @@ def _zero_codes(codes, e, n):
 
 
 @jit(inline="always")
-def _encode_block(sr, ss, sx, n, codes_m, codes_v, codes_x, e, h, absmax_m, absmax_v,
-                  absmax_x, b, br, bs, bx, key, amsgrad):  # fmt: skip
-    """Pass 2: store block ``b``'s absmax and codes (:mod:`adamnp.lowbit.sqrt`, steps 2-4);
-    the block's first element is ``codes_*[e]``, of hash index ``h``.
+def _encode_block(sr, ss, n, codes_m, codes_v, e, h, absmax_m, absmax_v, b, br, bs, key):
+    """Pass 2: store block ``b``'s absmax and codes of ``m`` and ``v``
+    (:mod:`adamnp.lowbit.sqrt`, steps 2-4); the block's first element is ``codes_*[e]``, of
+    hash index ``h``.
 
     The hot loop has no branch (a NaN/Inf block's codes are zeroed after it) and counts the
     index in uint32 (:func:`~.quant.index_hash`)."""
@@ -133,41 +144,71 @@ def _encode_block(sr, ss, sx, n, codes_m, codes_v, codes_x, e, h, absmax_m, absm
         _zero_codes(codes_v, e, n)
     if not ok_r:
         _zero_codes(codes_m, e, n)
-    if amsgrad:
-        absmax_x[b], mult_x, ok_x = _scale(bx, _ONE, _ZERO)
-        index = low
-        for i in range(np.uint64(0), np.uint64(n)):
-            h = index_hash(index, key0, key1, low)
-            index = np.uint32(index + np.uint32(1))
-            codes_x[e + i] = np.uint8(s_code(np.float32(sx[i] * mult_x).view(np.int32), h))
-        if not ok_x:
-            _zero_codes(codes_x, e, n)
+
+
+@jit(inline="always")
+def _encode_vmax(sx, n, codes_x, e, h, absmax_x, b, bx, key):
+    """Pass 2 for amsgrad's ``vmax`` (as ``v`` in :func:`_encode_block`, same hashes)."""
+    absmax_x[b], mult_x, ok_x = _scale(bx, _ONE, _ZERO)
+    key0, key1, low = block_keys(key, h)
+    e = np.uint64(e)
+    index = low
+    for i in range(np.uint64(0), np.uint64(n)):
+        h = index_hash(index, key0, key1, low)
+        index = np.uint32(index + np.uint32(1))
+        codes_x[e + i] = np.uint8(s_code(np.float32(sx[i] * mult_x).view(np.int32), h))
+    if not ok_x:
+        _zero_codes(codes_x, e, n)
+
+
+# Each kernel comes in two versions, without and with amsgrad, each compiling only its own
+# blocks: a runtime amsgrad flag made Numba compile (and inline) both, which doubled the cold
+# compile of the common case (docs/backends.md, First use).
 
 
 @jit()
 def _chunk(p, g, j, lo, hi, offsets, block_offsets, block_size, codes, absmax, k, flags, key,
            index_base):  # fmt: skip
-    """Both passes over every block of one chunk (``p`` and ``g`` its float32 values). A call,
-    not inlined: the two kernels share its compiled code, and Numba's inlining of it into
-    each took seconds of compile time (one call per chunk of up to 32768 elements)."""
-    decoupled, l2, amsgrad, maximize = flags
-    codes_m, codes_v, codes_x = codes
-    absmax_m, absmax_v, absmax_x = absmax
+    """Both passes over every block of one chunk (``p`` and ``g`` its float32 values), without
+    amsgrad. A call, not inlined: the kernels share its compiled code, and Numba's inlining of
+    it into each took seconds of compile time (one call per chunk of up to 32768 elements)."""
+    decoupled, l2, _, maximize = flags
+    codes_m, codes_v, _ = codes
+    absmax_m, absmax_v, _ = absmax
     sr = np.empty(block_size, np.float32)
     ss = np.empty(block_size, np.float32)
-    sx = np.empty(block_size if amsgrad else 0, np.float32)
     b = block_offsets[j] + lo // block_size
     for s in range(0, hi - lo, block_size):
         n = min(block_size, hi - lo - s)
         e = offsets[j] + lo + s
-        br, bs, bx = _update_block(
-            p, g, s, n, codes_m, codes_v, codes_x, e, absmax_m[b], absmax_v[b],
-            absmax_x[b] if amsgrad else np.float32(0), sr, ss, sx, k,
-            decoupled, l2, amsgrad, maximize,
+        br, bs = _update_block(p, g, s, n, codes_m, codes_v, e, absmax_m[b], absmax_v[b], sr,
+                               ss, k, decoupled, l2, maximize)  # fmt: skip
+        _encode_block(sr, ss, n, codes_m, codes_v, e, index_base + e, absmax_m, absmax_v, b,
+                      br, bs, key)  # fmt: skip
+        b += 1
+
+
+@jit()
+def _chunk_amsgrad(p, g, j, lo, hi, offsets, block_offsets, block_size, codes, absmax, k,
+                   flags, key, index_base):  # fmt: skip
+    """:func:`_chunk` with amsgrad's ``vmax``."""
+    decoupled, l2, _, maximize = flags
+    codes_m, codes_v, codes_x = codes
+    absmax_m, absmax_v, absmax_x = absmax
+    sr = np.empty(block_size, np.float32)
+    ss = np.empty(block_size, np.float32)
+    sx = np.empty(block_size, np.float32)
+    b = block_offsets[j] + lo // block_size
+    for s in range(0, hi - lo, block_size):
+        n = min(block_size, hi - lo - s)
+        e = offsets[j] + lo + s
+        br, bs, bx = _update_block_amsgrad(
+            p, g, s, n, codes_m, codes_v, codes_x, e, absmax_m[b], absmax_v[b], absmax_x[b],
+            sr, ss, sx, k, decoupled, l2, maximize,
         )  # fmt: skip
-        _encode_block(sr, ss, sx, n, codes_m, codes_v, codes_x, e, index_base + e,
-                      absmax_m, absmax_v, absmax_x, b, br, bs, bx, key,
-                      amsgrad)  # fmt: skip
+        _encode_block(sr, ss, n, codes_m, codes_v, e, index_base + e, absmax_m, absmax_v, b,
+                      br, bs, key)  # fmt: skip
+        _encode_vmax(sx, n, codes_x, e, index_base + e, absmax_x, b, bx, key)
         b += 1
 
 
@@ -176,14 +217,37 @@ def step_q8_sqrt(table, leaf_ids, offsets, block_offsets, block_size, p_addr, g_
                  absmax, k, flags, key, index_base):  # fmt: skip
     """Update all chunks of ``table`` in place: float32 params and grads (arguments as
     :func:`.q8.step_q8`'s, without maps: ``codes = (m, v, vmax)`` and ``absmax = (m, v,
-    vmax)``, the vmax entries empty unless amsgrad; ``key`` the step's hash key; element
-    ``e`` of the buffers hashes as ``index_base + e``)."""
+    vmax)``, the vmax entries empty; ``key`` the step's hash key; element ``e`` of the
+    buffers hashes as ``index_base + e``). Without amsgrad: :func:`step_q8_sqrt_amsgrad`
+    is the kernel with it."""
     for c in range(table.shape[0]):
         j, lo, hi = table[c, 0], table[c, 1], table[c, 2]
         p = numba.carray(as_pointer(p_addr[leaf_ids[j]] + lo * 4, np.float32), hi - lo)
         g = numba.carray(as_pointer(g_addr[leaf_ids[j]] + lo * 4, np.float32), hi - lo)
         _chunk(p, g, j, lo, hi, offsets, block_offsets, block_size, codes, absmax, k, flags,
                key, index_base)  # fmt: skip
+
+
+@jit()
+def step_q8_sqrt_amsgrad(table, leaf_ids, offsets, block_offsets, block_size, p_addr, g_addr,
+                         codes, absmax, k, flags, key, index_base):  # fmt: skip
+    """:func:`step_q8_sqrt` with amsgrad (the vmax entries of ``codes`` and ``absmax``)."""
+    for c in range(table.shape[0]):
+        j, lo, hi = table[c, 0], table[c, 1], table[c, 2]
+        p = numba.carray(as_pointer(p_addr[leaf_ids[j]] + lo * 4, np.float32), hi - lo)
+        g = numba.carray(as_pointer(g_addr[leaf_ids[j]] + lo * 4, np.float32), hi - lo)
+        _chunk_amsgrad(p, g, j, lo, hi, offsets, block_offsets, block_size, codes, absmax, k,
+                       flags, key, index_base)  # fmt: skip
+
+
+@jit(inline="always")
+def _upcast(p_addr, g_addr, leaf, lo, n, half, g_half):
+    """``(scratch, p, g)``: the chunk's params and grads as float32 views of one scratch."""
+    scratch = np.empty(2 * n, np.float32)
+    at = data_address(scratch)
+    p = chunk_f32(p_addr[leaf], lo, n, half, at)
+    g = chunk_f32(g_addr[leaf], lo, n, half if g_half else -1, at + n * 4)
+    return scratch, p, g
 
 
 @jit()
@@ -197,12 +261,22 @@ def step_q8_sqrt_half(table, leaf_ids, offsets, block_offsets, block_size, p_add
     time."""
     for c in range(table.shape[0]):
         j, lo, hi = table[c, 0], table[c, 1], table[c, 2]
-        g_fmt = half if g_half[j] else -1
-        scratch = np.empty(2 * (hi - lo), np.float32)
-        at = data_address(scratch)
-        p = chunk_f32(p_addr[leaf_ids[j]], lo, hi - lo, half, at)
-        g = chunk_f32(g_addr[leaf_ids[j]], lo, hi - lo, g_fmt, at + (hi - lo) * 4)
+        scratch, p, g = _upcast(p_addr, g_addr, leaf_ids[j], lo, hi - lo, half, g_half[j])
         _chunk(p, g, j, lo, hi, offsets, block_offsets, block_size, codes, absmax, k, flags,
                key, index_base)  # fmt: skip
+        store_half(p_addr[leaf_ids[j]] + lo * 2, scratch, hi - lo, half, p_stochastic, p_key,
+                   index_base + offsets[j] + lo)  # fmt: skip
+
+
+@jit()
+def step_q8_sqrt_half_amsgrad(table, leaf_ids, offsets, block_offsets, block_size, p_addr,
+                              g_addr, codes, absmax, k, flags, key, half, g_half,
+                              p_stochastic, p_key, index_base):  # fmt: skip
+    """:func:`step_q8_sqrt_half` with amsgrad."""
+    for c in range(table.shape[0]):
+        j, lo, hi = table[c, 0], table[c, 1], table[c, 2]
+        scratch, p, g = _upcast(p_addr, g_addr, leaf_ids[j], lo, hi - lo, half, g_half[j])
+        _chunk_amsgrad(p, g, j, lo, hi, offsets, block_offsets, block_size, codes, absmax, k,
+                       flags, key, index_base)  # fmt: skip
         store_half(p_addr[leaf_ids[j]] + lo * 2, scratch, hi - lo, half, p_stochastic, p_key,
                    index_base + offsets[j] + lo)  # fmt: skip
