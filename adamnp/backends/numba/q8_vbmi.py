@@ -232,18 +232,23 @@ def _close_block(bits, absmax, b, codes, e, n, zero):
     return True, scale
 
 
-@jit(parallel=True)
+@jit()
 def step_q8_simd(
     table, leaf_ids, offsets, block_offsets, block_size, p_addr, g_addr,
     codes, absmax, map_m, map_v, quant_m, quant_v, zeros, k, flags, stochastic, key, planes,
-    decades,
+    decades, vmax,
 ):  # fmt: skip
     """:func:`step_q8` with in-register table lookups (AVX-512 VBMI, :mod:`.avx512`).
 
     The extra arguments are ``planes`` (byte planes of map_m, map_v and map_v's two gap
-    tables, the last two for stochastic rounding) and ``decades =
-    ((binades, lines) of map_m, of map_v)`` (:class:`~adamnp.lowbit.decades.DecadeTables`). Results
-    are bit for bit those of :func:`step_q8`.
+    tables, the last two for stochastic rounding), ``decades =
+    ((binades, lines) of map_m, of map_v)`` (:class:`~adamnp.lowbit.decades.DecadeTables`) and
+    ``vmax``: None without amsgrad, else anything (the vmax entries of ``codes`` and
+    ``absmax`` are used). ``stochastic`` is None for nearest rounding of ``v``, else
+    anything. Numba prunes the branches on ``x is None`` by the argument's type before
+    compiling, so a state compiles neither amsgrad's code nor stochastic rounding's unless it
+    uses them. Results are bit for bit
+    those of :func:`step_q8`.
 
     Block ``i - 1`` is requantized right before block ``i`` is dequantized and updated (its
     new absmax is known by then), in one call per block (:func:`turn_over`),
@@ -268,10 +273,10 @@ def step_q8_simd(
     q_v = (tv.ctypes.data, tv.size, shv, lov, nbv)
     bs = np.uint64(block_size)
     width = 2 * block_size if amsgrad else 0
-    for c in prange(table.shape[0]):
+    for c in range(table.shape[0]):
         j, lo, hi = table[c, 0], table[c, 1], table[c, 2]
         sm = np.empty(2 * block_size, np.float32)
-        sv = np.empty(2 * block_size + (192 if stochastic else 0), np.float32)  # tail: SR's
+        sv = np.empty(2 * block_size + (0 if stochastic is None else 192), np.float32)  # tail: SR's
         sx = np.empty(width, np.float32)
         sr_scratch = np.uint64(2) * bs  # where the stochastic pass's scratch starts in sv
         size = np.uint64(hi - lo)
@@ -282,9 +287,11 @@ def step_q8_simd(
         b = block_offsets[j] + lo // block_size
         blocks = (size + bs - np.uint64(1)) // bs  # the last one may be partial
         base = np.uint64(offsets[j] + lo)
-        rq_m, sc_m = False, np.float32(1)  # the previous block's: requantize?, divisor
-        rq_v, sc_v = False, np.float32(1)
-        rq_x, sc_x = False, np.float32(1)
+        # the previous block's: requantize?, divisor (np.bool_: a literal False would type
+        # turn_over's first call apart from the loop's and compile it twice)
+        rq_m, sc_m = np.bool_(False), np.float32(1)
+        rq_v, sc_v = np.bool_(False), np.float32(1)
+        rq_x, sc_x = np.bool_(False), np.float32(1)
         for kb in range(np.uint64(0), blocks + np.uint64(1)):
             s = kb * bs
             e = base + s
@@ -307,17 +314,17 @@ def step_q8_simd(
             if ahead:
                 _prefetch_lines(codes_at[0] + base + pf, bs)
                 _prefetch_lines(codes_at[1] + base + pf, bs)
-            if rq_v and stochastic:
+            if stochastic is not None and rq_v:
                 round_block_stochastic(sv, prv, bs, sc_v, codes_at[1], e - bs, planes_sr,
                                        maps_at[1], key, sr_scratch)  # fmt: skip
-            if rq_x:
+            if vmax is not None and rq_x:
                 requantize_block(sx, prv, bs, sc_x, codes_at[2], e - bs, zero_v, dec_v, q_v, True)
             if last:
                 break
             xm = np.int32(0)
             xv = np.int32(0)
             xx = np.int32(0)
-            if amsgrad:
+            if vmax is not None:
                 ax = absmax_x[b]
                 dequantize_block(codes_at[2], e, n, planes_v, maps_at[1], ax, sx, cur)
                 for i in range(cur, cur + n):
@@ -341,19 +348,17 @@ def step_q8_simd(
                     xv = max(xv, _abs_bits(v))
             rq_m, sc_m = _close_block(xm, absmax_m, b, codes_m, e, n, zero_m)
             rq_v, sc_v = _close_block(xv, absmax_v, b, codes_v, e, n, zero_v)
-            if amsgrad:
+            if vmax is not None:
                 rq_x, sc_x = _close_block(xx, absmax_x, b, codes_x, e, n, zero_v)
-            if n < bs:  # a partial block is a leaf's last: its codes now
-                if rq_m:
-                    requantize_block(sm, cur, n, sc_m, codes_at[0], e, zero_m,
-                                    dec_m, q_m, False)  # fmt: skip
-                if rq_v:
-                    requantize_block(sv, cur, n, sc_v, codes_at[1], e, zero_v,
-                                    dec_v, q_v, True)  # fmt: skip
-                    if stochastic:
-                        round_block_stochastic(sv, cur, n, sc_v, codes_at[1], e, planes_sr,
-                                        maps_at[1], key, sr_scratch)  # fmt: skip
-                if rq_x:
+            if n < bs:  # a partial block is a leaf's last: its codes now (turn_over with
+                # nothing to open: the same compiled call as every block's)
+                turn_over(sm, sv, cur, n, (rq_m, rq_v), (sc_m, sc_v), cur, np.uint64(0),
+                          (am, av), e + n, codes_at, zeros, (dec_m, dec_v), (q_m, q_v),
+                          (planes_m, planes_v), maps_at)  # fmt: skip
+                if stochastic is not None and rq_v:
+                    round_block_stochastic(sv, cur, n, sc_v, codes_at[1], e, planes_sr,
+                                           maps_at[1], key, sr_scratch)  # fmt: skip
+                if vmax is not None and rq_x:
                     requantize_block(sx, cur, n, sc_x, codes_at[2], e, zero_v,
                                     dec_v, q_v, True)  # fmt: skip
                 break
