@@ -439,6 +439,59 @@ def test_vbmi_kernel_compiles_for_an_avx512_vbmi_target(tmp_path, amsgrad):
     assert not any("madd" in op for op in ops["update"]), done.stdout
 
 
+
+# Skylake: an AVX2 CPU for which LLVM's cost model vectorizes the lookups as gathers (for
+# Haswell and Zen 2 it keeps them scalar, the same before the kernel's pruned versions)
+AVX2_TARGET = {
+    "NUMBA_CPU_NAME": "skylake",
+    "NUMBA_CPU_FEATURES": "+avx2,+avx,+fma,+f16c,+bmi,+bmi2,+lzcnt,+popcnt,+movbe,+sse4.2,"
+    "+sse4.1,+ssse3,+sse3,+sse2,+sse",
+}
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 assembly")
+@pytest.mark.parametrize(
+    "options",
+    ["amsgrad=False", "amsgrad=True", "v_rounding='stochastic'", "dtype=np.float16"],
+)
+def test_gather_kernel_vectorizes_for_an_avx2_target(tmp_path, options):
+    """The bnb-format gather kernel, compiled for an AVX2 CPU in each of its pruned versions
+    (without and with amsgrad, stochastic rounding of v, half params: the kernel compiles
+    only the branches a state takes), keeps its vector gathers, divisions and square roots:
+    Numba's alias analysis still marks the parallel loop body's arguments ``noalias``.
+    Nothing compiled is run (the launch is intercepted), so this works on any x86 machine."""
+    opts = dict(amsgrad=False, v_rounding="'nearest'", dtype="np.float32")
+    key, value = options.split("=", 1)
+    opts[key] = value
+    script = textwrap.dedent(
+        f"""
+        import re, numba, numpy as np, adamnp
+        from adamnp.backends import numba as front
+        from adamnp.backends.numba import q8
+        launched = []
+        front._launch = lambda kernel, work, *args: launched.append((kernel, args))
+        from adamnp.backends.numba import leaves
+        leaves.FIELDS = None  # validation in Python: its compiled scan would not run here
+        p = np.ones(5000, {opts["dtype"]})
+        cfg = adamnp.adamw(nonfinite="propagate", amsgrad={opts["amsgrad"]})
+        state = adamnp.init(p, cfg, backend="numba", state_bits=8, state_format="bnb",
+                            v_rounding={opts["v_rounding"]})
+        adamnp.step(p, np.ones(5000, {opts["dtype"]}), state)
+        (kernel, args), = launched
+        assert kernel is q8.step_q8
+        sig = tuple(numba.typeof(a) for a in args)
+        kernel.compile(sig)
+        asm = kernel.inspect_asm(sig)
+        print(*sorted(set(re.findall(r"^\\s+v(gather\\w+|divps|sqrtps)\\s", asm, re.M))))
+        """
+    )
+    env = {**os.environ, **AVX2_TARGET, "NUMBA_CACHE_DIR": str(tmp_path), "PYTHONPATH": str(ROOT),
+           "ADAMNP_Q8_KERNEL": "gather"}  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ops = set(done.stdout.split())
+    assert {"gatherdps", "divps", "sqrtps"} <= ops, done.stdout
+
 def edge_blocks(grads, rng, block_size):
     """Make blocks 1, 2, 3 of each gradient leaf (of ``block_size``) extreme, in place: v
     subnormal (g ~ 1e-20), m subnormal (|g| in 1e-44..1e-38, v then 0), and just below the

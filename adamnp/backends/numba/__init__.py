@@ -503,10 +503,10 @@ def _step_q8(group, table, p_addr, g_addr, k, flags, key, half) -> None:
     """
     vbmi = q8_kernel() == "vbmi" and half[0] < 0 and group.index_base == 0
     simd = _vbmi_inputs() if vbmi else None
+    # None or True (None: the kernels compile none of the feature's code)
+    vmax = True if "codes_vmax" in group.buffers else None
+    stochastic = None if key is None else True
     if simd is not None:
-        # None or True: step_q8_simd compiles only the branches a state takes
-        vmax = True if "codes_vmax" in group.buffers else None
-        stochastic = None if key is None else True
         _launch(step_q8_simd, int(group.offsets[-1]), *_q8_arguments(group, table, p_addr, g_addr),
                 *_q8_maps(), k, flags, stochastic, np.uint32(key or 0), *simd,
                 vmax)  # fmt: skip
@@ -518,8 +518,10 @@ def _step_q8(group, table, p_addr, g_addr, k, flags, key, half) -> None:
         *_q8_maps(),
         k,
         flags,
-        key is not None,
+        stochastic,
         np.uint32(key or 0),
-        *half,
+        None if half[0] < 0 else half[0],  # None: float32 params
+        *half[1:],
         np.int64(group.index_base),
+        vmax,
     )

@@ -45,7 +45,7 @@ import numba
 import numpy as np
 from numba import prange
 
-from .half import chunk_f32, data_address, store_half
+from .half import data_address, load_half, store_half
 from .quant import quantize_scaled, round_stochastic
 from .schedule import launch_traffic
 from .util import as_pointer, elem, jit
@@ -61,12 +61,13 @@ def _abs_bits(x):
 
 
 @jit(inline="always")
-def _update_block(p, g, s, n, codes_m, codes_v, codes_x, e, am, av, ax, sm, sv, sx, map_m, map_v,
-                  k, decoupled, l2, amsgrad, maximize):  # fmt: skip
-    """Pass 1 over the ``n`` elements of one block; returns the new absmax bits of each moment.
+def _update_block(p, g, s, n, codes_m, codes_v, e, am, av, sm, sv, map_m, map_v, k, decoupled,
+                  l2, maximize):  # fmt: skip
+    """Pass 1 over the ``n`` elements of one block (without amsgrad); returns the new absmax
+    bits of ``m`` and ``v``.
 
     The block is ``p[s:s + n]``, ``g[s:s + n]`` and ``codes_*[e:e + n]``; the new moments go
-    to ``sm``, ``sv`` and ``sx``. Offsets are added to unsigned loop indices instead of slicing:
+    to ``sm`` and ``sv``. Offsets are added to unsigned loop indices instead of slicing:
     a slice inside the parallel loop makes Numba drop the ``noalias`` attributes that let LLVM
     vectorize the map lookups (gathers) next to the stores.
     """
@@ -74,29 +75,35 @@ def _update_block(p, g, s, n, codes_m, codes_v, codes_x, e, am, av, ax, sm, sv, 
     e = np.uint64(e)
     xm = np.int32(0)
     xv = np.int32(0)
+    for i in range(np.uint64(0), np.uint64(n)):
+        m0 = map_m[codes_m[e + i]] * am
+        v0 = map_v[codes_v[e + i]] * av
+        p[s + i], m, v, _ = elem(p[s + i], g[s + i], m0, v0, m0, k, decoupled, l2, False, maximize)
+        sm[i], sv[i] = m, v
+        xm = max(xm, _abs_bits(m))
+        xv = max(xv, _abs_bits(v))
+    return xm, xv
+
+
+@jit(inline="always")
+def _update_block_amsgrad(p, g, s, n, codes_m, codes_v, codes_x, e, am, av, ax, sm, sv, sx,
+                          map_m, map_v, k, decoupled, l2, maximize):  # fmt: skip
+    """:func:`_update_block` with amsgrad's ``vmax`` (new values to ``sx``, its absmax bits
+    third)."""
+    s = np.uint64(s)
+    e = np.uint64(e)
+    xm = np.int32(0)
+    xv = np.int32(0)
     xx = np.int32(0)
-    if amsgrad:
-        for i in range(np.uint64(0), np.uint64(n)):
-            m0 = map_m[codes_m[e + i]] * am
-            v0 = map_v[codes_v[e + i]] * av
-            x0 = map_v[codes_x[e + i]] * ax
-            p[s + i], m, v, x = elem(
-                p[s + i], g[s + i], m0, v0, x0, k, decoupled, l2, True, maximize
-            )
-            sm[i], sv[i], sx[i] = m, v, x
-            xm = max(xm, _abs_bits(m))
-            xv = max(xv, _abs_bits(v))
-            xx = max(xx, _abs_bits(x))
-    else:
-        for i in range(np.uint64(0), np.uint64(n)):
-            m0 = map_m[codes_m[e + i]] * am
-            v0 = map_v[codes_v[e + i]] * av
-            p[s + i], m, v, _ = elem(
-                p[s + i], g[s + i], m0, v0, m0, k, decoupled, l2, False, maximize
-            )
-            sm[i], sv[i] = m, v
-            xm = max(xm, _abs_bits(m))
-            xv = max(xv, _abs_bits(v))
+    for i in range(np.uint64(0), np.uint64(n)):
+        m0 = map_m[codes_m[e + i]] * am
+        v0 = map_v[codes_v[e + i]] * av
+        x0 = map_v[codes_x[e + i]] * ax
+        p[s + i], m, v, x = elem(p[s + i], g[s + i], m0, v0, x0, k, decoupled, l2, True, maximize)
+        sm[i], sv[i], sx[i] = m, v, x
+        xm = max(xm, _abs_bits(m))
+        xv = max(xv, _abs_bits(v))
+        xx = max(xx, _abs_bits(x))
     return xm, xv, xx
 
 
@@ -117,11 +124,16 @@ def _requantize_gather(x, n, bits, codes, e, absmax, b, zero, table, shift, lo, 
         codes[e + i] = quantize_scaled(x[i] / scale, table, shift, lo, nb)
 
 
+@jit(inline="always")
+def _f32_at(address, n):
+    return numba.carray(as_pointer(address, np.float32), n)
+
+
 @jit(parallel=True)
 def step_q8(
     table, leaf_ids, offsets, block_offsets, block_size, p_addr, g_addr,
     codes, absmax, map_m, map_v, quant_m, quant_v, zeros, k, flags, stochastic, key,
-    half, g_half, p_stochastic, p_key, index_base,
+    half, g_half, p_stochastic, p_key, index_base, vmax,
 ):  # fmt: skip
     """Update all chunks of ``table`` in place.
 
@@ -131,18 +143,22 @@ def step_q8(
     entries are empty unless amsgrad). ``map_m``/``map_v`` are the 256-value maps, ``quant_m``
     and ``quant_v`` their ``(table, shift, lo, nb)`` lookup tables, ``zeros`` the codes of 0.0
     in each map; ``k`` are the :class:`~adamnp.backends.math.KernelScalars` and ``flags =
-    (decoupled_decay, l2_decay, amsgrad, maximize)``. With ``stochastic`` the codes of ``v``
-    are then rounded stochastically (:mod:`adamnp.lowbit.stochastic`) with the step's hash
+    (decoupled_decay, l2_decay, amsgrad, maximize)``. ``stochastic`` is None for nearest
+    rounding of ``v``, else True: the codes of ``v`` are then rounded stochastically (:mod:`adamnp.lowbit.stochastic`) with the step's hash
     ``key``, element ``e`` of the buffers under the hash index ``index_base + e`` (int64;
     the parameters' stochastic rounding too). Chunk
     starts must be multiples of ``block_size``. The loop body creates no array views (see
-    :func:`_update_block`).
+    :func:`_update_block`). ``vmax`` is None without amsgrad, else True.
 
-    Half-precision parameters (``half`` 0 float16, 1 bfloat16; -1 for float32) are upcast per
+    Half-precision parameters (``half`` 0 float16, 1 bfloat16; None for float32) are upcast per
     chunk into a float32 scratch, as are the gradients of the leaves whose ``g_half`` is
     nonzero (per leaf of the group; may be empty when ``half`` is -1), and rounded back after
     the chunk's blocks, stochastically with the parameter key ``p_key`` if ``p_stochastic``
-    (:func:`~.half.chunk_f32`, :func:`~.half.store_half`).
+    (:func:`~.half.load_half`, :func:`~.half.store_half`).
+
+    Numba prunes the branches on ``x is None`` of an argument that is None before compiling,
+    so a state compiles amsgrad's code, stochastic rounding's and the half-precision
+    conversions only if it uses them (a compile of 4 s instead of 17 for plain float32).
     """
     decoupled, l2, amsgrad, maximize = flags
     codes_m, codes_v, codes_x = codes
@@ -157,36 +173,50 @@ def step_q8(
         sm = np.empty(block_size, np.float32)
         sv = np.empty(block_size, np.float32)
         sx = np.empty(width, np.float32)
-        # half params (and grads): upcast into one scratch, rounded back after the blocks
-        g_fmt = -1
-        if half >= 0:
-            if g_half[j]:
-                g_fmt = half
-        scratch = np.empty(2 * (hi - lo) if half >= 0 else 0, np.float32)
+        # half params (and grads): upcast into one scratch, rounded back after the blocks.
+        # p and g have one definition each, by address (two would cost the loop body its
+        # noalias arguments), and float32 params (half None) compile no conversion.
+        size = hi - lo
+        scratch = np.empty(0 if half is None else 2 * size, np.float32)
         at = data_address(scratch)
-        p = chunk_f32(p_addr[leaf_ids[j]], lo, hi - lo, half, at)
-        g = chunk_f32(g_addr[leaf_ids[j]], lo, hi - lo, g_fmt, at + (hi - lo) * 4)
+        if half is None:
+            p_at = p_addr[leaf_ids[j]] + lo * 4
+            g_at = g_addr[leaf_ids[j]] + lo * 4
+        else:
+            p_at = at
+            load_half(p_addr[leaf_ids[j]] + lo * 2, size, half, _f32_at(at, size))
+            g_at = g_addr[leaf_ids[j]] + lo * 4
+            if g_half[j]:
+                g_at = at + size * 4
+                load_half(g_addr[leaf_ids[j]] + lo * 2, size, half, _f32_at(g_at, size))
+        p = _f32_at(p_at, size)
+        g = _f32_at(g_at, size)
         b = block_offsets[j] + lo // block_size
         for s in range(0, hi - lo, block_size):
             n = min(block_size, hi - lo - s)
             e = offsets[j] + lo + s
-            xm, xv, xx = _update_block(
-                p, g, s, n, codes_m, codes_v, codes_x, e, absmax_m[b], absmax_v[b],
-                absmax_x[b] if amsgrad else np.float32(0), sm, sv, sx, map_m, map_v, k,
-                decoupled, l2, amsgrad, maximize,
-            )  # fmt: skip
+            if vmax is None:
+                xm, xv = _update_block(
+                    p, g, s, n, codes_m, codes_v, e, absmax_m[b], absmax_v[b], sm, sv, map_m,
+                    map_v, k, decoupled, l2, maximize,
+                )  # fmt: skip
+            else:
+                xm, xv, xx = _update_block_amsgrad(
+                    p, g, s, n, codes_m, codes_v, codes_x, e, absmax_m[b], absmax_v[b],
+                    absmax_x[b], sm, sv, sx, map_m, map_v, k, decoupled, l2, maximize,
+                )  # fmt: skip
             _requantize_gather(sm, n, xm, codes_m, e, absmax_m, b, zero_m, tm, shm, lom, nbm)
             _requantize_gather(sv, n, xv, codes_v, e, absmax_v, b, zero_v, tv, shv, lov, nbv)
-            if stochastic and xv < _INF_BITS:
+            if stochastic is not None and xv < _INF_BITS:
                 # the map through a pointer: map_v itself passed here makes Numba drop the
                 # loop body's noalias (every loop of this kernel then stays scalar)
                 qmap = numba.carray(as_pointer(map_v_at, np.float32), 256)
                 round_stochastic(sv, 0, n, absmax_v[b] if xv else np.float32(1), codes_v, e,
                                  qmap, key, index_base + e)  # fmt: skip
-            if amsgrad:
+            if vmax is not None:
                 _requantize_gather(sx, n, xx, codes_x, e, absmax_x, b, zero_v, tv, shv, lov, nbv)
             b += 1
-        if half >= 0:
+        if half is not None:
             store_half(p_addr[leaf_ids[j]] + lo * 2, scratch, hi - lo, half, p_stochastic,
                        p_key, index_base + offsets[j] + lo)  # fmt: skip
 
