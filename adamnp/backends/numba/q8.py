@@ -144,11 +144,11 @@ def step_q8(
     and ``quant_v`` their ``(table, shift, lo, nb)`` lookup tables, ``zeros`` the codes of 0.0
     in each map; ``k`` are the :class:`~adamnp.backends.math.KernelScalars` and ``flags =
     (decoupled_decay, l2_decay, amsgrad, maximize)``. ``stochastic`` is None for nearest
-    rounding of ``v``, else True: the codes of ``v`` are then rounded stochastically (:mod:`adamnp.lowbit.stochastic`) with the step's hash
-    ``key``, element ``e`` of the buffers under the hash index ``index_base + e`` (int64;
-    the parameters' stochastic rounding too). Chunk
-    starts must be multiples of ``block_size``. The loop body creates no array views (see
-    :func:`_update_block`). ``vmax`` is None without amsgrad, else True.
+    rounding of ``v``, else True: the codes of ``v`` are then rounded stochastically
+    (:mod:`adamnp.lowbit.stochastic`) with the step's hash ``key``, element ``e`` of the
+    buffers under the hash index ``index_base + e`` (int64; the parameters' stochastic
+    rounding too). Chunk starts must be multiples of ``block_size``. The loop body creates
+    no array views (see :func:`_update_block`). ``vmax`` is None without amsgrad, else True.
 
     Half-precision parameters (``half`` 0 float16, 1 bfloat16; None for float32) are upcast per
     chunk into a float32 scratch, as are the gradients of the leaves whose ``g_half`` is
