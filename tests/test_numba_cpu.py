@@ -439,7 +439,6 @@ def test_vbmi_kernel_compiles_for_an_avx512_vbmi_target(tmp_path, amsgrad):
     assert not any("madd" in op for op in ops["update"]), done.stdout
 
 
-
 # Skylake: an AVX2 CPU for which LLVM's cost model vectorizes the lookups as gathers (for
 # Haswell and Zen 2 it keeps them scalar, the same before the kernel's pruned versions)
 AVX2_TARGET = {
@@ -491,6 +490,7 @@ def test_gather_kernel_vectorizes_for_an_avx2_target(tmp_path, options):
     assert done.returncode == 0, done.stderr[-3000:]
     ops = set(done.stdout.split())
     assert {"gatherdps", "divps", "sqrtps"} <= ops, done.stdout
+
 
 def edge_blocks(grads, rng, block_size):
     """Make blocks 1, 2, 3 of each gradient leaf (of ``block_size``) extreme, in place: v
