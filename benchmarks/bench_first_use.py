@@ -1,0 +1,79 @@
+"""First use: the first ``adamnp.step`` in a new process, with an empty and a warm Numba cache.
+
+Goals (issue 17): with an empty cache at most 2.5 s for float32 state and 5 s for 8-bit
+state (every format); with a warm cache at most 0.5 s. One leaf of 1M float32 elements
+(float32 state also at 1,000 elements, the small path). Each sample starts two Python
+processes sharing a temporary ``NUMBA_CACHE_DIR``: the first compiles, the second loads.
+The time is the first step's alone (import and ``init`` are timed apart by
+``tools/first_use.py``, which runs the same cases and more).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+
+SQRT, BNB = "dict(state_bits=8)", "dict(state_bits=8, state_format='bnb')"
+BNB_SR = "dict(state_bits=8, state_format='bnb', v_rounding='stochastic')"
+#: name: (init options, elements, adamw options, param dtype, environment)
+CASES = {
+    "f32-1K": ("{}", 1_000, "", "float32", {}),
+    "f32-1M": ("{}", 1_000_000, "", "float32", {}),
+    "sqrt-1M": (SQRT, 1_000_000, "", "float32", {}),
+    "bnb-1M": (BNB, 1_000_000, "", "float32", {}),
+    "bnb-sr-1M": (BNB_SR, 1_000_000, "", "float32", {}),
+    "bnb-gather-1M": (BNB, 1_000_000, "", "float32", {"ADAMNP_Q8_KERNEL": "gather"}),
+    "sqrt-ams-1M": (SQRT, 1_000_000, "amsgrad=True", "float32", {}),
+    "bnb-ams-1M": (BNB, 1_000_000, "amsgrad=True", "float32", {}),
+    "sqrt-bf16-1M": (SQRT, 1_000_000, "", "bfloat16", {}),
+    "bnb-f16-1M": (BNB, 1_000_000, "", "float16", {}),
+}
+
+_SCRIPT = """
+import time
+t0 = time.perf_counter()
+import numpy as np, adamnp
+from adamnp.lowbit.half import bfloat16_dtype
+dtype = bfloat16_dtype() if "{dtype}" == "bfloat16" else np.dtype("{dtype}")
+p = np.ones({n}, dtype); g = np.full({n}, 0.1, dtype)
+state = adamnp.init(p, adamnp.adamw({adamw}), backend="numba", **{options})
+t1 = time.perf_counter()
+adamnp.step(p, g, state)
+print(f"{{t1 - t0:.3f}} {{time.perf_counter() - t1:.3f}}")
+"""
+
+
+def first_step_times(case: str) -> tuple[tuple[float, float], tuple[float, float]]:
+    """``((import + init, first step) with an empty cache, (the same) with it warm)`` of
+    ``case`` (a key of :data:`CASES`), in seconds."""
+    options, n, adamw, dtype, extra = CASES[case]
+    code = _SCRIPT.format(n=n, options=options, adamw=adamw, dtype=dtype)
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, **extra, "NUMBA_CACHE_DIR": cache}
+        runs = []
+        for _ in range(2):
+            out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                                 text=True, check=True).stdout.split()  # fmt: skip
+            runs.append((float(out[0]), float(out[1])))
+    return runs[0], runs[1]
+
+
+class FirstUse:
+    """The first step's seconds with an empty cache (``track_cold``) and a warm one
+    (``track_warm``)."""
+
+    params = ["f32-1K", "f32-1M", "sqrt-1M", "bnb-1M", "bnb-sr-1M"]
+    param_names = ["case"]
+    unit = "seconds"
+    timeout = 300
+
+    def setup_cache(self):
+        return {case: first_step_times(case) for case in self.params}
+
+    def track_cold(self, times, case):
+        return times[case][0][1]
+
+    def track_warm(self, times, case):
+        return times[case][1][1]
