@@ -247,8 +247,9 @@ def step_q8_simd(
     ``absmax`` are used). ``stochastic`` is None for nearest rounding of ``v``, else
     anything. Numba prunes the branches on ``x is None`` by the argument's type before
     compiling, so a state compiles neither amsgrad's code nor stochastic rounding's unless it
-    uses them. Results are bit for bit
-    those of :func:`step_q8`.
+    uses them. Results are bit for bit those of :func:`step_q8`. A serial function: the batch
+    scheduler runs every call on one thread, and the vector code sits in the called block
+    functions, so the loop needs no parallel region for its speed.
 
     Block ``i - 1`` is requantized right before block ``i`` is dequantized and updated (its
     new absmax is known by then), in one call per block (:func:`turn_over`),
