@@ -187,7 +187,12 @@ def nonfinite_leaf(grads) -> int:
     """
     if not grads:
         return -1
-    return next((int(b) for b in _launch(first_nonfinite, *_leaf_table(grads)) if b >= 0), -1)
+    work, table, addr, itemsize, half = _leaf_table(grads)
+    # None for the element sizes no leaf has: the kernel then compiles no loop for them
+    short = half if half.size else None
+    wide = True if (itemsize == 8).any() else None
+    bad = _launch(first_nonfinite, work, table, addr, itemsize, short, wide)
+    return next((int(b) for b in bad if b >= 0), -1)
 
 
 def grad_sq_norm(grads) -> float:

@@ -33,25 +33,27 @@ from .util import as_pointer, jit
 
 
 @jit()
-def first_nonfinite(table, addr, itemsize, half):
+def first_nonfinite(table, addr, itemsize, half, wide):
     """Index of the first leaf holding NaN, Inf or a magnitude at or above
     :func:`~adamnp.backends.math.grad_limit`: the integer max of its ``|x|`` bits reaches
     :func:`~adamnp.backends.math.grad_limit_bits` (one compare per chunk). ``half[j]`` is the
-    format of leaf ``j`` if it has 2-byte elements (0 float16, 1 bfloat16; read only for
-    those: an empty array does when there are none)."""
+    format of leaf ``j`` if it has 2-byte elements (0 float16, 1 bfloat16), and ``half`` is
+    None when no leaf has; ``wide`` is None when no leaf has 8-byte elements. Numba prunes
+    the branches of a None argument before compiling: float32 gradients alone compile one
+    loop."""
     bad = np.zeros(table.shape[0], np.bool_)
     for c in range(table.shape[0]):
         j, lo, hi = table[c, 0], table[c, 1], table[c, 2]
-        if itemsize[j] == 2:
+        if half is not None and itemsize[j] == 2:
             x16 = numba.carray(as_pointer(addr[j] + lo * 2, np.uint16), hi - lo)
             limit = LIMIT_BF16 if half[j] == 1 else LIMIT_F16
             bad[c] = max_abs_half(x16) >= limit
-        elif itemsize[j] == 4:  # is_nonfinite's test, on the bits (one function less to compile)
-            x32 = numba.carray(as_pointer(addr[j] + lo * 4, np.int32), hi - lo)
-            bad[c] = max_abs_bits(x32, ABS32) >= LIMIT32
-        else:
+        elif wide is not None and itemsize[j] == 8:
             x64 = numba.carray(as_pointer(addr[j] + lo * 8, np.int64), hi - lo)
             bad[c] = max_abs_bits(x64, ABS64) >= LIMIT64
+        else:  # is_nonfinite's test, on the bits (one function less to compile)
+            x32 = numba.carray(as_pointer(addr[j] + lo * 4, np.int32), hi - lo)
+            bad[c] = max_abs_bits(x32, ABS32) >= LIMIT32
     for c in range(table.shape[0]):
         if bad[c]:
             return table[c, 0]
