@@ -368,6 +368,24 @@ def _fill(folder: str, index: dict, saved: DistLayout, targets: dict, config,
     return st
 
 
+def _open_sharded(folder: str, config):
+    """``(index, saved layout, state of one saved file, fill)`` of the sharded checkpoint
+    directory ``folder``. The state (read to learn the configs) is of the first file that
+    holds elements; ``fill(targets)`` copies the ranges of ``targets`` from the files (as
+    :func:`_fill`), reading each file at most once over all calls."""
+    index = _read_index(folder)
+    saved = _saved_layout(folder, index)
+    loaded: dict = {}
+    probe = _fill(folder, index, saved, {}, config, read_one=True, loaded=loaded)
+    if probe is None:
+        raise CheckpointError(f"{folder}: the checkpoint holds no elements")
+
+    def fill(targets):
+        _fill(folder, index, saved, targets, config, read_one=False, loaded=loaded)
+
+    return index, saved, probe, fill
+
+
 def _targets(layout: DistLayout, rank: int, state: AdamState) -> dict:
     have = _local_buffers(state, layout)
     return {gi: (*layout.arena_range(rank, gi), have[gi]) for gi in have}
@@ -378,12 +396,7 @@ def read_sharded(folder, *, config=None) -> AdamState:
     :class:`~adamnp.AdamState` (numpy backend), without MPI: what ``python -m adamnp
     consolidate`` writes."""
     folder = os.fspath(folder)
-    index = _read_index(folder)
-    saved = _saved_layout(folder, index)
-    loaded: dict = {}
-    probe = _fill(folder, index, saved, {}, config, read_one=True, loaded=loaded)
-    if probe is None:
-        raise CheckpointError(f"{folder}: the checkpoint holds no elements")
+    index, saved, probe, fill = _open_sharded(folder, config)
     treedef = index["treedef"]
     full = _plain_state(saved, probe.config, probe.configs, index["step"],
                         index["skipped_steps"], treedef, "numpy")  # fmt: skip
@@ -391,7 +404,7 @@ def read_sharded(folder, *, config=None) -> AdamState:
     for gi, g in enumerate(full.groups):
         nb = 0 if g.block_offsets is None else int(g.block_offsets[-1])
         targets[gi] = (0, int(g.offsets[-1]), 0, nb, g.buffers)
-    _fill(folder, index, saved, targets, config, read_one=False, loaded=loaded)
+    fill(targets)
     return full
 
 
@@ -459,17 +472,8 @@ def _load_local(path, params, comm, backend, config, reduce):
     )
     name, be = _host_backend(backend, leaves)
     if os.path.isdir(path):  # sharded: the index, and one file for the configs
-        index = _read_index(path)
-        saved = _saved_layout(path, index)
-        loaded: dict = {}
-        source = _fill(path, index, saved, {}, config, read_one=True, loaded=loaded)
-        if source is None:
-            raise CheckpointError(f"{path}: the checkpoint holds no elements")
+        index, saved, source, fill = _open_sharded(path, config)
         step, skipped, reduce = index["step"], index["skipped_steps"], reduce or index["reduce"]
-
-        def fill(targets):
-            _fill(path, index, saved, targets, config, read_one=False, loaded=loaded)
-
     else:  # consolidated: one plain checkpoint, read whole
         saved = source = load_plain(path, backend="numpy", config=config)
         step, skipped, reduce = source.step, source.skipped_steps, reduce or "mean"
