@@ -15,6 +15,7 @@ Demo problems: final loss after 3000 steps against float32's, rounding seeds 0, 
 
 import sys
 
+import lowbit_options as eight  # tools/ is on the path when this file runs as a script
 import numpy as np
 
 from adamnp.cli.problems import MLP, Logistic
@@ -217,65 +218,19 @@ def run(fmt, grad, shapes, steps, lr=1e-3, wd=1e-2, p0=None, seed=0, loss=None, 
     return worst, (loss(p) if loss else None)
 
 
-def hazard(ratio, n=256):
-    rng = np.random.default_rng(7)
-
-    def grad(p, t):
-        g = rng.standard_normal(n).astype(F32)
-        g[0] *= F32(ratio)
-        return [g]
-
-    return grad, [(n,)]
+def _one_leaf(grad, n):
+    """A problem of ``tools/lowbit_options.py`` (one array) as a list of one leaf."""
+    return (lambda p, t: [grad(p[0], t)]), [(n,)]
 
 
-def spread(redraw, n=65536, seed=3):
-    rng = np.random.default_rng(seed)
-    fixed = (10.0 ** rng.uniform(-4, 0, n)).astype(F32)
-
-    def grad(p, t):
-        sc = (10.0 ** rng.uniform(-4, 0, n)).astype(F32) if redraw else fixed
-        return [(sc * rng.standard_normal(n)).astype(F32)]
-
-    return grad, [(n,)]
-
-
-def sparse_then_zero(n=256):
-    rng = np.random.default_rng(11)
-    sc = (10.0 ** rng.uniform(-8, 0, n)).astype(F32)
-    sc[rng.random(n) < 0.1] = 0
-
-    def grad(p, t):
-        g = (sc * rng.standard_normal(n)).astype(F32)
-        if t > 100:
-            g[::2] = 0
-        return [g]
-
-    return grad, [(n,)]
+# the 8-bit study's battery: the same cases, data and seeds
+BATTERY = {name: (lambda make=make: _one_leaf(*make())) for name, make in eight.BATTERY.items()}
 
 
 def quadratic(n, start, seed=5):
-    rng = np.random.default_rng(seed)
-    c = np.geomspace(1, 1e6, n).astype(F32)
-    rng.shuffle(c)
-    x0 = np.ones(n, F32) if start == "ones" else rng.standard_normal(n).astype(F32)
-    return (
-        (lambda p, t: [c * p[0]]),
-        (lambda p: float(0.5 * np.sum(c.astype(np.float64) * p[0].astype(np.float64) ** 2))),
-        [x0],
-    )
-
-
-BATTERY = {
-    "1e-2": lambda: hazard(1e-2),
-    "1e-3": lambda: hazard(1e-3),
-    "3e-4": lambda: hazard(3e-4),
-    "1e-4": lambda: hazard(1e-4),
-    "1e-6": lambda: hazard(1e-6),
-    "1e-8": lambda: hazard(1e-8),
-    "65536 redrawn": lambda: spread(True),
-    "65536 fixed": lambda: spread(False),
-    "1e-8..1, zeros, off": sparse_then_zero,
-}
+    """The 8-bit study's shuffled quadratic, as one leaf."""
+    grad, loss, x0 = eight.quadratic(n, start, seed)
+    return (lambda p, t: [grad(p[0], t)]), (lambda p: loss(p[0])), [x0]
 
 
 def demo(problem, fmt, steps=3000, seed=0, seeds=(0, 1, 2)):
