@@ -5,7 +5,7 @@ the largest of its block rounds ``v`` toward zero and the step ``m / sqrt(v)`` e
 ``"sqrt"`` format must keep the largest single-step ``|dp|`` of a run within 1.5 times that of
 the float32-state run on the same data, whatever the blocks hold (the hazard battery and the
 property test), and converge where float32 converges (the shuffled quadratic). Then the
-definition itself: stochastic rounding unbiased in ``v`` and in ``r``, decoding, zero and NaN
+definition itself: stochastic rounding unbiased in ``s`` and in ``r``, decoding, zero and NaN
 blocks, memory, numpy/numba agreement and the checkpoint round trip.
 
 The full numpy-vs-numba matrix of the default 8-bit format (every config, size and block size)
@@ -61,10 +61,11 @@ def _same_bits(got, want):
 # -- 1. the hazard battery: largest step of a run, 8-bit against float32
 
 
-def _largest_step(n, make_scales, backend, cfg=None, steps=200, grad_seed=1, **init):
+def _largest_step(n, make_scales, backend, cfg=None, steps=200, grad_seed=1, noise=None,
+                  **init):  # fmt: skip
     """Largest |dp| over all steps and elements of a run from zeros; gradients ``scale *
-    normal`` with the same seeds whatever the state (``make_scales()`` is a fresh function of
-    the step)."""
+    normal`` (or ``scale * (1 + noise * normal)``) with the same seeds whatever the state
+    (``make_scales()`` is a fresh function of the step)."""
     p = np.zeros(n, np.float32)
     cfg = cfg or adamnp.adamw(lr=1e-3)
     state = adamnp.init(p, cfg, backend=backend, min_8bit_size=0, **init)
@@ -72,7 +73,8 @@ def _largest_step(n, make_scales, backend, cfg=None, steps=200, grad_seed=1, **i
     rng = np.random.default_rng(grad_seed)
     largest = 0.0
     for t in range(steps):
-        g = (scales(t) * rng.standard_normal(n)).astype(np.float32)
+        z = rng.standard_normal(n)
+        g = (scales(t) * (z if noise is None else 1 + noise * z)).astype(np.float32)
         before = p.copy()
         adamnp.step(p, g, state)
         largest = max(largest, float(np.max(np.abs(p - before))))
@@ -149,6 +151,18 @@ def test_hazard_wide_fixed_other_data():
     2 mantissa bits below 1/32 (an earlier version) measured 1.64x here: the noise stochastic
     rounding leaves in v grows with the gap and built up to 0.2-2.7x float32's v."""
     ratios = _ratios(1 << 16, _wide(False, seed=4), LONG, grad_seed=104)
+    assert ratios["sqrt"] <= BOUND, ratios
+
+
+@pytest.mark.parametrize("noise", [0.3, 1.0])
+@pytest.mark.parametrize("ratio", [3e-2, 1e-3, 1e-4])
+def test_hazard_steady_small_gradients(ratio, noise):
+    """One block: the others' gradients ``ratio`` times element 0's, all with one sign and a
+    noisy size, for 3000 steps (v remembers about 1000), so that the noise stochastic rounding
+    leaves in v builds up fully. Measured 1.19-1.24x (0.81-0.91x at 1e-4, below the map's
+    range). A map 20.9 binades wide with 3 mantissa bits below ``2**-5`` (it converges on
+    the quadratic from ones, below) took up to 1.62x on this family: rejected."""
+    ratios = _ratios(256, _one_small(1 / ratio), LONG, steps=3000, noise=noise)
     assert ratios["sqrt"] <= BOUND, ratios
 
 
@@ -232,12 +246,14 @@ def test_quadratic_from_ones_shows_the_range_limit(backend):
     5000 steps). The 8-bit map covers 12.9 binades of s below the block's largest: once the
     stiff elements have converged and only oscillate, the gradients of the least curved ones
     (c ~ 1, x ~ 1e-3) sit below it, their v is held at the map's bottom and they creep
-    (measured 14). A documented limit of the format (docs/eight_bit.md), not divergence."""
+    (measured 14). A documented limit of the format (docs/eight_bit.md), not divergence: a
+    map 20.9 binades wide converges here (2.9e-20) but breaks the step bound on steady noisy
+    blocks (test_hazard_steady_small_gradients)."""
     assert _quadratic(256, 5000, "ones", backend, state_bits=32) < 1e-10
     assert _quadratic(256, 5000, "ones", backend, state_bits=8) < 1e2
 
 
-# -- 4. stochastic rounding: unbiased in v (s_code) and in r (r_code)
+# -- 4. stochastic rounding: unbiased in s (s_code) and in r (r_code)
 
 N_HASH = 20_000
 
@@ -272,7 +288,7 @@ def _s_values():
 
 
 @pytest.mark.parametrize("x", _s_values(), ids=lambda x: f"{x:.6g}")
-def test_s_rounding_is_unbiased_in_v(x):
+def test_s_rounding_is_unbiased_in_s(x):
     h = _hashes()
     v = np.float32(x) * np.float32(x)
     assert np.sqrt(v) == x  # the scaled root the reference rounds is x itself
@@ -286,12 +302,12 @@ def test_s_rounding_is_unbiased_in_v(x):
         return
     hi = lo + 1
     assert np.all((codes == lo) | (codes == hi))
-    gap = s64[hi] ** 2 - s64[lo] ** 2
-    p = (float(x) ** 2 - s64[lo] ** 2) / gap
-    mean = np.mean(s64[codes] ** 2)
+    gap = s64[hi] - s64[lo]
+    p = (float(x) - s64[lo]) / gap
+    mean = np.mean(s64[codes])
     se = np.sqrt(p * (1 - p) / N_HASH) * gap
-    # 5 standard errors, plus the resolution of the decision (u and the position t are 20-bit)
-    assert abs(mean - float(x) ** 2) <= 5 * se + 2.0**-19 * gap, (mean, float(x) ** 2, se)
+    # 5 standard errors, plus the resolution of the decision (u and the position t: 20 bits)
+    assert abs(mean - float(x)) <= 5 * se + 2.0**-20 * gap, (mean, float(x), se)
 
 
 @pytest.mark.parametrize("x", [0.0, 1e-40, 1e-20, 1e-10, 1e-6, float(np.nextafter(S_MAP[0], 0))])
@@ -303,20 +319,22 @@ def test_s_below_the_map_gets_code_0(x):
         assert int(fmt.s_code(np.int32(x.view(np.int32)), hh)) == 0
 
 
+@pytest.mark.parametrize("frac", [0.13, 0.5, 0.91])
 @pytest.mark.parametrize(
     "code", sorted({0, 1, 2, 3, 254} | {c + d for c in BORDER_CODES for d in (-2, -1, 0, 1)})
 )
-def test_s_round_up_probability_is_exact(code):
-    """P(up) over a stratified grid of 4096 values of u equals ``(x**2 - lo**2) / (hi**2 -
-    lo**2)`` within the grid's resolution 1/4096, for x halfway (in bits) between two codes:
-    every mantissa position of the map's regions and their borders."""
-    bits = np.int32((int(fmt.s_bits(code)) + int(fmt.s_bits(code + 1))) // 2)
+def test_s_round_up_probability_is_exact(code, frac):
+    """P(up) over a stratified grid of 4096 values of u equals ``(x - lo) / (hi - lo)``
+    within the grid's resolution 1/4096, for x a fraction ``frac`` (in bits) of the way
+    between two codes: every mantissa position of the map's regions and their borders."""
+    lo_bits, hi_bits = int(fmt.s_bits(code)), int(fmt.s_bits(code + 1))
+    bits = np.int32(lo_bits + round(frac * (hi_bits - lo_bits)))
     x = float(bits.view(np.float32))
     lo, hi = float(S_MAP[code]), float(S_MAP[code + 1])
     assert lo < x < hi
     h = (np.arange(4096, dtype=np.uint32) << np.uint32(8)) << np.uint32(12)  # u = j / 4096
     up = np.mean([int(fmt.s_code(bits, hh)) == code + 1 for hh in h])
-    want = (x * x - lo * lo) / (hi * hi - lo * lo)
+    want = (x - lo) / (hi - lo)
     assert abs(up - want) <= 1 / 4096 + 1e-6, (up, want)
 
 
