@@ -71,12 +71,14 @@ def init(
         ``keep_fp32(path, array) -> bool``.
     state_format : {"sqrt", "bnb"}, default "sqrt"
         What 8-bit codes store (docs/eight_bit.md). ``"sqrt"``: ``sqrt(v)`` on a map without
-        zero and ``m`` as its ratio to ``sqrt(v)``, both rounded stochastically; the largest
-        step of a run stays within 1.5 times the float32 run's (measured up to 1.24 times),
-        whatever the gradients of a block (:mod:`adamnp.lowbit.sqrt`). ``"bnb"``: bitsandbytes' blockwise 8-bit layout and maps,
-        byte for byte exchangeable with ``bnb.optim.AdamW8bit``; a gradient much smaller than
-        the largest of its block (about 1e-3 and below) can round its ``v`` toward zero and
-        make its step hundreds of times ``lr``. Use it to exchange state with bitsandbytes.
+        zero (a wider one for blocks whose gradients span more than 13 binades) and ``m`` as
+        its ratio to ``sqrt(v)``, both rounded stochastically; the largest step of a run
+        stays within 1.5 times the float32 run's, whatever the gradients of a block
+        (:mod:`adamnp.lowbit.sqrt`). ``"bnb"``: bitsandbytes' blockwise 8-bit layout and
+        maps, byte for byte exchangeable with ``bnb.optim.AdamW8bit``; a gradient much
+        smaller than the largest of its block (about 1e-3 and below) can round its ``v``
+        toward zero and make its step hundreds of times ``lr``. Use it to exchange state
+        with bitsandbytes.
     v_rounding : {"nearest", "stochastic"}, optional
         How ``state_format="bnb"`` stores the second moment ``v`` after each step (default
         ``"nearest"``, as bitsandbytes does). ``"stochastic"``: one of the two map values

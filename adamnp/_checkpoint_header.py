@@ -22,7 +22,7 @@ from ._tree import flatten, treedef_from_json, unflatten
 from ._validate import FLOAT_DTYPES, validate_layout
 from .backends.math import compute_dtype
 from .lowbit import half
-from .lowbit.maps import map_names
+from .lowbit.maps import SQRT_MAP_V_BEFORE_WIDE, map_names
 from .lowbit.reference import n_blocks
 
 FORMAT = "adamnp-state"
@@ -377,11 +377,15 @@ def _expected_arrays(kind: str, dtype, shape: tuple, block_size: int, amsgrad: b
     return {**codes, **{f"absmax_{m}": (_FLOAT32, blocks) for m in moments}}
 
 
-def _expected_scalars(kind: str, layout: Layout) -> dict:
-    """The other fields of a slot, stored in its leaf entry: none for ``"fp32"``."""
+def _expected_scalars(kind: str, layout: Layout, entry: dict) -> dict:
+    """The other fields of a slot, stored in its leaf entry: none for ``"fp32"``. A
+    ``"sqrt"`` leaf may name the map of ``s`` of files written before the wide map existed
+    (:data:`~adamnp.lowbit.maps.SQRT_MAP_V_BEFORE_WIDE`): such a file means the same now."""
     if kind != "q8":
         return {}
     map_m, map_v = map_names(layout.state_format)
+    if layout.state_format == "sqrt" and entry.get("map_v") == SQRT_MAP_V_BEFORE_WIDE:
+        map_v = SQRT_MAP_V_BEFORE_WIDE
     return {"block_size": layout.block_size, "map_m": map_m, "map_v": map_v}
 
 
@@ -407,7 +411,7 @@ def check_leaf_arrays(entry: dict, i, kind, dtype, shape, layout, amsgrad, where
                 f"{key}['arrays'][{name!r}]",
                 f"bad leaf entry: {show(declared[name])}, expected {want}",
             )
-    scalars = _expected_scalars(kind, layout)
+    scalars = _expected_scalars(kind, layout, entry)
     unknown = sorted(k for k in entry if k not in _LEAF_KEYS and k not in scalars)
     if unknown:
         raise fail(where, key, f"bad leaf entry: unknown keys {show(unknown)}")

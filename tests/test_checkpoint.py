@@ -416,7 +416,7 @@ def _declare_q8(h, i, n, dtype="<f4"):
     blocks = -(-n // h["block_size"])
     h["leaves"][i].update(
         shape=[n], dtype=dtype, slot="q8", block_size=h["block_size"],
-        map_m="ratio-int8", map_v="sqrt-graded-8bit",
+        map_m="ratio-int8", map_v="sqrt-graded-8bit-2",
         arrays={"codes_m": {"dtype": "|u1", "shape": [n]},
                 "codes_v": {"dtype": "|u1", "shape": [n]},
                 "absmax_m": {"dtype": "<f4", "shape": [blocks]},
@@ -759,3 +759,32 @@ def test_files_from_before_state_format_resume_as_bnb(rounding, backend):
             adamnp.step(p, tool.grads(p, k), state)
         for key in p:
             assert p[key].tobytes() == saved[f"end_{key}"].tobytes()
+
+
+def test_sqrt_state_written_before_the_wide_map_loads_as_it_is():
+    """``"sqrt"`` files written before 2026-12-06 name the map of ``s``
+    ``"sqrt-graded-8bit"``: every block on the narrow map, absmax non-negative, which means
+    the same in the current format. Such a state (a narrow-only state renamed) loads bit for
+    bit and steps on as the state it was taken from; another unknown map name is refused."""
+    rng = np.random.default_rng(3)
+    p = {"w": rng.standard_normal(5000).astype(np.float32)}
+    state = adamnp.init(p, adamnp.adamw(), backend="numpy", state_bits=8)
+
+    def grad():  # sizes within one binade: every block stays on the narrow map
+        return {"w": (rng.uniform(0.5, 1, 5000) * rng.choice([-1, 1], 5000)).astype(np.float32)}
+
+    adamnp.step(p, grad(), state)
+    assert np.all(state.slots[0].absmax_v >= 0)
+    d = adamnp.state_dict(state)
+    old = json.loads(json.dumps(d["header"]))
+    assert old["leaves"][0]["map_v"] == "sqrt-graded-8bit-2"
+    old["leaves"][0]["map_v"] = "sqrt-graded-8bit"
+    loaded = adamnp.load_state_dict({"header": old, "arrays": d["arrays"]})
+    g = grad()
+    p2 = {"w": p["w"].copy()}
+    adamnp.step(p, g, state)
+    adamnp.step(p2, g, loaded)
+    np.testing.assert_array_equal(p["w"], p2["w"])
+    old["leaves"][0]["map_v"] = "sqrt-graded-8bit-3"
+    with pytest.raises(CheckpointError, match="maps"):
+        adamnp.load_state_dict({"header": old, "arrays": d["arrays"]})

@@ -174,12 +174,15 @@ def test_32_to_8_to_32_is_within_a_code_step(state_format, v_rounding):
             continue
         got, want = _decoded(back, i), _decoded(full, i)
         bs = slot.block_size
-        if state_format == "sqrt":  # s = sqrt(v) within one gap of the map (1/16 below 1/2)
+        if state_format == "sqrt":  # s = sqrt(v) within one gap of its block's map
             s_got, s_want = np.sqrt(got["v"]).ravel(), np.sqrt(want["v"]).ravel()
-            floor = np.repeat(slot.absmax_v, bs)[: s_want.size] * sqrt.s_map()[0]
-            ok = s_want > floor  # gradients span six decades: some lie below the map
+            absmax = np.repeat(slot.absmax_v, bs)[: s_want.size]
+            wide = absmax < 0  # the wide map: 3 mantissa bits below 2**-5, else 4
+            floor = np.abs(absmax) * np.where(wide, sqrt.s_map(True)[0], sqrt.s_map()[0])
+            ok = s_want > floor  # gradients span six decades: some may lie below the map
             assert ok.mean() > 0.9
-            np.testing.assert_array_less(np.abs(s_got / s_want - 1)[ok], 1 / 16 + 1e-6)
+            gap = np.where(wide, 1 / 8, 1 / 16) + 1e-6
+            np.testing.assert_array_less(np.abs(s_got / s_want - 1)[ok], gap[ok])
             np.testing.assert_array_equal(s_got[~ok], floor[~ok])  # rounded up, never to 0
             # the ratio m / sqrt(v) the step is made of: within one level of its block's scale
             r_got = got["m"].ravel() / s_got
@@ -425,6 +428,20 @@ def test_8_to_32_to_8_changes_few_codes_by_one(state_format, v_rounding):
             a, b = want[k].astype(int), got[k].astype(int)
             if k[1] == "codes_m" and state_format == "sqrt":
                 a, b = want[k].view(np.int8).astype(int), got[k].view(np.int8).astype(int)
+            if state_format == "sqrt" and k[1] != "codes_m":
+                # A block of s whose only value below 2**-13 of its largest rounded up may
+                # come back on the narrow map (all its codes change): few blocks (the maps
+                # from each leaf's absmax signs), and codes elsewhere as for other moments.
+                name = "absmax_" + k[1][len("codes_") :]
+                same = np.concatenate([
+                    np.repeat((getattr(x, name) < 0) == (getattr(y, name) < 0), x.block_size)[
+                        : getattr(x, k[1]).size
+                    ]
+                    for x, y in zip(q.slots, again.slots, strict=True)
+                    if isinstance(x, adamnp.QuantSlot)
+                ])  # fmt: skip
+                assert same.size == a.size and (~same).mean() <= 0.05, k
+                a, b = a[same], b[same]
             assert (a != b).mean() <= 1e-3 and np.all(np.abs(a - b) <= 1), k
         elif k[1] == "absmax_m" and state_format == "sqrt":  # R / 127 * 127, m / s: roundings
             ulps = np.abs(want[k].view(np.int32) - got[k].view(np.int32))

@@ -63,6 +63,18 @@ def main() -> None:
             cells.append(f"{run(options, grad, n, count, adamnp.adam(lr=1e-3), x0, loss)[1]:.3g}")
         print(f"| quadratic {n} x {count} steps, x0 {start} | " + " | ".join(cells) + " |",
               flush=True)  # fmt: skip
+    # The 256-element quadratic from x0 ~ N(0, 1) with data seeds 0-9: final losses over
+    # float32's, the largest and the smallest.
+    ratios = {name: [] for name in FORMATS}
+    for seed in range(10):
+        for name, options in FORMATS.items():
+            grad, loss, x0 = quadratic(256, "normal", seed)
+            ratios[name].append(run(options, grad, 256, 5000, adamnp.adam(lr=1e-3), x0, loss)[1])
+    fp32 = np.array(ratios["float32"])
+    cells = [f"{(np.array(r) / fp32).max():.3g} ({(np.array(r) / fp32).min():.3g})"
+             for name, r in ratios.items() if name != "float32"]  # fmt: skip
+    print("| quadratic 256 x 5000 steps, x0 normal, seeds 0-9: largest (smallest) ratio | 1 | "
+          + " | ".join(cells) + " |")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -15,7 +15,11 @@ UNSIGNED_MAP = "dynamic-unsigned-8bit"  # map of the second moment (v) and of am
 #: The 8-bit state formats: ``"sqrt"`` (:mod:`adamnp.lowbit.sqrt`, the default) and
 #: ``"bnb"`` (bitsandbytes' blockwise layout with the dynamic maps of this module).
 STATE_FORMATS = ("sqrt", "bnb")
-_MAP_NAMES = {"sqrt": ("ratio-int8", "sqrt-graded-8bit"), "bnb": (SIGNED_MAP, UNSIGNED_MAP)}
+_MAP_NAMES = {"sqrt": ("ratio-int8", "sqrt-graded-8bit-2"), "bnb": (SIGNED_MAP, UNSIGNED_MAP)}
+#: ``map_v`` of ``"sqrt"`` files written before 2026-12-06: one map of ``s`` (the narrow
+#: one), every absmax non-negative. They mean the same in the current format and load as
+#: they are; the new name keeps an older adamnp from reading a wide block's negative absmax.
+SQRT_MAP_V_BEFORE_WIDE = "sqrt-graded-8bit"
 
 
 def _linspace_f32(start, stop, num, fused=True):

@@ -50,7 +50,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from ...lowbit.sqrt import R_FLOOR, r_code, s_bits, s_code
+from ...lowbit.sqrt import R_FLOOR, WIDE_FACTOR, r_code, s_bits, s_code
 from ...lowbit.stochastic import block_key, mix32
 from ..math import adam_elem
 from .half import device_functions
@@ -119,6 +119,8 @@ def build(block_size: int, half: int = -1) -> SimpleNamespace:
     one = np.float32(1)
     levels = np.float32(127)
     r_floor = np.float32(R_FLOOR)
+    wide_factor = np.float32(WIDE_FACTOR)
+    sign_off = np.int32(0x7FFFFFFF)
     no_code = np.int32(0)
     inf_bits = np.int32(0x7F800000)
     half = int(half)
@@ -130,15 +132,17 @@ def build(block_size: int, half: int = -1) -> SimpleNamespace:
     if sim:
         f2i, i2f = _sim_f2i, _sim_i2f
 
-        def max_into(amax, stage, buf, q, hi_r, hi_s, hi_x, amsgrad):
+        def max_into(amax, stage, buf, q, hi_r, hi_s, hi_x, lo_s, lo_x, amsgrad):
             """The shuffle reduction's result, through shared memory (no shuffles here)."""
             t = cuda.threadIdx.x
             stage[0, t] = hi_r
             stage[1, t] = hi_s
             stage[2, t] = hi_x
+            stage[3, t] = lo_s
+            stage[4, t] = lo_x
             cuda.syncthreads()  # the caller's barrier follows: none needed before reuse
             if cuda.laneid % width == 0:
-                for moment in range(3 if amsgrad else 2):
+                for moment in (0, 1, 2, 3, 4) if amsgrad else (0, 1, 3):
                     hi = stage[moment, t : t + width].max()
                     cuda.atomic.max(amax, (buf, moment, q), hi)
 
@@ -148,27 +152,33 @@ def build(block_size: int, half: int = -1) -> SimpleNamespace:
         f2i, i2f = libdevice.float_as_int, libdevice.int_as_float
 
         @device
-        def max_into(amax, stage, buf, q, hi_r, hi_s, hi_x, amsgrad):
-            """``amax[buf, :, q] = max(it, hi over the lanes of block q)``; all lanes call
-            (xor shuffles, then one shared atomicMax per moment from each block's first lane).
+        def max_into(amax, stage, buf, q, hi_r, hi_s, hi_x, lo_s, lo_x, amsgrad):
+            """``amax[buf, :, q] = max(it, hi over the lanes of block q)`` for the maxima
+            ``hi_*`` and the low keys ``lo_*`` (``amax[buf, 3:5, q]``); all lanes call (xor
+            shuffles, then one shared atomicMax per quantity from each block's first lane).
             """
             lane_mask = width // 2
             while lane_mask > 0:
                 hi_r = max(hi_r, cuda.shfl_xor_sync(0xFFFFFFFF, hi_r, lane_mask))
                 hi_s = max(hi_s, cuda.shfl_xor_sync(0xFFFFFFFF, hi_s, lane_mask))
+                lo_s = max(lo_s, cuda.shfl_xor_sync(0xFFFFFFFF, lo_s, lane_mask))
                 if amsgrad:
                     hi_x = max(hi_x, cuda.shfl_xor_sync(0xFFFFFFFF, hi_x, lane_mask))
+                    lo_x = max(lo_x, cuda.shfl_xor_sync(0xFFFFFFFF, lo_x, lane_mask))
                 lane_mask //= 2
             if cuda.laneid % width == 0:
                 cuda.atomic.max(amax, (buf, 0, q), hi_r)
                 cuda.atomic.max(amax, (buf, 1, q), hi_s)
+                cuda.atomic.max(amax, (buf, 3, q), lo_s)
                 if amsgrad:
                     cuda.atomic.max(amax, (buf, 2, q), hi_x)
+                    cuda.atomic.max(amax, (buf, 4, q), lo_x)
 
     @device
-    def root_of(code, scale):
-        """The decoded ``s`` of a code: ``s_value(code) * scale``."""
-        return i2f(value_bits(code)) * scale
+    def root_of(code, absmax):
+        """The decoded ``s`` of a code: its value on the block's map (the wide one where the
+        stored absmax is negative) times ``|absmax|``."""
+        return i2f(value_bits(code, absmax < zero)) * abs(absmax)
 
     @device
     def signed(code):
@@ -179,6 +189,19 @@ def build(block_size: int, half: int = -1) -> SimpleNamespace:
     def abs_bits(x):
         """``bits(x) & 0x7FFFFFFF``: monotone in ``|x|``; NaN and Inf at ``0x7F800000`` up."""
         return np.int32(f2i(x) & np.int32(0x7FFFFFFF))
+
+    @device
+    def low_key(x):
+        """``0x7FFFFFFF - bits(x)`` for ``x > 0``, else 0: its maximum gives the smallest
+        positive ``x``."""
+        b = abs_bits(x)
+        return np.int32(sign_off - b) if b > no_code else no_code
+
+    @device
+    def is_wide(scale, low):
+        """Whether a block of scale ``S`` and low-key maximum ``low`` goes wide: a positive
+        ``s`` below ``S * 2**-13`` (:data:`adamnp.lowbit.sqrt.WIDE_BELOW`)."""
+        return np.int32(sign_off - low) < abs_bits(scale * wide_factor)
 
     @device
     def scale_of(bits, floor):
@@ -204,9 +227,10 @@ def build(block_size: int, half: int = -1) -> SimpleNamespace:
         t = cuda.threadIdx.x
         q = t // group  # the thread's quantization block in each tile
         lane = t % group  # its first element in that block; then every group-th
-        amax = cuda.shared.array((3, 3, qblocks), i32)  # (buffer, moment r/s/x, block)
-        stage = cuda.shared.array((3, stage_size), i32)  # the simulator's warp reduction
-        if t < 3 * qblocks:
+        # (buffer, maxima of r/s/x and low keys of s/x, block)
+        amax = cuda.shared.array((3, 5, qblocks), i32)
+        stage = cuda.shared.array((5, stage_size), i32)  # the simulator's warp reduction
+        if t < 5 * qblocks:
             amax[0, t // qblocks, t % qblocks] = 0
         cuda.syncthreads()
         new_r = cuda.local.array(per_thread, f32)  # decoded m, then r = m / s
@@ -239,7 +263,7 @@ def build(block_size: int, half: int = -1) -> SimpleNamespace:
                 pk0 = p_hash_key(p_key, p_high)
                 pk1 = p_hash_key(p_key, np.uint32(p_high + one32))
             nxt = buf + 1 if buf < 2 else 0
-            if t < 3 * qblocks:
+            if t < 5 * qblocks:
                 amax[nxt, t // qblocks, t % qblocks] = 0
             # Load and decode without branches (indices clamped to the leaf).
             scale_s = absmax_v[b]
@@ -260,6 +284,8 @@ def build(block_size: int, half: int = -1) -> SimpleNamespace:
             hi_r = np.int32(0)
             hi_s = np.int32(0)
             hi_x = np.int32(0)
+            lo_s = np.int32(0)
+            lo_x = np.int32(0)
             for j in range(per_thread):
                 i = first + j * group + lane
                 ratio = zero
@@ -299,7 +325,11 @@ def build(block_size: int, half: int = -1) -> SimpleNamespace:
                             index = np.uint32(np.uint64(hash_base + i) & low32)
                             u = p_mix(np.uint32(index ^ (pk0 if index >= p_low else pk1)))
                         p16[i] = round_half(in_p[j], u, half, p_stochastic)
-            max_into(amax, stage, buf, q, hi_r, hi_s, hi_x, amsgrad)
+            # the low keys in a loop of their own: fewer registers live in the one above
+            for j in range(per_thread):
+                lo_s = max(lo_s, low_key(new_s[j]))
+                lo_x = max(lo_x, low_key(new_x[j]))
+            max_into(amax, stage, buf, q, hi_r, hi_s, hi_x, lo_s, lo_x, amsgrad)
             cuda.syncthreads()
             bits_r = amax[buf, 0, q]
             bits_s = amax[buf, 1, q]
@@ -313,6 +343,8 @@ def build(block_size: int, half: int = -1) -> SimpleNamespace:
             mult_r = multiplier(levels, stored_r)
             mult_s = multiplier(one, stored_s)
             mult_x = multiplier(one, stored_x)
+            wide_s = ok_s and is_wide(stored_s, amax[buf, 3, q])
+            wide_x = ok_x and is_wide(stored_x, amax[buf, 4, q])
             # The block keys of the hash indices from the block's first on (it crosses at most
             # one multiple of 2**32), as the Numba kernels' block_keys.
             e0 = np.uint64(hash_base + first)
@@ -329,7 +361,7 @@ def build(block_size: int, half: int = -1) -> SimpleNamespace:
                 h = mix(np.uint32(index ^ (key0 if index >= low else key1)))
                 hashes[j] = h
                 if i < n:
-                    cs = encode_s(f2i(new_s[j] * mult_s), h) if ok_s else no_code
+                    cs = encode_s(f2i(new_s[j] * mult_s), h, wide_s) if ok_s else no_code
                     codes_v[e] = np.uint8(cs)
             for j in range(per_thread):
                 i = first + j * group + lane
@@ -342,13 +374,15 @@ def build(block_size: int, half: int = -1) -> SimpleNamespace:
                     i = first + j * group + lane
                     if i < n:
                         e = np.uint64(base + i)
-                        cx = encode_s(f2i(new_x[j] * mult_x), hashes[j]) if ok_x else no_code
+                        cx = (
+                            encode_s(f2i(new_x[j] * mult_x), hashes[j], wide_x) if ok_x else no_code
+                        )
                         codes_w[e] = np.uint8(cx)
             if lane == 0 and first < n:
                 absmax_m[b] = stored_r if ok_r else nan
-                absmax_v[b] = stored_s if ok_s else nan
+                absmax_v[b] = (-stored_s if wide_s else stored_s) if ok_s else nan
                 if amsgrad:
-                    absmax_w[b] = stored_x if ok_x else nan
+                    absmax_w[b] = (-stored_x if wide_x else stored_x) if ok_x else nan
             buf = nxt
 
     return SimpleNamespace(

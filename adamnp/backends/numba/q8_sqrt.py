@@ -36,6 +36,7 @@ _LEVELS = np.float32(127)
 _R_FLOOR = np.float32(fmt.R_FLOOR)
 _ONE = np.float32(1)
 _ZERO = np.float32(0)
+_WIDE_FACTOR = np.float32(fmt.WIDE_FACTOR)
 
 
 @jit(inline="always")
@@ -44,9 +45,27 @@ def _abs_bits(x):
 
 
 @jit(inline="always")
-def _root(code, scale):
-    """The decoded ``s`` of a code: ``s_value(code) * scale``."""
-    return np.int32(s_bits(code)).view(np.float32) * scale
+def _root(code, absmax):
+    """The decoded ``s`` of a code: its value on the block's map (the wide one where the
+    stored absmax is negative) times ``|absmax|``."""
+    return np.int32(s_bits(code, absmax < _ZERO)).view(np.float32) * abs(absmax)
+
+
+@jit(inline="always")
+def _low_key(x):
+    """``0x7FFFFFFF - bits(x)`` for ``x > 0``, else 0: its maximum over a block gives the
+    smallest positive ``x`` (:func:`_wide`)."""
+    b = _abs_bits(x)
+    return np.int32(_SIGN_OFF - b) if b > np.int32(0) else np.int32(0)
+
+
+@jit(inline="always")
+def _wide(top_bits, low_key):
+    """Whether a block of largest ``s`` (bits) and :func:`_low_key` maximum stores its ``s``
+    on the wide map: a positive ``s`` below ``S * 2**-13``
+    (:data:`~adamnp.lowbit.sqrt.WIDE_BELOW`)."""
+    limit = _abs_bits(np.int32(top_bits).view(np.float32) * _WIDE_FACTOR)
+    return np.int32(_SIGN_OFF - low_key) < limit
 
 
 @jit(inline="always")
@@ -60,12 +79,14 @@ def _ratio(m, root):
 def _update_block(p, g, s, n, codes_m, codes_v, e, am, av, sr, ss, k, decoupled, l2,
                   maximize):  # fmt: skip
     """Pass 1 over the ``n`` elements of one block (without amsgrad); returns the bits of the
-    block maxima of ``|r|`` and ``s``. Unsigned offsets, no slices (see :mod:`.q8`)."""
+    block maxima of ``|r|`` and ``s`` and the :func:`_low_key` maximum of ``s``. Unsigned
+    offsets, no slices (see :mod:`.q8`)."""
     s = np.uint64(s)
     e = np.uint64(e)
     rscale = am / _LEVELS
     xr = np.int32(0)
     xs = np.int32(0)
+    ls = np.int32(0)
     for i in range(np.uint64(0), np.uint64(n)):
         sq = _root(codes_v[e + i], av)
         m0 = (np.float32(np.int8(codes_m[e + i])) * rscale) * sq
@@ -77,20 +98,23 @@ def _update_block(p, g, s, n, codes_m, codes_v, e, am, av, sr, ss, k, decoupled,
         sr[i], ss[i] = r, root
         xr = max(xr, _abs_bits(r))
         xs = max(xs, _abs_bits(root))
-    return xr, xs
+        ls = max(ls, _low_key(root))
+    return xr, xs, ls
 
 
 @jit(inline="always")
 def _update_block_amsgrad(p, g, s, n, codes_m, codes_v, codes_x, e, am, av, ax, sr, ss, sx,
                           k, decoupled, l2, maximize):  # fmt: skip
     """:func:`_update_block` with amsgrad's ``vmax``: also keeps ``sqrt(vmax)`` and returns
-    the bits of its block maximum third."""
+    its block maximum's bits and :func:`_low_key` maximum after those of ``s``."""
     s = np.uint64(s)
     e = np.uint64(e)
     rscale = am / _LEVELS
     xr = np.int32(0)
     xs = np.int32(0)
     xx = np.int32(0)
+    ls = np.int32(0)
+    lx = np.int32(0)
     for i in range(np.uint64(0), np.uint64(n)):
         sq = _root(codes_v[e + i], av)
         xq = _root(codes_x[e + i], ax)
@@ -104,7 +128,9 @@ def _update_block_amsgrad(p, g, s, n, codes_m, codes_v, codes_x, e, am, av, ax, 
         xr = max(xr, _abs_bits(r))
         xs = max(xs, _abs_bits(root))
         xx = max(xx, _abs_bits(xroot))
-    return xr, xs, xx
+        ls = max(ls, _low_key(root))
+        lx = max(lx, _low_key(xroot))
+    return xr, xs, ls, xx, lx
 
 
 @jit(inline="always")
@@ -123,7 +149,7 @@ def _zero_codes(codes, e, n):
 
 
 @jit(inline="always")
-def _encode_block(sr, ss, n, codes_m, codes_v, e, h, absmax_m, absmax_v, b, br, bs, key):
+def _encode_block(sr, ss, n, codes_m, codes_v, e, h, absmax_m, absmax_v, b, br, bs, ls, key):
     """Pass 2: store block ``b``'s absmax and codes of ``m`` and ``v``
     (:mod:`adamnp.lowbit.sqrt`, steps 2-4); the block's first element is ``codes_*[e]``, of
     hash index ``h``.
@@ -131,14 +157,16 @@ def _encode_block(sr, ss, n, codes_m, codes_v, e, h, absmax_m, absmax_v, b, br, 
     The hot loop has no branch (a NaN/Inf block's codes are zeroed after it) and counts the
     index in uint32 (:func:`~.quant.index_hash`)."""
     absmax_m[b], mult_r, ok_r = _scale(br, _LEVELS, _R_FLOOR)
-    absmax_v[b], mult_s, ok_s = _scale(bs, _ONE, _ZERO)
+    scale_s, mult_s, ok_s = _scale(bs, _ONE, _ZERO)
+    wide = _wide(bs, ls) and ok_s
+    absmax_v[b] = -scale_s if wide else scale_s
     key0, key1, low = block_keys(key, h)
     e = np.uint64(e)
     index = low
     for i in range(np.uint64(0), np.uint64(n)):
         h = index_hash(index, key0, key1, low)
         index = np.uint32(index + np.uint32(1))
-        codes_v[e + i] = np.uint8(s_code(np.float32(ss[i] * mult_s).view(np.int32), h))
+        codes_v[e + i] = np.uint8(s_code(np.float32(ss[i] * mult_s).view(np.int32), h, wide))
         codes_m[e + i] = np.uint8(r_code(np.float32(sr[i] * mult_r), h) & 0xFF)
     if not ok_s:
         _zero_codes(codes_v, e, n)
@@ -147,16 +175,18 @@ def _encode_block(sr, ss, n, codes_m, codes_v, e, h, absmax_m, absmax_v, b, br, 
 
 
 @jit(inline="always")
-def _encode_vmax(sx, n, codes_x, e, h, absmax_x, b, bx, key):
+def _encode_vmax(sx, n, codes_x, e, h, absmax_x, b, bx, lx, key):
     """Pass 2 for amsgrad's ``vmax`` (as ``v`` in :func:`_encode_block`, same hashes)."""
-    absmax_x[b], mult_x, ok_x = _scale(bx, _ONE, _ZERO)
+    scale_x, mult_x, ok_x = _scale(bx, _ONE, _ZERO)
+    wide = _wide(bx, lx) and ok_x
+    absmax_x[b] = -scale_x if wide else scale_x
     key0, key1, low = block_keys(key, h)
     e = np.uint64(e)
     index = low
     for i in range(np.uint64(0), np.uint64(n)):
         h = index_hash(index, key0, key1, low)
         index = np.uint32(index + np.uint32(1))
-        codes_x[e + i] = np.uint8(s_code(np.float32(sx[i] * mult_x).view(np.int32), h))
+        codes_x[e + i] = np.uint8(s_code(np.float32(sx[i] * mult_x).view(np.int32), h, wide))
     if not ok_x:
         _zero_codes(codes_x, e, n)
 
@@ -181,10 +211,10 @@ def _chunk(p, g, j, lo, hi, offsets, block_offsets, block_size, codes, absmax, k
     for s in range(0, hi - lo, block_size):
         n = min(block_size, hi - lo - s)
         e = offsets[j] + lo + s
-        br, bs = _update_block(p, g, s, n, codes_m, codes_v, e, absmax_m[b], absmax_v[b], sr,
-                               ss, k, decoupled, l2, maximize)  # fmt: skip
+        br, bs, ls = _update_block(p, g, s, n, codes_m, codes_v, e, absmax_m[b], absmax_v[b],
+                                   sr, ss, k, decoupled, l2, maximize)  # fmt: skip
         _encode_block(sr, ss, n, codes_m, codes_v, e, index_base + e, absmax_m, absmax_v, b,
-                      br, bs, key)  # fmt: skip
+                      br, bs, ls, key)  # fmt: skip
         b += 1
 
 
@@ -202,13 +232,13 @@ def _chunk_amsgrad(p, g, j, lo, hi, offsets, block_offsets, block_size, codes, a
     for s in range(0, hi - lo, block_size):
         n = min(block_size, hi - lo - s)
         e = offsets[j] + lo + s
-        br, bs, bx = _update_block_amsgrad(
+        br, bs, ls, bx, lx = _update_block_amsgrad(
             p, g, s, n, codes_m, codes_v, codes_x, e, absmax_m[b], absmax_v[b], absmax_x[b],
             sr, ss, sx, k, decoupled, l2, maximize,
         )  # fmt: skip
         _encode_block(sr, ss, n, codes_m, codes_v, e, index_base + e, absmax_m, absmax_v, b,
-                      br, bs, key)  # fmt: skip
-        _encode_vmax(sx, n, codes_x, e, index_base + e, absmax_x, b, bx, key)
+                      br, bs, ls, key)  # fmt: skip
+        _encode_vmax(sx, n, codes_x, e, index_base + e, absmax_x, b, bx, lx, key)
         b += 1
 
 
