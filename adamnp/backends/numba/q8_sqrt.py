@@ -143,6 +143,16 @@ def _scale(bits, numerator, floor):
 
 
 @jit(inline="always")
+def _scale_root(bits, low_key):
+    """:func:`_scale` of a block of ``s`` (or ``sqrt(vmax)``) from its maximum's bits and
+    :func:`_low_key` maximum: ``(absmax to store, negative on the wide map; multiplier; ok;
+    wide)``."""
+    scale, mult, ok = _scale(bits, _ONE, _ZERO)
+    wide = _wide(bits, low_key) and ok
+    return (-scale if wide else scale), mult, ok, wide
+
+
+@jit(inline="always")
 def _zero_codes(codes, e, n):
     for i in range(np.uint64(0), np.uint64(n)):
         codes[e + i] = np.uint8(0)
@@ -157,9 +167,7 @@ def _encode_block(sr, ss, n, codes_m, codes_v, e, h, absmax_m, absmax_v, b, br, 
     The hot loop has no branch (a NaN/Inf block's codes are zeroed after it) and counts the
     index in uint32 (:func:`~.quant.index_hash`)."""
     absmax_m[b], mult_r, ok_r = _scale(br, _LEVELS, _R_FLOOR)
-    scale_s, mult_s, ok_s = _scale(bs, _ONE, _ZERO)
-    wide = _wide(bs, ls) and ok_s
-    absmax_v[b] = -scale_s if wide else scale_s
+    absmax_v[b], mult_s, ok_s, wide = _scale_root(bs, ls)
     key0, key1, low = block_keys(key, h)
     e = np.uint64(e)
     index = low
@@ -177,9 +185,7 @@ def _encode_block(sr, ss, n, codes_m, codes_v, e, h, absmax_m, absmax_v, b, br, 
 @jit(inline="always")
 def _encode_vmax(sx, n, codes_x, e, h, absmax_x, b, bx, lx, key):
     """Pass 2 for amsgrad's ``vmax`` (as ``v`` in :func:`_encode_block`, same hashes)."""
-    scale_x, mult_x, ok_x = _scale(bx, _ONE, _ZERO)
-    wide = _wide(bx, lx) and ok_x
-    absmax_x[b] = -scale_x if wide else scale_x
+    absmax_x[b], mult_x, ok_x, wide = _scale_root(bx, lx)
     key0, key1, low = block_keys(key, h)
     e = np.uint64(e)
     index = low
