@@ -98,9 +98,12 @@ class SqrtV:
         self.m_mode, self.mrounding = m_mode, mrounding
         self.mq = MapQuant(dynamic_map(True), mrounding)
 
+    def round_s(self, s, rng):
+        return self.s.roundtrip(s, rng)
+
     def store(self, m, v, rng):
         s = np.sqrt(v)
-        sq = self.s.roundtrip(s, rng)
+        sq = self.round_s(s, rng)
         if self.m_mode == "dynamic":
             return self.mq.roundtrip(m, rng), sq * sq
         if self.m_mode == "exactm":
@@ -129,19 +132,12 @@ class DualSqrt(SqrtV):
         self.wide = MapQuant(wide, SR, power)
         self.below = below
 
-    def store(self, m, v, rng):
-        s = np.sqrt(v)
+    def round_s(self, s, rng):
         a = _absmax(s)
         x = _blocks(s) / _safe(a)
         wide = (np.where(x > 0, x, np.inf).min(axis=1) < 2.0**-self.below)[:, None]
         sq = np.where(wide, _blocks(self.wide.roundtrip(s, rng)), _blocks(self.s.roundtrip(s, rng)))
-        sq = sq.reshape(-1).astype(F32)
-        r = np.where(s > 0, m / _safe(s), F32(0)).astype(F32)
-        scale = _absmax(r) / F32(127)
-        t = (_blocks(r) / _safe(scale)).reshape(-1)
-        q = np.clip(np.floor(t + rng.random(t.shape, dtype=F32)), -127, 127).astype(F32)
-        rq = (_blocks(q) * scale).reshape(-1)
-        return (rq * sq).astype(F32), (sq * sq).astype(F32)
+        return sq.reshape(-1).astype(F32)
 
 
 class Bnb:
