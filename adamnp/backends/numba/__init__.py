@@ -51,7 +51,7 @@ else:
     from . import quant, schedule
     from .avx512 import HAVE_VBMI, byte_planes
     from .fp32 import CHECK_ONLY, CHECK_THEN_UPDATE, NO_CHECK, step_fp32, traffic_kernel
-    from .half import step_half, traffic_kernel_half
+    from .half import format_tag, step_half, traffic_kernel_half
     from .leaves import LeafSpec as leaf_spec
     from .leaves import host_leaves_ok
     from .q8 import step_q8, traffic_kernel_q8
@@ -290,8 +290,7 @@ def _step_group(group, params, grads, scalars, check: int = NO_CHECK) -> int:
         *moments,
         k,
         flags,
-        half,
-        scalars.stochastic_params,
+        format_tag(half, scalars.stochastic_params),
         np.uint32(param_key(scalars.step, group.tag)),
         np.int64(group.index_base),
     )
@@ -471,14 +470,15 @@ def _q8_arguments(group, table, p_addr, g_addr) -> tuple:
     )
 
 
-def _half_arguments(group, grads, scalars) -> tuple:
-    """``(half, g_half, stochastic, key)``: the half-precision parameter arguments of the
-    8-bit kernels (format -1 and an empty ``g_half`` for a float32 group)."""
-    half = group.half
-    if half < 0:
-        return -1, _NO_HALF, False, np.uint32(0)
+def _half_arguments(group, grads, scalars) -> tuple | None:
+    """``(fmt, g_half, key)``: the half-precision parameter arguments of the 8-bit kernels
+    (:func:`~.half.format_tag`, the gradients' kinds, the parameter key); None for a
+    float32 group."""
+    if group.half < 0:
+        return None
     key = param_key(scalars.step, group.tag)
-    return half, _grad_kinds(group, grads), scalars.stochastic_params, np.uint32(key)
+    fmt = format_tag(group.half, scalars.stochastic_params)
+    return fmt, _grad_kinds(group, grads), np.uint32(key)
 
 
 def _step_q8_sqrt(group, table, p_addr, g_addr, k, flags, key, half) -> None:
@@ -488,7 +488,7 @@ def _step_q8_sqrt(group, table, p_addr, g_addr, k, flags, key, half) -> None:
     work, args = int(group.offsets[-1]), _q8_arguments(group, table, p_addr, g_addr)
     base = np.int64(group.index_base)
     amsgrad = "codes_vmax" in group.buffers
-    if half[0] < 0:
+    if half is None:
         kernel = step_q8_sqrt_amsgrad if amsgrad else step_q8_sqrt
         _launch(kernel, work, *args, k, flags, np.uint32(key), base)
     else:
@@ -506,7 +506,7 @@ def _step_q8(group, table, p_addr, g_addr, k, flags, key, half) -> None:
     the gather kernel :func:`~.q8.step_q8`, whatever :func:`q8_kernel` says: the AVX-512 VBMI
     kernel takes float32 params only and hashes element ``e`` as ``e``.
     """
-    vbmi = q8_kernel() == "vbmi" and half[0] < 0 and group.index_base == 0
+    vbmi = q8_kernel() == "vbmi" and half is None and group.index_base == 0
     simd = _vbmi_inputs() if vbmi else None
     # None or True (None: the kernels compile none of the feature's code)
     vmax = True if "codes_vmax" in group.buffers else None
@@ -525,8 +525,7 @@ def _step_q8(group, table, p_addr, g_addr, k, flags, key, half) -> None:
         flags,
         stochastic,
         np.uint32(key or 0),
-        None if half[0] < 0 else half[0],  # None: float32 params
-        *half[1:],
+        *((None, _NO_HALF, np.uint32(0)) if half is None else half),  # None: float32 params
         np.int64(group.index_base),
         vmax,
     )

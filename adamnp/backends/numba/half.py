@@ -2,21 +2,24 @@
 
 Numba has no float16 on the CPU and no bfloat16 at all, so half-precision leaves are read and
 written as ``uint16`` bits through their data addresses and converted with the scalar
-functions of :mod:`adamnp.lowbit.half` compiled inline: exact upcast to float32, the update in
-float32, rounding back to nearest or stochastically (the element's hash:
-:func:`~.quant.index_hash` with :func:`~adamnp.lowbit.half.param_key` of its hash index, the
-group's ``index_base`` plus its index in the group's buffers), the bits of the reference
+functions of :mod:`adamnp.lowbit.half`: exact upcast to float32, the update in float32,
+rounding back to nearest or stochastically (the element's hash: :func:`~.quant.index_hash`
+with :func:`~adamnp.lowbit.half.param_key` of its hash index, the group's ``index_base`` plus
+its index in the group's buffers), the bits of the reference
 (:class:`adamnp.backends.numpy._HalfParams`).
 
 :func:`step_half` is the float32-moment step of a half-precision
 :class:`~adamnp._state.LeafGroup`, one pass over memory like :func:`.fp32.step_fp32`, reading
 ``p`` (2 bytes), ``g`` (2 or 4 bytes: each leaf's gradient may be half or float32), ``m``,
-``v`` and writing ``p``, ``m``, ``v``. The format, the rounding, the gradient kind and
-amsgrad change the loop body (different loads, conversions and hashing), so each combination
-gets its own loop: the flags are passed as constants to the inlined :func:`_loop`, and LLVM
-compiles sixteen branch-free SIMD loops. The 8-bit kernels (:mod:`.q8`, :mod:`.q8_sqrt`) use
-:func:`load_half` and :func:`store_half` around their block loops instead (a float32 scratch
-per chunk).
+``v`` and writing ``p``, ``m``, ``v``. It goes by pieces that stay in L1: :func:`load_half`
+upcasts into a float32 scratch, the float32 loop updates it, :func:`store_half` rounds it
+back; the 8-bit kernels (:mod:`.q8`, :mod:`.q8_sqrt`) do the same per chunk. Each
+conversion loop (two loads, four stores: format and rounding) is a function of its own, and
+a kernel's ``fmt`` argument (:func:`format_tag`) selects one at compile time.
+
+The scalar conversions are compiled functions that the loops call, not Numba-inlined code:
+LLVM inlines and vectorizes them the same, and each is compiled once instead of once per
+call site (docs/backends.md, First use).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from llvmlite import ir
 from numba import types
 from numba.core import config
 from numba.core.codegen import get_host_cpu_features
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 from ...lowbit import half as fmt
 from .fp32 import _update
@@ -35,10 +38,10 @@ from .quant import block_keys, index_hash
 from .schedule import launch_traffic
 from .util import as_pointer, jit
 
-bf16_to_f32 = jit(inline="always")(fmt.bf16_to_f32)
-bf16_round = jit(inline="always")(fmt.bf16_round)
-_f16_to_f32_bits = jit(inline="always")(fmt.f16_to_f32)
-_f16_round_bits = jit(inline="always")(fmt.f16_round)
+bf16_to_f32 = jit()(fmt.bf16_to_f32)
+bf16_round = jit()(fmt.bf16_round)
+_f16_to_f32_bits = jit()(fmt.f16_to_f32)
+_f16_round_bits = jit()(fmt.f16_round)
 
 
 def _compiles_for_f16c() -> bool:
@@ -89,7 +92,7 @@ def _f16_nearest(typingctx, x):
 
 if HARDWARE_F16:
 
-    @jit(inline="always")
+    @jit()
     def f16_to_f32(h):
         """:func:`adamnp.lowbit.half.f16_to_f32`, by the CPU's conversion, which makes a
         signalling NaN quiet (sets the top bit of its payload). No result can tell: every
@@ -98,7 +101,7 @@ if HARDWARE_F16:
         signalling bit costs a select that halves the conversion loop's speed."""
         return _f16_value(np.uint16(h))
 
-    @jit(inline="always")
+    @jit()
     def f16_round(x, u, stochastic):
         """:func:`adamnp.lowbit.half.f16_round`: the nearest float16 by the CPU's
         conversion (a NaN made the quiet NaN with its sign), stochastic rounding by bits."""
@@ -117,13 +120,13 @@ _ONE = np.uint32(1)
 PIECE = 1024
 
 
-@jit(inline="always")
+@jit()
 def to_f32(h, half):
     """:func:`adamnp.lowbit.half.to_f32` of the bits ``h`` (format ``half``: 0 or 1)."""
     return bf16_to_f32(np.uint32(h)) if half == 1 else f16_to_f32(np.uint32(h))
 
 
-@jit(inline="always")
+@jit()
 def round_half(x, u, half, stochastic):
     """:func:`adamnp.lowbit.half.round_half`: the uint16 bits of float32 ``x``."""
     if half == 1:
@@ -131,20 +134,100 @@ def round_half(x, u, half, stochastic):
     return np.uint16(f16_round(x, u, stochastic))
 
 
-@jit(inline="always")
-def _load(bits, out, n, half):
+#: A kernel's ``fmt`` argument: the parameters' format (float16, bfloat16) and rounding
+#: (nearest, stochastic) as the *type* of a NumPy scalar, ``_FORMAT_TAGS[half][stochastic]``.
+#: Numba compiles a kernel once per argument type, so a state compiles the conversion loops
+#: of its own format and rounding only: as runtime values, all four loops were compiled
+#: into every kernel (docs/backends.md, First use).
+_FORMAT_TAGS = ((np.int8, np.int16), (np.uint8, np.uint16))
+_TAG_VARIANTS = {
+    types.int8: (0, False),
+    types.int16: (0, True),
+    types.uint8: (1, False),
+    types.uint16: (1, True),
+}
+
+
+def format_tag(half: int, stochastic: bool) -> np.generic:
+    """The ``fmt`` argument of the half-precision kernels for format ``half`` (0 float16, 1
+    bfloat16) and stochastic or nearest rounding.
+
+    Examples
+    --------
+    >>> format_tag(1, False).dtype, format_tag(0, True).dtype
+    (dtype('uint8'), dtype('int16'))
+    """
+    return _FORMAT_TAGS[half][bool(stochastic)](0)
+
+
+def _variant(fmt) -> tuple[int, bool]:
+    if fmt not in _TAG_VARIANTS:
+        raise numba.errors.TypingError(f"a half-precision format tag, not {fmt}")
+    return _TAG_VARIANTS[fmt]
+
+
+# One loop per format and rounding, each a function of its own: a kernel calls (and Numba
+# compiles) the one its tag names.
+@jit()
+def _load_f16(bits, out, n):
     for i in range(n):
-        out[i] = to_f32(bits[i], half)
+        out[i] = f16_to_f32(np.uint32(bits[i]))
 
 
-@jit(inline="always")
-def load_half(address, n, half, out):
-    """Upcast the ``n`` half values (format ``half``) at ``address`` into ``out[:n]``."""
-    bits = numba.carray(as_pointer(address, np.uint16), n)
-    if half == 1:
-        _load(bits, out, n, 1)
-    else:
-        _load(bits, out, n, 0)
+@jit()
+def _load_bf16(bits, out, n):
+    for i in range(n):
+        out[i] = bf16_to_f32(np.uint32(bits[i]))
+
+
+@jit()
+def _store_f16(bits, x, n, key0, key1, low):
+    for i in range(n):
+        bits[i] = np.uint16(f16_round(x[i], np.uint32(0), False))
+
+
+@jit()
+def _store_bf16(bits, x, n, key0, key1, low):
+    for i in range(n):
+        bits[i] = np.uint16(bf16_round(x[i], np.uint32(0), False))
+
+
+@jit()
+def _store_f16_stochastic(bits, x, n, key0, key1, low):
+    index = low
+    for i in range(n):
+        u = index_hash(index, key0, key1, low)
+        index = np.uint32(index + _ONE)
+        bits[i] = np.uint16(f16_round(x[i], u, True))
+
+
+@jit()
+def _store_bf16_stochastic(bits, x, n, key0, key1, low):
+    index = low
+    for i in range(n):
+        u = index_hash(index, key0, key1, low)
+        index = np.uint32(index + _ONE)
+        bits[i] = np.uint16(bf16_round(x[i], u, True))
+
+
+_LOADS = (_load_f16, _load_bf16)
+_STORES = ((_store_f16, _store_f16_stochastic), (_store_bf16, _store_bf16_stochastic))
+
+
+def load_half(address, n, fmt, out):
+    """Upcast the ``n`` half values at ``address`` into ``out[:n]`` (compiled code only):
+    the format of the tag ``fmt`` (:func:`format_tag`)."""
+    raise NotImplementedError("load_half runs in compiled code only")
+
+
+@overload(load_half, jit_options={"nogil": True, "error_model": "numpy"})
+def _load_half(address, n, fmt, out):
+    load = _LOADS[_variant(fmt)[0]]
+
+    def impl(address, n, fmt, out):
+        load(numba.carray(as_pointer(address, np.uint16), n), out, n)
+
+    return impl
 
 
 @intrinsic
@@ -164,61 +247,54 @@ def data_address(typingctx, array):
 
 
 @jit(inline="always")
-def chunk_f32(address, lo, n, half, scratch):
-    """Elements ``lo .. lo + n - 1`` of the leaf at ``address`` as a float32 array: a view
-    of a float32 leaf (``half`` -1), else the values of format ``half`` upcast into the
-    float32 scratch at address ``scratch``, which the caller keeps alive. One definition of
-    the result, by address: two (a view or a new array) would cost the 8-bit kernels' loop
-    bodies their ``noalias`` arguments."""
-    at = address + lo * 4 if half < 0 else scratch
+def chunk_f32(address, lo, n, fmt, upcast, scratch):
+    """Elements ``lo .. lo + n - 1`` of the leaf at ``address`` as a float32 array: with
+    ``upcast``, the half values of the format of the tag ``fmt`` (:func:`format_tag`) upcast
+    into the float32 scratch at address ``scratch``, which the caller keeps alive; else a
+    view of a float32 leaf. One definition of the result, by address: two (a view or a new
+    array) would cost the 8-bit kernels' loop bodies their ``noalias`` arguments."""
+    at = scratch if upcast else address + lo * 4
     out = numba.carray(as_pointer(at, np.float32), n)
-    if half >= 0:
-        load_half(address + lo * 2, n, half, out)
+    if upcast:
+        load_half(address + lo * 2, n, fmt, out)
     return out
 
 
-@jit(inline="always")
-def _store(bits, x, n, half, stochastic, key0, key1, low):
-    index = low
-    for i in range(n):
-        u = index_hash(index, key0, key1, low) if stochastic else np.uint32(0)
-        index = np.uint32(index + _ONE)
-        bits[i] = round_half(x[i], u, half, stochastic)
+def store_half(address, x, n, fmt, key, h):
+    """Round ``x[:n]`` into the ``n`` half values at ``address`` (compiled code only): the
+    format and rounding of the tag ``fmt`` (:func:`format_tag`).
 
-
-@jit(inline="always")
-def store_half(address, x, n, half, stochastic, key, h):
-    """Round ``x[:n]`` into the ``n`` half values (format ``half``) at ``address``.
-
-    To nearest, or (``stochastic``) with the hashes of the hash indices ``h .. h + n - 1``
+    To nearest, or stochastically with the hashes of the hash indices ``h .. h + n - 1``
     (the group's ``index_base`` plus the elements' indices in its buffers) under the step's
     parameter ``key`` (:func:`~adamnp.lowbit.half.param_key`).
     """
-    bits = numba.carray(as_pointer(address, np.uint16), n)
-    key0, key1, low = block_keys(key, h)
-    if half == 1:
-        if stochastic:
-            _store(bits, x, n, 1, True, key0, key1, low)
-        else:
-            _store(bits, x, n, 1, False, key0, key1, low)
-    elif stochastic:
-        _store(bits, x, n, 0, True, key0, key1, low)
-    else:
-        _store(bits, x, n, 0, False, key0, key1, low)
+    raise NotImplementedError("store_half runs in compiled code only")
+
+
+@overload(store_half, jit_options={"nogil": True, "error_model": "numpy"})
+def _store_half(address, x, n, fmt, key, h):
+    half, stochastic = _variant(fmt)
+    store = _STORES[half][stochastic]
+
+    def impl(address, x, n, fmt, key, h):
+        key0, key1, low = block_keys(key, h)
+        store(numba.carray(as_pointer(address, np.uint16), n), x, n, key0, key1, low)
+
+    return impl
 
 
 @jit()
-def step_half(table, leaf_ids, offsets, p_addr, g_addr, g_half, m, v, vmax, k, flags, half,
-              stochastic, key, index_base):  # fmt: skip
+def step_half(table, leaf_ids, offsets, p_addr, g_addr, g_half, m, v, vmax, k, flags, fmt, key,
+              index_base):  # fmt: skip
     """Update all chunks of ``table`` in place: a half-precision group with float32 moments.
 
     Arguments as :func:`.fp32.step_fp32`'s, plus ``g_half`` (per leaf of the group: 1 if its
-    gradient is of the parameter's format, 0 if float32), the parameters' format ``half`` (0
-    float16, 1 bfloat16), ``stochastic`` (round the parameters stochastically) and the step's
-    parameter ``key`` (:func:`~adamnp.lowbit.half.param_key`); element ``e`` of the
-    buffers hashes as ``index_base + e`` (int64). Each chunk goes by pieces of
-    :data:`PIECE` elements: upcast ``p`` (and a half ``g``) into a float32 scratch, run
-    :func:`.fp32.step_fp32`'s loop on it, round it back.
+    gradient is of the parameter's format, 0 if float32), the tag ``fmt`` of the parameters'
+    format and rounding (:func:`format_tag`) and the step's parameter ``key``
+    (:func:`~adamnp.lowbit.half.param_key`); element ``e`` of the buffers hashes as
+    ``index_base + e`` (int64). Each chunk goes by pieces of :data:`PIECE` elements: upcast
+    ``p`` (and a half ``g``) into a float32 scratch, run :func:`.fp32.step_fp32`'s loop on
+    it, round it back.
     """
     decoupled, l2, amsgrad, maximize = flags
     for c in range(table.shape[0]):
@@ -230,15 +306,15 @@ def step_half(table, leaf_ids, offsets, p_addr, g_addr, g_half, m, v, vmax, k, f
             w = min(PIECE, hi - s)
             a = offsets[j] + s
             x = xs[:w]
-            load_half(p_addr[leaf] + s * 2, w, half, x)
+            load_half(p_addr[leaf] + s * 2, w, fmt, x)
             if g_half[j]:
                 g = gs[:w]
-                load_half(g_addr[leaf] + s * 2, w, half, g)
+                load_half(g_addr[leaf] + s * 2, w, fmt, g)
             else:
                 g = numba.carray(as_pointer(g_addr[leaf] + s * 4, np.float32), w)
             _update(x, g, m[a : a + w], v[a : a + w], vmax[a : a + w] if amsgrad else vmax, k,
                     decoupled, l2, amsgrad, maximize)  # fmt: skip
-            store_half(p_addr[leaf] + s * 2, x, w, half, stochastic, key, index_base + a)
+            store_half(p_addr[leaf] + s * 2, x, w, fmt, key, index_base + a)
 
 
 @jit()

@@ -133,7 +133,7 @@ def _f32_at(address, n):
 def step_q8(
     table, leaf_ids, offsets, block_offsets, block_size, p_addr, g_addr,
     codes, absmax, map_m, map_v, quant_m, quant_v, zeros, k, flags, stochastic, key,
-    half, g_half, p_stochastic, p_key, index_base, vmax,
+    fmt, g_half, p_key, index_base, vmax,
 ):  # fmt: skip
     """Update all chunks of ``table`` in place.
 
@@ -150,11 +150,12 @@ def step_q8(
     rounding too). Chunk starts must be multiples of ``block_size``. The loop body creates
     no array views (see :func:`_update_block`). ``vmax`` is None without amsgrad, else True.
 
-    Half-precision parameters (``half`` 0 float16, 1 bfloat16; None for float32) are upcast per
-    chunk into a float32 scratch, as are the gradients of the leaves whose ``g_half`` is
-    nonzero (per leaf of the group; may be empty when ``half`` is -1), and rounded back after
-    the chunk's blocks, stochastically with the parameter key ``p_key`` if ``p_stochastic``
-    (:func:`~.half.load_half`, :func:`~.half.store_half`).
+    Half-precision parameters (``fmt`` the tag of their format and rounding,
+    :func:`~.half.format_tag`; None for float32) are upcast per chunk into a float32
+    scratch, as are the gradients of the leaves whose ``g_half`` is nonzero (per leaf of the
+    group; may be empty for float32), and rounded back after the chunk's blocks
+    (stochastically: with the parameter key ``p_key``; :func:`~.half.load_half`,
+    :func:`~.half.store_half`).
 
     Numba prunes the branches on ``x is None`` of an argument that is None before compiling,
     so a state compiles amsgrad's code, stochastic rounding's and the half-precision
@@ -175,20 +176,20 @@ def step_q8(
         sx = np.empty(width, np.float32)
         # half params (and grads): upcast into one scratch, rounded back after the blocks.
         # p and g have one definition each, by address (two would cost the loop body its
-        # noalias arguments), and float32 params (half None) compile no conversion.
+        # noalias arguments), and float32 params (fmt None) compile no conversion.
         size = hi - lo
-        scratch = np.empty(0 if half is None else 2 * size, np.float32)
+        scratch = np.empty(0 if fmt is None else 2 * size, np.float32)
         at = data_address(scratch)
-        if half is None:
+        if fmt is None:
             p_at = p_addr[leaf_ids[j]] + lo * 4
             g_at = g_addr[leaf_ids[j]] + lo * 4
         else:
             p_at = at
-            load_half(p_addr[leaf_ids[j]] + lo * 2, size, half, _f32_at(at, size))
+            load_half(p_addr[leaf_ids[j]] + lo * 2, size, fmt, _f32_at(at, size))
             g_at = g_addr[leaf_ids[j]] + lo * 4
             if g_half[j]:
                 g_at = at + size * 4
-                load_half(g_addr[leaf_ids[j]] + lo * 2, size, half, _f32_at(g_at, size))
+                load_half(g_addr[leaf_ids[j]] + lo * 2, size, fmt, _f32_at(g_at, size))
         p = _f32_at(p_at, size)
         g = _f32_at(g_at, size)
         b = block_offsets[j] + lo // block_size
@@ -216,9 +217,9 @@ def step_q8(
             if vmax is not None:
                 _requantize_gather(sx, n, xx, codes_x, e, absmax_x, b, zero_v, tv, shv, lov, nbv)
             b += 1
-        if half is not None:
-            store_half(p_addr[leaf_ids[j]] + lo * 2, scratch, hi - lo, half, p_stochastic,
-                       p_key, index_base + offsets[j] + lo)  # fmt: skip
+        if fmt is not None:
+            store_half(p_addr[leaf_ids[j]] + lo * 2, scratch, hi - lo, fmt, p_key,
+                       index_base + offsets[j] + lo)  # fmt: skip
 
 
 @jit()
