@@ -102,18 +102,30 @@ if HARDWARE_F16:
         return _f16_value(np.uint16(h))
 
     @jit()
-    def f16_round(x, u, stochastic):
-        """:func:`adamnp.lowbit.half.f16_round`: the nearest float16 by the CPU's
-        conversion (a NaN made the quiet NaN with its sign), stochastic rounding by bits."""
-        if stochastic:
-            return _f16_round_bits(x, u, stochastic)
+    def f16_nearest(x):
+        """The bits of the float16 nearest to ``x`` by the CPU's conversion (a NaN made the
+        quiet NaN with its sign, as :func:`adamnp.lowbit.half.f16_round` does)."""
         bits = np.uint32(_f16_nearest(np.float32(x)))
         nan = np.uint32(np.uint32(bits & np.uint32(0x8000)) | np.uint32(0x7E00))
         return nan if x != x else bits
 
+    @jit()
+    def f16_round(x, u, stochastic):
+        """:func:`adamnp.lowbit.half.f16_round`: the nearest float16 by the CPU's
+        conversion, stochastic rounding by bits."""
+        if stochastic:
+            return _f16_round_bits(x, u, stochastic)
+        return f16_nearest(x)
+
 else:
     f16_to_f32 = _f16_to_f32_bits
     f16_round = _f16_round_bits
+
+    @jit()
+    def f16_nearest(x):
+        """The bits of the float16 nearest to ``x`` (:func:`adamnp.lowbit.half.f16_round`)."""
+        return _f16_round_bits(x, np.uint32(0), False)
+
 
 _ONE = np.uint32(1)
 #: Elements per piece of :func:`step_half`: its float32 scratches stay in L1.
@@ -181,28 +193,30 @@ def _load_bf16(bits, out, n):
 
 
 @jit()
-def _store_f16(bits, x, n, key0, key1, low):
+def _store_f16(bits, x, n, key, h):
     for i in range(n):
-        bits[i] = np.uint16(f16_round(x[i], np.uint32(0), False))
+        bits[i] = np.uint16(f16_nearest(x[i]))
 
 
 @jit()
-def _store_bf16(bits, x, n, key0, key1, low):
+def _store_bf16(bits, x, n, key, h):
     for i in range(n):
         bits[i] = np.uint16(bf16_round(x[i], np.uint32(0), False))
 
 
 @jit()
-def _store_f16_stochastic(bits, x, n, key0, key1, low):
+def _store_f16_stochastic(bits, x, n, key, h):
+    key0, key1, low = block_keys(key, h)
     index = low
     for i in range(n):
         u = index_hash(index, key0, key1, low)
         index = np.uint32(index + _ONE)
-        bits[i] = np.uint16(f16_round(x[i], u, True))
+        bits[i] = np.uint16(_f16_round_bits(x[i], u, True))
 
 
 @jit()
-def _store_bf16_stochastic(bits, x, n, key0, key1, low):
+def _store_bf16_stochastic(bits, x, n, key, h):
+    key0, key1, low = block_keys(key, h)
     index = low
     for i in range(n):
         u = index_hash(index, key0, key1, low)
@@ -220,7 +234,7 @@ def load_half(address, n, fmt, out):
     raise NotImplementedError("load_half runs in compiled code only")
 
 
-@overload(load_half, jit_options={"nogil": True, "error_model": "numpy"})
+@overload(load_half, inline="always")
 def _load_half(address, n, fmt, out):
     load = _LOADS[_variant(fmt)[0]]
 
@@ -271,14 +285,13 @@ def store_half(address, x, n, fmt, key, h):
     raise NotImplementedError("store_half runs in compiled code only")
 
 
-@overload(store_half, jit_options={"nogil": True, "error_model": "numpy"})
+@overload(store_half, inline="always")
 def _store_half(address, x, n, fmt, key, h):
     half, stochastic = _variant(fmt)
     store = _STORES[half][stochastic]
 
     def impl(address, x, n, fmt, key, h):
-        key0, key1, low = block_keys(key, h)
-        store(numba.carray(as_pointer(address, np.uint16), n), x, n, key0, key1, low)
+        store(numba.carray(as_pointer(address, np.uint16), n), x, n, key, h)
 
     return impl
 
