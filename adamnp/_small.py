@@ -24,6 +24,7 @@ from . import backends
 from ._state import AdamState
 from ._validate import leaves_like_state, per_state
 from .backends.math import SMALL_NONFINITE, SMALL_UPDATED, host_scalars
+from .lowbit.half import param_key
 
 #: Largest leaf (elements) the small path takes; larger ones gain from threads.
 SMALL_MAX = 1 << 16
@@ -31,17 +32,21 @@ SMALL_MAX = 1 << 16
 
 class _Plan:
     """What a state's small steps reuse: the kernel, the leaf's shape and dtype, its
-    moment buffers and the config's group."""
+    moment buffers and the config's group; for a float16 or bfloat16 leaf also its format
+    and the dtype its gradient may have besides (float32)."""
 
-    __slots__ = ("dtype", "group", "groups", "kernel", "m", "shape", "v", "vmax")
+    __slots__ = ("alt_dtype", "dtype", "group", "groups", "half", "kernel", "m", "shape", "v",
+                 "vmax")  # fmt: skip
 
     def __init__(self, state: AdamState, kernel):
         group = state.groups[0]
         self.groups, self.kernel, self.group = state.groups, kernel, group
         self.shape, self.dtype = state.shapes[0], state.dtypes[0]
+        self.half = group.half
+        self.alt_dtype = np.dtype(np.float32) if group.half >= 0 else self.dtype
         buffers = group.buffers
         self.m, self.v = buffers["m"], buffers["v"]
-        self.vmax = buffers.get("vmax", np.empty(0, self.dtype))
+        self.vmax = buffers.get("vmax", np.empty(0, self.m.dtype))
 
 
 _PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # state -> (groups, plan)
@@ -54,16 +59,12 @@ def _plan(state: AdamState) -> _Plan | None:
 
 
 def _make_plan(state: AdamState) -> _Plan | None:
-    kernel = getattr(backends.get(state.backend), "step_one", None)
     groups = state.groups
-    if (
-        kernel is not None
-        and len(state.slots) == 1
-        and len(groups) == 1
-        and groups[0].kind == "fp32"
-        and groups[0].half < 0
-        and int(np.prod(state.shapes[0])) <= SMALL_MAX
-    ):
+    if not (len(state.slots) == 1 and len(groups) == 1 and groups[0].kind == "fp32"):
+        return None
+    kind = "step_one_half" if groups[0].half >= 0 else "step_one"
+    kernel = getattr(backends.get(state.backend), kind, None)
+    if kernel is not None and int(np.prod(state.shapes[0])) <= SMALL_MAX:
         return _Plan(state, kernel)
     return None
 
@@ -85,7 +86,7 @@ def try_step(params, grads, state: AdamState) -> bool:
         return False
     if p.shape != plan.shape or g.shape != plan.shape:
         return False
-    if p.dtype != plan.dtype or g.dtype != plan.dtype:
+    if p.dtype != plan.dtype or (g.dtype != plan.dtype and g.dtype != plan.alt_dtype):
         return False
     p_flags = p.flags
     if not (p_flags.c_contiguous and p_flags.writeable and g.flags.c_contiguous):
@@ -95,10 +96,17 @@ def try_step(params, grads, state: AdamState) -> bool:
     config = state.config_of(plan.group)
     nonfinite = state.config.nonfinite
     s = host_scalars(config, state.step + 1, config.lr_at(state.step))
-    status = plan.kernel(
-        p, g, plan.m, plan.v, plan.vmax, s[:9], s.decoupled_decay, s.l2_decay,
-        s.amsgrad, s.maximize, nonfinite != "propagate",
-    )  # fmt: skip
+    args = (plan.m, plan.v, plan.vmax, s[:9], s.decoupled_decay, s.l2_decay, s.amsgrad,
+            s.maximize, nonfinite != "propagate")  # fmt: skip
+    if plan.half < 0:
+        status = plan.kernel(p, g, *args)
+    else:  # the bits of p (and of a half g), the format, rounding and parameter key
+        group = plan.group
+        bits = p.view(np.uint16)
+        g = g.view(np.uint16) if g.dtype == plan.dtype else g
+        key = np.uint32(param_key(s.step, group.tag))
+        status = plan.kernel(bits, g, *args, plan.half, s.stochastic_params, key,
+                             np.int64(group.index_base))  # fmt: skip
     if status == SMALL_UPDATED:
         state.step += 1
         return True

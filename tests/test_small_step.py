@@ -12,6 +12,7 @@ from conftest import snapshot
 
 import adamnp
 from adamnp import _small, backends
+from adamnp.lowbit.half import bfloat16_dtype
 
 if not backends.available("numba"):
     pytest.skip("the numba backend is not available", allow_module_level=True)
@@ -65,6 +66,83 @@ def test_equals_the_reference_and_the_group_kernels(dtype, case, shape):
     assert fast == full
 
 
+HALF = [np.dtype(np.float16)] + ([bfloat16_dtype()] if bfloat16_dtype() is not None else [])
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+@pytest.mark.parametrize("grad_dtype", ["param", "float32"])
+@pytest.mark.parametrize("case", ["adamw", "adamw-amsgrad-maximize", "adam-l2"])
+@pytest.mark.parametrize("shape", [(1,), (1000,), (3, 700), (1 << 16,)])
+def test_half_params_equal_the_reference_and_the_group_kernels(
+    dtype, rounding, grad_dtype, case, shape
+):
+    """float16/bfloat16 leaves (pieces of 1024, a partial last one) with gradients of their
+    own format or float32: the same bits as the reference and the group kernels."""
+    rng = np.random.default_rng(shape[0] + len(case))
+    p0 = rng.standard_normal(shape).astype(dtype)
+    g_dtype = dtype if grad_dtype == "param" else np.float32
+    grads = [(rng.standard_normal(shape) * 10.0**k).astype(g_dtype) for k in (-3, 0, -6, 1)]
+    config = _config(**CONFIGS[case], param_rounding=rounding)
+    reference, _ = _run("numpy", p0, grads, config, small=False)
+    full, none = _run("numba", p0, grads, config, small=False)
+    fast, taken = _run("numba", p0, grads, config, small=True)
+    assert none == 0 and taken == len(grads)
+    assert fast == reference
+    assert fast == full
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("bad", [np.nan, -np.inf, 2.0**64])
+@pytest.mark.parametrize("grad_dtype", ["param", "float32"])
+def test_half_params_refuse_non_finite_gradients_as_before(dtype, bad, grad_dtype):
+    """A NaN, an infinity or (bfloat16, float32 gradients) a magnitude at or above the
+    limit: nothing written, the same error as the full path; under "skip" a skipped step.
+    (2**64 is Inf in float16, a finite bfloat16 above the limit.)"""
+    g_dtype = dtype if grad_dtype == "param" else np.float32
+    messages = []
+    for small_max in (_small.SMALL_MAX, 0):
+        p = np.linspace(-1, 1, 2000).astype(dtype)
+        state = _state(p)
+        _small._PLANS.pop(state, None)
+        old, _small.SMALL_MAX = _small.SMALL_MAX, small_max
+        try:
+            g = np.ones(2000, np.float64)
+            g[1500] = bad
+            with np.errstate(over="ignore"):  # 2**64 is Inf in float16
+                g = g.astype(g_dtype)
+            before = snapshot(p, state)
+            with pytest.raises(ValueError) as info:
+                adamnp.step(p, g, state)
+            assert snapshot(p, state) == before
+            messages.append(str(info.value))
+        finally:
+            _small.SMALL_MAX = old
+    assert messages[0] == messages[1]
+    p = np.ones(2000, dtype)
+    state = _state(p, config=dict(nonfinite="skip"))
+    before = snapshot(p, state)
+    with state._lock:
+        assert _small.try_step(p, g, state)
+    after = snapshot(p, state)
+    assert after[:3] == before[:3] and state.skipped_steps == 1
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+def test_half_params_refuse_shared_memory_and_wrong_gradients(dtype):
+    """Aliasing between the leaf, its gradient and the moments, or a gradient of a third
+    dtype: the small path steps aside, writes nothing, and the full path names it."""
+    p = np.linspace(-1, 1, 3000).astype(dtype)
+    state = _state(p)
+    adamnp.step(p, np.ones_like(p), state)
+    cases = [(p, p), (p, p.astype(np.float64)), (state.slots[0].m.view(dtype)[:3000], p)]
+    for pp, gg in cases:
+        before = snapshot(p, state)
+        with state._lock:
+            assert not _small.try_step(pp, gg, state)
+        assert snapshot(p, state) == before
+
+
 def test_a_one_leaf_tree_takes_it_too():
     rng = np.random.default_rng(1)
     p0 = rng.standard_normal(500).astype(np.float32)
@@ -80,7 +158,7 @@ def _state(p, **options):
 
 @pytest.mark.parametrize(
     "why",
-    ["8-bit", "two leaves", "too large", "clipping", "numpy backend", "float16", "labels"],
+    ["8-bit", "two leaves", "too large", "clipping", "numpy backend", "float16, 8-bit", "labels"],
 )
 def test_it_steps_aside_where_it_does_not_apply(why):
     p = np.ones(5000, np.float32)
@@ -98,9 +176,9 @@ def test_it_steps_aside_where_it_does_not_apply(why):
         state = _state(p, config=dict(max_grad_norm=1.0))
     elif why == "numpy backend":
         state = adamnp.init(p, adamnp.adamw(), backend="numpy")
-    elif why == "float16":
+    elif why == "float16, 8-bit":
         p, g = p.astype(np.float16), g.astype(np.float16)
-        state = _state(p)
+        state = _state(p, state_bits=8, min_8bit_size=1)
     else:
         p, g = {"a": p}, {"a": g}
         state = adamnp.init(p, {"x": adamnp.adamw()}, labels={"a": "x"}, backend="numba")

@@ -79,9 +79,17 @@ class Backend(Protocol):
 #: spec, arena_lo, arena_hi) -> bool | None`` (every leaf check of a step in one call; None:
 #: check in Python); ``checked_step_group(group, params, grads, scalars) -> int`` (the
 #: non-finite check in the step's own call, for one-group states: -1 or the first bad leaf,
-#: nothing written); ``step_one`` (the one-call step of a small single-leaf state,
+#: nothing written); ``step_one`` and ``step_one_half`` (the one-call step of a small
+#: single-leaf state, of float32/float64 and of float16/bfloat16 params,
 #: :mod:`adamnp._small`).
-OPTIONAL = ("data_addresses", "leaf_spec", "host_leaves_ok", "checked_step_group", "step_one")
+OPTIONAL = (
+    "data_addresses",
+    "leaf_spec",
+    "host_leaves_ok",
+    "checked_step_group",
+    "step_one",
+    "step_one_half",
+)
 
 #: Every name a backend module must define.
 CONTRACT = ("NAME", *(n for n, f in vars(Backend).items() if callable(f) and n[0] != "_"))

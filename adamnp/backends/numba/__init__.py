@@ -63,7 +63,7 @@ else:
     )
     from .q8_vbmi import quantize_blockwise_simd, step_q8_simd
     from .reduce import first_nonfinite, sum_squares
-    from .small import step_one
+    from .small import step_one, step_one_half
     from .util import CHUNK, chunk_table, data_addresses
 
 NAME = "numba"
@@ -90,6 +90,7 @@ __all__ = [
     "quantize_into",
     "step_group",
     "step_one",
+    "step_one_half",
     "to_host",
     "traffic_kernel",
     "traffic_kernel_half",

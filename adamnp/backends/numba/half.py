@@ -152,6 +152,7 @@ def round_half(x, u, half, stochastic):
 #: of its own format and rounding only: as runtime values, all four loops were compiled
 #: into every kernel (docs/backends.md, First use).
 _FORMAT_TAGS = ((np.int8, np.int16), (np.uint8, np.uint16))
+_TAGS = tuple(tuple(t(0) for t in pair) for pair in _FORMAT_TAGS)
 _TAG_VARIANTS = {
     types.int8: (0, False),
     types.int16: (0, True),
@@ -169,13 +170,25 @@ def format_tag(half: int, stochastic: bool) -> np.generic:
     >>> format_tag(1, False).dtype, format_tag(0, True).dtype
     (dtype('uint8'), dtype('int16'))
     """
-    return _FORMAT_TAGS[half][bool(stochastic)](0)
+    return _TAGS[half][bool(stochastic)]
 
 
 def _variant(fmt) -> tuple[int, bool]:
     if fmt not in _TAG_VARIANTS:
         raise numba.errors.TypingError(f"a half-precision format tag, not {fmt}")
     return _TAG_VARIANTS[fmt]
+
+
+def tag_format(fmt):
+    """The format (0 float16, 1 bfloat16) of the tag ``fmt``, a constant (compiled code
+    only)."""
+    raise NotImplementedError("tag_format runs in compiled code only")
+
+
+@overload(tag_format, inline="always")
+def _tag_format(fmt):
+    half = _variant(fmt)[0]
+    return lambda fmt: half
 
 
 # One loop per format and rounding, each a function of its own: a kernel calls (and Numba

@@ -13,14 +13,16 @@ the results are the same bits.
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 from numba import types
 from numba.extending import overload
 
 from ..math import SMALL_NONFINITE, SMALL_SHARES_MEMORY, SMALL_UPDATED, KernelScalars
-from .finite import is_nonfinite
+from .finite import LIMIT_BF16, LIMIT_F16, is_nonfinite, max_abs_half
 from .fp32 import _update
-from .util import jit
+from .half import PIECE, chunk_f32, data_address, format_tag, store_half, tag_format
+from .util import as_pointer, jit
 
 
 @jit(inline="always")
@@ -84,4 +86,55 @@ def step_one(p, g, m, v, vmax, host, decoupled, l2, amsgrad, maximize, check):
     k = _scalars(p, host[0], host[1], host[2], host[3], host[4], host[5], host[6], host[7],
                  host[8])  # fmt: skip
     _update(p, g, m, v, vmax, k, decoupled, l2, amsgrad, maximize)
+    return SMALL_UPDATED
+
+
+def step_one_half(p, g, m, v, vmax, host, decoupled, l2, amsgrad, maximize, check, half,
+                  stochastic, key, index_base):  # fmt: skip
+    """:func:`step_one` for a float16 or bfloat16 leaf with float32 moments.
+
+    ``p`` holds the leaf's bits (uint16), ``g`` its gradient's bits (uint16, the leaf's
+    format) or float32 values; ``half`` is the format (0 float16, 1 bfloat16),
+    ``stochastic`` the parameters' rounding, ``key`` the step's parameter key
+    (:func:`~adamnp.lowbit.half.param_key`) and ``index_base`` the group's first hash index.
+    The update is :func:`.half.step_half`'s, piece by piece: the same bits. A half gradient
+    is non-finite when NaN or Inf, or for bfloat16 of magnitude at or above the float32
+    limit (:mod:`.reduce`).
+    """
+    fmt = format_tag(half, stochastic)
+    return _step_one_half(p, g, m, v, vmax, host, decoupled, l2, amsgrad, maximize, check, fmt,
+                          key, index_base)  # fmt: skip
+
+
+@jit()
+def _step_one_half(p, g, m, v, vmax, host, decoupled, l2, amsgrad, maximize, check, fmt, key,
+                   index_base):  # fmt: skip
+    """:func:`step_one_half` with the format tag ``fmt`` (:func:`~.half.format_tag`)."""
+    if not (_disjoint(p, g) and _disjoint(p, m) and _disjoint(p, v) and _disjoint(p, vmax)):
+        return SMALL_SHARES_MEMORY
+    if not (_disjoint(g, m) and _disjoint(g, v) and _disjoint(g, vmax)):
+        return SMALL_SHARES_MEMORY
+    g_half = g.itemsize == 2
+    if check:
+        if g_half:
+            bits = numba.carray(as_pointer(g.ctypes.data, np.uint16), g.size)
+            limit = LIMIT_BF16 if tag_format(fmt) == 1 else LIMIT_F16
+            if max_abs_half(bits) >= limit:
+                return SMALL_NONFINITE
+        elif is_nonfinite(g):
+            return SMALL_NONFINITE
+    k = _scalars(m, host[0], host[1], host[2], host[3], host[4], host[5], host[6], host[7],
+                 host[8])  # fmt: skip
+    n = p.size
+    piece = min(n, PIECE)
+    scratch = np.empty(2 * piece, np.float32)
+    at = data_address(scratch)
+    p_at, g_at = p.ctypes.data, g.ctypes.data
+    for s in range(0, n, PIECE):
+        w = min(PIECE, n - s)
+        x = chunk_f32(p_at, s, w, fmt, True, at)
+        gw = chunk_f32(g_at, s, w, fmt, g_half, at + 4 * piece)
+        _update(x, gw, m[s : s + w], v[s : s + w], vmax[s : s + w] if amsgrad else vmax, k,
+                decoupled, l2, amsgrad, maximize)  # fmt: skip
+        store_half(p_at + s * 2, x, w, fmt, key, index_base + s)
     return SMALL_UPDATED
