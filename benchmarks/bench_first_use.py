@@ -27,6 +27,8 @@ CASES = {
     "bnb-gather-1M": (BNB, 1_000_000, "", "float32", {"ADAMNP_Q8_KERNEL": "gather"}),
     "sqrt-ams-1M": (SQRT, 1_000_000, "amsgrad=True", "float32", {}),
     "bnb-ams-1M": (BNB, 1_000_000, "amsgrad=True", "float32", {}),
+    "bf16-1K": ("{}", 1_000, "", "bfloat16", {}),
+    "f16-1M": ("{}", 1_000_000, "", "float16", {}),
     "sqrt-bf16-1M": (SQRT, 1_000_000, "", "bfloat16", {}),
     "bnb-f16-1M": (BNB, 1_000_000, "", "float16", {}),
 }
