@@ -195,6 +195,42 @@ def test_nonfinite_leaf_and_norm_of_half_gradients(dtype):
     assert numba_cpu.grad_sq_norm(grads) == pytest.approx(numpy_ref.grad_sq_norm(grads), 1e-12)
 
 
+@pytest.mark.parametrize("size", [3000, (1 << 19) + 5000])
+@pytest.mark.parametrize("dtype", HALF, ids=lambda d: d.name)
+def test_the_half_step_checks_its_gradients_before_writing(dtype, size):
+    """A state of one half group checks its gradients in its step kernel (one batch: in the
+    updating call; several: a check-only call first), with :func:`nonfinite_leaf`'s test:
+    the same leaf named, nothing written, and a valid step equal to the reference's."""
+    big = np.float32(np.finfo(np.float16).max)
+    limit = np.float32(2.0**63)
+    cases = [(0, size - 1, np.nan, "half", 0), (1, 3, -np.inf, "half", 1)]
+    cases += [(1, 2, 2.0**64, "float32", 1), (0, 0, big, "half", -1)]
+    cases += [(1, 6, np.nextafter(limit, 0), "float32", -1)]
+    if dtype == BF16:
+        cases += [(1, 4, -limit, "half", 1), (0, 7, limit - 2.0**55, "half", -1)]
+    for leaf, at, value, kind, bad in cases:
+        p0 = [np.linspace(-1, 1, size).astype(dtype), np.linspace(-1, 1, 7).astype(dtype)]
+        grads = [np.full(size, 0.5, dtype), np.full(7, -0.25, dtype)]
+        if kind == "float32":
+            grads[leaf] = grads[leaf].astype(np.float32)
+        grads[leaf][at] = value
+        expected = numpy_ref.nonfinite_leaf(grads)
+        assert numba_cpu.nonfinite_leaf(grads) == expected == bad
+        results = []
+        for backend in ("numpy", "numba"):
+            p = [a.copy() for a in p0]
+            state = adamnp.init(p, _config("stochastic"), backend=backend)
+            if expected >= 0:
+                with pytest.raises(ValueError, match=rf"grads\[{expected}\]"):
+                    adamnp.step(p, grads, state)
+                assert state.step == 0 and all(a.tobytes() == b.tobytes() for a, b in zip(p, p0))
+                assert all(not b.any() for g in state.groups for b in g.buffers.values())
+            else:
+                adamnp.step(p, grads, state)
+                results.append([a.tobytes() for a in p])
+        assert results == [] or results[0] == results[1]
+
+
 @pytest.mark.parametrize("nonfinite", ["raise", "skip"])
 @pytest.mark.parametrize("dtype", HALF, ids=lambda d: d.name)
 def test_nan_and_inf_in_half_gradients_change_nothing(dtype, nonfinite):

@@ -250,9 +250,10 @@ def _group_table(group) -> np.ndarray:
 
 
 def _step_group(group, params, grads, scalars, check: int = NO_CHECK) -> int:
-    """:func:`step_group`; for float32/float64 groups ``check`` is :func:`.fp32.step_fp32`'s
-    (:data:`~.fp32.CHECK_THEN_UPDATE` only for a table of one batch): -1, or the first bad
-    leaf's tree index with nothing written."""
+    """:func:`step_group`; for full-precision-moment groups ``check`` is
+    :func:`.fp32.step_fp32`'s (:data:`~.fp32.CHECK_THEN_UPDATE` only for a table of one
+    batch; :func:`.half.step_half` takes the same): -1, or the first bad leaf's tree index
+    with nothing written."""
     if group.kind not in ("fp32", "q8"):
         raise NotImplementedError(f"the 'numba' backend does not implement {group.kind!r} state")
     table = _group_table(group)
@@ -283,7 +284,7 @@ def _step_group(group, params, grads, scalars, check: int = NO_CHECK) -> int:
         work = int(group.offsets[-1])
         results = _launch(step_fp32, work, *common, *moments, k, flags, check)
         return next((int(r) for r in results if r >= 0), -1)  # the first in table order
-    _launch(
+    results = _launch(
         step_half,
         int(group.offsets[-1]),
         *common,
@@ -294,8 +295,9 @@ def _step_group(group, params, grads, scalars, check: int = NO_CHECK) -> int:
         format_tag(half, scalars.stochastic_params),
         np.uint32(param_key(scalars.step, group.tag)),
         np.int64(group.index_base),
+        check,
     )
-    return -1
+    return next((int(r) for r in results if r >= 0), -1)  # the first in table order
 
 
 def checked_step_group(group, params, grads, scalars) -> int:
@@ -306,7 +308,7 @@ def checked_step_group(group, params, grads, scalars) -> int:
     For a state of one group this is the whole step's check, so :func:`adamnp.step` uses it
     then (one pass less over the leaves' addresses and one call less).
     """
-    if group.kind == "fp32" and group.half < 0 and scalars.amsgrad == ("vmax" in group.buffers):
+    if group.kind == "fp32" and scalars.amsgrad == ("vmax" in group.buffers):
         # one batch: one kernel call checks every chunk before it updates any; with several
         # (each call checks only its own batch), a check-only pass of the same kernel first
         # (no second kernel to compile for the check)

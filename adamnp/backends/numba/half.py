@@ -33,7 +33,8 @@ from numba.core.codegen import get_host_cpu_features
 from numba.extending import intrinsic, overload
 
 from ...lowbit import half as fmt
-from .fp32 import _update
+from .finite import ABS32, LIMIT32, LIMIT_BF16, LIMIT_F16, max_abs_bits, max_abs_half
+from .fp32 import CHECK_ONLY, _update
 from .quant import block_keys, index_hash
 from .schedule import launch_traffic
 from .util import as_pointer, jit
@@ -311,18 +312,39 @@ def _store_half(address, x, n, fmt, key, h):
 
 @jit()
 def step_half(table, leaf_ids, offsets, p_addr, g_addr, g_half, m, v, vmax, k, flags, fmt, key,
-              index_base):  # fmt: skip
-    """Update all chunks of ``table`` in place: a half-precision group with float32 moments.
+              index_base, check):  # fmt: skip
+    """Update all chunks of ``table`` in place: a half-precision group with float32 moments;
+    -1, or with ``check`` the tree index of the first leaf whose gradient is non-finite,
+    with nothing written.
 
     Arguments as :func:`.fp32.step_fp32`'s, plus ``g_half`` (per leaf of the group: 1 if its
     gradient is of the parameter's format, 0 if float32), the tag ``fmt`` of the parameters'
     format and rounding (:func:`format_tag`) and the step's parameter ``key``
     (:func:`~adamnp.lowbit.half.param_key`); element ``e`` of the buffers hashes as
-    ``index_base + e`` (int64). Each chunk goes by pieces of :data:`PIECE` elements: upcast
-    ``p`` (and a half ``g``) into a float32 scratch, run :func:`.fp32.step_fp32`'s loop on
-    it, round it back.
+    ``index_base + e`` (int64). ``check`` as :func:`.fp32.step_fp32`'s, with the test of
+    :func:`.reduce.first_nonfinite` (a half gradient: NaN or Inf, for bfloat16 also a
+    magnitude at or above the float32 limit). Each chunk goes by pieces of :data:`PIECE`
+    elements: upcast ``p`` (and a half ``g``) into a float32 scratch, run
+    :func:`.fp32.step_fp32`'s loop on it, round it back.
     """
     decoupled, l2, amsgrad, maximize = flags
+    if check:
+        limit = LIMIT_BF16 if tag_format(fmt) == 1 else LIMIT_F16
+        bad = np.zeros(table.shape[0], np.bool_)
+        for c in range(table.shape[0]):
+            j, lo, hi = table[c, 0], table[c, 1], table[c, 2]
+            at = g_addr[leaf_ids[j]]
+            if g_half[j]:
+                bits = numba.carray(as_pointer(at + lo * 2, np.uint16), hi - lo)
+                bad[c] = max_abs_half(bits) >= limit
+            else:
+                bits32 = numba.carray(as_pointer(at + lo * 4, np.int32), hi - lo)
+                bad[c] = max_abs_bits(bits32, ABS32) >= LIMIT32
+        for c in range(table.shape[0]):
+            if bad[c]:
+                return leaf_ids[table[c, 0]]
+        if check == CHECK_ONLY:
+            return -1
     for c in range(table.shape[0]):
         j, lo, hi = table[c, 0], table[c, 1], table[c, 2]
         leaf = leaf_ids[j]
@@ -341,6 +363,7 @@ def step_half(table, leaf_ids, offsets, p_addr, g_addr, g_half, m, v, vmax, k, f
             _update(x, g, m[a : a + w], v[a : a + w], vmax[a : a + w] if amsgrad else vmax, k,
                     decoupled, l2, amsgrad, maximize)  # fmt: skip
             store_half(p_addr[leaf] + s * 2, x, w, fmt, key, index_base + a)
+    return -1
 
 
 @jit()
