@@ -18,7 +18,7 @@ from ._validate import validate_layout, warn_layout
 from .lowbit import reference as bnb
 from .lowbit import sqrt
 from .lowbit.maps import moment_map, zero_code
-from .lowbit.stochastic import group_key
+from .lowbit.stochastic import group_key, root_keys
 
 #: Elements per conversion chunk: whole blocks of every block size (64..4096).
 CHUNK = 1 << 16
@@ -191,6 +191,7 @@ def _fill(group, state: AdamState, source, be) -> None:
         for name, buf in group.buffers.items()
     }
     key = group_key(group, state.step)  # None: no stochastic rounding
+    roots = root_keys(group, state.step)
     for j, leaf in enumerate(group.leaf_ids):
         slot = state.slots[leaf]
         arrays = {f: _host(source, a).reshape(-1) for f, a in _fields(slot).items()}
@@ -208,7 +209,8 @@ def _fill(group, state: AdamState, source, be) -> None:
                 for x, values in moments.items():
                     staged[x][e0 + lo : e0 + hi] = values
             else:
-                _encode(group, staged, moments, key, e0 + lo, b0 + lo // group.block_size)
+                _encode(group, staged, moments, (key, roots), e0 + lo,
+                        b0 + lo // group.block_size)  # fmt: skip
     for name, buf in group.buffers.items():
         if staged[name] is not buf:
             be.copy_from_host(buf, staged[name])
@@ -246,9 +248,11 @@ def _decode(slot, fmt: str, arrays: dict, lo: int, hi: int) -> dict:
     return out
 
 
-def _encode(group, staged: dict, moments: dict, key, e: int, b: int) -> None:
+def _encode(group, staged: dict, moments: dict, keys, e: int, b: int) -> None:
     """Store ``moments`` (whole blocks from element ``e``, block ``b`` of the group) as the
-    group's 8-bit format stores them after a step (:mod:`adamnp.backends.numpy`)."""
+    group's 8-bit format stores them after a step (:mod:`adamnp.backends.numpy`); ``keys``
+    are the step's ``(group_key, root_keys)``."""
+    key, roots = keys
     bs = group.block_size
     n = moments["m"].size
     codes = {x: staged[f"codes_{x}"][e : e + n] for x in moments}
@@ -256,7 +260,7 @@ def _encode(group, staged: dict, moments: dict, key, e: int, b: int) -> None:
     h = group.index_base + e  # the hash index of element e (the backends')
     if group.state_format == "sqrt":
         sqrt.requantize_into(moments["m"], moments["v"], moments.get("vmax"), codes, absmax,
-                             bs, key, h)  # fmt: skip
+                             bs, key, h, roots)  # fmt: skip
         return
     for x, values in moments.items():
         qmap = moment_map(x)

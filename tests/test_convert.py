@@ -18,7 +18,7 @@ from adamnp import backends
 from adamnp.lowbit import reference as bnb
 from adamnp.lowbit import sqrt
 from adamnp.lowbit.maps import moment_map, zero_code
-from adamnp.lowbit.stochastic import gap_tables, step_key
+from adamnp.lowbit.stochastic import gap_tables, root_keys, step_key
 
 #: (state_format, v_rounding) of every 8-bit variant
 FORMATS = [("sqrt", None), ("bnb", "nearest"), ("bnb", "stochastic")]
@@ -101,8 +101,9 @@ def _encoded(state, moments_of, key_step) -> dict:
             codes = {x: bufs[f"codes_{x}"][e0:e1] for x in mom}
             absmax = {x: bufs[f"absmax_{x}"][b0:b1] for x in mom}
             if group.state_format == "sqrt":
+                roots = root_keys(group, key_step)
                 sqrt.requantize_into(
-                    mom["m"], mom["v"], mom.get("vmax"), codes, absmax, bs, key, e0
+                    mom["m"], mom["v"], mom.get("vmax"), codes, absmax, bs, key, e0, roots
                 )
                 continue
             for x, a in mom.items():

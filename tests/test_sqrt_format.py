@@ -27,7 +27,7 @@ from adamnp.backends import numpy as ref
 from adamnp.backends.math import host_scalars, kernel_scalars
 from adamnp.lowbit import sqrt as fmt
 from adamnp.lowbit.maps import map_names
-from adamnp.lowbit.stochastic import block_key, group_key, mix32
+from adamnp.lowbit.stochastic import block_key, group_key, mix32, root_keys
 
 S_MAP = fmt.s_map()
 W_MAP = fmt.s_map(wide=True)
@@ -278,7 +278,7 @@ def _requantize_column(m, v):
     mm[-1] = vv[-1] = 1.0
     codes = {"m": np.empty(n, np.uint8), "v": np.empty(n, np.uint8)}
     absmax = {"m": np.empty(1, np.float32), "v": np.empty(1, np.float32)}
-    fmt.requantize_into(mm, vv, None, codes, absmax, n, 0, 0)
+    fmt.requantize_into(mm, vv, None, codes, absmax, n, 0, 0, (0, 0))  # roots hashed alike
     assert abs(absmax["v"][0]) == 1 and absmax["m"][0] == 1  # -1: on the wide map
     return codes["m"][:-1].view(np.int8).astype(np.int64), codes["v"][:-1].astype(np.int64)
 
@@ -434,13 +434,17 @@ def test_s_follows_a_shrinking_gradient(backend):
 
 
 def test_s_follows_a_shrinking_gradient_on_average(backend):
-    """255 elements with the same gradients (independent hashes): their mean v is the exact
-    one within 5 standard errors, and the median within 2x (nearest rounding would stay near
-    the value of step 1000, 15 times the exact one)."""
+    """255 elements with the same gradients, each with its own offset of the roots' draws
+    (:func:`~adamnp.lowbit.stochastic.root_keys`): every one keeps its v within 0.6x-1.5x
+    of the exact one, and their mean s is the exact one within 5%. (Independent draws at
+    every step, the rounding before 2026-12-06, let the stored s wander: over 4080 such
+    elements v ended between 0.25x and 5.3x; the evenly spread draws keep 0.66x-1.32x, with
+    a mean s 3% low: tools/s_rounding_study.py.) Nearest rounding would stay near the value
+    of step 1000, 15 times the exact one."""
     v, exact = _shrinking_run(backend)
-    se = v.std() / np.sqrt(v.size)
-    assert abs(v.mean() - exact) <= 5 * se, (v.mean() / exact, se / exact)
-    assert 0.5 * exact < np.median(v) < 2 * exact
+    ratio = v / exact
+    assert 0.6 < ratio.min() and ratio.max() < 1.5, (ratio.min(), ratio.max())
+    assert abs(np.sqrt(ratio).mean() - 1) < 0.05, np.sqrt(ratio).mean()
 
 
 # -- 6. decoding, and the reference step as its three pieces
@@ -479,8 +483,9 @@ def test_reference_step_is_dequantize_update_requantize(amsgrad):
     nb = -(-n // bs)
     codes = {x: np.empty(n, np.uint8) for x in moments}
     absmax = {x: np.empty(nb, np.float32) for x in moments}
+    group = state.groups[0]
     fmt.requantize_into(moments["m"], moments["v"], moments.get("vmax"), codes, absmax, bs,
-                        group_key(state.groups[0], 2), 0)  # fmt: skip
+                        group_key(group, 2), 0, root_keys(group, 2))  # fmt: skip
     adamnp.step(p, g, state)
     assert p.tobytes() == expect_p.tobytes()
     for x in moments:

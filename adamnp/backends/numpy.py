@@ -18,7 +18,7 @@ from ..lowbit import reference as q8
 from ..lowbit import sqrt as q8sqrt
 from ..lowbit.half import half_format, param_key, round_half_array, to_f32_array
 from ..lowbit.maps import moment_map, zero_code
-from ..lowbit.stochastic import element_hashes, group_key
+from ..lowbit.stochastic import element_hashes, group_key, root_keys
 from .math import KernelScalars, grad_limit, kernel_scalars
 
 NAME = "numpy"
@@ -268,6 +268,7 @@ def _step_sqrt(group, params, grads, scalars) -> None:
     t2 = np.empty(chunk, np.float32)
     scratch = {x: np.empty(chunk, np.float32) for x in names}
     key = group_key(group, scalars.step)
+    roots = root_keys(group, scalars.step)
     half = _HalfParams(group, scalars, chunk)
     for p, g, codes, absmax, e in _q8_chunks(group, params, grads, names):
         n = p.size
@@ -278,7 +279,7 @@ def _step_sqrt(group, params, grads, scalars) -> None:
                      scalars, t1[:n], t2[:n])  # fmt: skip
         half.store(p, x, e)
         q8sqrt.requantize_into(moments["m"], moments["v"], moments.get("vmax"), codes, absmax,
-                               bs, key, group.index_base + e)  # fmt: skip
+                               bs, key, group.index_base + e, roots)  # fmt: skip
 
 
 def _step_q8(group, params, grads, scalars) -> None:

@@ -333,13 +333,14 @@ def _encode(y, amax, numerator, floor, block_size, codes_out, absmax_out, code_o
     absmax_out[:] = np.where(ok, scale, np.float32(np.nan))
 
 
-def requantize_into(m, v, vmax, codes, absmax, block_size, key, index0) -> None:
+def requantize_into(m, v, vmax, codes, absmax, block_size, key, index0, roots) -> None:
     """Store the updated float32 moments ``m``, ``v`` (and ``vmax``, or None) of whole blocks.
 
     ``codes`` and ``absmax`` map ``"m"``, ``"v"`` (and ``"vmax"``) to the output slices;
     ``index0`` is the hash index of the first element (its group's ``index_base`` plus its
-    index in the group's buffer), ``key`` the step's hash key. The definition is the
-    module's.
+    index in the group's buffer), ``key`` the step's hash key (the ratios' rounding) and
+    ``roots`` the step's :func:`~adamnp.lowbit.stochastic.root_keys` (the rounding of ``s``
+    and of ``sqrt(vmax)``). The definition is the module's.
     """
     n = m.size
     nb = -(-n // block_size)
@@ -348,9 +349,12 @@ def requantize_into(m, v, vmax, codes, absmax, block_size, key, index0) -> None:
     with np.errstate(invalid="ignore", divide="ignore"):
         np.divide(m, s, out=r, where=s != 0)
     h = element_hashes(key, index0, n)
+    offset_key, phase = roots
+    with np.errstate(over="ignore"):
+        h_s = element_hashes(offset_key, index0, n) + np.uint32(phase)
 
     def s_codes(scaled, wide):
-        return _s_codes(scaled, h, wide)
+        return _s_codes(scaled, h_s, wide)
 
     def r_codes(t):
         u = (h & np.uint32(0xFFF)).astype(np.float32) * np.float32(2.0**-_U_R_BITS)

@@ -83,6 +83,35 @@ def group_key(group, step: int) -> int | None:
     return step_key(step, group.tag)
 
 
+#: The per-step increment of the ``"sqrt"`` format's rounding of ``s``: ``2**32`` over the
+#: golden ratio, so that an element's 20-bit draws ``(offset + t * S_PHASE) mod 2**32`` over
+#: consecutive steps ``t`` form a Weyl sequence, as evenly spread as a sequence can be.
+S_PHASE = 0x9E3779B9
+
+
+def root_keys(group, step: int) -> tuple[int, int]:
+    """``(offset key, phase)`` of step ``step`` for the ``"sqrt"``-format ``group``: the
+    element with hash index ``e`` rounds ``s`` with the 32-bit draw ``(element hash of e
+    under the offset key) + phase``, mod ``2**32``. The offset key is
+    :func:`step_key` of step 0 (steps count from 1), the same at every step; the phase is
+    ``step * S_PHASE``.
+
+    An element's draws then move by a fixed irrational fraction from step to step instead of
+    at random: when ``s`` drifts slowly between two map values (``v`` moves by at most
+    ``1 - b2`` per step), the number of times it rounds up follows its drift within a code
+    or so, where independent draws let the stored ``s`` wander like a random walk
+    (docs/eight_bit.md, "Rounding of ``s``").
+
+    Examples
+    --------
+    >>> from types import SimpleNamespace
+    >>> g = SimpleNamespace(tag=3)
+    >>> root_keys(g, 2) == (step_key(0, 3), (2 * S_PHASE) % 2**32)
+    True
+    """
+    return step_key(0, group.tag), (step * S_PHASE) & 0xFFFFFFFF
+
+
 def _mix32_int(x: int) -> int:
     """`mix32` of a Python integer in 0..2**32-1."""
     x ^= x >> 16

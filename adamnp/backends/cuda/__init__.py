@@ -56,7 +56,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from ...lowbit.half import half_format, param_key, typestr_dtype
-from ...lowbit.stochastic import group_key
+from ...lowbit.stochastic import group_key, root_keys
 from ..math import grad_limit, kernel_flags, kernel_scalars
 
 NAME = "cuda"
@@ -393,7 +393,8 @@ def _step_q8(group, plan, k, s) -> None:
         _launch(
             kernel, _q8_grid(q, plan, kernel), plan.ptrs, plan.chunks, plan.offsets,
             plan.q8.block_offsets, b["codes_m"], b["codes_v"], codes_w, b["absmax_m"],
-            b["absmax_v"], absmax_w, k, *kernel_flags(s), np.uint32(key), *rounding,
+            b["absmax_v"], absmax_w, k, *kernel_flags(s), np.uint32(key),
+            *(np.uint32(x) for x in root_keys(group, s.step)), *rounding,
             np.int64(group.index_base), threads=q.threads,
         )  # fmt: skip
         return

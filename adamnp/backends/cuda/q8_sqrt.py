@@ -9,11 +9,13 @@ s`` and ``m = (q * (R / 127)) * s`` from the signed byte ``q`` (and amsgrad's ``
 scalar record ``k`` and the four flags, as in :mod:`.fp32`), then store ``s = sqrt(v)`` and
 ``r = m / s`` (0 where ``s`` is 0) with the block's new maxima ``S`` and ``R``,
 both rounded stochastically (:func:`~adamnp.lowbit.sqrt.s_code`,
-:func:`~adamnp.lowbit.sqrt.r_code`) from one hash per element: ``mix32(index_low ^
+:func:`~adamnp.lowbit.sqrt.r_code`): ``r`` with the hash ``mix32(index_low ^
 block_key(key, index_high))`` of the element's hash index (the group's ``index_base`` plus
 its index in the group's buffers), ``key`` the step's
-:func:`~adamnp.lowbit.stochastic.group_key`. A block whose ``s``, ``|r|`` (or
-``sqrt(vmax)``) holds NaN or Inf stores absmax NaN and code 0 for that moment.
+:func:`~adamnp.lowbit.stochastic.group_key`; ``s`` (and ``sqrt(vmax)``) with the same hash
+under the offset key of :func:`~adamnp.lowbit.stochastic.root_keys` plus the step's phase.
+A block whose ``s``, ``|r|`` (or ``sqrt(vmax)``) holds NaN or Inf stores absmax NaN and
+code 0 for that moment.
 
 Work split and launch are :mod:`.q8`'s: tiles of ``threads * per_thread`` elements (whole
 quantization blocks of one leaf), a grid of at most the blocks resident at once, each CUDA
@@ -218,10 +220,12 @@ def build(block_size: int, half: int = -1) -> SimpleNamespace:
     def adam_step_q8_sqrt(
         ptrs, tiles, offsets, block_offsets,
         codes_m, codes_v, codes_w, absmax_m, absmax_v, absmax_w,
-        k, decoupled_decay, l2_decay, amsgrad, maximize, key, p_stochastic, p_key, index_base,
+        k, decoupled_decay, l2_decay, amsgrad, maximize, key, s_key, phase, p_stochastic, p_key,
+        index_base,
     ):  # fmt: skip
         """One 8-bit Adam/AdamW step of every leaf of a ``"sqrt"``-format group (``w`` is
-        amsgrad's vmax, ``key`` the step's uint32 hash key; ``p_stochastic``: round
+        amsgrad's vmax, ``key`` the step's uint32 hash key, ``s_key`` and ``phase`` its
+        :func:`~adamnp.lowbit.stochastic.root_keys`; ``p_stochastic``: round
         half-precision params stochastically with ``p_key``; element ``e`` of the buffers
         hashes as ``index_base + e``, int64)."""
         t = cuda.threadIdx.x
@@ -350,24 +354,30 @@ def build(block_size: int, half: int = -1) -> SimpleNamespace:
             e0 = np.uint64(hash_base + first)
             low = np.uint32(e0 & low32)
             high = np.uint32(e0 >> high_shift)
-            key0 = hash_key(key, high)
-            key1 = hash_key(key, np.uint32(high + one32))
+            s_key0 = hash_key(s_key, high)
+            s_key1 = hash_key(s_key, np.uint32(high + one32))
             # One loop per moment: each is fully unrolled at 16 elements per thread (the
-            # merged body was not, which put the per-thread arrays in local memory).
+            # merged body was not, which put the per-thread arrays in local memory). The
+            # roots' draws (offset hash plus the step's phase) are kept for vmax.
             for j in range(per_thread):
                 i = first + j * group + lane
                 e = np.uint64(base + i)
                 index = np.uint32(np.uint64(hash_base + i) & low32)
-                h = mix(np.uint32(index ^ (key0 if index >= low else key1)))
+                h = mix(np.uint32(index ^ (s_key0 if index >= low else s_key1)))
+                h = np.uint32((np.uint64(h) + np.uint64(phase)) & low32)  # wraps, quietly
                 hashes[j] = h
                 if i < n:
                     cs = encode_s(f2i(new_s[j] * mult_s), h, wide_s) if ok_s else no_code
                     codes_v[e] = np.uint8(cs)
+            key0 = hash_key(key, high)
+            key1 = hash_key(key, np.uint32(high + one32))
             for j in range(per_thread):
                 i = first + j * group + lane
                 if i < n:
                     e = np.uint64(base + i)
-                    cr = encode_r(new_r[j] * mult_r, hashes[j]) if ok_r else no_code
+                    index = np.uint32(np.uint64(hash_base + i) & low32)
+                    h = mix(np.uint32(index ^ (key0 if index >= low else key1)))
+                    cr = encode_r(new_r[j] * mult_r, h) if ok_r else no_code
                     codes_m[e] = np.uint8(cr & np.int32(0xFF))
             if amsgrad:
                 for j in range(per_thread):
@@ -418,8 +428,8 @@ def signatures(block_sizes=(64, 256, 1024, 4096), half: int = -1) -> dict:
     codes, f32a = types.uint8[::1], types.float32[::1]
     sig = (
         (table, ints, offs, offs) + (codes,) * 3 + (f32a,) * 3
-        + (scalars_type(types.float32), *flags_types(), types.uint32, types.boolean, types.uint32)
-        + (types.int64,)
+        + (scalars_type(types.float32), *flags_types(), types.uint32, types.uint32, types.uint32)
+        + (types.boolean, types.uint32, types.int64)
     )  # fmt: skip
     suffix = ("", "_f16", "_bf16")[half + 1]
     kernels = {bs: build(bs, half).adam_step_q8_sqrt for bs in block_sizes}

@@ -46,7 +46,7 @@ else:
     from ...lowbit.decades import build_decade_tables
     from ...lowbit.exact import build_quant_tables, moment_code
     from ...lowbit.half import param_key
-    from ...lowbit.stochastic import gap_tables, group_key
+    from ...lowbit.stochastic import gap_tables, group_key, root_keys
     from ..math import kernel_flags, kernel_scalars
     from . import quant, schedule
     from .avx512 import HAVE_VBMI, byte_planes
@@ -269,7 +269,7 @@ def _step_group(group, params, grads, scalars, check: int = NO_CHECK) -> int:
         key = group_key(group, scalars.step)
         half = _half_arguments(group, grads, scalars)
         if group.state_format == "sqrt":
-            _step_q8_sqrt(group, table, p_addr, g_addr, k, flags, key, half)
+            _step_q8_sqrt(group, table, p_addr, g_addr, k, flags, key, half, scalars.step)
         else:
             _step_q8(group, table, p_addr, g_addr, k, flags, key, half)
         return -1
@@ -484,19 +484,20 @@ def _half_arguments(group, grads, scalars) -> tuple | None:
     return fmt, _grad_kinds(group, grads), np.uint32(key)
 
 
-def _step_q8_sqrt(group, table, p_addr, g_addr, k, flags, key, half) -> None:
+def _step_q8_sqrt(group, table, p_addr, g_addr, k, flags, key, half, step) -> None:
     """One :func:`~.q8_sqrt.step_q8_sqrt` call for the ``"sqrt"``-format ``group``
     (:func:`~.q8_sqrt.step_q8_sqrt_half` for float16/bfloat16 params; their ``_amsgrad``
     versions with amsgrad, so that a state compiles only the kernel it runs)."""
     work, args = int(group.offsets[-1]), _q8_arguments(group, table, p_addr, g_addr)
     base = np.int64(group.index_base)
     amsgrad = "codes_vmax" in group.buffers
+    s_key, phase = (np.uint32(x) for x in root_keys(group, step))
     if half is None:
         kernel = step_q8_sqrt_amsgrad if amsgrad else step_q8_sqrt
-        _launch(kernel, work, *args, k, flags, np.uint32(key), base)
+        _launch(kernel, work, *args, k, flags, np.uint32(key), s_key, phase, base)
     else:
         kernel = step_q8_sqrt_half_amsgrad if amsgrad else step_q8_sqrt_half
-        _launch(kernel, work, *args, k, flags, np.uint32(key), *half, base)
+        _launch(kernel, work, *args, k, flags, np.uint32(key), s_key, phase, *half, base)
 
 
 def _step_q8(group, table, p_addr, g_addr, k, flags, key, half) -> None:

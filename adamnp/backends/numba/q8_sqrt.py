@@ -161,22 +161,26 @@ def _zero_codes(codes, e, n):
 
 
 @jit(inline="always")
-def _encode_block(sr, ss, n, codes_m, codes_v, e, h, absmax_m, absmax_v, b, br, bs, ls, key):
+def _encode_block(sr, ss, n, codes_m, codes_v, e, h, absmax_m, absmax_v, b, br, bs, ls, key,
+                  s_key, phase):  # fmt: skip
     """Pass 2: store block ``b``'s absmax and codes of ``m`` and ``v``
     (:mod:`adamnp.lowbit.sqrt`, steps 2-4); the block's first element is ``codes_*[e]``, of
-    hash index ``h``.
+    hash index ``h``; ``key`` the step's hash key (the ratios), ``s_key`` and ``phase`` its
+    :func:`~adamnp.lowbit.stochastic.root_keys` (the roots).
 
     The hot loop has no branch (a NaN/Inf block's codes are zeroed after it) and counts the
     index in uint32 (:func:`~.quant.index_hash`)."""
     absmax_m[b], mult_r, ok_r = _scale(br, _LEVELS, _R_FLOOR)
     absmax_v[b], mult_s, ok_s, wide = _scale_root(bs, ls)
     key0, key1, low = block_keys(key, h)
+    s_key0, s_key1, _ = block_keys(s_key, h)
     e = np.uint64(e)
     index = low
     for i in range(np.uint64(0), np.uint64(n)):
         h = index_hash(index, key0, key1, low)
+        h_s = np.uint32(index_hash(index, s_key0, s_key1, low) + phase)
         index = np.uint32(index + np.uint32(1))
-        codes_v[e + i] = np.uint8(s_code(np.float32(ss[i] * mult_s).view(np.int32), h, wide))
+        codes_v[e + i] = np.uint8(s_code(np.float32(ss[i] * mult_s).view(np.int32), h_s, wide))
         codes_m[e + i] = np.uint8(r_code(np.float32(sr[i] * mult_r), h) & 0xFF)
     if not ok_s:
         _zero_codes(codes_v, e, n)
@@ -185,16 +189,16 @@ def _encode_block(sr, ss, n, codes_m, codes_v, e, h, absmax_m, absmax_v, b, br, 
 
 
 @jit(inline="always")
-def _encode_vmax(sx, n, codes_x, e, h, absmax_x, b, bx, lx, key):
-    """Pass 2 for amsgrad's ``vmax`` (as ``v`` in :func:`_encode_block`, same hashes)."""
+def _encode_vmax(sx, n, codes_x, e, h, absmax_x, b, bx, lx, s_key, phase):
+    """Pass 2 for amsgrad's ``vmax`` (as ``v`` in :func:`_encode_block`, same draws)."""
     absmax_x[b], mult_x, ok_x, wide = _scale_root(bx, lx)
-    key0, key1, low = block_keys(key, h)
+    s_key0, s_key1, low = block_keys(s_key, h)
     e = np.uint64(e)
     index = low
     for i in range(np.uint64(0), np.uint64(n)):
-        h = index_hash(index, key0, key1, low)
+        h_s = np.uint32(index_hash(index, s_key0, s_key1, low) + phase)
         index = np.uint32(index + np.uint32(1))
-        codes_x[e + i] = np.uint8(s_code(np.float32(sx[i] * mult_x).view(np.int32), h, wide))
+        codes_x[e + i] = np.uint8(s_code(np.float32(sx[i] * mult_x).view(np.int32), h_s, wide))
     if not ok_x:
         _zero_codes(codes_x, e, n)
 
@@ -206,7 +210,7 @@ def _encode_vmax(sx, n, codes_x, e, h, absmax_x, b, bx, lx, key):
 
 @jit()
 def _chunk(p, g, j, lo, hi, offsets, block_offsets, block_size, codes, absmax, k, flags, key,
-           index_base):  # fmt: skip
+           s_key, phase, index_base):  # fmt: skip
     """Both passes over every block of one chunk (``p`` and ``g`` its float32 values), without
     amsgrad. A call, not inlined: the kernels share its compiled code, and Numba's inlining of
     it into each took seconds of compile time (one call per chunk of up to 32768 elements)."""
@@ -222,13 +226,13 @@ def _chunk(p, g, j, lo, hi, offsets, block_offsets, block_size, codes, absmax, k
         br, bs, ls = _update_block(p, g, s, n, codes_m, codes_v, e, absmax_m[b], absmax_v[b],
                                    sr, ss, k, decoupled, l2, maximize)  # fmt: skip
         _encode_block(sr, ss, n, codes_m, codes_v, e, index_base + e, absmax_m, absmax_v, b,
-                      br, bs, ls, key)  # fmt: skip
+                      br, bs, ls, key, s_key, phase)  # fmt: skip
         b += 1
 
 
 @jit()
 def _chunk_amsgrad(p, g, j, lo, hi, offsets, block_offsets, block_size, codes, absmax, k,
-                   flags, key, index_base):  # fmt: skip
+                   flags, key, s_key, phase, index_base):  # fmt: skip
     """:func:`_chunk` with amsgrad's ``vmax``."""
     decoupled, l2, _, maximize = flags
     codes_m, codes_v, codes_x = codes
@@ -245,14 +249,14 @@ def _chunk_amsgrad(p, g, j, lo, hi, offsets, block_offsets, block_size, codes, a
             sr, ss, sx, k, decoupled, l2, maximize,
         )  # fmt: skip
         _encode_block(sr, ss, n, codes_m, codes_v, e, index_base + e, absmax_m, absmax_v, b,
-                      br, bs, ls, key)  # fmt: skip
-        _encode_vmax(sx, n, codes_x, e, index_base + e, absmax_x, b, bx, lx, key)
+                      br, bs, ls, key, s_key, phase)  # fmt: skip
+        _encode_vmax(sx, n, codes_x, e, index_base + e, absmax_x, b, bx, lx, s_key, phase)
         b += 1
 
 
 @jit()
 def step_q8_sqrt(table, leaf_ids, offsets, block_offsets, block_size, p_addr, g_addr, codes,
-                 absmax, k, flags, key, index_base):  # fmt: skip
+                 absmax, k, flags, key, s_key, phase, index_base):  # fmt: skip
     """Update all chunks of ``table`` in place: float32 params and grads (arguments as
     :func:`.q8.step_q8`'s, without maps: ``codes = (m, v, vmax)`` and ``absmax = (m, v,
     vmax)``, the vmax entries empty; ``key`` the step's hash key; element ``e`` of the
@@ -263,19 +267,19 @@ def step_q8_sqrt(table, leaf_ids, offsets, block_offsets, block_size, p_addr, g_
         p = numba.carray(as_pointer(p_addr[leaf_ids[j]] + lo * 4, np.float32), hi - lo)
         g = numba.carray(as_pointer(g_addr[leaf_ids[j]] + lo * 4, np.float32), hi - lo)
         _chunk(p, g, j, lo, hi, offsets, block_offsets, block_size, codes, absmax, k, flags,
-               key, index_base)  # fmt: skip
+               key, s_key, phase, index_base)  # fmt: skip
 
 
 @jit()
 def step_q8_sqrt_amsgrad(table, leaf_ids, offsets, block_offsets, block_size, p_addr, g_addr,
-                         codes, absmax, k, flags, key, index_base):  # fmt: skip
+                         codes, absmax, k, flags, key, s_key, phase, index_base):  # fmt: skip
     """:func:`step_q8_sqrt` with amsgrad (the vmax entries of ``codes`` and ``absmax``)."""
     for c in range(table.shape[0]):
         j, lo, hi = table[c, 0], table[c, 1], table[c, 2]
         p = numba.carray(as_pointer(p_addr[leaf_ids[j]] + lo * 4, np.float32), hi - lo)
         g = numba.carray(as_pointer(g_addr[leaf_ids[j]] + lo * 4, np.float32), hi - lo)
         _chunk_amsgrad(p, g, j, lo, hi, offsets, block_offsets, block_size, codes, absmax, k,
-                       flags, key, index_base)  # fmt: skip
+                       flags, key, s_key, phase, index_base)  # fmt: skip
 
 
 @jit(inline="always")
@@ -290,7 +294,8 @@ def _upcast(p_addr, g_addr, leaf, lo, n, fmt, g_half):
 
 @jit()
 def step_q8_sqrt_half(table, leaf_ids, offsets, block_offsets, block_size, p_addr, g_addr,
-                      codes, absmax, k, flags, key, fmt, g_half, p_key, index_base):  # fmt: skip
+                      codes, absmax, k, flags, key, s_key, phase, fmt, g_half, p_key,
+                      index_base):  # fmt: skip
     """:func:`step_q8_sqrt` for float16 or bfloat16 params (the format and rounding of the tag
     ``fmt``, :func:`~.half.format_tag`), with grads of that format where ``g_half[j]`` (else
     float32): each chunk is upcast into a scratch and rounded back after its blocks
@@ -301,20 +306,20 @@ def step_q8_sqrt_half(table, leaf_ids, offsets, block_offsets, block_size, p_add
         j, lo, hi = table[c, 0], table[c, 1], table[c, 2]
         scratch, p, g = _upcast(p_addr, g_addr, leaf_ids[j], lo, hi - lo, fmt, g_half[j])
         _chunk(p, g, j, lo, hi, offsets, block_offsets, block_size, codes, absmax, k, flags,
-               key, index_base)  # fmt: skip
+               key, s_key, phase, index_base)  # fmt: skip
         store_half(p_addr[leaf_ids[j]] + lo * 2, scratch, hi - lo, fmt, p_key,
                    index_base + offsets[j] + lo)  # fmt: skip
 
 
 @jit()
 def step_q8_sqrt_half_amsgrad(table, leaf_ids, offsets, block_offsets, block_size, p_addr,
-                              g_addr, codes, absmax, k, flags, key, fmt, g_half, p_key,
-                              index_base):  # fmt: skip
+                              g_addr, codes, absmax, k, flags, key, s_key, phase, fmt,
+                              g_half, p_key, index_base):  # fmt: skip
     """:func:`step_q8_sqrt_half` with amsgrad."""
     for c in range(table.shape[0]):
         j, lo, hi = table[c, 0], table[c, 1], table[c, 2]
         scratch, p, g = _upcast(p_addr, g_addr, leaf_ids[j], lo, hi - lo, fmt, g_half[j])
         _chunk_amsgrad(p, g, j, lo, hi, offsets, block_offsets, block_size, codes, absmax, k,
-                       flags, key, index_base)  # fmt: skip
+                       flags, key, s_key, phase, index_base)  # fmt: skip
         store_half(p_addr[leaf_ids[j]] + lo * 2, scratch, hi - lo, fmt, p_key,
                    index_base + offsets[j] + lo)  # fmt: skip
