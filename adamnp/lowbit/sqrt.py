@@ -23,10 +23,13 @@ element within a few percent of float32's, whatever the block holds:
   times a small factor, as 255 levels ``q / 127`` (``q`` in -127..127, a signed byte) times
   the block's largest ``|r|``. The stored moment is ``m = r * s`` with both quantized, so the
   next step's ratio is the stored ``r`` however ``s`` was rounded;
-* both are rounded **stochastically**, unbiased in ``s`` and in ``r``, from one 32-bit
-  counter hash per element (:mod:`.stochastic`): nearest rounding would freeze ``v`` (it
-  moves 0.1% per step, far less than a code step) and a decaying ``m``. Unbiased in ``s``
-  rather than in ``v``: see :func:`s_code`.
+* both are rounded **stochastically**, unbiased in ``s`` and in ``r``, from 32-bit counter
+  hashes per element (:mod:`.stochastic`): nearest rounding would freeze ``v`` (it moves
+  0.1% per step, far less than a code step) and a decaying ``m``. Unbiased in ``s`` rather
+  than in ``v``: see :func:`s_code`. ``r`` draws a new hash every step; ``s`` draws a fixed
+  hash of the element plus a phase that moves by ``2**32`` over the golden ratio per step
+  (:func:`~.stochastic.root_keys`), so that an element's draws are spread evenly over the
+  steps and its slowly moving ``s`` does not random-walk (docs/eight_bit.md).
 
 Definition (float32 and int32/uint32 operations, the same on every backend). Per block, with
 the updated float32 moments ``m``, ``v`` (and amsgrad's ``vmax``):
@@ -40,13 +43,14 @@ the updated float32 moments ``m``, ``v`` (and amsgrad's ``vmax``):
 3. ``h = mix32(index_low ^ block_key(key, index_high))`` for the element's hash index, its
    group's ``index_base`` plus its index in the group's buffer (a shard of a distributed
    state hashes as the unsharded state does), ``key`` the step's
-   :func:`~.stochastic.step_key`.
+   :func:`~.stochastic.step_key`; ``h_s = (mix32(index_low ^ block_key(offset_key,
+   index_high)) + phase) mod 2**32`` with the step's :func:`~.stochastic.root_keys`.
 4. Each moment is scaled by one float32 multiplier per block (a multiply per element, not a
-   division: measured 6% of the CPU step): ``codes_v = s_code(bits(s * (1 / S)), h)``
+   division: measured 6% of the CPU step): ``codes_v = s_code(bits(s * (1 / S)), h_s)``
    (:func:`s_code`, on the block's map); ``codes_m = r_code(r * (127 / R), h)``
    (:func:`r_code`) as a two's-complement byte; amsgrad: ``codes_vmax`` like ``codes_v``
-   from ``x * (1 / X)``. A maximum of 0 makes the divisor 1. The scaled values may pass 1
-   (``s``) or 127 (``r``) by a rounding; the codes are clamped.
+   (the same ``h_s``) from ``x * (1 / X)``. A maximum of 0 makes the divisor 1. The scaled
+   values may pass 1 (``s``) or 127 (``r``) by a rounding; the codes are clamped.
 
 Decoding: ``s = s_map(absmax < 0)[code] * |absmax|``, ``v = s * s``; ``r = float32(q) * (R /
 127)``, ``m = r * s``; ``vmax`` likewise from its codes and absmax. Memory: as

@@ -9,11 +9,12 @@ without gathers, on any x86-64 or Arm CPU.
 Like :mod:`.q8`, ``prange`` runs over chunks of whole blocks, and each block takes two passes
 over L1-resident data: (1) decode, :func:`~adamnp.backends.math.adam_elem` inlined, write
 ``p``, keep ``s = sqrt(v)`` and ``r = m / s`` (and amsgrad's ``sqrt(vmax)``) in a scratch and
-take their block maxima as integer maxima of bit patterns; (2) encode with the element's hash
-(:func:`~.quant.index_hash` of its hash index: the group's ``index_base`` plus its index in
-the group's buffers). The order of operations is the reference's
-(:func:`adamnp.lowbit.sqrt.requantize_into`), without fast-math: params, codes and absmax
-equal it bit for bit, whatever the number of threads.
+take their block maxima as integer maxima of bit patterns; (2) encode with the element's two
+hashes (:func:`~.quant.index_hash` of its hash index, the group's ``index_base`` plus its
+index in the group's buffers, under the step's key for ``r`` and under the offset key plus
+the step's phase for ``s``, :func:`~adamnp.lowbit.stochastic.root_keys`). The order of
+operations is the reference's (:func:`adamnp.lowbit.sqrt.requantize_into`), without
+fast-math: params, codes and absmax equal it bit for bit, whatever the number of threads.
 """
 
 from __future__ import annotations
