@@ -47,6 +47,20 @@ def max_abs_half(bits):
 
 
 @jit(inline="always")
+def half_bits_nonfinite(address, n, limit):
+    """Whether the ``n`` float16 or bfloat16 values at ``address`` hold NaN, Inf or (bfloat16)
+    a magnitude at or above the gradient limit: ``limit`` is :data:`LIMIT_F16` or
+    :data:`LIMIT_BF16` (a half gradient counts as the float32 it is upcast to)."""
+    return max_abs_half(numba.carray(as_pointer(address, np.uint16), n)) >= limit
+
+
+@jit(inline="always")
+def f32_bits_nonfinite(address, n):
+    """:func:`is_nonfinite` of the ``n`` float32 values at ``address``."""
+    return max_abs_bits(numba.carray(as_pointer(address, np.int32), n), ABS32) >= LIMIT32
+
+
+@jit(inline="always")
 def is_nonfinite(g):
     """Whether the contiguous float32 or float64 array ``g`` holds NaN, Inf or a magnitude at
     or above the gradient limit (the test of :func:`.reduce.first_nonfinite`).
@@ -63,7 +77,6 @@ def is_nonfinite(g):
     (False, True, True)
     """
     if g.itemsize == 4:
-        bits32 = numba.carray(as_pointer(g.ctypes.data, np.int32), g.size)
-        return max_abs_bits(bits32, ABS32) >= LIMIT32
+        return f32_bits_nonfinite(g.ctypes.data, g.size)
     bits64 = numba.carray(as_pointer(g.ctypes.data, np.int64), g.size)
     return max_abs_bits(bits64, ABS64) >= LIMIT64

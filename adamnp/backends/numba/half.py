@@ -33,7 +33,7 @@ from numba.core.codegen import get_host_cpu_features
 from numba.extending import intrinsic, overload
 
 from ...lowbit import half as fmt
-from .finite import ABS32, LIMIT32, LIMIT_BF16, LIMIT_F16, max_abs_bits, max_abs_half
+from .finite import LIMIT_BF16, LIMIT_F16, f32_bits_nonfinite, half_bits_nonfinite
 from .fp32 import CHECK_ONLY, _update
 from .quant import block_keys, index_hash
 from .schedule import launch_traffic
@@ -335,11 +335,9 @@ def step_half(table, leaf_ids, offsets, p_addr, g_addr, g_half, m, v, vmax, k, f
             j, lo, hi = table[c, 0], table[c, 1], table[c, 2]
             at = g_addr[leaf_ids[j]]
             if g_half[j]:
-                bits = numba.carray(as_pointer(at + lo * 2, np.uint16), hi - lo)
-                bad[c] = max_abs_half(bits) >= limit
+                bad[c] = half_bits_nonfinite(at + lo * 2, hi - lo, limit)
             else:
-                bits32 = numba.carray(as_pointer(at + lo * 4, np.int32), hi - lo)
-                bad[c] = max_abs_bits(bits32, ABS32) >= LIMIT32
+                bad[c] = f32_bits_nonfinite(at + lo * 4, hi - lo)
         for c in range(table.shape[0]):
             if bad[c]:
                 return leaf_ids[table[c, 0]]

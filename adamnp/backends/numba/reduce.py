@@ -19,14 +19,13 @@ import numba
 import numpy as np
 
 from .finite import (
-    ABS32,
     ABS64,
-    LIMIT32,
     LIMIT64,
     LIMIT_BF16,
     LIMIT_F16,
+    f32_bits_nonfinite,
+    half_bits_nonfinite,
     max_abs_bits,
-    max_abs_half,
 )
 from .half import to_f32
 from .util import as_pointer, jit
@@ -45,15 +44,13 @@ def first_nonfinite(table, addr, itemsize, half, wide):
     for c in range(table.shape[0]):
         j, lo, hi = table[c, 0], table[c, 1], table[c, 2]
         if half is not None and itemsize[j] == 2:
-            x16 = numba.carray(as_pointer(addr[j] + lo * 2, np.uint16), hi - lo)
             limit = LIMIT_BF16 if half[j] == 1 else LIMIT_F16
-            bad[c] = max_abs_half(x16) >= limit
+            bad[c] = half_bits_nonfinite(addr[j] + lo * 2, hi - lo, limit)
         elif wide is not None and itemsize[j] == 8:
             x64 = numba.carray(as_pointer(addr[j] + lo * 8, np.int64), hi - lo)
             bad[c] = max_abs_bits(x64, ABS64) >= LIMIT64
         else:  # is_nonfinite's test, on the bits (one function less to compile)
-            x32 = numba.carray(as_pointer(addr[j] + lo * 4, np.int32), hi - lo)
-            bad[c] = max_abs_bits(x32, ABS32) >= LIMIT32
+            bad[c] = f32_bits_nonfinite(addr[j] + lo * 4, hi - lo)
     for c in range(table.shape[0]):
         if bad[c]:
             return table[c, 0]

@@ -13,16 +13,15 @@ the results are the same bits.
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 from numba import types
 from numba.extending import overload
 
 from ..math import SMALL_NONFINITE, SMALL_SHARES_MEMORY, SMALL_UPDATED, KernelScalars
-from .finite import LIMIT_BF16, LIMIT_F16, is_nonfinite, max_abs_half
+from .finite import LIMIT_BF16, LIMIT_F16, half_bits_nonfinite, is_nonfinite
 from .fp32 import _update
 from .half import PIECE, chunk_f32, data_address, format_tag, store_half, tag_format
-from .util import as_pointer, jit
+from .util import jit
 
 
 @jit(inline="always")
@@ -32,6 +31,15 @@ def _disjoint(a, b):
         return True
     a0, b0 = a.ctypes.data, b.ctypes.data
     return a0 + a.nbytes <= b0 or b0 + b.nbytes <= a0
+
+
+@jit(inline="always")
+def _shares_memory(p, g, m, v, vmax):
+    """Whether two of the leaf ``p``, its gradient ``g`` and its moments overlap."""
+    return not (
+        _disjoint(p, g) and _disjoint(p, m) and _disjoint(p, v) and _disjoint(p, vmax)
+        and _disjoint(g, m) and _disjoint(g, v) and _disjoint(g, vmax)
+    )  # fmt: skip
 
 
 def _in_dtype_of(like, x):
@@ -77,9 +85,7 @@ def step_one(p, g, m, v, vmax, host, decoupled, l2, amsgrad, maximize, check):
     ``host`` the first nine :class:`~adamnp.backends.math.StepScalars` values (a tuple),
     then the four branch flags and ``check`` (reject non-finite gradients).
     """
-    if not (_disjoint(p, g) and _disjoint(p, m) and _disjoint(p, v) and _disjoint(p, vmax)):
-        return SMALL_SHARES_MEMORY
-    if not (_disjoint(g, m) and _disjoint(g, v) and _disjoint(g, vmax)):
+    if _shares_memory(p, g, m, v, vmax):
         return SMALL_SHARES_MEMORY
     if check and is_nonfinite(g):
         return SMALL_NONFINITE
@@ -110,18 +116,14 @@ def step_one_half(p, g, m, v, vmax, host, decoupled, l2, amsgrad, maximize, chec
 def _step_one_half(p, g, m, v, vmax, host, decoupled, l2, amsgrad, maximize, check, fmt, key,
                    index_base):  # fmt: skip
     """:func:`step_one_half` with the format tag ``fmt`` (:func:`~.half.format_tag`)."""
-    if not (_disjoint(p, g) and _disjoint(p, m) and _disjoint(p, v) and _disjoint(p, vmax)):
-        return SMALL_SHARES_MEMORY
-    if not (_disjoint(g, m) and _disjoint(g, v) and _disjoint(g, vmax)):
+    if _shares_memory(p, g, m, v, vmax):
         return SMALL_SHARES_MEMORY
     g_half = g.itemsize == 2
     if check:
-        if g_half:
-            bits = numba.carray(as_pointer(g.ctypes.data, np.uint16), g.size)
-            limit = LIMIT_BF16 if tag_format(fmt) == 1 else LIMIT_F16
-            if max_abs_half(bits) >= limit:
-                return SMALL_NONFINITE
-        elif is_nonfinite(g):
+        limit = LIMIT_BF16 if tag_format(fmt) == 1 else LIMIT_F16
+        if g_half and half_bits_nonfinite(g.ctypes.data, g.size, limit):
+            return SMALL_NONFINITE
+        if not g_half and is_nonfinite(g):
             return SMALL_NONFINITE
     k = _scalars(m, host[0], host[1], host[2], host[3], host[4], host[5], host[6], host[7],
                  host[8])  # fmt: skip
