@@ -99,25 +99,16 @@ def test_half_params_refuse_non_finite_gradients_as_before(dtype, bad, grad_dtyp
     """A NaN, an infinity or (bfloat16, float32 gradients) a magnitude at or above the
     limit: nothing written, the same error as the full path; under "skip" a skipped step.
     (2**64 is Inf in float16, a finite bfloat16 above the limit.)"""
-    g_dtype = dtype if grad_dtype == "param" else np.float32
+    g = np.ones(2000, np.float64)
+    g[1500] = bad
+    with np.errstate(over="ignore"):  # 2**64 is Inf in float16
+        g = g.astype(dtype if grad_dtype == "param" else np.float32)
     messages = []
     for small_max in (_small.SMALL_MAX, 0):
         p = np.linspace(-1, 1, 2000).astype(dtype)
         state = _state(p)
         _small._PLANS.pop(state, None)
-        old, _small.SMALL_MAX = _small.SMALL_MAX, small_max
-        try:
-            g = np.ones(2000, np.float64)
-            g[1500] = bad
-            with np.errstate(over="ignore"):  # 2**64 is Inf in float16
-                g = g.astype(g_dtype)
-            before = snapshot(p, state)
-            with pytest.raises(ValueError) as info:
-                adamnp.step(p, g, state)
-            assert snapshot(p, state) == before
-            messages.append(str(info.value))
-        finally:
-            _small.SMALL_MAX = old
+        messages.append(_refusal(p, g, state, ValueError, small_max))
     assert messages[0] == messages[1]
     p = np.ones(2000, dtype)
     state = _state(p, config=dict(nonfinite="skip"))
@@ -258,17 +249,23 @@ def test_refusals_change_nothing_and_name_the_problem_as_before(case):
         state = _state(p)
         adamnp.step(p, rng.standard_normal(300).astype(np.float32), state)
         _small._PLANS.pop(state, None)  # made again under the SMALL_MAX below
-        old, _small.SMALL_MAX = _small.SMALL_MAX, small_max
-        try:
-            pp, gg = change(p, rng.standard_normal(300).astype(np.float32), state)
-            before = snapshot(pp, state)
-            with pytest.raises(exc) as info:
-                adamnp.step(pp, gg, state)
-            assert snapshot(pp, state) == before
-            messages.append(str(info.value))
-        finally:
-            _small.SMALL_MAX = old
+        pp, gg = change(p, rng.standard_normal(300).astype(np.float32), state)
+        messages.append(_refusal(pp, gg, state, exc, small_max))
     assert messages[0] == messages[1]
+
+
+def _refusal(p, g, state, exc, small_max) -> str:
+    """The message of the ``exc`` that a step raises with ``SMALL_MAX`` set to ``small_max``
+    (the small path, or 0: the full path alone), after checking that it wrote nothing."""
+    old, _small.SMALL_MAX = _small.SMALL_MAX, small_max
+    try:
+        before = snapshot(p, state)
+        with pytest.raises(exc) as info:
+            adamnp.step(p, g, state)
+        assert snapshot(p, state) == before
+        return str(info.value)
+    finally:
+        _small.SMALL_MAX = old
 
 
 def test_skip_counts_and_writes_nothing():
