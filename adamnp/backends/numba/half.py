@@ -139,14 +139,6 @@ def to_f32(h, half):
     return bf16_to_f32(np.uint32(h)) if half == 1 else f16_to_f32(np.uint32(h))
 
 
-@jit()
-def round_half(x, u, half, stochastic):
-    """:func:`adamnp.lowbit.half.round_half`: the uint16 bits of float32 ``x``."""
-    if half == 1:
-        return np.uint16(bf16_round(x, u, stochastic))
-    return np.uint16(f16_round(x, u, stochastic))
-
-
 #: A kernel's ``fmt`` argument: the parameters' format (float16, bfloat16) and rounding
 #: (nearest, stochastic) as the *type* of a NumPy scalar, ``_FORMAT_TAGS[half][stochastic]``.
 #: Numba compiles a kernel once per argument type, so a state compiles the conversion loops
