@@ -176,3 +176,31 @@ def test_the_scan_s_own_sort_orders_any_keys():
             assert sorted(idx.tolist()) == list(range(n))
             assert (np.diff(keys[idx]) >= 0).all()
         assert order(np.arange(n, dtype=np.int64)[::-1].copy()).tolist() == list(range(n))[::-1]
+
+
+def test_large_leaves_are_checked_in_python(monkeypatch):
+    """Leaves of SCAN_MAX_MEAN_LEAF elements on average skip the compiled scan (no compile
+    on first use) and get the same checks: a step goes through, a bad leaf is named and
+    nothing is written."""
+    import adamnp
+    from adamnp import _validate
+
+    def refuse(*args):
+        raise AssertionError("the compiled scan ran for large leaves")
+
+    monkeypatch.setattr(leaves, "host_leaves_ok", refuse)
+    monkeypatch.setattr(adamnp.backends.get("numba"), "host_leaves_ok", refuse)
+    n = _validate.SCAN_MAX_MEAN_LEAF
+    p = {"a": np.ones(n + 1, np.float32), "b": np.ones(n - 1, np.float32)}
+    g = {"a": np.full(n + 1, 0.5, np.float32), "b": np.full(n - 1, 0.5, np.float32)}
+    state = adamnp.init(p, adamnp.adamw(lr=0.1), backend="numba")
+    adamnp.step(p, g, state)
+    assert p["a"][0] < 1 and p["b"][-1] < 1
+    before = {k: v.copy() for k, v in p.items()}
+    with pytest.raises(ValueError, match=r"shares memory") as refused:
+        adamnp.step(p, {"a": g["a"], "b": p["b"]}, state)
+    assert "grads['b']" in str(refused.value)
+    with pytest.raises(TypeError, match=r"grads\['a'\]"):
+        adamnp.step(p, {"a": g["a"].astype(np.float64), "b": g["b"]}, state)
+    for k in p:
+        np.testing.assert_array_equal(p[k], before[k])
