@@ -254,7 +254,7 @@ def _load_half(address, n, fmt, out):
 def data_address(typingctx, array):
     """``data_address(array)``: the address of the array's first element (compiled code
     only). A call, not an attribute: inside a parallel loop, ``array.ctypes`` counts as an
-    alias and costs the loop body its ``noalias`` arguments (see :mod:`.q8`)."""
+    alias and costs the loop body its ``noalias`` arguments."""
     if not isinstance(array, types.Array):
         return None
     sig = types.int64(array)
@@ -271,8 +271,7 @@ def chunk_f32(address, lo, n, fmt, upcast, scratch):
     """Elements ``lo .. lo + n - 1`` of the leaf at ``address`` as a float32 array: with
     ``upcast``, the half values of the format of the tag ``fmt`` (:func:`format_tag`) upcast
     into the float32 scratch at address ``scratch``, which the caller keeps alive; else a
-    view of a float32 leaf. One definition of the result, by address: two (a view or a new
-    array) would cost the 8-bit kernels' loop bodies their ``noalias`` arguments."""
+    view of a float32 leaf. One definition of the result, by address."""
     at = scratch if upcast else address + lo * 4
     out = numba.carray(as_pointer(at, np.float32), n)
     if upcast:

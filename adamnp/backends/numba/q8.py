@@ -29,11 +29,11 @@ the decade arithmetic of :mod:`adamnp.lowbit.decades` (:func:`~.avx512.requant64
 flagged value redone by the exact table lookup; no gathers. :func:`step_q8` runs elsewhere:
 LLVM turns its four table lookups per element (two ``map[code]``, two quantizer table
 entries) into gathers only if it knows that the tables do not alias the arrays being written.
-Numba's parallel backend declares the arguments of the outlined loop body ``noalias`` only
-when its alias analysis finds nothing there: no slice, and no tuple unpacked into
-non-numeric values (it counts booleans and tuples as possible aliases). So the loop body
-indexes the state buffers at unsigned offsets (no slicing, and no negative-index wraparound
-check), reads the kernel scalars by attribute and gets the flags as separate arguments;
+So the kernel and its block functions are compiled with ``noalias`` arguments
+(:func:`~.util.jit`'s ``noalias=True``, Numba's flag for the body of a parallel loop, which
+this kernel used to get that way: the same code, in half the compile time), and the block
+functions are inlined by LLVM (``forceinline``), not copied by Numba; every array they are
+given is a separate buffer (the parameters and gradients are checked not to overlap anything).
 ``tests/test_numba_cpu.py`` checks the assembly of both kernels. Either kernel is bound by
 its arithmetic (lookups, two divisions and a square root per element), not by memory, where
 the float32 step is memory-bound; see ``docs/backends.md`` for measured numbers.
@@ -60,16 +60,16 @@ def _abs_bits(x):
     return np.int32(np.float32(x).view(np.int32) & _SIGN_OFF)
 
 
-@jit(inline="always")
+@jit(noalias=True, forceinline=True)
 def _update_block(p, g, s, n, codes_m, codes_v, e, am, av, sm, sv, map_m, map_v, k, decoupled,
                   l2, maximize):  # fmt: skip
     """Pass 1 over the ``n`` elements of one block (without amsgrad); returns the new absmax
     bits of ``m`` and ``v``.
 
     The block is ``p[s:s + n]``, ``g[s:s + n]`` and ``codes_*[e:e + n]``; the new moments go
-    to ``sm`` and ``sv``. Offsets are added to unsigned loop indices instead of slicing:
-    a slice inside the parallel loop makes Numba drop the ``noalias`` attributes that let LLVM
-    vectorize the map lookups (gathers) next to the stores.
+    to ``sm`` and ``sv``. Offsets are added to unsigned loop indices (no wraparound checks).
+    Compiled with ``noalias`` arguments, which let LLVM vectorize the map lookups (gathers)
+    next to the stores.
     """
     s = np.uint64(s)
     e = np.uint64(e)
@@ -85,7 +85,7 @@ def _update_block(p, g, s, n, codes_m, codes_v, e, am, av, sm, sv, map_m, map_v,
     return xm, xv
 
 
-@jit(inline="always")
+@jit(noalias=True, forceinline=True)
 def _update_block_amsgrad(p, g, s, n, codes_m, codes_v, codes_x, e, am, av, ax, sm, sv, sx,
                           map_m, map_v, k, decoupled, l2, maximize):  # fmt: skip
     """:func:`_update_block` with amsgrad's ``vmax`` (new values to ``sx``, its absmax bits
@@ -107,7 +107,7 @@ def _update_block_amsgrad(p, g, s, n, codes_m, codes_v, codes_x, e, am, av, ax, 
     return xm, xv, xx
 
 
-@jit(inline="always")
+@jit(noalias=True, forceinline=True)
 def _requantize_gather(x, n, bits, codes, e, absmax, b, zero, table, shift, lo, nb):
     """Pass 2: store block ``b``'s absmax (from ``bits``) and the codes of ``x[:n]``."""
     e = np.uint64(e)
@@ -129,7 +129,7 @@ def _f32_at(address, n):
     return numba.carray(as_pointer(address, np.float32), n)
 
 
-@jit(parallel=True)
+@jit(noalias=True, forceinline=True)
 def step_q8(
     table, leaf_ids, offsets, block_offsets, block_size, p_addr, g_addr,
     codes, absmax, map_m, map_v, quant_m, quant_v, zeros, k, flags, stochastic, key,
@@ -169,14 +169,13 @@ def step_q8(
     zero_m, zero_v = zeros
     width = block_size if amsgrad else 0
     map_v_at = map_v.ctypes.data
-    for c in prange(table.shape[0]):
+    for c in range(table.shape[0]):
         j, lo, hi = table[c, 0], table[c, 1], table[c, 2]
         sm = np.empty(block_size, np.float32)
         sv = np.empty(block_size, np.float32)
         sx = np.empty(width, np.float32)
         # half params (and grads): upcast into one scratch, rounded back after the blocks.
-        # p and g have one definition each, by address (two would cost the loop body its
-        # noalias arguments), and float32 params (fmt None) compile no conversion.
+        # p and g are views by address; float32 params (fmt None) compile no conversion.
         size = hi - lo
         scratch = np.empty(0 if fmt is None else 2 * size, np.float32)
         at = data_address(scratch)
@@ -209,8 +208,8 @@ def step_q8(
             _requantize_gather(sm, n, xm, codes_m, e, absmax_m, b, zero_m, tm, shm, lom, nbm)
             _requantize_gather(sv, n, xv, codes_v, e, absmax_v, b, zero_v, tv, shv, lov, nbv)
             if stochastic is not None and xv < _INF_BITS:
-                # the map through a pointer: map_v itself passed here makes Numba drop the
-                # loop body's noalias (every loop of this kernel then stays scalar)
+                # the map by address (inside the parallel loop this kernel had until
+                # 2026-12-06, passing map_v itself cost the loop body its noalias)
                 qmap = numba.carray(as_pointer(map_v_at, np.float32), 256)
                 round_stochastic(sv, 0, n, absmax_v[b] if xv else np.float32(1), codes_v, e,
                                  qmap, key, index_base + e)  # fmt: skip

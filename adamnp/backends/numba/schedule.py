@@ -12,12 +12,12 @@ calling thread waits only for batches that a running helper has claimed. Every k
 runs on one Numba thread (``numba.set_num_threads(1)`` in each thread: no barrier with
 anyone).
 
-The kernels are given a slice of the chunk table. Most are serial compiled functions
-(``nogil``; a serial kernel compiles in a fraction of a parallel one's time and never enters
-Numba's threading layer); the bitsandbytes-format kernels keep a parallel loop, whose
-``noalias`` arguments let LLVM vectorize their table lookups, and run on one Numba thread
-each. Elements do not depend on which thread updates them, and reductions are combined batch
-by batch in table order, so results do not depend on the number of threads. Helpers are
+The kernels are given a slice of the chunk table. The step kernels are serial compiled
+functions (``nogil``; a serial kernel compiles in a fraction of a parallel one's time and
+never enters Numba's threading layer); a kernel with a parallel loop (the traffic probes)
+runs on one Numba thread per call. Elements do not depend on which thread updates them, and
+reductions are combined batch by batch in table order, so results do not depend on the
+number of threads. Helpers are
 Python threads started on first use, one per extra thread of ``numba.get_num_threads()``;
 they sleep on a queue in between. Under Numba's ``workqueue`` threading layer, which does not
 allow launches of parallel kernels from two threads at once, :func:`run` runs such a

@@ -21,19 +21,52 @@ import numba
 import numpy as np
 from llvmlite import ir
 from numba import types
+from numba.core.compiler import CompilerBase, DefaultPassBuilder
+from numba.core.compiler_machinery import FunctionPass, register_pass
+from numba.core.typed_passes import NopythonTypeInference
 from numba.extending import intrinsic
 
 from ..math import adam_elem
 from ..numpy import CHUNK  # elements per work item: the reference's chunk
 
 
-def jit(parallel: bool = False, cache: bool = True, **options):
+@register_pass(mutates_CFG=False, analysis_only=True)
+class _ArgumentsNoAlias(FunctionPass):
+    """Declare the compiled function's pointer arguments (array data among them) ``noalias``
+    for its lowering: Numba's flag for the outlined body of a parallel loop without aliases."""
+
+    _name = "adamnp_arguments_noalias"
+
+    def __init__(self):
+        FunctionPass.__init__(self)
+
+    def run_pass(self, state):
+        state.flags.noalias = True
+        return False
+
+
+class _NoAliasCompiler(CompilerBase):
+    """Numba's nopython pipeline with :class:`_ArgumentsNoAlias` before lowering."""
+
+    def define_pipelines(self):
+        pm = DefaultPassBuilder.define_nopython_pipeline(self.state)
+        pm.add_pass_after(_ArgumentsNoAlias, NopythonTypeInference)
+        pm.finalize()
+        return [pm]
+
+
+def jit(parallel: bool = False, cache: bool = True, noalias: bool = False, **options):
     """``numba.njit`` with the options every kernel of this backend uses.
 
     ``error_model="numpy"`` lets division by zero give inf/NaN as in NumPy (and lets LLVM
     vectorize divisions); ``cache=True`` keeps compiled code on disk between processes
     (functions defined interactively cannot be cached); ``nogil`` lets other Python threads
     run meanwhile; ``fastmath`` stays off, so no operation is reordered or fused into an FMA.
+
+    ``noalias=True`` promises LLVM that no two array arguments share memory and that no
+    memory reached through an argument is reached another way (a pointer made from an
+    address), as Numba does for the body of a parallel loop: that lets it vectorize table
+    lookups next to stores, with gathers. Only for kernels whose callers keep that promise.
 
     Examples
     --------
@@ -43,6 +76,8 @@ def jit(parallel: bool = False, cache: bool = True, **options):
     >>> twice(21)
     42
     """
+    if noalias:
+        options["pipeline_class"] = _NoAliasCompiler
     return numba.njit(parallel=parallel, cache=cache, error_model="numpy", nogil=True, **options)
 
 
