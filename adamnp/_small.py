@@ -46,7 +46,7 @@ class _Plan:
         self.alt_dtype = np.dtype(np.float32) if group.half >= 0 else self.dtype
         buffers = group.buffers
         self.m, self.v = buffers["m"], buffers["v"]
-        self.vmax = buffers.get("vmax", np.empty(0, self.m.dtype))
+        self.vmax = buffers.get("vmax")  # None without amsgrad: the kernel compiles one loop
 
 
 _PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # state -> (groups, plan)

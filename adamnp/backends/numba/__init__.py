@@ -215,7 +215,6 @@ def grad_sq_norm(grads) -> float:
     return total
 
 
-_NO_VMAX = {}  # dtype -> empty array standing in for vmax when amsgrad is off
 _CHUNKS = weakref.WeakKeyDictionary()  # group -> its chunk table, living as long as the group
 
 
@@ -273,9 +272,7 @@ def _step_group(group, params, grads, scalars, check: int = NO_CHECK) -> int:
         else:
             _step_q8(group, table, p_addr, g_addr, k, flags, key, half)
         return -1
-    vmax = group.buffers.get("vmax")
-    if vmax is None:
-        vmax = _NO_VMAX.setdefault(group.dtype, np.empty(0, group.dtype))
+    vmax = group.buffers.get("vmax")  # None without amsgrad: the kernels compile one loop
     common = (table, group.leaf_ids, group.offsets, p_addr, g_addr)
     moments = (group.buffers["m"], group.buffers["v"], vmax)
     k = kernel_scalars(scalars, group.dtype)

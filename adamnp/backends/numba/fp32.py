@@ -5,9 +5,10 @@ One call of :func:`step_fp32` updates every leaf of a :class:`~adamnp._state.Lea
 elements reading ``p, g, m, v`` (and ``vmax``) and writing ``p, m, v`` (and ``vmax``), with
 :func:`~adamnp.backends.math.adam_elem` inlined into a SIMD loop. Flags are runtime booleans
 (one compiled variant per dtype; LLVM keeps the loop-invariant branches out of the arithmetic;
-docs/backends.md has the measurement); only ``amsgrad`` selects between two loops, because it
-adds a stream of memory. ``_update`` is inlined by Numba rather than compiled separately, which
-keeps a single copy of each loop and cuts the cold compile time.
+docs/backends.md has the measurement); only amsgrad selects between two loops, because it
+adds a stream of memory, and it does so by the type of ``vmax``: None without amsgrad, so that
+Numba prunes the other loop before compiling. ``_update`` is inlined by Numba rather than
+compiled separately, which keeps a single copy of each loop and cuts the cold compile time.
 """
 
 from __future__ import annotations
@@ -21,17 +22,21 @@ from .util import as_pointer, elem, jit
 
 
 @jit(inline="always")
-def _update(p, g, m, v, vmax, k, decoupled, l2, amsgrad, maximize):
-    """One fused pass over a chunk: the operations of ``numpy.update_chunk`` per element."""
-    if amsgrad:
-        for i in range(p.size):
-            p[i], m[i], v[i], vmax[i] = elem(
-                p[i], g[i], m[i], v[i], vmax[i], k, decoupled, l2, True, maximize
-            )
-    else:
+def _update(p, g, m, v, vmax, a, b, k, decoupled, l2, maximize):
+    """One fused pass over the chunk ``p``, ``g`` and rows ``a:b`` of the moments: the
+    operations of ``numpy.update_chunk`` per element. ``vmax`` is None without amsgrad:
+    Numba prunes the branch on its type before compiling, so such a state compiles one loop."""
+    m, v = m[a:b], v[a:b]
+    if vmax is None:
         for i in range(p.size):
             p[i], m[i], v[i], _ = elem(
                 p[i], g[i], m[i], v[i], m[i], k, decoupled, l2, False, maximize
+            )
+    else:
+        x = vmax[a:b]
+        for i in range(p.size):
+            p[i], m[i], v[i], x[i] = elem(
+                p[i], g[i], m[i], v[i], x[i], k, decoupled, l2, True, maximize
             )
 
 
@@ -49,11 +54,11 @@ def step_fp32(table, leaf_ids, offsets, p_addr, g_addr, m, v, vmax, k, flags, ch
 
     ``p_addr``/``g_addr`` hold the data addresses of all leaves of the tree, ``leaf_ids`` maps
     a group's leaf to its tree index, ``offsets`` locate it in the arenas ``m``, ``v`` and
-    ``vmax`` (empty unless amsgrad); ``k`` are the :class:`~adamnp.backends.math.KernelScalars` and
+    ``vmax`` (None unless amsgrad); ``k`` are the :class:`~adamnp.backends.math.KernelScalars` and
     ``flags = (decoupled_decay, l2_decay, amsgrad, maximize)``. The check is a pass of its own
     over the gradients before the update pass, in the same call.
     """
-    decoupled, l2, amsgrad, maximize = flags
+    decoupled, l2, _, maximize = flags  # amsgrad: vmax is not None
     size = m.itemsize
     if check:
         bad = np.zeros(table.shape[0], np.bool_)
@@ -72,8 +77,7 @@ def step_fp32(table, leaf_ids, offsets, p_addr, g_addr, m, v, vmax, k, flags, ch
         a, b = offsets[j] + lo, offsets[j] + hi
         p = numba.carray(as_pointer(p_addr[leaf] + lo * size, m), hi - lo)
         g = numba.carray(as_pointer(g_addr[leaf] + lo * size, m), hi - lo)
-        _update(p, g, m[a:b], v[a:b], vmax[a:b] if amsgrad else vmax, k, decoupled, l2, amsgrad,
-                maximize)  # fmt: skip
+        _update(p, g, m, v, vmax, a, b, k, decoupled, l2, maximize)
     return -1
 
 

@@ -318,7 +318,7 @@ def step_half(table, leaf_ids, offsets, p_addr, g_addr, g_half, m, v, vmax, k, f
     elements: upcast ``p`` (and a half ``g``) into a float32 scratch, run
     :func:`.fp32.step_fp32`'s loop on it, round it back.
     """
-    decoupled, l2, amsgrad, maximize = flags
+    decoupled, l2, _, maximize = flags  # amsgrad: vmax is not None
     if check:
         limit = LIMIT_BF16 if tag_format(fmt) == 1 else LIMIT_F16
         bad = np.zeros(table.shape[0], np.bool_)
@@ -349,8 +349,7 @@ def step_half(table, leaf_ids, offsets, p_addr, g_addr, g_half, m, v, vmax, k, f
                 load_half(g_addr[leaf] + s * 2, w, fmt, g)
             else:
                 g = numba.carray(as_pointer(g_addr[leaf] + s * 4, np.float32), w)
-            _update(x, g, m[a : a + w], v[a : a + w], vmax[a : a + w] if amsgrad else vmax, k,
-                    decoupled, l2, amsgrad, maximize)  # fmt: skip
+            _update(x, g, m, v, vmax, a, a + w, k, decoupled, l2, maximize)
             store_half(p_addr[leaf] + s * 2, x, w, fmt, key, index_base + a)
     return -1
 

@@ -18,7 +18,7 @@ from numba import types
 from numba.extending import overload
 
 from ..math import SMALL_NONFINITE, SMALL_SHARES_MEMORY, SMALL_UPDATED, KernelScalars
-from .finite import LIMIT_BF16, LIMIT_F16, half_bits_nonfinite, is_nonfinite
+from .finite import LIMIT_BF16, LIMIT_F16, f32_bits_nonfinite, half_bits_nonfinite, is_nonfinite
 from .fp32 import _update
 from .half import PIECE, chunk_f32, data_address, format_tag, store_half, tag_format
 from .util import jit
@@ -81,17 +81,18 @@ def step_one(p, g, m, v, vmax, host, decoupled, l2, amsgrad, maximize, check):
     ``SMALL_SHARES_MEMORY`` with nothing written (:mod:`adamnp.backends.math`).
 
     ``p`` and ``g`` are the leaf and its gradient (1-D, C-contiguous, one dtype, float32
-    or float64), ``m``, ``v`` and ``vmax`` its moments (``vmax`` empty unless amsgrad),
-    ``host`` the first nine :class:`~adamnp.backends.math.StepScalars` values (a tuple),
-    then the four branch flags and ``check`` (reject non-finite gradients).
+    or float64), ``m``, ``v`` and ``vmax`` its moments (``vmax`` None unless amsgrad: then
+    one update loop is compiled, not two), ``host`` the first nine
+    :class:`~adamnp.backends.math.StepScalars` values (a tuple), then the four branch flags
+    (``amsgrad`` must be ``vmax is not None``) and ``check`` (reject non-finite gradients).
     """
-    if _shares_memory(p, g, m, v, vmax):
+    if _shares_memory(p, g, m, v, m[:0] if vmax is None else vmax):
         return SMALL_SHARES_MEMORY
     if check and is_nonfinite(g):
         return SMALL_NONFINITE
     k = _scalars(p, host[0], host[1], host[2], host[3], host[4], host[5], host[6], host[7],
                  host[8])  # fmt: skip
-    _update(p, g, m, v, vmax, k, decoupled, l2, amsgrad, maximize)
+    _update(p, g, m, v, vmax, 0, p.size, k, decoupled, l2, maximize)
     return SMALL_UPDATED
 
 
@@ -116,14 +117,14 @@ def step_one_half(p, g, m, v, vmax, host, decoupled, l2, amsgrad, maximize, chec
 def _step_one_half(p, g, m, v, vmax, host, decoupled, l2, amsgrad, maximize, check, fmt, key,
                    index_base):  # fmt: skip
     """:func:`step_one_half` with the format tag ``fmt`` (:func:`~.half.format_tag`)."""
-    if _shares_memory(p, g, m, v, vmax):
+    if _shares_memory(p, g, m, v, m[:0] if vmax is None else vmax):
         return SMALL_SHARES_MEMORY
     g_half = g.itemsize == 2
     if check:
         limit = LIMIT_BF16 if tag_format(fmt) == 1 else LIMIT_F16
         if g_half and half_bits_nonfinite(g.ctypes.data, g.size, limit):
             return SMALL_NONFINITE
-        if not g_half and is_nonfinite(g):
+        if not g_half and f32_bits_nonfinite(g.ctypes.data, g.size):
             return SMALL_NONFINITE
     k = _scalars(m, host[0], host[1], host[2], host[3], host[4], host[5], host[6], host[7],
                  host[8])  # fmt: skip
@@ -136,7 +137,6 @@ def _step_one_half(p, g, m, v, vmax, host, decoupled, l2, amsgrad, maximize, che
         w = min(PIECE, n - s)
         x = chunk_f32(p_at, s, w, fmt, True, at)
         gw = chunk_f32(g_at, s, w, fmt, g_half, at + 4 * piece)
-        _update(x, gw, m[s : s + w], v[s : s + w], vmax[s : s + w] if amsgrad else vmax, k,
-                decoupled, l2, amsgrad, maximize)  # fmt: skip
+        _update(x, gw, m, v, vmax, s, s + w, k, decoupled, l2, maximize)
         store_half(p_at + s * 2, x, w, fmt, key, index_base + s)
     return SMALL_UPDATED
