@@ -109,16 +109,44 @@ class Ao:
         return mq, _roundtrip(v, self.vmap, "nearest", rng, self.block)
 
 
+class Weyl:
+    """Stand-in for the generator's ``random``: the ``k``-th draw of a store for an array of
+    ``n`` elements is ``frac(offset + t * phi)``, an offset per element (drawn once) moved by
+    the golden ratio at each use (``t``): the library's rounding of ``s``
+    (``adamnp.lowbit.stochastic.root_keys``), here for any draw."""
+
+    PHI = (5**0.5 - 1) / 2
+
+    def __init__(self, seed=7):
+        self.rng, self.offsets, self.uses, self.k = np.random.default_rng(seed), {}, {}, 0
+
+    def begin(self):
+        self.k = 0
+
+    def random(self, shape, dtype=np.float64):
+        key = (int(np.prod(shape)), self.k)
+        self.k += 1
+        if key not in self.offsets:
+            self.offsets[key], self.uses[key] = self.rng.random(shape), 0
+        self.uses[key] += 1
+        return np.mod(self.offsets[key] + self.uses[key] * self.PHI, 1.0).astype(dtype)
+
+
 class Sqrt4:
-    """``s = sqrt(v)`` on a zero-free map, ``r = m / s`` as ``q * R / levels``."""
+    """``s = sqrt(v)`` on a zero-free map, ``r = m / s`` as ``q * R / levels``; with ``weyl``
+    both stochastic roundings draw from :class:`Weyl` sequences instead of the generator."""
 
     def __init__(self, smap, srounding, rrounding, levels=7, block=BLOCK, power=2, on="s",
-                 rmap=None, exact=""):  # fmt: skip
+                 rmap=None, exact="", weyl=False):  # fmt: skip
         self.smap, self.sr, self.rr = smap.astype(F32), srounding, rrounding
         self.levels, self.block, self.power, self.on = levels, block, power, on
         self.rmap, self.exact = rmap, exact
+        self.weyl = Weyl() if weyl else None
 
     def store(self, m, v, rng):
+        if self.weyl is not None:
+            self.weyl.begin()
+            rng = self.weyl
         s = np.sqrt(v)
         if self.on == "v":  # the map is of v itself
             sq = np.sqrt(_roundtrip(v, self.smap, self.sr, rng, self.block, 1))
@@ -189,12 +217,24 @@ OPTIONS = {
     "sqrt4: s ratio 2^(1/3) sr; r signed log sr": Sqrt4(
         log_map(2 ** (1 / 3)), SR, SR, rmap=SIGNED_LOG
     ),
+    "sqrt4: s ratio 2^(1/3) weyl; r int4 weyl": Sqrt4(log_map(2 ** (1 / 3)), SR, SR, weyl=True),
+    "sqrt4: v exact; r int4 weyl": Sqrt4(log_map(2), SR, SR, exact="v", weyl=True),
+    "sqrt4: v exact; r int5 sr": Sqrt4(log_map(2), SR, SR, exact="v", levels=15),
+    "sqrt4: v exact; r int5 weyl": Sqrt4(log_map(2), SR, SR, exact="v", levels=15, weyl=True),
+    "sqrt4: s 8 values ratio 2 weyl; r int5 weyl": Sqrt4(
+        log_map(2, k=8), SR, SR, levels=15, weyl=True
+    ),
+    "sqrt4: s 8 values ratio 2^1.5 weyl; r int5 weyl": Sqrt4(
+        log_map(2**1.5, k=8), SR, SR, levels=15, weyl=True
+    ),
 }
 
 
 def run(fmt, grad, shapes, steps, lr=1e-3, wd=1e-2, p0=None, seed=0, loss=None, small=4096):
     """Train a list of leaves; return (largest |dp|, final loss or None)."""
     rng = np.random.default_rng(seed + 1000)
+    if getattr(fmt, "weyl", None) is not None:  # its own offsets for this run's seed
+        fmt.weyl = Weyl(seed + 2000)
     p = [np.zeros(s, F32) for s in shapes] if p0 is None else [x.copy() for x in p0]
     m = [np.zeros(x.size, F32) for x in p]
     v = [np.zeros(x.size, F32) for x in p]
