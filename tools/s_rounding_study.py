@@ -2,8 +2,11 @@
 
     python tools/s_rounding_study.py           # a shrinking gradient: the stored v over 4080
                                                # elements; the quadratic, data seeds 0-9
-    python tools/s_rounding_study.py --ones    # the quadratic from x0 = 1 (round-off) with
-                                               # four offsets of the draws
+    python tools/s_rounding_study.py --ones    # the quadratic from x0 = 1 with four
+                                               # offsets of the draws
+    python tools/s_rounding_study.py --trace   # the same from x0 = 1: float32, float64 and
+                                               # 8-bit losses every 500 steps to 6000, and
+                                               # the spread of x over the elements
 
 Run it on two versions (e.g. a worktree of an older commit on ``PYTHONPATH``) to compare
 roundings; the numbers are in docs/eight_bit.md ("Rounding of ``s``").
@@ -55,7 +58,45 @@ def run_quadratic(start, seed, bits, before=0):
     return loss(params[-1])
 
 
+def trace_ones(seed: int = 5, steps: int = 6000) -> None:
+    """From ``x0 = 1`` every element of the quadratic follows the same path in exact
+    arithmetic (Adam's step does not depend on the scale of an element's gradients, and
+    here every gradient is ``c * x``): float32 and float64 agree until float32 underflows,
+    all elements equal. Prints the three losses every 500 steps and, at the end of 5000
+    steps, how far the 8-bit run's elements spread around that path."""
+    grad, loss, x0 = quadratic(256, "ones", seed)
+    runs = {}
+    for name, dtype, bits in (("float32", np.float32, 32), ("float64", np.float64, 32),
+                              ("8-bit", np.float32, 8)):  # fmt: skip
+        p = x0.astype(dtype)
+        state = adamnp.init(p, adamnp.adam(lr=1e-3), backend="numba", min_8bit_size=256,
+                            state_bits=bits)  # fmt: skip
+        losses = []
+        for t in range(1, steps + 1):
+            adamnp.step(p, grad(p, t).astype(dtype), state)
+            if t % 500 == 0:
+                losses.append(loss(p))
+            if t == 5000:
+                runs[name + " x"] = np.abs(p.astype(np.float64))
+                b = state.groups[0].buffers
+                v = _roots(b["codes_v"], b["absmax_v"], 256) ** 2 if bits == 8 else b["v"]
+                runs[name + " v"] = v.astype(np.float64)
+        runs[name] = losses
+    for i, t in enumerate(range(500, steps + 1, 500)):
+        print(f"step {t}: " + ", ".join(f"{k} {runs[k][i]:.3g}"
+                                        for k in ("float32", "float64", "8-bit")))  # fmt: skip
+    for name in ("float32", "8-bit"):
+        x = runs[name + " x"]
+        print(f"{name} at step 5000: |x| from {x.min():.3g} to {x.max():.3g}, "
+              f"median {np.median(x):.3g}")  # fmt: skip
+    ratio = runs["8-bit v"] / runs["float32 v"]
+    print(f"8-bit v / float32 v at step 5000: {ratio.min():.3f} - {ratio.max():.3f}")
+
+
 def main() -> None:
+    if "--trace" in sys.argv[1:]:
+        trace_ones()
+        return
     if "--ones" in sys.argv[1:]:
         for before in range(4):
             f32, q8 = (run_quadratic("ones", 5, bits, before) for bits in (32, 8))
