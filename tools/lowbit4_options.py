@@ -219,6 +219,15 @@ OPTIONS = {
     ),
     "sqrt4: s ratio 2^(1/3) weyl; r int4 weyl": Sqrt4(log_map(2 ** (1 / 3)), SR, SR, weyl=True),
     "sqrt4: v exact; r int4 weyl": Sqrt4(log_map(2), SR, SR, exact="v", weyl=True),
+    "sqrt4: v exact; r signed log weyl": Sqrt4(
+        log_map(2), SR, SR, exact="v", rmap=SIGNED_LOG, weyl=True
+    ),
+    "sqrt4: v exact; r int4 weyl, block 64": Sqrt4(
+        log_map(2), SR, SR, exact="v", weyl=True, block=64
+    ),
+    "sqrt4: v exact; r int4 weyl, block 32": Sqrt4(
+        log_map(2), SR, SR, exact="v", weyl=True, block=32
+    ),
     "sqrt4: v exact; r int5 sr": Sqrt4(log_map(2), SR, SR, exact="v", levels=15),
     "sqrt4: v exact; r int5 weyl": Sqrt4(log_map(2), SR, SR, exact="v", levels=15, weyl=True),
     "sqrt4: s 8 values ratio 2 weyl; r int5 weyl": Sqrt4(
