@@ -96,8 +96,8 @@ def try_step(params, grads, state: AdamState) -> bool:
     config = state.config_of(plan.group)
     nonfinite = state.config.nonfinite
     s = host_scalars(config, state.step + 1, config.lr_at(state.step))
-    args = (plan.m, plan.v, plan.vmax, s[:9], s.decoupled_decay, s.l2_decay, s.amsgrad,
-            s.maximize, nonfinite != "propagate")  # fmt: skip
+    args = (plan.m, plan.v, plan.vmax, s[:9], s.decoupled_decay, s.l2_decay, s.maximize,
+            nonfinite != "propagate")  # fmt: skip
     if plan.half < 0:
         status = plan.kernel(p, g, *args)
     else:  # the bits of p (and of a half g), the format, rounding and parameter key

@@ -50,6 +50,17 @@ def _run(backend, p0, grads, config, small, tree=False):
     return snapshot(p, state), taken
 
 
+def _assert_small_path_agrees(p0, grads, config):
+    """The small path takes every step and ends with the bits of the reference and of the
+    group kernels (the small path off)."""
+    reference, _ = _run("numpy", p0, grads, config, small=False)
+    full, none = _run("numba", p0, grads, config, small=False)
+    fast, taken = _run("numba", p0, grads, config, small=True)
+    assert none == 0 and taken == len(grads)
+    assert fast == reference
+    assert fast == full
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("case", sorted(CONFIGS))
 @pytest.mark.parametrize("shape", [(1,), (1000,), (7, 33), (1 << 16,)])
@@ -58,12 +69,7 @@ def test_equals_the_reference_and_the_group_kernels(dtype, case, shape):
     p0 = rng.standard_normal(shape).astype(dtype)
     grads = [rng.standard_normal(shape).astype(dtype) * 10.0**k for k in (-3, 0, 2, -6, 0)]
     config = _config(**CONFIGS[case])
-    reference, _ = _run("numpy", p0, grads, config, small=False)
-    full, none = _run("numba", p0, grads, config, small=False)
-    fast, taken = _run("numba", p0, grads, config, small=True)
-    assert none == 0 and taken == len(grads)
-    assert fast == reference
-    assert fast == full
+    _assert_small_path_agrees(p0, grads, config)
 
 
 HALF = [np.dtype(np.float16)] + ([bfloat16_dtype()] if bfloat16_dtype() is not None else [])
@@ -84,12 +90,7 @@ def test_half_params_equal_the_reference_and_the_group_kernels(
     g_dtype = dtype if grad_dtype == "param" else np.float32
     grads = [(rng.standard_normal(shape) * 10.0**k).astype(g_dtype) for k in (-3, 0, -6, 1)]
     config = _config(**CONFIGS[case], param_rounding=rounding)
-    reference, _ = _run("numpy", p0, grads, config, small=False)
-    full, none = _run("numba", p0, grads, config, small=False)
-    fast, taken = _run("numba", p0, grads, config, small=True)
-    assert none == 0 and taken == len(grads)
-    assert fast == reference
-    assert fast == full
+    _assert_small_path_agrees(p0, grads, config)
 
 
 @pytest.mark.parametrize("dtype", HALF, ids=str)

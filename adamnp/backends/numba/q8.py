@@ -129,7 +129,7 @@ def _f32_at(address, n):
     return numba.carray(as_pointer(address, np.float32), n)
 
 
-@jit(noalias=True, forceinline=True)
+@jit(noalias=True)
 def step_q8(
     table, leaf_ids, offsets, block_offsets, block_size, p_addr, g_addr,
     codes, absmax, map_m, map_v, quant_m, quant_v, zeros, k, flags, stochastic, key,

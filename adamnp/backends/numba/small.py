@@ -76,15 +76,15 @@ def _scalars(like, grad_scale, decay, weight_decay, lerp_weight, beta2, one_minu
 
 
 @jit()
-def step_one(p, g, m, v, vmax, host, decoupled, l2, amsgrad, maximize, check):
+def step_one(p, g, m, v, vmax, host, decoupled, l2, maximize, check):
     """One step of one leaf in place: ``SMALL_UPDATED``, or ``SMALL_NONFINITE`` or
     ``SMALL_SHARES_MEMORY`` with nothing written (:mod:`adamnp.backends.math`).
 
     ``p`` and ``g`` are the leaf and its gradient (1-D, C-contiguous, one dtype, float32
-    or float64), ``m``, ``v`` and ``vmax`` its moments (``vmax`` None unless amsgrad: then
+    or float64), ``m``, ``v`` and ``vmax`` its moments (``vmax`` None without amsgrad: then
     one update loop is compiled, not two), ``host`` the first nine
-    :class:`~adamnp.backends.math.StepScalars` values (a tuple), then the four branch flags
-    (``amsgrad`` must be ``vmax is not None``) and ``check`` (reject non-finite gradients).
+    :class:`~adamnp.backends.math.StepScalars` values (a tuple), then the branch flags other
+    than amsgrad (which ``vmax`` says) and ``check`` (reject non-finite gradients).
     """
     if _shares_memory(p, g, m, v, m[:0] if vmax is None else vmax):
         return SMALL_SHARES_MEMORY
@@ -96,7 +96,7 @@ def step_one(p, g, m, v, vmax, host, decoupled, l2, amsgrad, maximize, check):
     return SMALL_UPDATED
 
 
-def step_one_half(p, g, m, v, vmax, host, decoupled, l2, amsgrad, maximize, check, half,
+def step_one_half(p, g, m, v, vmax, host, decoupled, l2, maximize, check, half,
                   stochastic, key, index_base):  # fmt: skip
     """:func:`step_one` for a float16 or bfloat16 leaf with float32 moments.
 
@@ -109,12 +109,12 @@ def step_one_half(p, g, m, v, vmax, host, decoupled, l2, amsgrad, maximize, chec
     limit (:mod:`.reduce`).
     """
     fmt = format_tag(half, stochastic)
-    return _step_one_half(p, g, m, v, vmax, host, decoupled, l2, amsgrad, maximize, check, fmt,
-                          key, index_base)  # fmt: skip
+    return _step_one_half(p, g, m, v, vmax, host, decoupled, l2, maximize, check, fmt, key,
+                          index_base)  # fmt: skip
 
 
 @jit()
-def _step_one_half(p, g, m, v, vmax, host, decoupled, l2, amsgrad, maximize, check, fmt, key,
+def _step_one_half(p, g, m, v, vmax, host, decoupled, l2, maximize, check, fmt, key,
                    index_base):  # fmt: skip
     """:func:`step_one_half` with the format tag ``fmt`` (:func:`~.half.format_tag`)."""
     if _shares_memory(p, g, m, v, m[:0] if vmax is None else vmax):
