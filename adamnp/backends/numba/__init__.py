@@ -281,11 +281,12 @@ def _step_group(group, params, grads, scalars, check: int = NO_CHECK) -> int:
         work = int(group.offsets[-1])
         results = _launch(step_fp32, work, *common, *moments, k, flags, check)
         return next((int(r) for r in results if r >= 0), -1)  # the first in table order
+    kinds = _grad_kinds(group, grads)
     results = _launch(
         step_half,
         int(group.offsets[-1]),
         *common,
-        _grad_kinds(group, grads),
+        None if kinds.all() else kinds,  # None: every gradient half, one fused loop
         *moments,
         k,
         flags,

@@ -11,11 +11,14 @@ its index in the group's buffers), the bits of the reference
 :func:`step_half` is the float32-moment step of a half-precision
 :class:`~adamnp._state.LeafGroup`, one pass over memory like :func:`.fp32.step_fp32`, reading
 ``p`` (2 bytes), ``g`` (2 or 4 bytes: each leaf's gradient may be half or float32), ``m``,
-``v`` and writing ``p``, ``m``, ``v``. It goes by pieces that stay in L1: :func:`load_half`
-upcasts into a float32 scratch, the float32 loop updates it, :func:`store_half` rounds it
-back; the 8-bit kernels (:mod:`.q8`, :mod:`.q8_sqrt`) do the same per chunk. Each
-conversion loop (two loads, four stores: format and rounding) is a function of its own, and
-a kernel's ``fmt`` argument (:func:`format_tag`) selects one at compile time.
+``v`` and writing ``p``, ``m``, ``v``. Its loop (:func:`update_half`, also the small path's)
+upcasts each element, updates it in float32 and rounds it back, so the CPU converts while it
+waits on the update's divisions and square root; only a float32 gradient next to half
+params, or a half one in a group that also has float32 gradients, goes through a float32
+scratch. The 8-bit kernels (:mod:`.q8`, :mod:`.q8_sqrt`) dequantize into scratches anyway,
+so they upcast ``p`` into one with :func:`load_half` and round it back with
+:func:`store_half`, per chunk. A kernel's ``fmt`` argument (:func:`format_tag`) selects the
+conversions of its format and rounding at compile time.
 
 The scalar conversions are compiled functions that the loops call, not Numba-inlined code:
 LLVM inlines and vectorizes them the same, and each is compiled once instead of once per
@@ -34,10 +37,10 @@ from numba.extending import intrinsic, overload
 
 from ...lowbit import half as fmt
 from .finite import LIMIT_BF16, LIMIT_F16, f32_bits_nonfinite, half_bits_nonfinite
-from .fp32 import CHECK_ONLY, _update
+from .fp32 import CHECK_ONLY
 from .quant import block_keys, index_hash
 from .schedule import launch_traffic
-from .util import as_pointer, jit
+from .util import as_pointer, elem, jit
 
 bf16_to_f32 = jit()(fmt.bf16_to_f32)
 bf16_round = jit()(fmt.bf16_round)
@@ -129,7 +132,8 @@ else:
 
 
 _ONE = np.uint32(1)
-#: Elements per piece of :func:`step_half`: its float32 scratches stay in L1.
+#: Elements per piece of :func:`step_half` where it upcasts a half gradient into a float32
+#: scratch that stays in L1.
 PIECE = 1024
 
 
@@ -301,6 +305,110 @@ def _store_half(address, x, n, fmt, key, h):
     return impl
 
 
+def param_keys(fmt, key, h):
+    """The hash keys ``(key0, key1, low)`` of the elements from hash index ``h`` on
+    (:func:`~.quant.block_keys`) under the step's parameter ``key`` for the tag ``fmt``
+    (:func:`format_tag`) of stochastic rounding; zeros, with no hashing compiled, for
+    rounding to nearest (compiled code only)."""
+    raise NotImplementedError("param_keys runs in compiled code only")
+
+
+@overload(param_keys, inline="always")
+def _param_keys(fmt, key, h):
+    if _variant(fmt)[1]:
+        return lambda fmt, key, h: block_keys(key, h)
+    zero = np.uint32(0)
+    return lambda fmt, key, h: (zero, zero, zero)
+
+
+def param_value(bits, fmt):
+    """The float32 value of the half-precision ``bits`` of the tag ``fmt``'s format (compiled
+    code only)."""
+    raise NotImplementedError("param_value runs in compiled code only")
+
+
+@overload(param_value, inline="always")
+def _param_value(bits, fmt):
+    if _variant(fmt)[0] == 1:
+        return lambda bits, fmt: bf16_to_f32(np.uint32(bits))
+    return lambda bits, fmt: f16_to_f32(np.uint32(bits))
+
+
+def param_bits(x, index, fmt, keys):
+    """The bits (uint16) of float32 ``x`` rounded to the tag ``fmt``'s format and rounding:
+    stochastically with the hash of the element whose hash index has the low 32 bits
+    ``index`` under ``keys`` (:func:`param_keys`), as :func:`store_half` rounds (compiled
+    code only)."""
+    raise NotImplementedError("param_bits runs in compiled code only")
+
+
+@jit()
+def _bf16_stochastic_bits(x, index, key0, key1, low):
+    return np.uint16(bf16_round(x, index_hash(index, key0, key1, low), True))
+
+
+@jit()
+def _f16_stochastic_bits(x, index, key0, key1, low):
+    return np.uint16(_f16_round_bits(x, index_hash(index, key0, key1, low), True))
+
+
+# The stochastic roundings are called functions (LLVM inlines them): inlined by Numba, the
+# hash's branch left a variable out of scope in the kernel's IR (NumbaIRAssumptionWarning).
+@overload(param_bits, inline="always")
+def _param_bits(x, index, fmt, keys):
+    half, stochastic = _variant(fmt)
+    if stochastic:
+        bits = _bf16_stochastic_bits if half == 1 else _f16_stochastic_bits
+        return lambda x, index, fmt, keys: bits(x, index, keys[0], keys[1], keys[2])
+    if half == 1:
+        return lambda x, index, fmt, keys: np.uint16(bf16_round(x, np.uint32(0), False))
+    return lambda x, index, fmt, keys: np.uint16(f16_nearest(x))
+
+
+def grad_value(g, i, fmt):
+    """Element ``i`` of the gradient ``g`` as float32: ``g`` holds float32 values, or the
+    bits (uint16) of the tag ``fmt``'s format, upcast (compiled code only)."""
+    raise NotImplementedError("grad_value runs in compiled code only")
+
+
+@overload(grad_value, inline="always")
+def _grad_value(g, i, fmt):
+    if g.dtype == types.uint16:
+        return lambda g, i, fmt: param_value(g[i], fmt)
+    return lambda g, i, fmt: g[i]
+
+
+@jit(inline="always")
+def update_half(p, g, m, v, vmax, a, b, k, decoupled, l2, maximize, fmt, key, h):
+    """:func:`.fp32._update` of the half-precision bits ``p`` (uint16, the tag ``fmt``'s
+    format and rounding, :func:`format_tag`) in one loop: each element is upcast, updated
+    in float32 and rounded back (stochastically with the hash of hash index ``h + i`` under
+    the step's parameter ``key``), the bits of :func:`load_half`, the float32 update and
+    :func:`store_half` one after the other. ``g`` holds float32 values or the bits of the
+    parameters' format (:func:`grad_value`). One loop lets the CPU convert while it waits
+    on the update's divisions and square root, which loops over a float32 scratch did not."""
+    m, v = m[a:b], v[a:b]
+    keys = param_keys(fmt, key, h)
+    index = keys[2]
+    if vmax is None:
+        for i in range(p.size):
+            x, m[i], v[i], _ = elem(
+                param_value(p[i], fmt), grad_value(g, i, fmt), m[i], v[i], m[i], k,
+                decoupled, l2, False, maximize,
+            )  # fmt: skip
+            p[i] = param_bits(x, index, fmt, keys)
+            index = np.uint32(index + _ONE)
+    else:
+        y = vmax[a:b]
+        for i in range(p.size):
+            x, m[i], v[i], y[i] = elem(
+                param_value(p[i], fmt), grad_value(g, i, fmt), m[i], v[i], y[i], k,
+                decoupled, l2, True, maximize,
+            )  # fmt: skip
+            p[i] = param_bits(x, index, fmt, keys)
+            index = np.uint32(index + _ONE)
+
+
 @jit()
 def step_half(table, leaf_ids, offsets, p_addr, g_addr, g_half, m, v, vmax, k, flags, fmt, key,
               index_base, check):  # fmt: skip
@@ -314,9 +422,10 @@ def step_half(table, leaf_ids, offsets, p_addr, g_addr, g_half, m, v, vmax, k, f
     (:func:`~adamnp.lowbit.half.param_key`); element ``e`` of the buffers hashes as
     ``index_base + e`` (int64). ``check`` as :func:`.fp32.step_fp32`'s, with the test of
     :func:`.reduce.first_nonfinite` (a half gradient: NaN or Inf, for bfloat16 also a
-    magnitude at or above the float32 limit). Each chunk goes by pieces of :data:`PIECE`
-    elements: upcast ``p`` (and a half ``g``) into a float32 scratch, run
-    :func:`.fp32.step_fp32`'s loop on it, round it back.
+    magnitude at or above the float32 limit). ``g_half`` is None when every gradient is
+    half: then each chunk is one :func:`update_half` loop on the bits, and the kernel
+    compiles no other. Otherwise a half gradient is upcast into a float32 scratch by pieces
+    of :data:`PIECE` elements that stay in L1, for the same loop on float32 gradients.
     """
     decoupled, l2, _, maximize = flags  # amsgrad: vmax is not None
     if check:
@@ -325,7 +434,11 @@ def step_half(table, leaf_ids, offsets, p_addr, g_addr, g_half, m, v, vmax, k, f
         for c in range(table.shape[0]):
             j, lo, hi = table[c, 0], table[c, 1], table[c, 2]
             at = g_addr[leaf_ids[j]]
-            if g_half[j]:
+            if g_half is None:
+                half_g = True
+            else:
+                half_g = g_half[j] != 0
+            if half_g:
                 bad[c] = half_bits_nonfinite(at + lo * 2, hi - lo, limit)
             else:
                 bad[c] = f32_bits_nonfinite(at + lo * 4, hi - lo)
@@ -337,20 +450,25 @@ def step_half(table, leaf_ids, offsets, p_addr, g_addr, g_half, m, v, vmax, k, f
     for c in range(table.shape[0]):
         j, lo, hi = table[c, 0], table[c, 1], table[c, 2]
         leaf = leaf_ids[j]
-        xs = np.empty(PIECE, np.float32)
-        gs = np.empty(PIECE, np.float32)
+        if g_half is None:  # every gradient of the parameters' format: one fused loop
+            a = offsets[j] + lo
+            p = numba.carray(as_pointer(p_addr[leaf] + lo * 2, np.uint16), hi - lo)
+            g = numba.carray(as_pointer(g_addr[leaf] + lo * 2, np.uint16), hi - lo)
+            update_half(p, g, m, v, vmax, a, a + hi - lo, k, decoupled, l2, maximize, fmt,
+                        key, index_base + a)  # fmt: skip
+            continue
+        gs = np.empty(PIECE, np.float32)  # float32 gradients, and half ones upcast in pieces
         for s in range(lo, hi, PIECE):
             w = min(PIECE, hi - s)
             a = offsets[j] + s
-            x = xs[:w]
-            load_half(p_addr[leaf] + s * 2, w, fmt, x)
+            p = numba.carray(as_pointer(p_addr[leaf] + s * 2, np.uint16), w)
             if g_half[j]:
                 g = gs[:w]
                 load_half(g_addr[leaf] + s * 2, w, fmt, g)
             else:
                 g = numba.carray(as_pointer(g_addr[leaf] + s * 4, np.float32), w)
-            _update(x, g, m, v, vmax, a, a + w, k, decoupled, l2, maximize)
-            store_half(p_addr[leaf] + s * 2, x, w, fmt, key, index_base + a)
+            update_half(p, g, m, v, vmax, a, a + w, k, decoupled, l2, maximize, fmt, key,
+                        index_base + a)  # fmt: skip
     return -1
 
 

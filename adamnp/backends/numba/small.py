@@ -20,7 +20,7 @@ from numba.extending import overload
 from ..math import SMALL_NONFINITE, SMALL_SHARES_MEMORY, SMALL_UPDATED, KernelScalars
 from .finite import LIMIT_BF16, LIMIT_F16, f32_bits_nonfinite, half_bits_nonfinite, is_nonfinite
 from .fp32 import _update
-from .half import PIECE, chunk_f32, data_address, format_tag, store_half, tag_format
+from .half import format_tag, tag_format, update_half
 from .util import jit
 
 
@@ -104,9 +104,9 @@ def step_one_half(p, g, m, v, vmax, host, decoupled, l2, maximize, check, half,
     format) or float32 values; ``half`` is the format (0 float16, 1 bfloat16),
     ``stochastic`` the parameters' rounding, ``key`` the step's parameter key
     (:func:`~adamnp.lowbit.half.param_key`) and ``index_base`` the group's first hash index.
-    The update is :func:`.half.step_half`'s, piece by piece: the same bits. A half gradient
-    is non-finite when NaN or Inf, or for bfloat16 of magnitude at or above the float32
-    limit (:mod:`.reduce`).
+    The update is :func:`.half.step_half`'s loop (:func:`~.half.update_half`): the same
+    bits. A half gradient is non-finite when NaN or Inf, or for bfloat16 of magnitude at or
+    above the float32 limit (:mod:`.reduce`).
     """
     fmt = format_tag(half, stochastic)
     return _step_one_half(p, g, m, v, vmax, host, decoupled, l2, maximize, check, fmt, key,
@@ -128,15 +128,5 @@ def _step_one_half(p, g, m, v, vmax, host, decoupled, l2, maximize, check, fmt, 
             return SMALL_NONFINITE
     k = _scalars(m, host[0], host[1], host[2], host[3], host[4], host[5], host[6], host[7],
                  host[8])  # fmt: skip
-    n = p.size
-    piece = min(n, PIECE)
-    scratch = np.empty(2 * piece, np.float32)
-    at = data_address(scratch)
-    p_at, g_at = p.ctypes.data, g.ctypes.data
-    for s in range(0, n, PIECE):
-        w = min(PIECE, n - s)
-        x = chunk_f32(p_at, s, w, fmt, True, at)
-        gw = chunk_f32(g_at, s, w, fmt, g_half, at + 4 * piece)
-        _update(x, gw, m, v, vmax, s, s + w, k, decoupled, l2, maximize)
-        store_half(p_at + s * 2, x, w, fmt, key, index_base + s)
+    update_half(p, g, m, v, vmax, 0, p.size, k, decoupled, l2, maximize, fmt, key, index_base)
     return SMALL_UPDATED
