@@ -23,7 +23,7 @@ ABS64 = np.int64(0x7FFFFFFFFFFFFFFF)
 # backends/math.py, delete the *.nbi / *.nbc files.)
 LIMIT32 = np.int32(grad_limit_bits(np.float32))
 LIMIT64 = np.int64(grad_limit_bits(np.float64))
-ABS16 = np.int32(0x7FFF)
+ABS16 = np.uint16(0x7FFF)
 LIMIT_F16 = np.int32(0x7C00)  # float16 NaN and Inf
 LIMIT_BF16 = np.int32(grad_limit_bits(np.float32) >> 16)  # exact: the limit is a power of 2
 
@@ -39,11 +39,13 @@ def max_abs_bits(bits, mask):
 
 @jit(inline="always")
 def max_abs_half(bits):
-    """Largest ``bits[i] & 0x7FFF`` of uint16 bits, in int32 (vectorizes like the others)."""
-    top = np.int32(0)
+    """Largest ``bits[i] & 0x7FFF`` of uint16 bits, as int32. The max stays in 16 bits, 32
+    lanes per AVX-512 instruction (widened to 32 bits first, the loop took 15% longer on one
+    core, near the read bandwidth)."""
+    top = np.uint16(0)
     for i in range(bits.size):
-        top = max(top, np.int32(np.int32(bits[i]) & ABS16))
-    return top
+        top = np.uint16(max(top, np.uint16(bits[i] & ABS16)))
+    return np.int32(top)
 
 
 @jit(inline="always")
