@@ -33,6 +33,9 @@ CASES = {
     "bnb-f16-1M": (BNB, 1_000_000, "", "float16", {}),
     # two options at once (docs/backends.md: over the goals)
     "f16sr-1K": ("{}", 1_000, "param_rounding='stochastic'", "float16", {}),
+    "bf16sr-1K": ("{}", 1_000, "param_rounding='stochastic'", "bfloat16", {}),
+    "bf16sr-ams-1K": ("{}", 1_000, "param_rounding='stochastic', amsgrad=True", "bfloat16", {}),
+    "f16sr-ams-1M": ("{}", 1_000_000, "param_rounding='stochastic', amsgrad=True", "float16", {}),
     "sqrt-f16sr-1M": (SQRT, 1_000_000, "param_rounding='stochastic'", "float16", {}),
     "sqrt-bf16-ams-1M": (SQRT, 1_000_000, "amsgrad=True", "bfloat16", {}),
     "bnb-sr-ams-1M": (BNB_SR, 1_000_000, "amsgrad=True", "float32", {}),

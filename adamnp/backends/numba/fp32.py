@@ -61,14 +61,11 @@ def step_fp32(table, leaf_ids, offsets, p_addr, g_addr, m, v, vmax, k, flags, ch
     decoupled, l2, _, maximize = flags  # amsgrad: vmax is not None
     size = m.itemsize
     if check:
-        bad = np.zeros(table.shape[0], np.bool_)
-        for c in range(table.shape[0]):
+        for c in range(table.shape[0]):  # the first bad chunk in table order: its leaf
             j, lo, hi = table[c, 0], table[c, 1], table[c, 2]
             g = numba.carray(as_pointer(g_addr[leaf_ids[j]] + lo * size, m), hi - lo)
-            bad[c] = is_nonfinite(g)
-        for c in range(table.shape[0]):
-            if bad[c]:
-                return leaf_ids[table[c, 0]]
+            if is_nonfinite(g):
+                return leaf_ids[j]
         if check == CHECK_ONLY:
             return -1
     for c in range(table.shape[0]):

@@ -430,8 +430,7 @@ def step_half(table, leaf_ids, offsets, p_addr, g_addr, g_half, m, v, vmax, k, f
     decoupled, l2, _, maximize = flags  # amsgrad: vmax is not None
     if check:
         limit = LIMIT_BF16 if tag_format(fmt) == 1 else LIMIT_F16
-        bad = np.zeros(table.shape[0], np.bool_)
-        for c in range(table.shape[0]):
+        for c in range(table.shape[0]):  # the first bad chunk in table order: its leaf
             j, lo, hi = table[c, 0], table[c, 1], table[c, 2]
             at = g_addr[leaf_ids[j]]
             if g_half is None:
@@ -439,12 +438,11 @@ def step_half(table, leaf_ids, offsets, p_addr, g_addr, g_half, m, v, vmax, k, f
             else:
                 half_g = g_half[j] != 0
             if half_g:
-                bad[c] = half_bits_nonfinite(at + lo * 2, hi - lo, limit)
+                bad = half_bits_nonfinite(at + lo * 2, hi - lo, limit)
             else:
-                bad[c] = f32_bits_nonfinite(at + lo * 4, hi - lo)
-        for c in range(table.shape[0]):
-            if bad[c]:
-                return leaf_ids[table[c, 0]]
+                bad = f32_bits_nonfinite(at + lo * 4, hi - lo)
+            if bad:
+                return leaf_ids[j]
         if check == CHECK_ONLY:
             return -1
     for c in range(table.shape[0]):

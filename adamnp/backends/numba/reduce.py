@@ -40,19 +40,17 @@ def first_nonfinite(table, addr, itemsize, half, wide):
     None when no leaf has; ``wide`` is None when no leaf has 8-byte elements. Numba prunes
     the branches of a None argument before compiling: float32 gradients alone compile one
     loop."""
-    bad = np.zeros(table.shape[0], np.bool_)
-    for c in range(table.shape[0]):
+    for c in range(table.shape[0]):  # the first bad chunk in table order: its leaf
         j, lo, hi = table[c, 0], table[c, 1], table[c, 2]
         if half is not None and itemsize[j] == 2:
             limit = LIMIT_BF16 if half[j] == 1 else LIMIT_F16
-            bad[c] = half_bits_nonfinite(addr[j] + lo * 2, hi - lo, limit)
+            bad = half_bits_nonfinite(addr[j] + lo * 2, hi - lo, limit)
         elif wide is not None and itemsize[j] == 8:
             x64 = numba.carray(as_pointer(addr[j] + lo * 8, np.int64), hi - lo)
-            bad[c] = max_abs_bits(x64, ABS64) >= LIMIT64
+            bad = max_abs_bits(x64, ABS64) >= LIMIT64
         else:  # is_nonfinite's test, on the bits (one function less to compile)
-            bad[c] = f32_bits_nonfinite(addr[j] + lo * 4, hi - lo)
-    for c in range(table.shape[0]):
-        if bad[c]:
+            bad = f32_bits_nonfinite(addr[j] + lo * 4, hi - lo)
+        if bad:
             return table[c, 0]
     return -1
 
