@@ -51,7 +51,7 @@ else:
     from . import quant, schedule
     from .avx512 import HAVE_VBMI, byte_planes
     from .fp32 import CHECK_ONLY, CHECK_THEN_UPDATE, NO_CHECK, step_fp32, traffic_kernel
-    from .half import format_tag, step_half, traffic_kernel_half
+    from .half import format_tag, grad_kinds, step_half, traffic_kernel_half
     from .leaves import LeafSpec as leaf_spec
     from .leaves import host_leaves_ok
     from .q8 import step_q8, traffic_kernel_q8
@@ -286,7 +286,7 @@ def _step_group(group, params, grads, scalars, check: int = NO_CHECK) -> int:
         step_half,
         int(group.offsets[-1]),
         *common,
-        None if kinds.all() else kinds,  # None: every gradient half, one fused loop
+        *grad_kinds(kinds),
         *moments,
         k,
         flags,
@@ -495,7 +495,9 @@ def _step_q8_sqrt(group, table, p_addr, g_addr, k, flags, key, half, step) -> No
         _launch(kernel, work, *args, k, flags, np.uint32(key), s_key, phase, base)
     else:
         kernel = step_q8_sqrt_half_amsgrad if amsgrad else step_q8_sqrt_half
-        _launch(kernel, work, *args, k, flags, np.uint32(key), s_key, phase, *half, base)
+        fmt, kinds, p_key = half
+        _launch(kernel, work, *args, k, flags, np.uint32(key), s_key, phase, fmt,
+                *grad_kinds(kinds), p_key, base)  # fmt: skip
 
 
 def _step_q8(group, table, p_addr, g_addr, k, flags, key, half) -> None:

@@ -170,6 +170,11 @@ def format_tag(half: int, stochastic: bool) -> np.generic:
     return _TAGS[half][bool(stochastic)]
 
 
+def _is_none(fmt) -> bool:
+    """Whether a kernel's ``fmt`` argument is None: float32 params (no conversion)."""
+    return isinstance(fmt, (types.NoneType, types.Omitted)) or fmt is None
+
+
 def _variant(fmt) -> tuple[int, bool]:
     if fmt not in _TAG_VARIANTS:
         raise numba.errors.TypingError(f"a half-precision format tag, not {fmt}")
@@ -270,19 +275,6 @@ def data_address(typingctx, array):
     return sig, codegen
 
 
-@jit(inline="always")
-def chunk_f32(address, lo, n, fmt, upcast, scratch):
-    """Elements ``lo .. lo + n - 1`` of the leaf at ``address`` as a float32 array: with
-    ``upcast``, the half values of the format of the tag ``fmt`` (:func:`format_tag`) upcast
-    into the float32 scratch at address ``scratch``, which the caller keeps alive; else a
-    view of a float32 leaf. One definition of the result, by address."""
-    at = scratch if upcast else address + lo * 4
-    out = numba.carray(as_pointer(at, np.float32), n)
-    if upcast:
-        load_half(address + lo * 2, n, fmt, out)
-    return out
-
-
 def store_half(address, x, n, fmt, key, h):
     """Round ``x[:n]`` into the ``n`` half values at ``address`` (compiled code only): the
     format and rounding of the tag ``fmt`` (:func:`format_tag`).
@@ -309,26 +301,28 @@ def param_keys(fmt, key, h):
     """The hash keys ``(key0, key1, low)`` of the elements from hash index ``h`` on
     (:func:`~.quant.block_keys`) under the step's parameter ``key`` for the tag ``fmt``
     (:func:`format_tag`) of stochastic rounding; zeros, with no hashing compiled, for
-    rounding to nearest (compiled code only)."""
+    rounding to nearest and for ``fmt`` None (float32 params; compiled code only)."""
     raise NotImplementedError("param_keys runs in compiled code only")
 
 
 @overload(param_keys, inline="always")
 def _param_keys(fmt, key, h):
-    if _variant(fmt)[1]:
+    if not _is_none(fmt) and _variant(fmt)[1]:
         return lambda fmt, key, h: block_keys(key, h)
     zero = np.uint32(0)
     return lambda fmt, key, h: (zero, zero, zero)
 
 
 def param_value(bits, fmt):
-    """The float32 value of the half-precision ``bits`` of the tag ``fmt``'s format (compiled
-    code only)."""
+    """The float32 value of the half-precision ``bits`` of the tag ``fmt``'s format; with
+    ``fmt`` None, ``bits`` is a float32 value and comes back as it is (compiled code only)."""
     raise NotImplementedError("param_value runs in compiled code only")
 
 
 @overload(param_value, inline="always")
 def _param_value(bits, fmt):
+    if _is_none(fmt):
+        return lambda bits, fmt: bits
     if _variant(fmt)[0] == 1:
         return lambda bits, fmt: bf16_to_f32(np.uint32(bits))
     return lambda bits, fmt: f16_to_f32(np.uint32(bits))
@@ -337,8 +331,8 @@ def _param_value(bits, fmt):
 def param_bits(x, index, fmt, keys):
     """The bits (uint16) of float32 ``x`` rounded to the tag ``fmt``'s format and rounding:
     stochastically with the hash of the element whose hash index has the low 32 bits
-    ``index`` under ``keys`` (:func:`param_keys`), as :func:`store_half` rounds (compiled
-    code only)."""
+    ``index`` under ``keys`` (:func:`param_keys`), as :func:`store_half` rounds; with
+    ``fmt`` None, ``x`` itself (float32 params; compiled code only)."""
     raise NotImplementedError("param_bits runs in compiled code only")
 
 
@@ -356,6 +350,8 @@ def _f16_stochastic_bits(x, index, key0, key1, low):
 # hash's branch left a variable out of scope in the kernel's IR (NumbaIRAssumptionWarning).
 @overload(param_bits, inline="always")
 def _param_bits(x, index, fmt, keys):
+    if _is_none(fmt):
+        return lambda x, index, fmt, keys: x
     half, stochastic = _variant(fmt)
     if stochastic:
         bits = _bf16_stochastic_bits if half == 1 else _f16_stochastic_bits
@@ -409,23 +405,43 @@ def update_half(p, g, m, v, vmax, a, b, k, decoupled, l2, maximize, fmt, key, h)
             index = np.uint32(index + _ONE)
 
 
+def grad_kinds(grads_half: np.ndarray) -> tuple:
+    """The ``(half_grads, g_half)`` arguments of the half-precision kernels from a group's
+    per-leaf gradient kinds (1: the parameters' format, 0: float32): ``(True, None)`` when
+    every gradient is half, else ``(None, grads_half)``.
+
+    Examples
+    --------
+    >>> grad_kinds(np.int8([1, 1]))
+    (True, None)
+    >>> grad_kinds(np.int8([1, 0]))[0] is None
+    True
+    """
+    return (True, None) if grads_half.all() else (None, grads_half)
+
+
 @jit()
-def step_half(table, leaf_ids, offsets, p_addr, g_addr, g_half, m, v, vmax, k, flags, fmt, key,
-              index_base, check):  # fmt: skip
+def step_half(table, leaf_ids, offsets, p_addr, g_addr, half_grads, g_half, m, v, vmax, k,
+              flags, fmt, key, index_base, check):  # fmt: skip
     """Update all chunks of ``table`` in place: a half-precision group with float32 moments;
     -1, or with ``check`` the tree index of the first leaf whose gradient is non-finite,
     with nothing written.
 
-    Arguments as :func:`.fp32.step_fp32`'s, plus ``g_half`` (per leaf of the group: 1 if its
-    gradient is of the parameter's format, 0 if float32), the tag ``fmt`` of the parameters'
-    format and rounding (:func:`format_tag`) and the step's parameter ``key``
+    Arguments as :func:`.fp32.step_fp32`'s, plus the gradients' kinds (:func:`grad_kinds`:
+    ``half_grads`` True and ``g_half`` None when every gradient is of the parameters'
+    format, else ``half_grads`` None and ``g_half`` per leaf 1 for such a gradient and 0 for
+    a float32 one), the tag ``fmt`` of the parameters' format and rounding
+    (:func:`format_tag`) and the step's parameter ``key``
     (:func:`~adamnp.lowbit.half.param_key`); element ``e`` of the buffers hashes as
     ``index_base + e`` (int64). ``check`` as :func:`.fp32.step_fp32`'s, with the test of
     :func:`.reduce.first_nonfinite` (a half gradient: NaN or Inf, for bfloat16 also a
-    magnitude at or above the float32 limit). ``g_half`` is None when every gradient is
-    half: then each chunk is one :func:`update_half` loop on the bits, and the kernel
-    compiles no other. Otherwise a half gradient is upcast into a float32 scratch by pieces
-    of :data:`PIECE` elements that stay in L1, for the same loop on float32 gradients.
+    magnitude at or above the float32 limit).
+
+    With half gradients only, each chunk is one :func:`update_half` loop on the bits.
+    Otherwise a half gradient is upcast into a float32 scratch by pieces of :data:`PIECE`
+    elements that stay in L1, for the same loop on float32 gradients. Numba drops the code
+    under ``if x is not None`` for an ``x`` that is None (not the other way round), so a
+    state compiles the one of the two it runs.
     """
     decoupled, l2, _, maximize = flags  # amsgrad: vmax is not None
     if check:
@@ -433,18 +449,41 @@ def step_half(table, leaf_ids, offsets, p_addr, g_addr, g_half, m, v, vmax, k, f
         for c in range(table.shape[0]):  # the first bad chunk in table order: its leaf
             j, lo, hi = table[c, 0], table[c, 1], table[c, 2]
             at = g_addr[leaf_ids[j]]
-            if g_half is None:
-                half_g = True
-            else:
-                half_g = g_half[j] != 0
-            if half_g:
+            bad = False
+            if half_grads is not None:
                 bad = half_bits_nonfinite(at + lo * 2, hi - lo, limit)
-            else:
-                bad = f32_bits_nonfinite(at + lo * 4, hi - lo)
+            if g_half is not None:
+                if g_half[j]:
+                    bad = half_bits_nonfinite(at + lo * 2, hi - lo, limit)
+                else:
+                    bad = f32_bits_nonfinite(at + lo * 4, hi - lo)
             if bad:
                 return leaf_ids[j]
         if check == CHECK_ONLY:
             return -1
+    for c in range(table.shape[0]):
+        j, lo, hi = table[c, 0], table[c, 1], table[c, 2]
+        leaf = leaf_ids[j]
+        if half_grads is not None:  # one fused loop on the bits
+            a = offsets[j] + lo
+            p = numba.carray(as_pointer(p_addr[leaf] + lo * 2, np.uint16), hi - lo)
+            g = numba.carray(as_pointer(g_addr[leaf] + lo * 2, np.uint16), hi - lo)
+            update_half(p, g, m, v, vmax, a, a + hi - lo, k, decoupled, l2, maximize, fmt,
+                        key, index_base + a)  # fmt: skip
+        if g_half is not None:  # float32 gradients, half ones upcast by pieces
+            gs = np.empty(PIECE, np.float32)
+            for s in range(lo, hi, PIECE):
+                w = min(PIECE, hi - s)
+                a = offsets[j] + s
+                p = numba.carray(as_pointer(p_addr[leaf] + s * 2, np.uint16), w)
+                if g_half[j]:
+                    g = gs[:w]
+                    load_half(g_addr[leaf] + s * 2, w, fmt, g)
+                else:
+                    g = numba.carray(as_pointer(g_addr[leaf] + s * 4, np.float32), w)
+                update_half(p, g, m, v, vmax, a, a + w, k, decoupled, l2, maximize, fmt, key,
+                            index_base + a)  # fmt: skip
+    return -1
     for c in range(table.shape[0]):
         j, lo, hi = table[c, 0], table[c, 1], table[c, 2]
         leaf = leaf_ids[j]
