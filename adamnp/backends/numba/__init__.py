@@ -272,14 +272,15 @@ def _step_group(group, params, grads, scalars, check: int = NO_CHECK) -> int:
         else:
             _step_q8(group, table, p_addr, g_addr, k, flags, key, half)
         return -1
-    vmax = group.buffers.get("vmax")  # None without amsgrad: the kernels compile one loop
+    vmax = group.buffers.get("vmax")  # None without amsgrad
+    plain = True if vmax is None else None  # None with amsgrad: the kernels compile one loop
     common = (table, group.leaf_ids, group.offsets, p_addr, g_addr)
     moments = (group.buffers["m"], group.buffers["v"], vmax)
     k = kernel_scalars(scalars, group.dtype)
     half = group.half
     if half < 0:
         work = int(group.offsets[-1])
-        results = _launch(step_fp32, work, *common, *moments, k, flags, check)
+        results = _launch(step_fp32, work, *common, *moments, plain, k, flags, check)
         return next((int(r) for r in results if r >= 0), -1)  # the first in table order
     kinds = _grad_kinds(group, grads)
     results = _launch(
@@ -288,6 +289,7 @@ def _step_group(group, params, grads, scalars, check: int = NO_CHECK) -> int:
         *common,
         *grad_kinds(kinds),
         *moments,
+        plain,
         k,
         flags,
         format_tag(half, scalars.stochastic_params),

@@ -22,17 +22,19 @@ from .util import as_pointer, elem, jit
 
 
 @jit(inline="always")
-def _update(p, g, m, v, vmax, a, b, k, decoupled, l2, maximize):
+def _update(p, g, m, v, vmax, plain, a, b, k, decoupled, l2, maximize):
     """One fused pass over the chunk ``p``, ``g`` and rows ``a:b`` of the moments: the
-    operations of ``numpy.update_chunk`` per element. ``vmax`` is None without amsgrad:
-    Numba prunes the branch on its type before compiling, so such a state compiles one loop."""
+    operations of ``numpy.update_chunk`` per element. Without amsgrad ``vmax`` is None and
+    ``plain`` True, with it ``plain`` is None: Numba drops the code under ``if x is not
+    None`` for an argument ``x`` that is None (and only then), so a state compiles one of
+    the two loops."""
     m, v = m[a:b], v[a:b]
-    if vmax is None:
+    if plain is not None:
         for i in range(p.size):
             p[i], m[i], v[i], _ = elem(
                 p[i], g[i], m[i], v[i], m[i], k, decoupled, l2, False, maximize
             )
-    else:
+    if vmax is not None:
         x = vmax[a:b]
         for i in range(p.size):
             p[i], m[i], v[i], x[i] = elem(
@@ -46,7 +48,7 @@ NO_CHECK, CHECK_THEN_UPDATE, CHECK_ONLY = 0, 1, 2
 
 
 @jit()
-def step_fp32(table, leaf_ids, offsets, p_addr, g_addr, m, v, vmax, k, flags, check):
+def step_fp32(table, leaf_ids, offsets, p_addr, g_addr, m, v, vmax, plain, k, flags, check):
     """Update all chunks of ``table`` in place; -1, or with ``check`` the tree index of the
     first leaf whose gradient is non-finite (:func:`.reduce.first_nonfinite`'s test), with
     nothing written. ``check``: :data:`NO_CHECK`, :data:`CHECK_THEN_UPDATE` or
@@ -54,7 +56,8 @@ def step_fp32(table, leaf_ids, offsets, p_addr, g_addr, m, v, vmax, k, flags, ch
 
     ``p_addr``/``g_addr`` hold the data addresses of all leaves of the tree, ``leaf_ids`` maps
     a group's leaf to its tree index, ``offsets`` locate it in the arenas ``m``, ``v`` and
-    ``vmax`` (None unless amsgrad); ``k`` are the :class:`~adamnp.backends.math.KernelScalars` and
+    ``vmax`` (None unless amsgrad; ``plain`` True without amsgrad, None with it:
+    :func:`_update`); ``k`` are the :class:`~adamnp.backends.math.KernelScalars` and
     ``flags = (decoupled_decay, l2_decay, amsgrad, maximize)``. The check is a pass of its own
     over the gradients before the update pass, in the same call.
     """
@@ -74,7 +77,7 @@ def step_fp32(table, leaf_ids, offsets, p_addr, g_addr, m, v, vmax, k, flags, ch
         a, b = offsets[j] + lo, offsets[j] + hi
         p = numba.carray(as_pointer(p_addr[leaf] + lo * size, m), hi - lo)
         g = numba.carray(as_pointer(g_addr[leaf] + lo * size, m), hi - lo)
-        _update(p, g, m, v, vmax, a, b, k, decoupled, l2, maximize)
+        _update(p, g, m, v, vmax, plain, a, b, k, decoupled, l2, maximize)
     return -1
 
 

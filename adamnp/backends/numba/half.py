@@ -375,18 +375,20 @@ def _grad_value(g, i, fmt):
 
 
 @jit(inline="always")
-def update_half(p, g, m, v, vmax, a, b, k, decoupled, l2, maximize, fmt, key, h):
+def update_half(p, g, m, v, vmax, plain, a, b, k, decoupled, l2, maximize, fmt, key, h):
     """:func:`.fp32._update` of the half-precision bits ``p`` (uint16, the tag ``fmt``'s
     format and rounding, :func:`format_tag`) in one loop: each element is upcast, updated
     in float32 and rounded back (stochastically with the hash of hash index ``h + i`` under
     the step's parameter ``key``), the bits of :func:`load_half`, the float32 update and
     :func:`store_half` one after the other. ``g`` holds float32 values or the bits of the
-    parameters' format (:func:`grad_value`). One loop lets the CPU convert while it waits
-    on the update's divisions and square root, which loops over a float32 scratch did not."""
+    parameters' format (:func:`grad_value`). ``vmax`` and ``plain`` as
+    :func:`.fp32._update`'s (one loop compiled). One loop lets the CPU convert while it
+    waits on the update's divisions and square root, which loops over a float32 scratch did
+    not."""
     m, v = m[a:b], v[a:b]
     keys = param_keys(fmt, key, h)
     index = keys[2]
-    if vmax is None:
+    if plain is not None:
         for i in range(p.size):
             x, m[i], v[i], _ = elem(
                 param_value(p[i], fmt), grad_value(g, i, fmt), m[i], v[i], m[i], k,
@@ -394,7 +396,7 @@ def update_half(p, g, m, v, vmax, a, b, k, decoupled, l2, maximize, fmt, key, h)
             )  # fmt: skip
             p[i] = param_bits(x, index, fmt, keys)
             index = np.uint32(index + _ONE)
-    else:
+    if vmax is not None:
         y = vmax[a:b]
         for i in range(p.size):
             x, m[i], v[i], y[i] = elem(
@@ -421,13 +423,14 @@ def grad_kinds(grads_half: np.ndarray) -> tuple:
 
 
 @jit()
-def step_half(table, leaf_ids, offsets, p_addr, g_addr, half_grads, g_half, m, v, vmax, k,
-              flags, fmt, key, index_base, check):  # fmt: skip
+def step_half(table, leaf_ids, offsets, p_addr, g_addr, half_grads, g_half, m, v, vmax, plain,
+              k, flags, fmt, key, index_base, check):  # fmt: skip
     """Update all chunks of ``table`` in place: a half-precision group with float32 moments;
     -1, or with ``check`` the tree index of the first leaf whose gradient is non-finite,
     with nothing written.
 
-    Arguments as :func:`.fp32.step_fp32`'s, plus the gradients' kinds (:func:`grad_kinds`:
+    Arguments as :func:`.fp32.step_fp32`'s (``vmax`` and ``plain`` as there), plus the
+    gradients' kinds (:func:`grad_kinds`:
     ``half_grads`` True and ``g_half`` None when every gradient is of the parameters'
     format, else ``half_grads`` None and ``g_half`` per leaf 1 for such a gradient and 0 for
     a float32 one), the tag ``fmt`` of the parameters' format and rounding
@@ -468,7 +471,7 @@ def step_half(table, leaf_ids, offsets, p_addr, g_addr, half_grads, g_half, m, v
             a = offsets[j] + lo
             p = numba.carray(as_pointer(p_addr[leaf] + lo * 2, np.uint16), hi - lo)
             g = numba.carray(as_pointer(g_addr[leaf] + lo * 2, np.uint16), hi - lo)
-            update_half(p, g, m, v, vmax, a, a + hi - lo, k, decoupled, l2, maximize, fmt,
+            update_half(p, g, m, v, vmax, plain, a, a + hi - lo, k, decoupled, l2, maximize, fmt,
                         key, index_base + a)  # fmt: skip
         if g_half is not None:  # float32 gradients, half ones upcast by pieces
             gs = np.empty(PIECE, np.float32)
@@ -481,31 +484,8 @@ def step_half(table, leaf_ids, offsets, p_addr, g_addr, half_grads, g_half, m, v
                     load_half(g_addr[leaf] + s * 2, w, fmt, g)
                 else:
                     g = numba.carray(as_pointer(g_addr[leaf] + s * 4, np.float32), w)
-                update_half(p, g, m, v, vmax, a, a + w, k, decoupled, l2, maximize, fmt, key,
+                update_half(p, g, m, v, vmax, plain, a, a + w, k, decoupled, l2, maximize, fmt, key,
                             index_base + a)  # fmt: skip
-    return -1
-    for c in range(table.shape[0]):
-        j, lo, hi = table[c, 0], table[c, 1], table[c, 2]
-        leaf = leaf_ids[j]
-        if g_half is None:  # every gradient of the parameters' format: one fused loop
-            a = offsets[j] + lo
-            p = numba.carray(as_pointer(p_addr[leaf] + lo * 2, np.uint16), hi - lo)
-            g = numba.carray(as_pointer(g_addr[leaf] + lo * 2, np.uint16), hi - lo)
-            update_half(p, g, m, v, vmax, a, a + hi - lo, k, decoupled, l2, maximize, fmt,
-                        key, index_base + a)  # fmt: skip
-            continue
-        gs = np.empty(PIECE, np.float32)  # float32 gradients, and half ones upcast in pieces
-        for s in range(lo, hi, PIECE):
-            w = min(PIECE, hi - s)
-            a = offsets[j] + s
-            p = numba.carray(as_pointer(p_addr[leaf] + s * 2, np.uint16), w)
-            if g_half[j]:
-                g = gs[:w]
-                load_half(g_addr[leaf] + s * 2, w, fmt, g)
-            else:
-                g = numba.carray(as_pointer(g_addr[leaf] + s * 4, np.float32), w)
-            update_half(p, g, m, v, vmax, a, a + w, k, decoupled, l2, maximize, fmt, key,
-                        index_base + a)  # fmt: skip
     return -1
 
 
