@@ -516,11 +516,12 @@ def _step_q8(group, table, p_addr, g_addr, k, flags, key, half) -> None:
     simd = _vbmi_inputs() if vbmi else None
     # None or True (None: the kernels compile none of the feature's code)
     vmax = True if "codes_vmax" in group.buffers else None
+    plain = None if vmax else True  # the loops without amsgrad (Numba drops 'if None')
     stochastic = None if key is None else True
     if simd is not None:
         _launch(step_q8_simd, int(group.offsets[-1]), *_q8_arguments(group, table, p_addr, g_addr),
                 *_q8_maps(), k, flags, stochastic, np.uint32(key or 0), *simd,
-                vmax)  # fmt: skip
+                vmax, plain)  # fmt: skip
         return
     _launch(
         step_q8,
@@ -534,4 +535,5 @@ def _step_q8(group, table, p_addr, g_addr, k, flags, key, half) -> None:
         *((None, _NO_HALF, np.uint32(0)) if half is None else half),  # None: float32 params
         np.int64(group.index_base),
         vmax,
+        plain,
     )
