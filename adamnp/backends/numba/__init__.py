@@ -497,9 +497,7 @@ def _step_q8_sqrt(group, table, p_addr, g_addr, k, flags, key, half, step) -> No
         _launch(kernel, work, *args, k, flags, np.uint32(key), s_key, phase, base)
     else:
         kernel = step_q8_sqrt_half_amsgrad if amsgrad else step_q8_sqrt_half
-        fmt, kinds, p_key = half
-        _launch(kernel, work, *args, k, flags, np.uint32(key), s_key, phase, fmt,
-                *grad_kinds(kinds), p_key, base)  # fmt: skip
+        _launch(kernel, work, *args, k, flags, np.uint32(key), s_key, phase, *half, base)
 
 
 def _step_q8(group, table, p_addr, g_addr, k, flags, key, half) -> None:

@@ -13,11 +13,12 @@ its index in the group's buffers), the bits of the reference
 ``p`` (2 bytes), ``g`` (2 or 4 bytes: each leaf's gradient may be half or float32), ``m``,
 ``v`` and writing ``p``, ``m``, ``v``. Its loop (:func:`update_half`, also the small path's)
 upcasts each element, updates it in float32 and rounds it back, so the CPU converts while it
-waits on the update's divisions and square root; only a float32 gradient next to half
-params, or a half one in a group that also has float32 gradients, goes through a float32
-scratch. The 8-bit kernels (:mod:`.q8`, :mod:`.q8_sqrt`) dequantize into scratches anyway,
-so they upcast ``p`` into one with :func:`load_half` and round it back with
-:func:`store_half`, per chunk. A kernel's ``fmt`` argument (:func:`format_tag`) selects the
+waits on the update's divisions and square root; only a half gradient in a group that also
+has float32 gradients goes through a float32 scratch. The 8-bit kernels (:mod:`.q8`,
+:mod:`.q8_sqrt`) upcast ``p`` per chunk into a scratch with :func:`load_half` (through
+:func:`chunk_f32`) and round it back with :func:`store_half`: their update loops are shared
+with float32 params, and converting inside them made the float32 kernels compile 0.3 - 0.9 s
+longer. A kernel's ``fmt`` argument (:func:`format_tag`) selects the
 conversions of its format and rounding at compile time.
 
 The scalar conversions are compiled functions that the loops call, not Numba-inlined code:
@@ -170,11 +171,6 @@ def format_tag(half: int, stochastic: bool) -> np.generic:
     return _TAGS[half][bool(stochastic)]
 
 
-def _is_none(fmt) -> bool:
-    """Whether a kernel's ``fmt`` argument is None: float32 params (no conversion)."""
-    return isinstance(fmt, (types.NoneType, types.Omitted)) or fmt is None
-
-
 def _variant(fmt) -> tuple[int, bool]:
     if fmt not in _TAG_VARIANTS:
         raise numba.errors.TypingError(f"a half-precision format tag, not {fmt}")
@@ -275,6 +271,19 @@ def data_address(typingctx, array):
     return sig, codegen
 
 
+@jit(inline="always")
+def chunk_f32(address, lo, n, fmt, upcast, scratch):
+    """Elements ``lo .. lo + n - 1`` of the leaf at ``address`` as a float32 array: with
+    ``upcast``, the half values of the format of the tag ``fmt`` (:func:`format_tag`) upcast
+    into the float32 scratch at address ``scratch``, which the caller keeps alive; else a
+    view of a float32 leaf. One definition of the result, by address."""
+    at = scratch if upcast else address + lo * 4
+    out = numba.carray(as_pointer(at, np.float32), n)
+    if upcast:
+        load_half(address + lo * 2, n, fmt, out)
+    return out
+
+
 def store_half(address, x, n, fmt, key, h):
     """Round ``x[:n]`` into the ``n`` half values at ``address`` (compiled code only): the
     format and rounding of the tag ``fmt`` (:func:`format_tag`).
@@ -301,28 +310,26 @@ def param_keys(fmt, key, h):
     """The hash keys ``(key0, key1, low)`` of the elements from hash index ``h`` on
     (:func:`~.quant.block_keys`) under the step's parameter ``key`` for the tag ``fmt``
     (:func:`format_tag`) of stochastic rounding; zeros, with no hashing compiled, for
-    rounding to nearest and for ``fmt`` None (float32 params; compiled code only)."""
+    rounding to nearest (compiled code only)."""
     raise NotImplementedError("param_keys runs in compiled code only")
 
 
 @overload(param_keys, inline="always")
 def _param_keys(fmt, key, h):
-    if not _is_none(fmt) and _variant(fmt)[1]:
+    if _variant(fmt)[1]:
         return lambda fmt, key, h: block_keys(key, h)
     zero = np.uint32(0)
     return lambda fmt, key, h: (zero, zero, zero)
 
 
 def param_value(bits, fmt):
-    """The float32 value of the half-precision ``bits`` of the tag ``fmt``'s format; with
-    ``fmt`` None, ``bits`` is a float32 value and comes back as it is (compiled code only)."""
+    """The float32 value of the half-precision ``bits`` of the tag ``fmt``'s format (compiled
+    code only)."""
     raise NotImplementedError("param_value runs in compiled code only")
 
 
 @overload(param_value, inline="always")
 def _param_value(bits, fmt):
-    if _is_none(fmt):
-        return lambda bits, fmt: bits
     if _variant(fmt)[0] == 1:
         return lambda bits, fmt: bf16_to_f32(np.uint32(bits))
     return lambda bits, fmt: f16_to_f32(np.uint32(bits))
@@ -331,8 +338,8 @@ def _param_value(bits, fmt):
 def param_bits(x, index, fmt, keys):
     """The bits (uint16) of float32 ``x`` rounded to the tag ``fmt``'s format and rounding:
     stochastically with the hash of the element whose hash index has the low 32 bits
-    ``index`` under ``keys`` (:func:`param_keys`), as :func:`store_half` rounds; with
-    ``fmt`` None, ``x`` itself (float32 params; compiled code only)."""
+    ``index`` under ``keys`` (:func:`param_keys`), as :func:`store_half` rounds (compiled
+    code only)."""
     raise NotImplementedError("param_bits runs in compiled code only")
 
 
@@ -350,8 +357,6 @@ def _f16_stochastic_bits(x, index, key0, key1, low):
 # hash's branch left a variable out of scope in the kernel's IR (NumbaIRAssumptionWarning).
 @overload(param_bits, inline="always")
 def _param_bits(x, index, fmt, keys):
-    if _is_none(fmt):
-        return lambda x, index, fmt, keys: x
     half, stochastic = _variant(fmt)
     if stochastic:
         bits = _bf16_stochastic_bits if half == 1 else _f16_stochastic_bits

@@ -21,11 +21,9 @@ from __future__ import annotations
 
 import numba
 import numpy as np
-from numba import types
-from numba.extending import overload
 
 from ...lowbit import sqrt as fmt
-from .half import load_half, param_bits, param_keys, param_value
+from .half import chunk_f32, data_address, store_half
 from .quant import block_keys, index_hash
 from .util import as_pointer, elem, jit
 
@@ -41,7 +39,6 @@ _LEVELS = np.float32(127)
 _R_FLOOR = np.float32(fmt.R_FLOOR)
 _ONE = np.float32(1)
 _ZERO = np.float32(0)
-_NO_KEY = np.uint32(0)  # the parameter key of float32 params (never used)
 _WIDE_FACTOR = np.float32(fmt.WIDE_FACTOR)
 
 
@@ -81,31 +78,14 @@ def _ratio(m, root):
     return np.float32(0) if root == np.float32(0) else q
 
 
-def _grad(g, i, fmt):
-    """Element ``i`` of the gradient ``g`` as float32 (compiled code only): float32 values,
-    or the bits of the tag ``fmt``'s format (:func:`~.half.param_value`)."""
-    raise NotImplementedError("_grad runs in compiled code only")
-
-
-@overload(_grad, inline="always")
-def _grad_impl(g, i, fmt):
-    if g.dtype == types.uint16:
-        return lambda g, i, fmt: param_value(g[i], fmt)
-    return lambda g, i, fmt: g[i]
-
-
 @jit(inline="always")
 def _update_block(p, g, s, n, codes_m, codes_v, e, am, av, sr, ss, k, decoupled, l2,
-                  maximize, fmt, p_keys):  # fmt: skip
+                  maximize):  # fmt: skip
     """Pass 1 over the ``n`` elements of one block (without amsgrad); returns the bits of the
     block maxima of ``|r|`` and ``s`` and the :func:`_low_key` maximum of ``s``. Unsigned
-    offsets, no slices (see :mod:`.q8`). ``p`` and ``g`` are float32 (``fmt`` None) or
-    the bits of the half-precision format of the tag ``fmt`` (``g`` may also be float32),
-    upcast and rounded back element by element (:func:`~.half.param_value`,
-    :func:`~.half.param_bits` with the block's keys ``p_keys``)."""
+    offsets, no slices (see :mod:`.q8`)."""
     s = np.uint64(s)
     e = np.uint64(e)
-    index = p_keys[2]
     rscale = am / _LEVELS
     xr = np.int32(0)
     xs = np.int32(0)
@@ -114,10 +94,8 @@ def _update_block(p, g, s, n, codes_m, codes_v, e, am, av, sr, ss, k, decoupled,
         sq = _root(codes_v[e + i], av)
         m0 = (np.float32(np.int8(codes_m[e + i])) * rscale) * sq
         v0 = sq * sq
-        x, m, v, _ = elem(param_value(p[s + i], fmt), _grad(g, s + i, fmt), m0, v0, v0, k,
-                          decoupled, l2, False, maximize)  # fmt: skip
-        p[s + i] = param_bits(x, index, fmt, p_keys)
-        index = np.uint32(index + np.uint32(1))
+        p[s + i], m, v, _ = elem(p[s + i], g[s + i], m0, v0, v0, k, decoupled, l2, False,
+                                 maximize)  # fmt: skip
         root = np.sqrt(v)
         r = _ratio(m, root)
         sr[i], ss[i] = r, root
@@ -129,12 +107,11 @@ def _update_block(p, g, s, n, codes_m, codes_v, e, am, av, sr, ss, k, decoupled,
 
 @jit(inline="always")
 def _update_block_amsgrad(p, g, s, n, codes_m, codes_v, codes_x, e, am, av, ax, sr, ss, sx,
-                          k, decoupled, l2, maximize, fmt, p_keys):  # fmt: skip
+                          k, decoupled, l2, maximize):  # fmt: skip
     """:func:`_update_block` with amsgrad's ``vmax``: also keeps ``sqrt(vmax)`` and returns
     its block maximum's bits and :func:`_low_key` maximum after those of ``s``."""
     s = np.uint64(s)
     e = np.uint64(e)
-    index = p_keys[2]
     rscale = am / _LEVELS
     xr = np.int32(0)
     xs = np.int32(0)
@@ -145,10 +122,8 @@ def _update_block_amsgrad(p, g, s, n, codes_m, codes_v, codes_x, e, am, av, ax, 
         sq = _root(codes_v[e + i], av)
         xq = _root(codes_x[e + i], ax)
         m0 = (np.float32(np.int8(codes_m[e + i])) * rscale) * sq
-        y, m, v, x = elem(param_value(p[s + i], fmt), _grad(g, s + i, fmt), m0, sq * sq,
-                          xq * xq, k, decoupled, l2, True, maximize)  # fmt: skip
-        p[s + i] = param_bits(y, index, fmt, p_keys)
-        index = np.uint32(index + np.uint32(1))
+        p[s + i], m, v, x = elem(p[s + i], g[s + i], m0, sq * sq, xq * xq, k, decoupled,
+                                 l2, True, maximize)  # fmt: skip
         root = np.sqrt(v)
         r = _ratio(m, root)
         xroot = np.sqrt(x)
@@ -236,12 +211,10 @@ def _encode_vmax(sx, n, codes_x, e, h, absmax_x, b, bx, lx, s_key, phase):
 
 @jit()
 def _chunk(p, g, j, lo, hi, offsets, block_offsets, block_size, codes, absmax, k, flags, key,
-           s_key, phase, index_base, fmt, p_key):  # fmt: skip
-    """Both passes over every block of one chunk (``p`` and ``g`` its values: float32 with
-    ``fmt`` None, else as :func:`_update_block` takes them, rounded stochastically under the
-    parameter key ``p_key`` if ``fmt`` says so), without amsgrad. A call, not inlined: the
-    kernels share its compiled code, and Numba's inlining of it into each took seconds of
-    compile time (one call per chunk of up to 32768 elements)."""
+           s_key, phase, index_base):  # fmt: skip
+    """Both passes over every block of one chunk (``p`` and ``g`` its float32 values), without
+    amsgrad. A call, not inlined: the kernels share its compiled code, and Numba's inlining of
+    it into each took seconds of compile time (one call per chunk of up to 32768 elements)."""
     decoupled, l2, _, maximize = flags
     codes_m, codes_v, _ = codes
     absmax_m, absmax_v, _ = absmax
@@ -251,9 +224,8 @@ def _chunk(p, g, j, lo, hi, offsets, block_offsets, block_size, codes, absmax, k
     for s in range(0, hi - lo, block_size):
         n = min(block_size, hi - lo - s)
         e = offsets[j] + lo + s
-        p_keys = param_keys(fmt, p_key, index_base + e)
         br, bs, ls = _update_block(p, g, s, n, codes_m, codes_v, e, absmax_m[b], absmax_v[b],
-                                   sr, ss, k, decoupled, l2, maximize, fmt, p_keys)  # fmt: skip
+                                   sr, ss, k, decoupled, l2, maximize)  # fmt: skip
         _encode_block(sr, ss, n, codes_m, codes_v, e, index_base + e, absmax_m, absmax_v, b,
                       br, bs, ls, key, s_key, phase)  # fmt: skip
         b += 1
@@ -261,7 +233,7 @@ def _chunk(p, g, j, lo, hi, offsets, block_offsets, block_size, codes, absmax, k
 
 @jit()
 def _chunk_amsgrad(p, g, j, lo, hi, offsets, block_offsets, block_size, codes, absmax, k,
-                   flags, key, s_key, phase, index_base, fmt, p_key):  # fmt: skip
+                   flags, key, s_key, phase, index_base):  # fmt: skip
     """:func:`_chunk` with amsgrad's ``vmax``."""
     decoupled, l2, _, maximize = flags
     codes_m, codes_v, codes_x = codes
@@ -273,10 +245,9 @@ def _chunk_amsgrad(p, g, j, lo, hi, offsets, block_offsets, block_size, codes, a
     for s in range(0, hi - lo, block_size):
         n = min(block_size, hi - lo - s)
         e = offsets[j] + lo + s
-        p_keys = param_keys(fmt, p_key, index_base + e)
         br, bs, ls, bx, lx = _update_block_amsgrad(
             p, g, s, n, codes_m, codes_v, codes_x, e, absmax_m[b], absmax_v[b], absmax_x[b],
-            sr, ss, sx, k, decoupled, l2, maximize, fmt, p_keys,
+            sr, ss, sx, k, decoupled, l2, maximize,
         )  # fmt: skip
         _encode_block(sr, ss, n, codes_m, codes_v, e, index_base + e, absmax_m, absmax_v, b,
                       br, bs, ls, key, s_key, phase)  # fmt: skip
@@ -297,7 +268,7 @@ def step_q8_sqrt(table, leaf_ids, offsets, block_offsets, block_size, p_addr, g_
         p = numba.carray(as_pointer(p_addr[leaf_ids[j]] + lo * 4, np.float32), hi - lo)
         g = numba.carray(as_pointer(g_addr[leaf_ids[j]] + lo * 4, np.float32), hi - lo)
         _chunk(p, g, j, lo, hi, offsets, block_offsets, block_size, codes, absmax, k, flags,
-               key, s_key, phase, index_base, None, _NO_KEY)  # fmt: skip
+               key, s_key, phase, index_base)  # fmt: skip
 
 
 @jit()
@@ -309,60 +280,47 @@ def step_q8_sqrt_amsgrad(table, leaf_ids, offsets, block_offsets, block_size, p_
         p = numba.carray(as_pointer(p_addr[leaf_ids[j]] + lo * 4, np.float32), hi - lo)
         g = numba.carray(as_pointer(g_addr[leaf_ids[j]] + lo * 4, np.float32), hi - lo)
         _chunk_amsgrad(p, g, j, lo, hi, offsets, block_offsets, block_size, codes, absmax, k,
-                       flags, key, s_key, phase, index_base, None, _NO_KEY)  # fmt: skip
+                       flags, key, s_key, phase, index_base)  # fmt: skip
+
+
+@jit(inline="always")
+def _upcast(p_addr, g_addr, leaf, lo, n, fmt, g_half):
+    """``(scratch, p, g)``: the chunk's params and grads as float32 views of one scratch."""
+    scratch = np.empty(2 * n, np.float32)
+    at = data_address(scratch)
+    p = chunk_f32(p_addr[leaf], lo, n, fmt, True, at)
+    g = chunk_f32(g_addr[leaf], lo, n, fmt, g_half != 0, at + n * 4)
+    return scratch, p, g
 
 
 @jit()
 def step_q8_sqrt_half(table, leaf_ids, offsets, block_offsets, block_size, p_addr, g_addr,
-                      codes, absmax, k, flags, key, s_key, phase, fmt, half_grads, g_half,
-                      p_key, index_base):  # fmt: skip
+                      codes, absmax, k, flags, key, s_key, phase, fmt, g_half, p_key,
+                      index_base):  # fmt: skip
     """:func:`step_q8_sqrt` for float16 or bfloat16 params (the format and rounding of the tag
-    ``fmt``, :func:`~.half.format_tag`; stochastically under the parameter key ``p_key``),
-    upcast and rounded back element by element in the update loop. ``half_grads`` and
-    ``g_half`` as :func:`~.half.step_half`'s: half gradients are converted in the same loop
-    when every gradient is half, else upcast into a float32 scratch per chunk. A kernel of
-    its own: its conversions would more than double the float32 kernel's compile time."""
+    ``fmt``, :func:`~.half.format_tag`), with grads of that format where ``g_half[j]`` (else
+    float32): each chunk is upcast into a scratch and rounded back after its blocks
+    (stochastically: under the parameter key ``p_key``). A
+    kernel of its own: its conversions would more than double the float32 kernel's compile
+    time."""
     for c in range(table.shape[0]):
         j, lo, hi = table[c, 0], table[c, 1], table[c, 2]
-        leaf = leaf_ids[j]
-        p = numba.carray(as_pointer(p_addr[leaf] + lo * 2, np.uint16), hi - lo)
-        if half_grads is not None:
-            g = numba.carray(as_pointer(g_addr[leaf] + lo * 2, np.uint16), hi - lo)
-            _chunk(p, g, j, lo, hi, offsets, block_offsets, block_size, codes, absmax, k,
-                   flags, key, s_key, phase, index_base, fmt, p_key)  # fmt: skip
-        if g_half is not None:
-            g32 = _float32_grad(g_addr[leaf], lo, hi - lo, fmt, g_half[j])
-            _chunk(p, g32, j, lo, hi, offsets, block_offsets, block_size, codes, absmax, k,
-                   flags, key, s_key, phase, index_base, fmt, p_key)  # fmt: skip
+        scratch, p, g = _upcast(p_addr, g_addr, leaf_ids[j], lo, hi - lo, fmt, g_half[j])
+        _chunk(p, g, j, lo, hi, offsets, block_offsets, block_size, codes, absmax, k, flags,
+               key, s_key, phase, index_base)  # fmt: skip
+        store_half(p_addr[leaf_ids[j]] + lo * 2, scratch, hi - lo, fmt, p_key,
+                   index_base + offsets[j] + lo)  # fmt: skip
 
 
 @jit()
 def step_q8_sqrt_half_amsgrad(table, leaf_ids, offsets, block_offsets, block_size, p_addr,
                               g_addr, codes, absmax, k, flags, key, s_key, phase, fmt,
-                              half_grads, g_half, p_key, index_base):  # fmt: skip
+                              g_half, p_key, index_base):  # fmt: skip
     """:func:`step_q8_sqrt_half` with amsgrad."""
     for c in range(table.shape[0]):
         j, lo, hi = table[c, 0], table[c, 1], table[c, 2]
-        leaf = leaf_ids[j]
-        p = numba.carray(as_pointer(p_addr[leaf] + lo * 2, np.uint16), hi - lo)
-        if half_grads is not None:
-            g = numba.carray(as_pointer(g_addr[leaf] + lo * 2, np.uint16), hi - lo)
-            _chunk_amsgrad(p, g, j, lo, hi, offsets, block_offsets, block_size, codes, absmax,
-                           k, flags, key, s_key, phase, index_base, fmt, p_key)  # fmt: skip
-        if g_half is not None:
-            g32 = _float32_grad(g_addr[leaf], lo, hi - lo, fmt, g_half[j])
-            _chunk_amsgrad(p, g32, j, lo, hi, offsets, block_offsets, block_size, codes,
-                           absmax, k, flags, key, s_key, phase, index_base, fmt,
-                           p_key)  # fmt: skip
-
-
-@jit(inline="always")
-def _float32_grad(address, lo, n, fmt, half):
-    """Elements ``lo .. lo + n - 1`` of the gradient at ``address`` as float32 values: a half
-    one (``half`` nonzero, the tag ``fmt``'s format) upcast into a new array, a float32 one
-    viewed in place."""
-    if half:
-        g = np.empty(n, np.float32)
-        load_half(address + lo * 2, n, fmt, g)
-        return g
-    return numba.carray(as_pointer(address + lo * 4, np.float32), n)
+        scratch, p, g = _upcast(p_addr, g_addr, leaf_ids[j], lo, hi - lo, fmt, g_half[j])
+        _chunk_amsgrad(p, g, j, lo, hi, offsets, block_offsets, block_size, codes, absmax, k,
+                       flags, key, s_key, phase, index_base)  # fmt: skip
+        store_half(p_addr[leaf_ids[j]] + lo * 2, scratch, hi - lo, fmt, p_key,
+                   index_base + offsets[j] + lo)  # fmt: skip
