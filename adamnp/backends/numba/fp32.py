@@ -6,9 +6,11 @@ elements reading ``p, g, m, v`` (and ``vmax``) and writing ``p, m, v`` (and ``vm
 :func:`~adamnp.backends.math.adam_elem` inlined into a SIMD loop. Flags are runtime booleans
 (one compiled variant per dtype; LLVM keeps the loop-invariant branches out of the arithmetic;
 docs/backends.md has the measurement); only amsgrad selects between two loops, because it
-adds a stream of memory, and it does so by the type of ``vmax``: None without amsgrad, so that
-Numba prunes the other loop before compiling. ``_update`` is inlined by Numba rather than
-compiled separately, which keeps a single copy of each loop and cuts the cold compile time.
+adds a stream of memory, and it does so by two arguments of which one is None: ``vmax``
+without amsgrad, ``plain`` with it, since Numba prunes the code under ``if x is not None``
+before compiling only for an ``x`` that is None (:func:`_update`). ``_update`` is inlined by
+Numba rather than compiled separately, which keeps a single copy of each loop and cuts the
+cold compile time.
 """
 
 from __future__ import annotations

@@ -18,8 +18,8 @@ has float32 gradients goes through a float32 scratch. The 8-bit kernels (:mod:`.
 :mod:`.q8_sqrt`) upcast ``p`` per chunk into a scratch with :func:`load_half` (through
 :func:`chunk_f32`) and round it back with :func:`store_half`: their update loops are shared
 with float32 params, and converting inside them made the float32 kernels compile 0.3 - 0.9 s
-longer. A kernel's ``fmt`` argument (:func:`format_tag`) selects the
-conversions of its format and rounding at compile time.
+longer. A kernel's ``fmt`` argument (:func:`format_tag`) selects the conversions of its
+format and rounding at compile time.
 
 The scalar conversions are compiled functions that the loops call, not Numba-inlined code:
 LLVM inlines and vectorizes them the same, and each is compiled once instead of once per
