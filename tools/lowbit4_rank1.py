@@ -1,0 +1,236 @@
+"""4-bit state study, second round: rank-1 scales, subtractive dither, how many bits ``s`` needs.
+
+Continues ``tools/lowbit4_options.py`` (same battery, demo problems and float32 step; its
+numbers are in docs/eight_bit.md). The moments are stored as ``s = sqrt(v)`` and
+``r = m / s_q`` (``s_q`` the stored ``s``), each with a scale per element taken from either
+
+* a block of 128 consecutive elements (the largest magnitude in the block), or
+* rank-1 (Li et al. 2023): for a 2-D leaf, the smaller of the largest magnitude in the
+  element's row and in its column; 1-D leaves fall back to blocks.
+
+``s / scale`` goes on a zero-free logarithmic grid of ``2**bits`` values, rounded
+stochastically, unbiased in ``s**power``. ``r / scale`` goes either on -7..7 with stochastic
+rounding or on the 16 half-integers -7.5..7.5 with *subtractive* dither: the code is
+``floor(y - d)`` with ``d`` uniform in [-1/2, 1/2), and decoding adds ``d`` back, so the
+error is uniform in half a level and independent of ``y`` (a decoder regenerates ``d`` from
+the element and the step, as the library's counter hash does). Every per-element draw here
+comes from a Weyl sequence ``frac(offset + t * 0.618...)``.
+
+    python tools/lowbit4_rank1.py              # every option, about 10 minutes
+    python tools/lowbit4_rank1.py "v exact"    # options whose name holds "v exact"
+    python tools/lowbit4_rank1.py --factored   # diagnosis: Adafactor's factored v
+"""
+
+import sys
+
+import lowbit4_options as four  # tools/ is on the path when this file runs as a script
+import numpy as np
+
+from adamnp.cli.problems import MLP, Logistic
+
+F32 = np.float32
+PHI = (5**0.5 - 1) / 2
+
+
+class Dither:
+    """Per-element uniforms in [0, 1): ``frac(offset + t * PHI)`` for the t-th use of a key."""
+
+    def __init__(self, seed):
+        self.rng, self.offsets, self.uses = np.random.default_rng(seed), {}, {}
+
+    def draw(self, key, n):
+        if key not in self.offsets:
+            self.offsets[key], self.uses[key] = self.rng.random(n), 0
+        self.uses[key] += 1
+        return np.mod(self.offsets[key] + self.uses[key] * PHI, 1.0)
+
+
+def block_scale(a, block=128):
+    """The largest of ``a`` (non-negative, flat) in each block, repeated per element."""
+    n = a.size
+    padded = np.zeros(-(-n // block) * block)
+    padded[:n] = a
+    return np.repeat(padded.reshape(-1, block).max(axis=1), block)[:n]
+
+
+def rank1_scale(a, shape):
+    """min(row max, column max) per element of a 2-D leaf; blocks for any other shape."""
+    if len(shape) != 2:
+        return block_scale(a)
+    x = a.reshape(shape)
+    return np.minimum(x.max(axis=1, keepdims=True), x.max(axis=0, keepdims=True)).reshape(-1)
+
+
+def log_grid(bits, binades):
+    """``2**bits`` zero-free values ``2**(-k * binades / 2**bits)``, increasing, top 1."""
+    n = 2**bits
+    return 2.0 ** (-np.arange(n - 1, -1, -1) * binades / n)
+
+
+class Format:
+    """``s`` on ``grid`` (or exact), ``r`` by ``rmode`` ("sr", "sub" or "exact")."""
+
+    def __init__(self, grid=None, power=1, snorm="rank1", rmode="sub", rnorm="rank1"):
+        self.grid, self.power, self.snorm = grid, power, snorm
+        self.rmode, self.rnorm = rmode, rnorm
+        self.dither = None
+
+    def _scale(self, a, shape, kind):
+        s = rank1_scale(a, shape) if kind == "rank1" else block_scale(a)
+        return np.where(s > 0, s, 1.0)
+
+    def _store_s(self, s, shape, key):
+        if self.grid is None:
+            return s
+        q, scale = self.grid, self._scale(s, shape, self.snorm)
+        x = s / scale
+        hi = np.clip(np.searchsorted(q, x, side="left"), 1, q.size - 1)
+        lo = hi - 1
+        a, b = q[lo] ** self.power, q[hi] ** self.power
+        p = np.clip((np.maximum(x, q[0]) ** self.power - a) / (b - a), 0, 1)  # below: up
+        code = np.where(self.dither.draw((key, "s"), s.size) < p, hi, lo)
+        return np.where(s > 0, q[code] * scale, 0.0)
+
+    def _store_r(self, r, shape, key):
+        if self.rmode == "exact":
+            return r
+        scale = self._scale(np.abs(r), shape, self.rnorm)
+        u = self.dither.draw((key, "r"), r.size)
+        if self.rmode == "sr":
+            return np.clip(np.floor(r / scale * 7 + u), -7, 7) * scale / 7
+        d = u - 0.5  # subtractive: 16 codes c + 1/2, c = -8..7
+        code = np.clip(np.floor(r / scale * 7.5 - d), -8, 7)
+        return (code + 0.5 + d) * scale / 7.5
+
+    def store(self, m, v, shape, key):
+        s = np.sqrt(v.astype(np.float64))
+        sq = self._store_s(s, shape, key)
+        r = np.where(sq > 0, m / np.where(sq > 0, sq, 1.0), 0.0)
+        return (self._store_r(r, shape, key) * sq).astype(F32), (sq * sq).astype(F32)
+
+
+def run(fmt, grad, shapes, steps, lr=1e-3, wd=1e-2, p0=None, seed=0, loss=None, small=4096):
+    """``tools/lowbit4_options.py``'s ``run`` with the leaf's shape passed to ``store``."""
+    fmt.dither = Dither(seed + 2000)
+    p = [np.zeros(s, F32) for s in shapes] if p0 is None else [x.copy() for x in p0]
+    m = [np.zeros(x.size, F32) for x in p]
+    v = [np.zeros(x.size, F32) for x in p]
+    worst = 0.0
+    for t in range(1, steps + 1):
+        gs = grad(p, t)
+        bc1, bc2s = 1 - four.B1**t, F32(np.sqrt(1 - four.B2**t))
+        for i, (x, g) in enumerate(zip(p, gs)):
+            g = g.reshape(-1).astype(F32)
+            flat = x.reshape(-1)
+            old = flat.copy()
+            flat *= F32(1 - lr * wd)
+            m[i] = m[i] + F32(1 - four.B1) * (g - m[i])
+            v[i] = v[i] * F32(four.B2) + (F32(1 - four.B2) * g) * g
+            flat += (F32(-lr / bc1) * m[i]) / (np.sqrt(v[i]) / bc2s + F32(four.EPS))
+            worst = max(worst, float(np.abs(flat - old).max()))
+            if x.size >= small:
+                m[i], v[i] = fmt.store(m[i], v[i], x.shape, i)
+    return worst, (loss(p) if loss else None)
+
+
+def demo(problem, fmt, steps=3000, seeds=(0, 1, 2)):
+    keys = list(problem.params0())
+    p0 = [problem.params0()[k] for k in keys]
+    cfg = problem.config()
+
+    def grad(p, t):
+        g = problem.grad(dict(zip(keys, p)), t - 1)
+        return [g[k] for k in keys]
+
+    def loss(p):
+        return problem.loss(dict(zip(keys, p)))
+
+    return [run(fmt, grad, None, steps, lr=cfg.lr, wd=cfg.weight_decay, p0=p0, seed=sd,
+                loss=loss)[1] for sd in seeds]  # fmt: skip
+
+
+LOG3 = log_grid(4, 16 / 3)  # lowbit4_options' 2^(-k/3)
+OPTIONS = {
+    "v exact; r -7..7 stochastic, blocks": Format(rmode="sr", rnorm="block"),
+    "v exact; r 16 codes subtractive, blocks": Format(rnorm="block"),
+    "v exact; r 16 codes subtractive, rank-1": Format(),
+    "s 4 bits 2^(-k/3) rank-1, unbiased in v; m exact": Format(LOG3, power=2, rmode="exact"),
+    "s 4 bits 2^(-k/3) rank-1, unbiased in s; m exact": Format(LOG3, rmode="exact"),
+    "s 4 bits 2^(-k/3) rank-1, unbiased in 1/s; m exact": Format(LOG3, power=-1, rmode="exact"),
+    "s 4 bits 2^(-k/3) blocks, unbiased in v; m exact": Format(
+        LOG3, power=2, snorm="block", rmode="exact"
+    ),
+    **{
+        f"s {b} bits over 8 binades rank-1, unbiased in {w}; m exact": Format(
+            log_grid(b, 8), power=pw, rmode="exact"
+        )
+        for b in (5, 6, 7, 8)
+        for w, pw in (("v", 2), ("s", 1))
+    },
+    "s 4 bits 2^(-k/3) rank-1, unbiased in s; r 16 codes subtractive, rank-1": Format(LOG3),
+    "s 7 bits over 8 binades rank-1, unbiased in s; r 16 codes subtractive, rank-1": Format(
+        log_grid(7, 8)
+    ),
+    "s 8 bits over 8 binades rank-1, unbiased in s; r 16 codes subtractive, rank-1": Format(
+        log_grid(8, 8)
+    ),
+}
+
+
+def factored(problem, quantize_m, seed=0, steps=3000):
+    """Diagnosis: ``v`` of 2-D leaves from float64 row and column sums of g^2 (Adafactor);
+    ``m`` exact or as 16-code subtractive ``r`` with rank-1 scales. Returns the final loss."""
+    keys = list(problem.params0())
+    p = [problem.params0()[k].copy() for k in keys]
+    cfg = problem.config()
+    fmt = Format()
+    fmt.dither = Dither(seed + 2000)
+    m = [np.zeros(x.size, F32) for x in p]
+    v = [np.zeros(x.size, F32) for x in p]
+    rows, cols = {}, {}
+    for t in range(1, steps + 1):
+        gs = problem.grad(dict(zip(keys, p)), t - 1)
+        bc1, bc2s = 1 - four.B1**t, F32(np.sqrt(1 - four.B2**t))
+        for i, x in enumerate(p):
+            g2d = gs[keys[i]].astype(F32)
+            g, flat, big = g2d.reshape(-1), x.reshape(-1), x.size >= 4096
+            flat *= F32(1 - cfg.lr * cfg.weight_decay)
+            m[i] = m[i] + F32(1 - four.B1) * (g - m[i])
+            if big:
+                sq = g2d.astype(np.float64) ** 2
+                rows[i] = rows.get(i, 0) * four.B2 + (1 - four.B2) * sq.sum(axis=1)
+                cols[i] = cols.get(i, 0) * four.B2 + (1 - four.B2) * sq.sum(axis=0)
+                v[i] = (np.outer(rows[i], cols[i]) / rows[i].sum()).reshape(-1).astype(F32)
+            else:
+                v[i] = v[i] * F32(four.B2) + (F32(1 - four.B2) * g) * g
+            flat += (F32(-cfg.lr / bc1) * m[i]) / (np.sqrt(v[i]) / bc2s + F32(four.EPS))
+            if big and quantize_m:
+                m[i] = fmt.store(m[i], v[i], x.shape, i)[0]
+    return problem.loss(dict(zip(keys, p)))
+
+
+def main(only=None):
+    probs = [Logistic(), MLP()]
+    dref = {pr.name: four.demo(pr, four.Exact())[0] for pr in probs}
+    if "--factored" in sys.argv:
+        for pr in probs:
+            exact = factored(pr, False) / dref[pr.name] - 1
+            quant = [factored(pr, True, seed=sd) / dref[pr.name] - 1 for sd in (0, 1, 2)]
+            print(f"{pr.name}: factored v, m exact {exact:+.2%}; m as r 16 codes rank-1 "
+                  + " / ".join(f"{x:+.2%}" for x in quant), flush=True)  # fmt: skip
+        return
+    ref = {c: four.run(four.Exact(), *make(), 200)[0] for c, make in four.BATTERY.items()}
+    wanted = None if only is None else only.split("|")
+    for name, fmt in OPTIONS.items():
+        if wanted is not None and not any(w in name for w in wanted):
+            continue
+        worst = max(run(fmt, *make(), 200)[0] / ref[c] for c, make in four.BATTERY.items())
+        row = [f"{worst:.2f}"]
+        for pr in probs:
+            row.append(" / ".join(f"{x / dref[pr.name] - 1:+.2%}" for x in demo(pr, fmt)))
+        print(f"| {name} | " + " | ".join(row) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    main(args[0] if args else None)
