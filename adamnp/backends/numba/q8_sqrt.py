@@ -162,17 +162,21 @@ def _zero_codes(codes, e, n):
 
 
 @jit(inline="always")
-def _encode_block(sr, ss, n, codes_m, codes_v, e, h, absmax_m, absmax_v, b, br, bs, ls, key,
-                  s_key, phase):  # fmt: skip
-    """Pass 2: store block ``b``'s absmax and codes of ``m`` and ``v``
+def _encode_block(sr, ss, sx, n, codes_m, codes_v, codes_x, e, h, absmax_m, absmax_v,
+                  absmax_x, b, br, bs, ls, bx, lx, key, s_key, phase):  # fmt: skip
+    """Pass 2: store block ``b``'s absmax and codes of ``m`` and ``v`` (and, where ``sx`` is
+    not None, amsgrad's ``vmax`` from ``sx``, ``bx`` and ``lx``, with ``v``'s draws)
     (:mod:`adamnp.lowbit.sqrt`, steps 2-4); the block's first element is ``codes_*[e]``, of
     hash index ``h``; ``key`` the step's hash key (the ratios), ``s_key`` and ``phase`` its
-    :func:`~adamnp.lowbit.stochastic.root_keys` (the roots).
+    :func:`~adamnp.lowbit.stochastic.root_keys` (the roots). ``sx`` is None without amsgrad:
+    Numba then drops its code.
 
     The hot loop has no branch (a NaN/Inf block's codes are zeroed after it) and counts the
     index in uint32 (:func:`~.quant.index_hash`)."""
     absmax_m[b], mult_r, ok_r = _scale(br, _LEVELS, _R_FLOOR)
     absmax_v[b], mult_s, ok_s, wide = _scale_root(bs, ls)
+    if sx is not None:
+        absmax_x[b], mult_x, ok_x, wide_x = _scale_root(bx, lx)
     key0, key1, low = block_keys(key, h)
     s_key0, s_key1, _ = block_keys(s_key, h)
     e = np.uint64(e)
@@ -183,25 +187,16 @@ def _encode_block(sr, ss, n, codes_m, codes_v, e, h, absmax_m, absmax_v, b, br, 
         index = np.uint32(index + np.uint32(1))
         codes_v[e + i] = np.uint8(s_code(np.float32(ss[i] * mult_s).view(np.int32), h_s, wide))
         codes_m[e + i] = np.uint8(r_code(np.float32(sr[i] * mult_r), h) & 0xFF)
+        if sx is not None:
+            x_bits = np.float32(sx[i] * mult_x).view(np.int32)
+            codes_x[e + i] = np.uint8(s_code(x_bits, h_s, wide_x))
     if not ok_s:
         _zero_codes(codes_v, e, n)
     if not ok_r:
         _zero_codes(codes_m, e, n)
-
-
-@jit(inline="always")
-def _encode_vmax(sx, n, codes_x, e, h, absmax_x, b, bx, lx, s_key, phase):
-    """Pass 2 for amsgrad's ``vmax`` (as ``v`` in :func:`_encode_block`, same draws)."""
-    absmax_x[b], mult_x, ok_x, wide = _scale_root(bx, lx)
-    s_key0, s_key1, low = block_keys(s_key, h)
-    e = np.uint64(e)
-    index = low
-    for i in range(np.uint64(0), np.uint64(n)):
-        h_s = np.uint32(index_hash(index, s_key0, s_key1, low) + phase)
-        index = np.uint32(index + np.uint32(1))
-        codes_x[e + i] = np.uint8(s_code(np.float32(sx[i] * mult_x).view(np.int32), h_s, wide))
-    if not ok_x:
-        _zero_codes(codes_x, e, n)
+    if sx is not None:
+        if not ok_x:
+            _zero_codes(codes_x, e, n)
 
 
 # Each kernel comes in two versions, without and with amsgrad, each compiling only its own
@@ -216,8 +211,8 @@ def _chunk(p, g, j, lo, hi, offsets, block_offsets, block_size, codes, absmax, k
     amsgrad. A call, not inlined: the kernels share its compiled code, and Numba's inlining of
     it into each took seconds of compile time (one call per chunk of up to 32768 elements)."""
     decoupled, l2, _, maximize = flags
-    codes_m, codes_v, _ = codes
-    absmax_m, absmax_v, _ = absmax
+    codes_m, codes_v, codes_x = codes
+    absmax_m, absmax_v, absmax_x = absmax
     sr = np.empty(block_size, np.float32)
     ss = np.empty(block_size, np.float32)
     b = block_offsets[j] + lo // block_size
@@ -226,8 +221,8 @@ def _chunk(p, g, j, lo, hi, offsets, block_offsets, block_size, codes, absmax, k
         e = offsets[j] + lo + s
         br, bs, ls = _update_block(p, g, s, n, codes_m, codes_v, e, absmax_m[b], absmax_v[b],
                                    sr, ss, k, decoupled, l2, maximize)  # fmt: skip
-        _encode_block(sr, ss, n, codes_m, codes_v, e, index_base + e, absmax_m, absmax_v, b,
-                      br, bs, ls, key, s_key, phase)  # fmt: skip
+        _encode_block(sr, ss, None, n, codes_m, codes_v, codes_x, e, index_base + e, absmax_m,
+                      absmax_v, absmax_x, b, br, bs, ls, 0, 0, key, s_key, phase)  # fmt: skip
         b += 1
 
 
@@ -249,9 +244,8 @@ def _chunk_amsgrad(p, g, j, lo, hi, offsets, block_offsets, block_size, codes, a
             p, g, s, n, codes_m, codes_v, codes_x, e, absmax_m[b], absmax_v[b], absmax_x[b],
             sr, ss, sx, k, decoupled, l2, maximize,
         )  # fmt: skip
-        _encode_block(sr, ss, n, codes_m, codes_v, e, index_base + e, absmax_m, absmax_v, b,
-                      br, bs, ls, key, s_key, phase)  # fmt: skip
-        _encode_vmax(sx, n, codes_x, e, index_base + e, absmax_x, b, bx, lx, s_key, phase)
+        _encode_block(sr, ss, sx, n, codes_m, codes_v, codes_x, e, index_base + e, absmax_m,
+                      absmax_v, absmax_x, b, br, bs, ls, bx, lx, key, s_key, phase)  # fmt: skip
         b += 1
 
 
