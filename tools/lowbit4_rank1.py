@@ -91,10 +91,15 @@ class Format:
         code = np.where(self.dither.draw((key, "s"), s.size) < p, hi, lo)
         return np.where(s > 0, q[code] * scale, 0.0)
 
-    def _store_r(self, r, shape, key):
+    def reset(self, seed):
+        """Fresh draws (and state) for a run of rounding seed ``seed``."""
+        self.dither = Dither(seed + 2000)
+
+    def _store_r(self, r, shape, key, scale=None):
         if self.rmode == "exact":
             return r
-        scale = self._scale(np.abs(r), shape, self.rnorm)
+        if scale is None:
+            scale = self._scale(np.abs(r), shape, self.rnorm)
         u = self.dither.draw((key, "r"), r.size)
         if self.rmode == "sr":
             return np.clip(np.floor(r / scale * 7 + u), -7, 7) * scale / 7
@@ -111,7 +116,7 @@ class Format:
 
 def run(fmt, grad, shapes, steps, lr=1e-3, wd=1e-2, p0=None, seed=0, loss=None, small=4096):
     """``tools/lowbit4_options.py``'s ``run`` with the leaf's shape passed to ``store``."""
-    fmt.dither = Dither(seed + 2000)
+    fmt.reset(seed)
     p = [np.zeros(s, F32) for s in shapes] if p0 is None else [x.copy() for x in p0]
     m = [np.zeros(x.size, F32) for x in p]
     v = [np.zeros(x.size, F32) for x in p]
@@ -177,6 +182,77 @@ OPTIONS = {
 }
 
 
+R16 = "r 16 codes subtractive, rank-1"
+R0 = (1 - four.B1) / (1 - four.B2) ** 0.5  # |r| of every element after the first step
+
+
+class Pairs(Format):
+    """``v`` shared by pairs of consecutive elements (their mean, stored back to both): one
+    ``s`` per pair on ``grid`` with rank-1 scales over the (rows, columns / 2) pairs of a
+    2-D leaf or blocks of 128 pairs (``snorm``); ``r`` per element as in :class:`Format`.
+    With ``delayed``, ``r``'s rank-1 scales are the maxima of the previous step's ``r``
+    (``R0`` at the first), values beyond them clipped: a one-pass encoding."""
+
+    def __init__(self, grid=None, delayed=False, **kw):
+        super().__init__(grid, **kw)
+        self.delayed, self.previous = delayed, {}
+
+    def reset(self, seed):
+        super().reset(seed)
+        self.previous = {}
+
+    def store(self, m, v, shape, key):
+        pairs = np.sqrt(v.astype(np.float64).reshape(-1, 2).mean(axis=1))
+        pair_shape = (shape[0], shape[1] // 2) if len(shape) == 2 else pairs.shape
+        sq = np.repeat(self._store_s(pairs, pair_shape, key), 2)
+        r = np.where(sq > 0, m / np.where(sq > 0, sq, 1.0), 0.0)
+        scale = None
+        if self.delayed and len(shape) == 2:
+            a = np.abs(r).reshape(shape)
+            first = (np.full(shape[0], R0), np.full(shape[1], R0))
+            rows, cols = self.previous.get(key, first)
+            self.previous[key] = (a.max(axis=1), a.max(axis=0))
+            scale = np.minimum(rows[:, None], cols[None, :]).reshape(-1)
+            scale = np.where(scale > 0, scale, 1.0)
+            r = np.clip(r, -scale, scale)
+        rq = self._store_r(r, shape, key, scale)
+        return (rq * sq).astype(F32), (sq * sq).astype(F32)
+
+
+class Fours(Format):
+    """``v`` shared by groups of 4 consecutive elements, exact (a diagnosis)."""
+
+    def store(self, m, v, shape, key):
+        mean = np.repeat(v.astype(np.float64).reshape(-1, 4).mean(axis=1), 4)
+        return m, mean.astype(F32)
+
+
+OPTIONS.update(
+    {
+        "v of pairs exact; m exact": Pairs(rmode="exact"),
+        "v of 4 elements exact; m exact": Fours(rmode="exact"),
+        **{
+            f"v of pairs, s {b} bits rank-1, unbiased in {w}; {R16}": Pairs(
+                log_grid(b, 8), power=pw
+            )
+            for b in (8, 7)
+            for w, pw in (("v", 2), ("s", 1))
+        },
+        "v of pairs, s 8 bits rank-1, unbiased in v; r exact": Pairs(
+            log_grid(8, 8), power=2, rmode="exact"
+        ),
+        "v of pairs, s 8 bits blocks, unbiased in v; r 16 codes subtractive, rank-1": Pairs(
+            log_grid(8, 8), power=2, snorm="block"
+        ),
+        "v of pairs, s 8 bits rank-1, unbiased in v; r 16 codes subtractive, blocks": Pairs(
+            log_grid(8, 8), power=2, rnorm="block"
+        ),
+        "v of pairs, s 8 bits rank-1, unbiased in v; r 16 codes subtractive, rank-1 of the "
+        "previous step (delayed)": Pairs(log_grid(8, 8), power=2, delayed=True),
+    }
+)
+
+
 def factored(problem, quantize_m, seed=0, steps=3000):
     """Diagnosis: ``v`` of 2-D leaves from float64 row and column sums of g^2 (Adafactor);
     ``m`` exact or as 16-code subtractive ``r`` with rank-1 scales. Returns the final loss."""
@@ -184,7 +260,7 @@ def factored(problem, quantize_m, seed=0, steps=3000):
     p = [problem.params0()[k].copy() for k in keys]
     cfg = problem.config()
     fmt = Format()
-    fmt.dither = Dither(seed + 2000)
+    fmt.reset(seed)
     m = [np.zeros(x.size, F32) for x in p]
     v = [np.zeros(x.size, F32) for x in p]
     rows, cols = {}, {}
