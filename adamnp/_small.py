@@ -35,8 +35,8 @@ class _Plan:
     moment buffers and the config's group; for a float16 or bfloat16 leaf also its format
     and the dtype its gradient may have besides (float32)."""
 
-    __slots__ = ("alt_dtype", "dtype", "group", "groups", "half", "kernel", "m", "plain",
-                 "shape", "v", "vmax")  # fmt: skip
+    __slots__ = ("alt_dtype", "dtype", "group", "groups", "half", "kernel", "m", "shape", "v",
+                 "vmax")  # fmt: skip
 
     def __init__(self, state: AdamState, kernel):
         group = state.groups[0]
@@ -47,8 +47,6 @@ class _Plan:
         buffers = group.buffers
         self.m, self.v = buffers["m"], buffers["v"]
         self.vmax = buffers.get("vmax")  # None without amsgrad
-        # True without amsgrad, None with it: the kernel compiles one loop (numba/fp32.py)
-        self.plain = True if self.vmax is None else None
 
 
 _PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # state -> (groups, plan)
@@ -98,8 +96,8 @@ def try_step(params, grads, state: AdamState) -> bool:
     config = state.config_of(plan.group)
     nonfinite = state.config.nonfinite
     s = host_scalars(config, state.step + 1, config.lr_at(state.step))
-    args = (plan.m, plan.v, plan.vmax, plan.plain, s[:9], s.decoupled_decay, s.l2_decay,
-            s.maximize, nonfinite != "propagate")  # fmt: skip
+    args = (plan.m, plan.v, plan.vmax, s[:9], s.decoupled_decay, s.l2_decay, s.maximize,
+            nonfinite != "propagate")  # fmt: skip
     if plan.half < 0:
         status = plan.kernel(p, g, *args)
     else:  # the bits of p (and of a half g), the format, rounding and parameter key

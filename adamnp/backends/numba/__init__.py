@@ -272,24 +272,22 @@ def _step_group(group, params, grads, scalars, check: int = NO_CHECK) -> int:
         else:
             _step_q8(group, table, p_addr, g_addr, k, flags, key, half)
         return -1
-    vmax = group.buffers.get("vmax")  # None without amsgrad
-    plain = True if vmax is None else None  # None with amsgrad: the kernels compile one loop
+    vmax = group.buffers.get("vmax")  # None without amsgrad: the kernels compile one loop
     common = (table, group.leaf_ids, group.offsets, p_addr, g_addr)
     moments = (group.buffers["m"], group.buffers["v"], vmax)
     k = kernel_scalars(scalars, group.dtype)
     half = group.half
     if half < 0:
         work = int(group.offsets[-1])
-        results = _launch(step_fp32, work, *common, *moments, plain, k, flags, check)
+        results = _launch(step_fp32, work, *common, *moments, k, flags, check)
         return next((int(r) for r in results if r >= 0), -1)  # the first in table order
     kinds = _grad_kinds(group, grads)
     results = _launch(
         step_half,
         int(group.offsets[-1]),
         *common,
-        *grad_kinds(kinds),
+        grad_kinds(kinds),
         *moments,
-        plain,
         k,
         flags,
         format_tag(half, scalars.stochastic_params),
@@ -514,12 +512,11 @@ def _step_q8(group, table, p_addr, g_addr, k, flags, key, half) -> None:
     simd = _vbmi_inputs() if vbmi else None
     # None or True (None: the kernels compile none of the feature's code)
     vmax = True if "codes_vmax" in group.buffers else None
-    plain = None if vmax else True  # the loops without amsgrad (Numba drops 'if None')
     stochastic = None if key is None else True
     if simd is not None:
         _launch(step_q8_simd, int(group.offsets[-1]), *_q8_arguments(group, table, p_addr, g_addr),
                 *_q8_maps(), k, flags, stochastic, np.uint32(key or 0), *simd,
-                vmax, plain)  # fmt: skip
+                vmax)  # fmt: skip
         return
     _launch(
         step_q8,
@@ -533,5 +530,4 @@ def _step_q8(group, table, p_addr, g_addr, k, flags, key, half) -> None:
         *((None, _NO_HALF, np.uint32(0)) if half is None else half),  # None: float32 params
         np.int64(group.index_base),
         vmax,
-        plain,
     )

@@ -6,11 +6,10 @@ elements reading ``p, g, m, v`` (and ``vmax``) and writing ``p, m, v`` (and ``vm
 :func:`~adamnp.backends.math.adam_elem` inlined into a SIMD loop. Flags are runtime booleans
 (one compiled variant per dtype; LLVM keeps the loop-invariant branches out of the arithmetic;
 docs/backends.md has the measurement); only amsgrad selects between two loops, because it
-adds a stream of memory, and it does so by two arguments of which one is None: ``vmax``
-without amsgrad, ``plain`` with it, since Numba prunes the code under ``if x is not None``
-before compiling only for an ``x`` that is None (:func:`_update`). ``_update`` is inlined by
-Numba rather than compiled separately, which keeps a single copy of each loop and cuts the
-cold compile time.
+adds a stream of memory: ``vmax`` is None without it, and the kernels' branch pruning
+(:class:`.util._PruneOnArgumentTypes`) compiles the loop ``vmax`` selects and not the other
+(:func:`_update`). ``_update`` is inlined by Numba rather than compiled separately, which
+keeps a single copy of each loop and cuts the cold compile time.
 """
 
 from __future__ import annotations
@@ -24,14 +23,13 @@ from .util import as_pointer, elem, jit
 
 
 @jit(inline="always")
-def _update(p, g, m, v, vmax, plain, a, b, k, decoupled, l2, maximize):
+def _update(p, g, m, v, vmax, a, b, k, decoupled, l2, maximize):
     """One fused pass over the chunk ``p``, ``g`` and rows ``a:b`` of the moments: the
-    operations of ``numpy.update_chunk`` per element. Without amsgrad ``vmax`` is None and
-    ``plain`` True, with it ``plain`` is None: Numba drops the code under ``if x is not
-    None`` for an argument ``x`` that is None (and only then), so a state compiles one of
-    the two loops."""
+    operations of ``numpy.update_chunk`` per element. ``vmax`` is None without amsgrad; a
+    kernel compiles only the loop its ``vmax`` selects (the branch on it is decided before
+    typing)."""
     m, v = m[a:b], v[a:b]
-    if plain is not None:
+    if vmax is None:
         for i in range(p.size):
             p[i], m[i], v[i], _ = elem(
                 p[i], g[i], m[i], v[i], m[i], k, decoupled, l2, False, maximize
@@ -50,7 +48,7 @@ NO_CHECK, CHECK_THEN_UPDATE, CHECK_ONLY = 0, 1, 2
 
 
 @jit()
-def step_fp32(table, leaf_ids, offsets, p_addr, g_addr, m, v, vmax, plain, k, flags, check):
+def step_fp32(table, leaf_ids, offsets, p_addr, g_addr, m, v, vmax, k, flags, check):
     """Update all chunks of ``table`` in place; -1, or with ``check`` the tree index of the
     first leaf whose gradient is non-finite (:func:`.reduce.first_nonfinite`'s test), with
     nothing written. ``check``: :data:`NO_CHECK`, :data:`CHECK_THEN_UPDATE` or
@@ -58,9 +56,9 @@ def step_fp32(table, leaf_ids, offsets, p_addr, g_addr, m, v, vmax, plain, k, fl
 
     ``p_addr``/``g_addr`` hold the data addresses of all leaves of the tree, ``leaf_ids`` maps
     a group's leaf to its tree index, ``offsets`` locate it in the arenas ``m``, ``v`` and
-    ``vmax`` (None unless amsgrad; ``plain`` True without amsgrad, None with it:
-    :func:`_update`); ``k`` are the :class:`~adamnp.backends.math.KernelScalars` and
-    ``flags = (decoupled_decay, l2_decay, amsgrad, maximize)``. The check is a pass of its own
+    ``vmax`` (None unless amsgrad: :func:`_update`); ``k`` are the
+    :class:`~adamnp.backends.math.KernelScalars` and ``flags = (decoupled_decay, l2_decay,
+    amsgrad, maximize)``. The check is a pass of its own
     over the gradients before the update pass, in the same call.
     """
     decoupled, l2, _, maximize = flags  # amsgrad: vmax is not None
@@ -79,7 +77,7 @@ def step_fp32(table, leaf_ids, offsets, p_addr, g_addr, m, v, vmax, plain, k, fl
         a, b = offsets[j] + lo, offsets[j] + hi
         p = numba.carray(as_pointer(p_addr[leaf] + lo * size, m), hi - lo)
         g = numba.carray(as_pointer(g_addr[leaf] + lo * size, m), hi - lo)
-        _update(p, g, m, v, vmax, plain, a, b, k, decoupled, l2, maximize)
+        _update(p, g, m, v, vmax, a, b, k, decoupled, l2, maximize)
     return -1
 
 

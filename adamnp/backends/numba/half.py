@@ -380,20 +380,20 @@ def _grad_value(g, i, fmt):
 
 
 @jit(inline="always")
-def update_half(p, g, m, v, vmax, plain, a, b, k, decoupled, l2, maximize, fmt, key, h):
+def update_half(p, g, m, v, vmax, a, b, k, decoupled, l2, maximize, fmt, key, h):
     """:func:`.fp32._update` of the half-precision bits ``p`` (uint16, the tag ``fmt``'s
     format and rounding, :func:`format_tag`) in one loop: each element is upcast, updated
     in float32 and rounded back (stochastically with the hash of hash index ``h + i`` under
     the step's parameter ``key``), the bits of :func:`load_half`, the float32 update and
     :func:`store_half` one after the other. ``g`` holds float32 values or the bits of the
-    parameters' format (:func:`grad_value`). ``vmax`` and ``plain`` as
+    parameters' format (:func:`grad_value`). ``vmax`` as
     :func:`.fp32._update`'s (one loop compiled). One loop lets the CPU convert while it
     waits on the update's divisions and square root, which loops over a float32 scratch did
     not."""
     m, v = m[a:b], v[a:b]
     keys = param_keys(fmt, key, h)
     index = keys[2]
-    if plain is not None:
+    if vmax is None:
         for i in range(p.size):
             x, m[i], v[i], _ = elem(
                 param_value(p[i], fmt), grad_value(g, i, fmt), m[i], v[i], m[i], k,
@@ -412,33 +412,32 @@ def update_half(p, g, m, v, vmax, plain, a, b, k, decoupled, l2, maximize, fmt, 
             index = np.uint32(index + _ONE)
 
 
-def grad_kinds(grads_half: np.ndarray) -> tuple:
-    """The ``(half_grads, g_half)`` arguments of the half-precision kernels from a group's
-    per-leaf gradient kinds (1: the parameters' format, 0: float32): ``(True, None)`` when
-    every gradient is half, else ``(None, grads_half)``.
+def grad_kinds(grads_half: np.ndarray) -> np.ndarray | None:
+    """The ``g_half`` argument of :func:`step_half` from a group's per-leaf gradient kinds
+    (1: the parameters' format, 0: float32): None when every gradient is half, else the
+    kinds.
 
     Examples
     --------
-    >>> grad_kinds(np.int8([1, 1]))
-    (True, None)
-    >>> grad_kinds(np.int8([1, 0]))[0] is None
+    >>> grad_kinds(np.int8([1, 1])) is None
     True
+    >>> grad_kinds(np.int8([1, 0]))
+    array([1, 0], dtype=int8)
     """
-    return (True, None) if grads_half.all() else (None, grads_half)
+    return None if grads_half.all() else grads_half
 
 
 @jit()
-def step_half(table, leaf_ids, offsets, p_addr, g_addr, half_grads, g_half, m, v, vmax, plain,
-              k, flags, fmt, key, index_base, check):  # fmt: skip
+def step_half(table, leaf_ids, offsets, p_addr, g_addr, g_half, m, v, vmax, k, flags, fmt,
+              key, index_base, check):  # fmt: skip
     """Update all chunks of ``table`` in place: a half-precision group with float32 moments;
     -1, or with ``check`` the tree index of the first leaf whose gradient is non-finite,
     with nothing written.
 
-    Arguments as :func:`.fp32.step_fp32`'s (``vmax`` and ``plain`` as there), plus the
-    gradients' kinds (:func:`grad_kinds`:
-    ``half_grads`` True and ``g_half`` None when every gradient is of the parameters'
-    format, else ``half_grads`` None and ``g_half`` per leaf 1 for such a gradient and 0 for
-    a float32 one), the tag ``fmt`` of the parameters' format and rounding
+    Arguments as :func:`.fp32.step_fp32`'s (``vmax`` as there), plus the
+    gradients' kinds (:func:`grad_kinds`: ``g_half`` None when every gradient is of the
+    parameters' format, else per leaf 1 for such a gradient and 0 for a float32 one), the
+    tag ``fmt`` of the parameters' format and rounding
     (:func:`format_tag`) and the step's parameter ``key``
     (:func:`~adamnp.lowbit.half.param_key`); element ``e`` of the buffers hashes as
     ``index_base + e`` (int64). ``check`` as :func:`.fp32.step_fp32`'s, with the test of
@@ -447,9 +446,8 @@ def step_half(table, leaf_ids, offsets, p_addr, g_addr, half_grads, g_half, m, v
 
     With half gradients only, each chunk is one :func:`update_half` loop on the bits.
     Otherwise a half gradient is upcast into a float32 scratch by pieces of :data:`PIECE`
-    elements that stay in L1, for the same loop on float32 gradients. Numba drops the code
-    under ``if x is not None`` for an ``x`` that is None (not the other way round), so a
-    state compiles the one of the two it runs.
+    elements that stay in L1, for the same loop on float32 gradients. A state compiles the
+    one of the two it runs (the branches on ``g_half`` are decided before typing).
     """
     decoupled, l2, _, maximize = flags  # amsgrad: vmax is not None
     if check:
@@ -458,9 +456,9 @@ def step_half(table, leaf_ids, offsets, p_addr, g_addr, half_grads, g_half, m, v
             j, lo, hi = table[c, 0], table[c, 1], table[c, 2]
             at = g_addr[leaf_ids[j]]
             bad = False
-            if half_grads is not None:
+            if g_half is None:
                 bad = half_bits_nonfinite(at + lo * 2, hi - lo, limit)
-            if g_half is not None:
+            else:
                 if g_half[j]:
                     bad = half_bits_nonfinite(at + lo * 2, hi - lo, limit)
                 else:
@@ -472,13 +470,13 @@ def step_half(table, leaf_ids, offsets, p_addr, g_addr, half_grads, g_half, m, v
     for c in range(table.shape[0]):
         j, lo, hi = table[c, 0], table[c, 1], table[c, 2]
         leaf = leaf_ids[j]
-        if half_grads is not None:  # one fused loop on the bits
+        if g_half is None:  # one fused loop on the bits
             a = offsets[j] + lo
             p = numba.carray(as_pointer(p_addr[leaf] + lo * 2, np.uint16), hi - lo)
             g = numba.carray(as_pointer(g_addr[leaf] + lo * 2, np.uint16), hi - lo)
-            update_half(p, g, m, v, vmax, plain, a, a + hi - lo, k, decoupled, l2, maximize, fmt,
-                        key, index_base + a)  # fmt: skip
-        if g_half is not None:  # float32 gradients, half ones upcast by pieces
+            update_half(p, g, m, v, vmax, a, a + hi - lo, k, decoupled, l2, maximize, fmt, key,
+                        index_base + a)  # fmt: skip
+        else:  # float32 gradients, half ones upcast by pieces
             gs = np.empty(PIECE, np.float32)
             for s in range(lo, hi, PIECE):
                 w = min(PIECE, hi - s)
@@ -489,7 +487,7 @@ def step_half(table, leaf_ids, offsets, p_addr, g_addr, half_grads, g_half, m, v
                     load_half(g_addr[leaf] + s * 2, w, fmt, g)
                 else:
                     g = numba.carray(as_pointer(g_addr[leaf] + s * 4, np.float32), w)
-                update_half(p, g, m, v, vmax, plain, a, a + w, k, decoupled, l2, maximize, fmt, key,
+                update_half(p, g, m, v, vmax, a, a + w, k, decoupled, l2, maximize, fmt, key,
                             index_base + a)  # fmt: skip
     return -1
 

@@ -133,7 +133,7 @@ def _f32_at(address, n):
 def step_q8(
     table, leaf_ids, offsets, block_offsets, block_size, p_addr, g_addr,
     codes, absmax, map_m, map_v, quant_m, quant_v, zeros, k, flags, stochastic, key,
-    fmt, g_half, p_key, index_base, vmax, plain,
+    fmt, g_half, p_key, index_base, vmax,
 ):  # fmt: skip
     """Update all chunks of ``table`` in place.
 
@@ -148,8 +148,7 @@ def step_q8(
     (:mod:`adamnp.lowbit.stochastic`) with the step's hash ``key``, element ``e`` of the
     buffers under the hash index ``index_base + e`` (int64; the parameters' stochastic
     rounding too). Chunk starts must be multiples of ``block_size``. The loop body creates
-    no array views (see :func:`_update_block`). ``vmax`` is None without amsgrad, else True;
-    ``plain`` the other way round.
+    no array views (see :func:`_update_block`). ``vmax`` is None without amsgrad, else True.
 
     Half-precision parameters (``fmt`` the tag of their format and rounding,
     :func:`~.half.format_tag`; None for float32) are upcast per chunk into a float32
@@ -158,10 +157,10 @@ def step_q8(
     (stochastically: with the parameter key ``p_key``; :func:`~.half.load_half`,
     :func:`~.half.store_half`).
 
-    Numba prunes the branches on ``x is None`` of an argument that is None before compiling
-    (not those of an argument that is not None: hence ``plain``), so a state compiles
-    amsgrad's code, stochastic rounding's and the half-precision conversions only if it uses
-    them (a compile of 4 s instead of 17 for plain float32).
+    The branches on ``x is None`` of an argument are decided before typing
+    (:class:`.util._PruneOnArgumentTypes`), so a state compiles amsgrad's code, stochastic
+    rounding's and the half-precision conversions only if it uses them, and with amsgrad not
+    the loop without it (a compile of 4 s instead of 17 for float32 params alone).
     """
     decoupled, l2, amsgrad, maximize = flags
     codes_m, codes_v, codes_x = codes
@@ -198,12 +197,12 @@ def step_q8(
             n = min(block_size, hi - lo - s)
             e = offsets[j] + lo + s
             xx = np.int32(0)
-            if plain is not None:
+            if vmax is None:
                 xm, xv = _update_block(
                     p, g, s, n, codes_m, codes_v, e, absmax_m[b], absmax_v[b], sm, sv, map_m,
                     map_v, k, decoupled, l2, maximize,
                 )  # fmt: skip
-            if vmax is not None:
+            else:
                 xm, xv, xx = _update_block_amsgrad(
                     p, g, s, n, codes_m, codes_v, codes_x, e, absmax_m[b], absmax_v[b],
                     absmax_x[b], sm, sv, sx, map_m, map_v, k, decoupled, l2, maximize,

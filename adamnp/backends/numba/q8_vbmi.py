@@ -236,19 +236,18 @@ def _close_block(bits, absmax, b, codes, e, n, zero):
 def step_q8_simd(
     table, leaf_ids, offsets, block_offsets, block_size, p_addr, g_addr,
     codes, absmax, map_m, map_v, quant_m, quant_v, zeros, k, flags, stochastic, key, planes,
-    decades, vmax, plain,
+    decades, vmax,
 ):  # fmt: skip
     """:func:`step_q8` with in-register table lookups (AVX-512 VBMI, :mod:`.avx512`).
 
     The extra arguments are ``planes`` (byte planes of map_m, map_v and map_v's two gap
     tables, the last two for stochastic rounding), ``decades =
     ((binades, lines) of map_m, of map_v)`` (:class:`~adamnp.lowbit.decades.DecadeTables`) and
-    ``vmax``: None without amsgrad, else anything (the vmax entries of ``codes`` and
-    ``absmax`` are used), and ``plain`` the other way round (True without amsgrad, None with
-    it). ``stochastic`` is None for nearest rounding of ``v``, else anything. Numba drops
-    the code under ``if x is not None`` for an argument ``x`` that is None (only then)
-    before compiling, so a state compiles neither amsgrad's code nor stochastic rounding's
-    unless it uses them, and with amsgrad not the loop without it. Results are bit for bit
+    ``vmax``: None without amsgrad, else True (the vmax entries of ``codes`` and ``absmax``
+    are used). ``stochastic`` is None for nearest rounding of ``v``, else True. The branches
+    on them are decided before typing (:class:`.util._PruneOnArgumentTypes`), so a state
+    compiles neither amsgrad's code nor stochastic rounding's unless it uses them, and with
+    amsgrad not the loop without it. Results are bit for bit
     those of :func:`step_q8`. A serial function: the batch scheduler runs every call on one
     thread, and the vector code sits in the called block functions, so the loop needs no
     parallel region for its speed.
@@ -339,7 +338,7 @@ def step_q8_simd(
                     xm = max(xm, _abs_bits(m))
                     xv = max(xv, _abs_bits(v))
                     xx = max(xx, _abs_bits(x))
-            if plain is not None:
+            if vmax is None:
                 for i in range(cur, cur + n):
                     q = s + i - cur
                     m0 = sm[i]

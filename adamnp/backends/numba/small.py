@@ -76,14 +76,13 @@ def _scalars(like, grad_scale, decay, weight_decay, lerp_weight, beta2, one_minu
 
 
 @jit()
-def step_one(p, g, m, v, vmax, plain, host, decoupled, l2, maximize, check):
+def step_one(p, g, m, v, vmax, host, decoupled, l2, maximize, check):
     """One step of one leaf in place: ``SMALL_UPDATED``, or ``SMALL_NONFINITE`` or
     ``SMALL_SHARES_MEMORY`` with nothing written (:mod:`adamnp.backends.math`).
 
     ``p`` and ``g`` are the leaf and its gradient (1-D, C-contiguous, one dtype, float32
-    or float64), ``m``, ``v`` and ``vmax`` its moments (``vmax`` None and ``plain`` True
-    without amsgrad, ``plain`` None with it: one update loop is compiled, not two,
-    :func:`.fp32._update`), ``host`` the first nine
+    or float64), ``m``, ``v`` and ``vmax`` its moments (``vmax`` None without amsgrad: one
+    update loop is compiled, not two, :func:`.fp32._update`), ``host`` the first nine
     :class:`~adamnp.backends.math.StepScalars` values (a tuple), then the branch flags other
     than amsgrad (which ``vmax`` says) and ``check`` (reject non-finite gradients).
     """
@@ -93,11 +92,11 @@ def step_one(p, g, m, v, vmax, plain, host, decoupled, l2, maximize, check):
         return SMALL_NONFINITE
     k = _scalars(p, host[0], host[1], host[2], host[3], host[4], host[5], host[6], host[7],
                  host[8])  # fmt: skip
-    _update(p, g, m, v, vmax, plain, 0, p.size, k, decoupled, l2, maximize)
+    _update(p, g, m, v, vmax, 0, p.size, k, decoupled, l2, maximize)
     return SMALL_UPDATED
 
 
-def step_one_half(p, g, m, v, vmax, plain, host, decoupled, l2, maximize, check, half,
+def step_one_half(p, g, m, v, vmax, host, decoupled, l2, maximize, check, half,
                   stochastic, key, index_base):  # fmt: skip
     """:func:`step_one` for a float16 or bfloat16 leaf with float32 moments.
 
@@ -110,12 +109,12 @@ def step_one_half(p, g, m, v, vmax, plain, host, decoupled, l2, maximize, check,
     above the float32 limit (:mod:`.reduce`).
     """
     fmt = format_tag(half, stochastic)
-    return _step_one_half(p, g, m, v, vmax, plain, host, decoupled, l2, maximize, check, fmt,
-                          key, index_base)  # fmt: skip
+    return _step_one_half(p, g, m, v, vmax, host, decoupled, l2, maximize, check, fmt, key,
+                          index_base)  # fmt: skip
 
 
 @jit()
-def _step_one_half(p, g, m, v, vmax, plain, host, decoupled, l2, maximize, check, fmt, key,
+def _step_one_half(p, g, m, v, vmax, host, decoupled, l2, maximize, check, fmt, key,
                    index_base):  # fmt: skip
     """:func:`step_one_half` with the format tag ``fmt`` (:func:`~.half.format_tag`)."""
     if _shares_memory(p, g, m, v, m[:0] if vmax is None else vmax):
@@ -129,6 +128,5 @@ def _step_one_half(p, g, m, v, vmax, plain, host, decoupled, l2, maximize, check
             return SMALL_NONFINITE
     k = _scalars(m, host[0], host[1], host[2], host[3], host[4], host[5], host[6], host[7],
                  host[8])  # fmt: skip
-    update_half(p, g, m, v, vmax, plain, 0, p.size, k, decoupled, l2, maximize, fmt, key,
-                index_base)  # fmt: skip
+    update_half(p, g, m, v, vmax, 0, p.size, k, decoupled, l2, maximize, fmt, key, index_base)
     return SMALL_UPDATED

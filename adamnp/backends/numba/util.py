@@ -21,13 +21,43 @@ import numba
 import numpy as np
 from llvmlite import ir
 from numba import types
+from numba.core.analysis import dead_branch_prune
 from numba.core.compiler import CompilerBase, DefaultPassBuilder
 from numba.core.compiler_machinery import FunctionPass, register_pass
 from numba.core.typed_passes import NopythonTypeInference
+from numba.core.untyped_passes import DeadBranchPrune
 from numba.extending import intrinsic
 
 from ..math import adam_elem
 from ..numpy import CHUNK  # elements per work item: the reference's chunk
+
+#: Argument types whose values are never None.
+_NEVER_NONE = (types.Array, types.Number, types.Boolean, types.BaseTuple)
+
+
+class _NotNone:
+    """An argument type as Numba's branch pruning reads a literal's (``literal_type``)."""
+
+    def __init__(self, literal_type):
+        self.literal_type = literal_type
+
+
+@register_pass(mutates_CFG=True, analysis_only=False)
+class _PruneOnArgumentTypes(DeadBranchPrune):
+    """Numba's dead branch pruning, which also decides ``x is None`` (and ``is not``) for an
+    argument ``x`` whose type is never None (an array, a number, a tuple).
+
+    Numba decides it only for an ``x`` that is None (or a literal), so with an array ``x``
+    the code under ``if x is None`` was typed and compiled, then dropped by LLVM. Here a
+    kernel compiles only the branch its arguments select, either way round; inlined
+    functions (``inline="always"``) are pruned on the caller's arguments after inlining."""
+
+    _name = "adamnp_prune_on_argument_types"
+
+    def run_pass(self, state):
+        args = [_NotNone(a) if isinstance(a, _NEVER_NONE) else a for a in state.args]
+        dead_branch_prune(state.func_ir, args)
+        return True
 
 
 @register_pass(mutates_CFG=False, analysis_only=True)
@@ -45,11 +75,28 @@ class _ArgumentsNoAlias(FunctionPass):
         return False
 
 
-class _NoAliasCompiler(CompilerBase):
-    """Numba's nopython pipeline with :class:`_ArgumentsNoAlias` before lowering."""
+def _pipeline(state):
+    pm = DefaultPassBuilder.define_nopython_pipeline(state)
+    pm.passes = [
+        (_PruneOnArgumentTypes if cls is DeadBranchPrune else cls, what) for cls, what in pm.passes
+    ]
+    return pm
+
+
+class _Compiler(CompilerBase):
+    """Numba's nopython pipeline with :class:`_PruneOnArgumentTypes` for its branch pruning."""
 
     def define_pipelines(self):
-        pm = DefaultPassBuilder.define_nopython_pipeline(self.state)
+        pm = _pipeline(self.state)
+        pm.finalize()
+        return [pm]
+
+
+class _NoAliasCompiler(CompilerBase):
+    """:class:`_Compiler`'s pipeline with :class:`_ArgumentsNoAlias` before lowering."""
+
+    def define_pipelines(self):
+        pm = _pipeline(self.state)
         pm.add_pass_after(_ArgumentsNoAlias, NopythonTypeInference)
         pm.finalize()
         return [pm]
@@ -76,8 +123,7 @@ def jit(parallel: bool = False, cache: bool = True, noalias: bool = False, **opt
     >>> twice(21)
     42
     """
-    if noalias:
-        options["pipeline_class"] = _NoAliasCompiler
+    options["pipeline_class"] = _NoAliasCompiler if noalias else _Compiler
     return numba.njit(parallel=parallel, cache=cache, error_model="numpy", nogil=True, **options)
 
 
