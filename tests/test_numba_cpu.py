@@ -580,3 +580,34 @@ def test_quantize_blockwise_uses_the_chosen_kernel(monkeypatch):
         got = quant.quantize_blockwise(x, backend="numba")
         np.testing.assert_array_equal(got[0], want[0])
         np.testing.assert_array_equal(got[1], want[1])
+
+
+@_numba_util.jit(cache=False)
+def _pruned_when_array(x, y):
+    if y is None:
+        return x.attribute_no_int_has  # typed only if this branch were kept
+    return x + 1
+
+
+@_numba_util.jit(inline="always", cache=False)
+def _inlined_choice(y, z):
+    if y is not None:
+        return 1
+    return z.attribute_no_int_has
+
+
+@_numba_util.jit(cache=False)
+def _calls_inlined_choice(y, z):
+    return _inlined_choice(y, z)
+
+
+def test_kernels_drop_the_branch_an_argument_that_is_never_none_excludes():
+    """The kernels' pipeline decides ``x is None`` for an array, number, bool or tuple ``x``
+    before typing (Numba alone decides it only for an ``x`` that is None), directly and in
+    a function inlined by Numba: the dropped branches here would not type."""
+    assert _pruned_when_array(1, np.zeros(2)) == 2
+    assert _pruned_when_array(1, True) == 2
+    assert _calls_inlined_choice(np.zeros(1), 2) == 1
+    assert _calls_inlined_choice((1, 2.0), 3) == 1
+    with pytest.raises(numba.core.errors.TypingError):
+        _pruned_when_array(1, None)  # None selects the branch that does not type
