@@ -19,6 +19,8 @@ comes from a Weyl sequence ``frac(offset + t * 0.618...)``.
     python tools/lowbit4_rank1.py              # every option, about 10 minutes
     python tools/lowbit4_rank1.py "v exact"    # options whose name holds "v exact"
     python tools/lowbit4_rank1.py --factored   # diagnosis: Adafactor's factored v
+    python tools/lowbit4_rank1.py "pairs, s 8 bits rank-1, unbiased in v; r 16" --seeds 9
+                                               # rounding seeds 0-8 instead of 0-2
 """
 
 import sys
@@ -303,10 +305,13 @@ def main(only=None):
         worst = max(run(fmt, *make(), 200)[0] / ref[c] for c, make in four.BATTERY.items())
         row = [f"{worst:.2f}"]
         for pr in probs:
-            row.append(" / ".join(f"{x / dref[pr.name] - 1:+.2%}" for x in demo(pr, fmt)))
+            losses = demo(pr, fmt, seeds=tuple(range(SEEDS)))
+            row.append(" / ".join(f"{x / dref[pr.name] - 1:+.2%}" for x in losses))
         print(f"| {name} | " + " | ".join(row) + " |", flush=True)
 
 
+SEEDS = int(sys.argv[sys.argv.index("--seeds") + 1]) if "--seeds" in sys.argv else 3
+
 if __name__ == "__main__":
-    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    args = [a for a in sys.argv[1:] if not a.startswith("--") and not a.isdigit()]
     main(args[0] if args else None)
