@@ -109,22 +109,25 @@ def step_one_half(p, g, m, v, vmax, host, decoupled, l2, maximize, check, half,
     above the float32 limit (:mod:`.reduce`).
     """
     fmt = format_tag(half, stochastic)
+    g_half = True if g.itemsize == 2 else None  # None: compile only the float32 test
     return _step_one_half(p, g, m, v, vmax, host, decoupled, l2, maximize, check, fmt, key,
-                          index_base)  # fmt: skip
+                          index_base, g_half)  # fmt: skip
 
 
 @jit()
 def _step_one_half(p, g, m, v, vmax, host, decoupled, l2, maximize, check, fmt, key,
-                   index_base):  # fmt: skip
-    """:func:`step_one_half` with the format tag ``fmt`` (:func:`~.half.format_tag`)."""
+                   index_base, g_half):  # fmt: skip
+    """:func:`step_one_half` with the format tag ``fmt`` (:func:`~.half.format_tag`);
+    ``g_half`` True for a half gradient, None for a float32 one (each compiles its own
+    test)."""
     if _shares_memory(p, g, m, v, m[:0] if vmax is None else vmax):
         return SMALL_SHARES_MEMORY
-    g_half = g.itemsize == 2
     if check:
         limit = LIMIT_BF16 if tag_format(fmt) == 1 else LIMIT_F16
-        if g_half and half_bits_nonfinite(g.ctypes.data, g.size, limit):
-            return SMALL_NONFINITE
-        if not g_half and f32_bits_nonfinite(g.ctypes.data, g.size):
+        if g_half is not None:
+            if half_bits_nonfinite(g.ctypes.data, g.size, limit):
+                return SMALL_NONFINITE
+        elif f32_bits_nonfinite(g.ctypes.data, g.size):
             return SMALL_NONFINITE
     k = _scalars(m, host[0], host[1], host[2], host[3], host[4], host[5], host[6], host[7],
                  host[8])  # fmt: skip
