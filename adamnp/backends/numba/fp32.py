@@ -34,7 +34,7 @@ def _update(p, g, m, v, vmax, a, b, k, decoupled, l2, maximize):
             p[i], m[i], v[i], _ = elem(
                 p[i], g[i], m[i], v[i], m[i], k, decoupled, l2, False, maximize
             )
-    if vmax is not None:
+    else:
         x = vmax[a:b]
         for i in range(p.size):
             p[i], m[i], v[i], x[i] = elem(

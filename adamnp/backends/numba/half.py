@@ -405,7 +405,7 @@ def update_half(p, g, m, v, vmax, a, b, k, decoupled, l2, maximize, fmt, key, h)
             )  # fmt: skip
             p[i] = param_bits(x, index, fmt, keys)
             index = np.uint32(index + _ONE)
-    if vmax is not None:
+    else:
         y = vmax[a:b]
         for i in range(p.size):
             x, m[i], v[i], y[i] = elem(

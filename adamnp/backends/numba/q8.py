@@ -196,7 +196,6 @@ def step_q8(
         for s in range(0, hi - lo, block_size):
             n = min(block_size, hi - lo - s)
             e = offsets[j] + lo + s
-            xx = np.int32(0)
             if vmax is None:
                 xm, xv = _update_block(
                     p, g, s, n, codes_m, codes_v, e, absmax_m[b], absmax_v[b], sm, sv, map_m,

@@ -338,7 +338,7 @@ def step_q8_simd(
                     xm = max(xm, _abs_bits(m))
                     xv = max(xv, _abs_bits(v))
                     xx = max(xx, _abs_bits(x))
-            if vmax is None:
+            else:
                 for i in range(cur, cur + n):
                     q = s + i - cur
                     m0 = sm[i]
