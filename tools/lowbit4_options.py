@@ -240,8 +240,13 @@ OPTIONS = {
 
 
 def run(fmt, grad, shapes, steps, lr=1e-3, wd=1e-2, p0=None, seed=0, loss=None, small=4096):
-    """Train a list of leaves; return (largest |dp|, final loss or None)."""
+    """Train a list of leaves; return (largest |dp|, final loss or None). A format with a
+    ``reset(seed)`` (``tools/lowbit4_rank1.py``'s) is reset for the run and stores with
+    ``store(m, v, shape, leaf index)``; the others with ``store(m, v, rng)``."""
     rng = np.random.default_rng(seed + 1000)
+    per_leaf = hasattr(fmt, "reset")
+    if per_leaf:
+        fmt.reset(seed)
     if getattr(fmt, "weyl", None) is not None:  # its own offsets for this run's seed
         fmt.weyl = Weyl(seed + 2000)
     p = [np.zeros(s, F32) for s in shapes] if p0 is None else [x.copy() for x in p0]
@@ -263,7 +268,10 @@ def run(fmt, grad, shapes, steps, lr=1e-3, wd=1e-2, p0=None, seed=0, loss=None, 
             flat += (F32(-lr / bc1) * m[i]) / d
             worst = max(worst, float(np.abs(flat - old).max()))
             if x.size >= small:
-                m[i], v[i] = fmt.store(m[i].astype(F32), v[i].astype(F32), rng)
+                if per_leaf:
+                    m[i], v[i] = fmt.store(m[i], v[i], x.shape, i)
+                else:
+                    m[i], v[i] = fmt.store(m[i].astype(F32), v[i].astype(F32), rng)
     return worst, (loss(p) if loss else None)
 
 

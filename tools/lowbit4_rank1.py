@@ -116,46 +116,6 @@ class Format:
         return (self._store_r(r, shape, key) * sq).astype(F32), (sq * sq).astype(F32)
 
 
-def run(fmt, grad, shapes, steps, lr=1e-3, wd=1e-2, p0=None, seed=0, loss=None, small=4096):
-    """``tools/lowbit4_options.py``'s ``run`` with the leaf's shape passed to ``store``."""
-    fmt.reset(seed)
-    p = [np.zeros(s, F32) for s in shapes] if p0 is None else [x.copy() for x in p0]
-    m = [np.zeros(x.size, F32) for x in p]
-    v = [np.zeros(x.size, F32) for x in p]
-    worst = 0.0
-    for t in range(1, steps + 1):
-        gs = grad(p, t)
-        bc1, bc2s = 1 - four.B1**t, F32(np.sqrt(1 - four.B2**t))
-        for i, (x, g) in enumerate(zip(p, gs)):
-            g = g.reshape(-1).astype(F32)
-            flat = x.reshape(-1)
-            old = flat.copy()
-            flat *= F32(1 - lr * wd)
-            m[i] = m[i] + F32(1 - four.B1) * (g - m[i])
-            v[i] = v[i] * F32(four.B2) + (F32(1 - four.B2) * g) * g
-            flat += (F32(-lr / bc1) * m[i]) / (np.sqrt(v[i]) / bc2s + F32(four.EPS))
-            worst = max(worst, float(np.abs(flat - old).max()))
-            if x.size >= small:
-                m[i], v[i] = fmt.store(m[i], v[i], x.shape, i)
-    return worst, (loss(p) if loss else None)
-
-
-def demo(problem, fmt, steps=3000, seeds=(0, 1, 2)):
-    keys = list(problem.params0())
-    p0 = [problem.params0()[k] for k in keys]
-    cfg = problem.config()
-
-    def grad(p, t):
-        g = problem.grad(dict(zip(keys, p)), t - 1)
-        return [g[k] for k in keys]
-
-    def loss(p):
-        return problem.loss(dict(zip(keys, p)))
-
-    return [run(fmt, grad, None, steps, lr=cfg.lr, wd=cfg.weight_decay, p0=p0, seed=sd,
-                loss=loss)[1] for sd in seeds]  # fmt: skip
-
-
 LOG3 = log_grid(4, 16 / 3)  # lowbit4_options' 2^(-k/3)
 OPTIONS = {
     "v exact; r -7..7 stochastic, blocks": Format(rmode="sr", rnorm="block"),
@@ -302,10 +262,10 @@ def main(only=None):
     for name, fmt in OPTIONS.items():
         if wanted is not None and not any(w in name for w in wanted):
             continue
-        worst = max(run(fmt, *make(), 200)[0] / ref[c] for c, make in four.BATTERY.items())
+        worst = max(four.run(fmt, *make(), 200)[0] / ref[c] for c, make in four.BATTERY.items())
         row = [f"{worst:.2f}"]
         for pr in probs:
-            losses = demo(pr, fmt, seeds=tuple(range(SEEDS)))
+            losses = four.demo(pr, fmt, seeds=tuple(range(SEEDS)))
             row.append(" / ".join(f"{x / dref[pr.name] - 1:+.2%}" for x in losses))
         print(f"| {name} | " + " | ".join(row) + " |", flush=True)
 
