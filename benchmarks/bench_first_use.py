@@ -2,10 +2,11 @@
 
 Goals (issue 17): with an empty cache at most 2.5 s for float32 state and 5 s for 8-bit
 state (every format); with a warm cache at most 0.5 s. One leaf of 1M float32 elements
-(float32 state also at 1,000 elements, the small path). Each sample starts two Python
-processes sharing a temporary ``NUMBA_CACHE_DIR``: the first compiles, the second loads.
-The time is the first step's alone (import and ``init`` are timed apart by
-``tools/first_use.py``, which runs the same cases and more).
+(float32 state also at 1,000 elements, the small path), and a small MLP's tree (:data:`MLP`:
+two weights, two biases) whose 8-bit state also holds a float32 group for the biases. Each
+sample starts two Python processes sharing a temporary ``NUMBA_CACHE_DIR``: the first
+compiles, the second loads. The time is the first step's alone (import and ``init`` are
+timed apart by ``tools/first_use.py``, which runs the same cases and more).
 """
 
 from __future__ import annotations
@@ -17,7 +18,12 @@ import tempfile
 
 SQRT, BNB = "dict(state_bits=8)", "dict(state_bits=8, state_format='bnb')"
 BNB_SR = "dict(state_bits=8, state_format='bnb', v_rounding='stochastic')"
-#: name: (init options, elements, adamw options, param dtype, environment)
+#: A tree of a 1000-1000-10 MLP's leaves (shapes): in an 8-bit state the weights are 8-bit
+#: and the biases (below ``min_8bit_size``) a float32 group; the leaves are checked by the
+#: compiled scan (:data:`adamnp._validate.SCAN_MAX_MEAN_LEAF`).
+MLP = ((1000, 1000), (1000,), (1000, 10), (10,))
+#: name: (init options, elements of one leaf or a tree's shapes, adamw options, param dtype,
+#: environment)
 CASES = {
     "f32-1K": ("{}", 1_000, "", "float32", {}),
     "f32-1M": ("{}", 1_000_000, "", "float32", {}),
@@ -39,6 +45,12 @@ CASES = {
     "sqrt-f16sr-1M": (SQRT, 1_000_000, "param_rounding='stochastic'", "float16", {}),
     "sqrt-bf16-ams-1M": (SQRT, 1_000_000, "amsgrad=True", "bfloat16", {}),
     "bnb-sr-ams-1M": (BNB_SR, 1_000_000, "amsgrad=True", "float32", {}),
+    # trees of two groups (8-bit weights, float32 biases)
+    "mlp-sqrt": (SQRT, MLP, "", "float32", {}),
+    "mlp-sqrt-clip": (SQRT, MLP, "max_grad_norm=1.0", "float32", {}),
+    "mlp-bnb-clip": (BNB, MLP, "max_grad_norm=1.0", "float32", {}),
+    "mlp-sqrt-bf16": (SQRT, MLP, "", "bfloat16", {}),
+    "mlp-f32-clip": ("{}", MLP, "max_grad_norm=1.0", "float32", {}),
 }
 
 _SCRIPT = """
@@ -47,7 +59,11 @@ t0 = time.perf_counter()
 import numpy as np, adamnp
 from adamnp.lowbit.half import bfloat16_dtype
 dtype = bfloat16_dtype() if "{dtype}" == "bfloat16" else np.dtype("{dtype}")
-p = np.ones({n}, dtype); g = np.full({n}, 0.1, dtype)
+shapes = {shapes}
+p = {{f"leaf{{i}}": np.ones(s, dtype) for i, s in enumerate(shapes)}}
+g = {{k: np.full(a.shape, 0.1, dtype) for k, a in p.items()}}
+if len(shapes) == 1:
+    p, g = p["leaf0"], g["leaf0"]
 state = adamnp.init(p, adamnp.adamw({adamw}), backend="numba", **{options})
 t1 = time.perf_counter()
 adamnp.step(p, g, state)
@@ -59,7 +75,8 @@ def first_step_times(case: str) -> tuple[tuple[float, float], tuple[float, float
     """``((import + init, first step) with an empty cache, (the same) with it warm)`` of
     ``case`` (a key of :data:`CASES`), in seconds."""
     options, n, adamw, dtype, extra = CASES[case]
-    code = _SCRIPT.format(n=n, options=options, adamw=adamw, dtype=dtype)
+    shapes = ((n,),) if isinstance(n, int) else n
+    code = _SCRIPT.format(shapes=shapes, options=options, adamw=adamw, dtype=dtype)
     with tempfile.TemporaryDirectory() as cache:
         env = {**os.environ, **extra, "NUMBA_CACHE_DIR": cache}
         runs = []
@@ -74,7 +91,7 @@ class FirstUse:
     """The first step's seconds with an empty cache (``track_cold``) and a warm one
     (``track_warm``)."""
 
-    params = ["f32-1K", "f32-1M", "sqrt-1M", "bnb-1M", "bnb-sr-1M"]
+    params = ["f32-1K", "f32-1M", "sqrt-1M", "bnb-1M", "bnb-sr-1M", "mlp-sqrt-clip"]
     param_names = ["case"]
     unit = "seconds"
     timeout = 300

@@ -197,6 +197,27 @@ def test_grad_sq_norm_is_accurate_and_reproducible():
     assert numba_cpu.grad_sq_norm([]) == 0.0
 
 
+@pytest.mark.parametrize("sizes", ["32", "16", "16+32", "16+32+64", "32+64"])
+def test_grad_sq_norm_of_half_gradients_is_that_of_their_float32_values(sizes):
+    # a half gradient is summed as the float32 it is upcast to: the same total, bit for bit,
+    # whichever other element sizes share the call (each combination is its own compile)
+    from adamnp.lowbit.half import bfloat16_dtype
+
+    rng = np.random.default_rng(5)
+    n = 2 * _numba_util.CHUNK + 9
+    dtypes = {"16": [np.float16, bfloat16_dtype()], "32": [np.float32], "64": [np.float64]}
+    grads = [
+        (rng.standard_normal(n) * 10.0 ** rng.integers(-3, 3)).astype(d)
+        for key in sizes.split("+")
+        for d in dtypes[key]
+    ]
+    upcast = [g if g.itemsize > 2 else g.astype(np.float32) for g in grads]
+    got = numba_cpu.grad_sq_norm(grads)
+    assert got == numba_cpu.grad_sq_norm(upcast)
+    exact = math.fsum(float(x) ** 2 for g in upcast for x in g.astype(np.float64))
+    assert got == pytest.approx(exact, rel=1e-14)
+
+
 def test_traffic_kernel_touches_what_a_step_touches():
     rng = np.random.default_rng(5)
     p, g, m, v = (rng.standard_normal(100_001).astype(np.float32) for _ in range(4))

@@ -160,6 +160,13 @@ def _leaf_table(arrays):
     return int(sizes.sum()), table, data_addresses(arrays), itemsize, half
 
 
+def _element_sizes(itemsize, half) -> tuple:
+    """The ``half`` and ``wide`` arguments of the reductions (:func:`.reduce.first_nonfinite`)
+    for leaves of ``itemsize`` bytes and ``half`` formats (:func:`_leaf_table`): None for the
+    element sizes no leaf has, so that the kernel compiles no loop for them."""
+    return (half if half.size else None), (True if (itemsize == 8).any() else None)
+
+
 PARALLEL_MIN = 1 << 16  # elements of work per extra thread (waking one costs; docs/backends.md)
 
 
@@ -189,10 +196,7 @@ def nonfinite_leaf(grads) -> int:
     if not grads:
         return -1
     work, table, addr, itemsize, half = _leaf_table(grads)
-    # None for the element sizes no leaf has: the kernel then compiles no loop for them
-    short = half if half.size else None
-    wide = True if (itemsize == 8).any() else None
-    bad = _launch(first_nonfinite, work, table, addr, itemsize, short, wide)
+    bad = _launch(first_nonfinite, work, table, addr, itemsize, *_element_sizes(itemsize, half))
     return next((int(b) for b in bad if b >= 0), -1)
 
 
@@ -209,8 +213,11 @@ def grad_sq_norm(grads) -> float:
     """
     if not grads:
         return 0.0
+    work, table, addr, itemsize, half = _leaf_table(grads)
+    short, wide = _element_sizes(itemsize, half)
     total = 0.0
-    for partial in _launch(sum_squares, *_leaf_table(grads)):  # batch order: thread-independent
+    # batch order: thread-independent
+    for partial in _launch(sum_squares, work, table, addr, itemsize, short, wide):
         total += partial
     return total
 

@@ -28,7 +28,7 @@ from .finite import (
     max_abs_bits,
 )
 from .half import to_f32
-from .util import as_pointer, jit
+from .util import CHUNK, as_pointer, jit
 
 
 @jit()
@@ -81,55 +81,28 @@ def _sum_squares(x):
 
 
 @jit(inline="always")
-def _sq(h, fmt):
-    x = np.float64(to_f32(h, fmt))
-    return x * x
-
-
-@jit(inline="always")
-def _sum_squares_half(x, fmt):
-    """:func:`_sum_squares` of the float32 values of half bits ``x`` (format ``fmt``, a
-    constant at each call site): the same partial sums in the same order."""
-    rows = x.size // 8
-    y = x[: rows * 8].reshape((rows, 8))
-    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = 0.0
-    for r in range(rows):
-        s0 += _sq(y[r, 0], fmt)
-        s1 += _sq(y[r, 1], fmt)
-        s2 += _sq(y[r, 2], fmt)
-        s3 += _sq(y[r, 3], fmt)
-        s4 += _sq(y[r, 4], fmt)
-        s5 += _sq(y[r, 5], fmt)
-        s6 += _sq(y[r, 6], fmt)
-        s7 += _sq(y[r, 7], fmt)
-    for i in range(rows * 8, x.size):
-        s0 += _sq(x[i], fmt)
-    return ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
+def _upcast(x16, fmt, out):
+    """``out[:n]`` = the float32 values of the ``n`` half bits ``x16`` (format ``fmt``)."""
+    for i in range(x16.size):
+        out[i] = to_f32(x16[i], fmt)
+    return out[: x16.size]
 
 
 @jit()
-def sum_squares(table, addr, itemsize, half):
-    """Sum of squares of all elements: float64 partials per chunk, added in chunk order.
-
-    2-byte leaves are upcast to float32 first (``half`` as in :func:`first_nonfinite`)."""
-    partial = np.zeros(table.shape[0], np.float64)
+def sum_squares(table, addr, itemsize, half, wide):
+    """Sum of squares of all elements: float64 sums per chunk, added in chunk order.
+    ``half`` and ``wide`` as :func:`first_nonfinite`'s: a None argument compiles no loop
+    for its element size. A 2-byte chunk is upcast into a float32 scratch first, which
+    gives the float32 loop the very values and order it would add."""
+    total = 0.0
+    scratch = np.empty(0 if half is None else CHUNK, np.float32)
     for c in range(table.shape[0]):
         j, lo, hi = table[c, 0], table[c, 1], table[c, 2]
-        if itemsize[j] == 2:
+        if half is not None and itemsize[j] == 2:
             x16 = numba.carray(as_pointer(addr[j] + lo * 2, np.uint16), hi - lo)
-            if half[j] == 1:
-                partial[c] = _sum_squares_half(x16, 1)
-            else:
-                partial[c] = _sum_squares_half(x16, 0)
-        elif itemsize[j] == 4:
-            partial[c] = _sum_squares(
-                numba.carray(as_pointer(addr[j] + lo * 4, np.float32), hi - lo)
-            )
+            total += _sum_squares(_upcast(x16, half[j], scratch))
+        elif wide is not None and itemsize[j] == 8:
+            total += _sum_squares(numba.carray(as_pointer(addr[j] + lo * 8, np.float64), hi - lo))
         else:
-            partial[c] = _sum_squares(
-                numba.carray(as_pointer(addr[j] + lo * 8, np.float64), hi - lo)
-            )
-    total = 0.0
-    for c in range(table.shape[0]):
-        total += partial[c]
+            total += _sum_squares(numba.carray(as_pointer(addr[j] + lo * 4, np.float32), hi - lo))
     return total
