@@ -236,12 +236,15 @@ def step(params, grads, state: AdamState) -> None:
             and cfg.max_grad_norm is None
             and hasattr(be, "checked_step_group")
         )
-        if not fused and not validate_gradients(g_leaves, paths, state, be):
+        # the global norm, over all leaves; it also tells the check below whether the
+        # gradients need reading again
+        sq_norm = None if cfg.max_grad_norm is None else be.grad_sq_norm(g_leaves)
+        if not fused and not validate_gradients(g_leaves, paths, state, be, sq_norm):
             state.skipped_steps += 1  # nonfinite="skip": NaN or Inf
             return
         grad_scale = 1.0
-        if cfg.max_grad_norm is not None:  # the global norm, over all leaves
-            grad_scale = clip_scale(be.grad_sq_norm(g_leaves), cfg.max_grad_norm)
+        if sq_norm is not None:
+            grad_scale = clip_scale(sq_norm, cfg.max_grad_norm)
         scalars = {
             label: host_scalars(c, state.step + 1, lrs[label], grad_scale)
             for label, c in configs.items()

@@ -705,13 +705,33 @@ def validate_step(params, grads, state: AdamState):
     return (*leaves, be)
 
 
-def validate_gradients(g_leaves, paths, state: AdamState, be) -> bool:
+_SQUARE_BOUNDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # state -> bound
+
+
+def _square_bound(state: AdamState) -> float:
+    """The smallest square of a gradient limit over the state's leaves
+    (:func:`~adamnp.backends.math.grad_limit` of each compute dtype: ``2**126`` with a
+    float32 or half-precision leaf, else ``2**960``)."""
+
+    def make(state):
+        exps = {GRAD_LIMIT_EXP[compute_dtype(d)] for d in state.dtypes}
+        return math.ldexp(1.0, 2 * min(exps, default=0))
+
+    return per_state(_SQUARE_BOUNDS, state, make)
+
+
+def validate_gradients(g_leaves, paths, state: AdamState, be, sq_norm=None) -> bool:
     """The last check of a step, which reads the gradients: whether the step goes on.
 
     Unless ``nonfinite="propagate"``, looks for NaN, Inf or magnitudes at or above
     :func:`~adamnp.backends.math.grad_limit` in the gradients: under
     ``"raise"`` raises ``ValueError`` naming the first such gradient, under ``"skip"``
     returns False (the caller counts the skipped step). True otherwise.
+
+    ``sq_norm``, the gradients' sum of squares where the step computed it (to clip), can
+    answer without reading them again: below the smallest square of a limit
+    (:func:`_square_bound`), no element is NaN, Inf or at a limit, since its square alone
+    would reach it. A NaN, infinite or larger sum is checked element by element.
 
     Examples
     --------
@@ -720,8 +740,12 @@ def validate_gradients(g_leaves, paths, state: AdamState, be) -> bool:
     >>> state = adamnp.init(p, adamnp.adam(nonfinite="skip"), backend="numpy")
     >>> validate_gradients([g], state.paths, state, backends.get("numpy"))
     False
+    >>> validate_gradients([g], state.paths, state, backends.get("numpy"), sq_norm=float("inf"))
+    False
     """
     if state.config.nonfinite == "propagate":
+        return True
+    if sq_norm is not None and sq_norm < _square_bound(state):
         return True
     return nonfinite_verdict(be.nonfinite_leaf(g_leaves), paths, state)
 

@@ -46,6 +46,33 @@ class Bandwidth:
     track_step_over_traffic.unit = "ratio"
 
 
+class Clipping:
+    """Step time with ``max_grad_norm`` over the step without it (both ``nonfinite="raise"``),
+    one leaf of ``n`` elements, float32 or 8-bit state.
+
+    Clipping adds a pass over g for the norm; the norm also answers the non-finite check
+    when it is below the smallest squared gradient limit (``adamnp._validate``), so the
+    step with clipping reads g as often as the step without (once to check, once to
+    update) and the ratio should stay near 1.
+    """
+
+    params = (BACKENDS, [16_000_000], [32, 8])
+    param_names = ["backend", "n", "state_bits"]
+    timeout = 600
+
+    def setup(self, backend, n, state_bits):
+        self.clip = warm_state(backend, 1, n, state_bits=state_bits, max_grad_norm=1.0)
+        self.plain = warm_state(backend, 1, n, state_bits=state_bits)
+
+    def track_clip_over_plain(self, backend, n, state_bits):
+        clip, plain = interleaved_medians(
+            lambda: adamnp.step(*self.clip), lambda: adamnp.step(*self.plain)
+        )
+        return clip / plain
+
+    track_clip_over_plain.unit = "ratio"
+
+
 class Torch:
     """torch.optim.AdamW(fused=True) on the CPU, same data and hyperparameters."""
 

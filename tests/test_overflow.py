@@ -182,3 +182,29 @@ def test_gradients_just_below_the_limit_keep_the_state_finite(backend, edge, lea
         assert hi["v"] <= 2 * limit**2 and hi["m"] <= 2 * limit, (t, hi)
         assert np.isfinite(params["w"]).all()
     assert state.step == 40 and state.skipped_steps == 0
+
+
+def test_clipping_norm_answers_the_check_below_the_bound(backend, monkeypatch):
+    # with max_grad_norm the step sums the squares first: a sum below the smallest squared
+    # limit (2**126 with a float32 leaf) proves every element finite and under its limit, so
+    # the gradients are not read again; a NaN, Inf or larger sum is checked element by
+    # element, which accepts large but valid gradients and names a bad one
+    be = backends.get(backend)
+    calls = []
+    real = be.nonfinite_leaf
+    monkeypatch.setattr(be, "nonfinite_leaf", lambda g: calls.append(1) or real(g))
+    config = adamnp.adamw(nonfinite="skip", max_grad_norm=1.0)
+    params, grads, state = warm(backend, config, "full-precision state",
+                                np.random.default_rng(4))  # fmt: skip
+    calls.clear()
+    adamnp.step(params, grads, state)
+    assert (calls, state.step, state.skipped_steps) == ([], 3, 0)
+    grads["a"][:8] = below(F32)  # 8 squares of just under 2**63: the sum passes 2**126
+    grads["b"][:] = below(F64)  # float64: its own limit
+    adamnp.step(params, grads, state)
+    assert (len(calls), state.step, state.skipped_steps) == (1, 4, 0)
+    for bad in (np.nan, np.inf, grad_limit(F32)):
+        grads["c"][7] = bad
+        before = snapshot(params, state)
+        adamnp.step(params, grads, state)
+        assert snapshot(params, state)[:3] == before[:3] and state.skipped_steps == before[3] + 1
