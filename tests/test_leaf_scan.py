@@ -162,20 +162,45 @@ def test_other_types_are_left_to_python():
     assert _verdict(p, g, arenas) is None
 
 
-def test_the_scan_s_own_sort_orders_any_keys():
+def test_the_scan_s_own_sort_orders_any_spans():
     import numba
 
-    from adamnp.backends.numba.leaves import _order
+    from adamnp.backends.numba.leaves import _sort_spans
 
-    order = numba.njit(lambda keys: _order(keys))
+    sort = numba.njit(lambda lo, hi: _sort_spans(lo, hi))
     rng = np.random.default_rng(0)
-    for n in (0, 1, 2, 3, 7, 64, 1000):
+    for n in (0, 1, 2, 3, 7, 64, 1000, 5000):
         for high in (3, 2**62):  # many ties, then distinct addresses
-            keys = rng.integers(0, high, n).astype(np.int64)
-            idx = order(keys)
-            assert sorted(idx.tolist()) == list(range(n))
-            assert (np.diff(keys[idx]) >= 0).all()
-        assert order(np.arange(n, dtype=np.int64)[::-1].copy()).tolist() == list(range(n))[::-1]
+            lo = rng.integers(0, high, n).astype(np.int64)
+            hi = lo + rng.integers(0, 100, n)
+            pairs = sorted(zip(lo.tolist(), hi.tolist()))
+            sort(lo, hi)
+            assert (np.diff(lo) >= 0).all()
+            assert sorted(zip(lo.tolist(), hi.tolist())) == pairs  # the spans moved whole
+        lo = np.arange(n, dtype=np.int64)[::-1].copy()
+        hi = lo * 2
+        sort(lo, hi)
+        assert lo.tolist() == list(range(n)) and (hi == 2 * lo).all()
+
+
+def test_many_leaves_in_any_address_order():
+    """Hundreds of leaves, in address order and shuffled, with one overlap put anywhere."""
+    rng = np.random.default_rng(3)
+    n = 300
+    shapes, dtypes = [(4,)] * n, [np.float32] * n
+    spec = leaves.LeafSpec(shapes, dtypes, dtypes)
+    empty = np.empty(0, np.int64)
+    buf = np.zeros(8 * n + 4, np.float32)
+    cut = [buf[4 * i : 4 * i + 4] for i in range(2 * n)]  # adjacent, disjoint
+    for trial in range(20):
+        order = rng.permutation(2 * n) if trial else np.arange(2 * n)
+        views = [cut[i] for i in order]
+        assert leaves.host_leaves_ok(views[:n], views[n:], spec, empty, empty) is True
+        k = rng.integers(0, 2 * n)
+        start = 4 * int(order[k]) + int(rng.integers(1, 4))  # overlaps leaf k, no other's start
+        views[int(rng.integers(0, 2 * n))] = buf[start : start + 4]
+        expected = _oracle(views[:n], views[n:], shapes, dtypes, [])
+        assert leaves.host_leaves_ok(views[:n], views[n:], spec, empty, empty) is expected
 
 
 def test_large_leaves_are_checked_in_python(monkeypatch):

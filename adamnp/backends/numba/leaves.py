@@ -74,35 +74,28 @@ FIELDS = _field_offsets()
 
 
 @jit(inline="always")
-def _sift(keys, idx, root, end):
-    """Move ``idx[root]`` down the max-heap ``idx[:end]`` (ordered by ``keys``)."""
-    while True:
-        child = 2 * root + 1
-        if child >= end:
-            return
-        if child + 1 < end and keys[idx[child]] < keys[idx[child + 1]]:
-            child += 1
-        if keys[idx[root]] >= keys[idx[child]]:
-            return
-        idx[root], idx[child] = idx[child], idx[root]
-        root = child
-
-
-@jit(inline="always")
-def _order(keys):
-    """Indices that sort ``keys`` ascending (heapsort: n log n whatever the order; the order
-    of equal keys is unspecified). Written out because compiling ``np.argsort`` (Numba's
-    quicksort) cost about 2 s of a cold first step."""
-    n = keys.size
-    idx = np.empty(n, np.int64)
-    for i in range(n):
-        idx[i] = i
-    for root in range(n // 2 - 1, -1, -1):
-        _sift(keys, idx, root, n)
-    for end in range(n - 1, 0, -1):
-        idx[0], idx[end] = idx[end], idx[0]
-        _sift(keys, idx, 0, end)
-    return idx
+def _sort_spans(lo, hi):
+    """Sort the spans ``[lo[i], hi[i])`` by ``lo`` in place: Shell sort with gaps growing by
+    about 2.25 (Tokuda's), short code that compiles in a fraction of a heapsort's or
+    ``np.argsort``'s time (compiling Numba's quicksort cost about 2 s of a cold first step)
+    and ran faster than the heapsort on 200 spans."""
+    n = lo.size
+    gaps = np.empty(64, np.int64)
+    count = 0
+    gap = 1
+    while gap < n:
+        gaps[count] = gap
+        count += 1
+        gap = (9 * gap + 4) // 4 + 1
+    for t in range(count - 1, -1, -1):
+        gap = gaps[t]
+        for i in range(gap, n):
+            a, b = lo[i], hi[i]
+            k = i
+            while k >= gap and lo[k - gap] > a:
+                lo[k], hi[k] = lo[k - gap], hi[k - gap]
+                k -= gap
+            lo[k], hi[k] = a, b
 
 
 @jit()
@@ -141,8 +134,9 @@ def _scan(ids, n_params, nd, dims, dim_start, descr, itemsize, alt_descr, alt_it
         hi[i] = lo[i] + size
     for a in range(arena_lo.size):
         lo[total + a], hi[total + a] = arena_lo[a], arena_hi[a]
+    _sort_spans(lo, hi)
     reach = np.int64(0)  # the end of the memory seen so far, in address order
-    for i in _order(lo):
+    for i in range(lo.size):
         if hi[i] > lo[i]:  # an empty leaf overlaps nothing
             if lo[i] < reach:
                 return False
