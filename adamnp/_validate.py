@@ -31,7 +31,7 @@ from . import backends
 from ._config import AdamConfig
 from ._state import AdamState, Layout
 from ._tree import first_difference, flatten
-from .backends.math import GRAD_LIMIT_EXP, compute_dtype
+from .backends.math import GRAD_LIMIT_EXP, compute_dtype, square_bound
 from .lowbit.half import half_format, typestr_dtype
 from .lowbit.maps import STATE_FORMATS
 from .lowbit.reference import is_block_size
@@ -709,15 +709,9 @@ _SQUARE_BOUNDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # state
 
 
 def _square_bound(state: AdamState) -> float:
-    """The smallest square of a gradient limit over the state's leaves
-    (:func:`~adamnp.backends.math.grad_limit` of each compute dtype: ``2**126`` with a
-    float32 or half-precision leaf, else ``2**960``)."""
-
-    def make(state):
-        exps = {GRAD_LIMIT_EXP[compute_dtype(d)] for d in state.dtypes}
-        return math.ldexp(1.0, 2 * min(exps, default=0))
-
-    return per_state(_SQUARE_BOUNDS, state, make)
+    """:func:`~adamnp.backends.math.square_bound` of the state's leaves (``2**126`` with a
+    float32 or half-precision leaf, else ``2**960``), once per state."""
+    return per_state(_SQUARE_BOUNDS, state, lambda state: square_bound(state.dtypes))
 
 
 def validate_gradients(g_leaves, paths, state: AdamState, be, sq_norm=None) -> bool:
@@ -729,9 +723,9 @@ def validate_gradients(g_leaves, paths, state: AdamState, be, sq_norm=None) -> b
     returns False (the caller counts the skipped step). True otherwise.
 
     ``sq_norm``, the gradients' sum of squares where the step computed it (to clip), can
-    answer without reading them again: below the smallest square of a limit
-    (:func:`_square_bound`), no element is NaN, Inf or at a limit, since its square alone
-    would reach it. A NaN, infinite or larger sum is checked element by element.
+    answer without reading them again: below the state's
+    :func:`~adamnp.backends.math.square_bound`, no element is NaN, Inf or at a limit. A
+    NaN, infinite or larger sum is checked element by element.
 
     Examples
     --------

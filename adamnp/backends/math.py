@@ -127,6 +127,21 @@ def grad_limit(dtype) -> float:
     return math.ldexp(1.0, GRAD_LIMIT_EXP[compute_dtype(dtype)])
 
 
+def square_bound(dtypes) -> float:
+    """The smallest :func:`grad_limit` squared over leaves of ``dtypes``: a sum of squares of
+    gradients below it proves every element finite and under its own limit (its square
+    alone would reach it), so a step that computed the sum to clip needs no check pass.
+    NaN, Inf and larger sums say nothing: those gradients are checked element by element.
+
+    Examples
+    --------
+    >>> square_bound([np.float64, np.float16]) == 2.0**126, square_bound([np.float64]) == 2.0**960
+    (True, True)
+    """
+    exps = {GRAD_LIMIT_EXP[compute_dtype(d)] for d in dtypes}
+    return math.ldexp(1.0, 2 * min(exps, default=0))
+
+
 def grad_limit_bits(dtype) -> int:
     """The bit pattern of :func:`grad_limit` as a (non-negative) integer of the dtype's width.
 

@@ -18,7 +18,7 @@ from .._config import AdamConfig
 from .._state import MIN_8BIT_SIZE, AdamState, Layout, amsgrad_of, build_groups
 from .._tree import first_difference, flatten, unflatten
 from .._validate import as_base_array, leaf_error, nonfinite_verdict, warn_layout
-from ..backends.math import clip_scale, host_scalars
+from ..backends.math import clip_scale, host_scalars, square_bound
 from ..lowbit.half import half_format, to_f32_array
 from .comm import agree, as_comm
 from .layout import DistLayout
@@ -410,10 +410,12 @@ def step(params, grads, state: DistState) -> None:
         t2 = time.perf_counter()
         timings["reduce_scatter"] = t2 - t1
         totals = np.zeros(2, np.float64)  # sum of squares, ranks with a non-finite gradient
-        if cfg.nonfinite != "propagate":
-            totals[1] = float(be.nonfinite_leaf(g_pieces) >= 0)
         if cfg.max_grad_norm is not None:
             totals[0] = be.grad_sq_norm(g_pieces)
+        # a local sum of squares below the bound proves this rank's gradients good
+        clipped_ok = cfg.max_grad_norm is not None and totals[0] < square_bound(lay.dtypes)
+        if cfg.nonfinite != "propagate" and not clipped_ok:
+            totals[1] = float(be.nonfinite_leaf(g_pieces) >= 0)
         t3 = time.perf_counter()
         timings["grad_check"] = t3 - t2
         if state.nranks > 1 and (cfg.nonfinite != "propagate" or cfg.max_grad_norm is not None):
