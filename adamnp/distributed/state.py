@@ -86,6 +86,8 @@ class DistState:
             self._p_pieces.append(self.flat_params[name][piece.flat : piece.flat + n])
             lo = piece.flat - self.rank * bucket_of[name].shard
             self._g_pieces.append(self._shard_grads[name][lo : lo + n])
+        # below it, a shard's sum of squares proves its gradients good (clipping's step)
+        self._square_bound = square_bound(layout.dtypes)
         self.timings: dict = {}
 
     @property
@@ -413,7 +415,7 @@ def step(params, grads, state: DistState) -> None:
         if cfg.max_grad_norm is not None:
             totals[0] = be.grad_sq_norm(g_pieces)
         # a local sum of squares below the bound proves this rank's gradients good
-        clipped_ok = cfg.max_grad_norm is not None and totals[0] < square_bound(lay.dtypes)
+        clipped_ok = cfg.max_grad_norm is not None and totals[0] < state._square_bound
         if cfg.nonfinite != "propagate" and not clipped_ok:
             totals[1] = float(be.nonfinite_leaf(g_pieces) >= 0)
         t3 = time.perf_counter()
