@@ -51,9 +51,9 @@ class Clipping:
     one leaf of ``n`` elements, float32 or 8-bit state.
 
     Clipping adds a pass over g for the norm; the norm also answers the non-finite check
-    when it is below the smallest squared gradient limit (``adamnp._validate``), so the
-    step with clipping reads g as often as the step without (once to check, once to
-    update) and the ratio should stay near 1.
+    when it is below the smallest squared gradient limit
+    (``adamnp.backends.math.square_bound``), so the step with clipping reads g as often as
+    the step without (once to check, once to update) and the ratio should stay near 1.
     """
 
     params = (BACKENDS, [16_000_000], [32, 8])
