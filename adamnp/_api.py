@@ -7,6 +7,7 @@ from collections.abc import Callable, Collection, Mapping
 from contextlib import nullcontext
 from typing import NamedTuple
 
+from . import _background
 from ._config import AdamConfig, check_configs
 from ._groups import resolve_labels
 from ._small import try_step as try_small_step
@@ -222,9 +223,15 @@ def step(params, grads, state: AdamState) -> None:
     """
     # the whole step under the state's lock (a non-state has none: validate_step refuses it)
     with state._lock if isinstance(state, AdamState) else nullcontext():
-        if isinstance(state, AdamState) and try_small_step(params, grads, state):
+        # a Numba state's first steps run on NumPy while its kernels compile (_background)
+        interim = _background.interim_backend(state)
+        if (
+            interim is None
+            and isinstance(state, AdamState)
+            and try_small_step(params, grads, state)
+        ):
             return
-        p_leaves, g_leaves, paths, be = validate_step(params, grads, state)
+        p_leaves, g_leaves, paths, be = validate_step(params, grads, state, interim)
         cfg = state.config  # nonfinite and max_grad_norm: every label's
         configs = {g.label: state.config_of(g) for g in state.groups}
         lrs = {label: c.lr_at(state.step) for label, c in configs.items()}  # schedules checked
@@ -259,3 +266,5 @@ def step(params, grads, state: AdamState) -> None:
             for group in state.groups:
                 be.step_group(group, p_leaves, g_leaves, scalars[group.label])
         state.step += 1
+        if interim is not None:
+            _background.start(step, p_leaves, g_leaves, state)

@@ -674,12 +674,13 @@ def _validate_fast(params, grads, state: AdamState, be, arenas: _Arenas):
 # -- step
 
 
-def validate_step(params, grads, state: AdamState):
+def validate_step(params, grads, state: AdamState, be=None):
     """Check ``params``, ``grads`` and ``state`` (everything but the gradients' values).
 
     Returns ``(p_leaves, g_leaves, paths, be)``: the leaves in flattening order (``ndarray``
     subclasses as base views of the same memory, :func:`as_base_array`), their paths and the
-    state's backend module. Raises the first problem found, naming its leaf; a tree mismatch
+    backend module to step with: ``be`` if given (:mod:`adamnp._background`'s interim
+    backend), else the state's. Raises the first problem found, naming its leaf; a tree mismatch
     names the first key or index where the trees differ, and a leaf that shares memory with
     another leaf or with the state's own buffers is refused.
 
@@ -697,7 +698,8 @@ def validate_step(params, grads, state: AdamState):
     """  # noqa: E501
     if not isinstance(state, AdamState):
         raise TypeError(f"state must be an AdamState from adamnp.init, got {type(state).__name__}")
-    be = backends.get(state.backend)
+    if be is None:
+        be = backends.get(state.backend)
     arenas = _state_arenas(state, be)
     leaves = _validate_fast(params, grads, state, be, arenas)
     if leaves is None:

@@ -7,6 +7,10 @@ two weights, two biases) whose 8-bit state also holds a float32 group for the bi
 sample starts two Python processes sharing a temporary ``NUMBA_CACHE_DIR``: the first
 compiles, the second loads. The time is the first step's alone (import and ``init`` are
 timed apart by ``tools/first_use.py``, which runs the same cases and more).
+
+By default the first step runs on NumPy while the kernels compile in the background
+(:mod:`adamnp._background`); ``track_cold_compiled`` is the time from the first step's start
+until the kernels are ready (what the first step took before, when it compiled them itself).
 """
 
 from __future__ import annotations
@@ -67,29 +71,36 @@ if len(shapes) == 1:
 state = adamnp.init(p, adamnp.adamw({adamw}), backend="numba", **{options})
 t1 = time.perf_counter()
 adamnp.step(p, g, state)
-print(f"{{t1 - t0:.3f}} {{time.perf_counter() - t1:.3f}}")
+t2 = time.perf_counter()
+from adamnp import _background
+_background.wait(state)
+print(f"{{t1 - t0:.3f}} {{t2 - t1:.3f}} {{time.perf_counter() - t1:.3f}}")
 """
 
 
-def first_step_times(case: str) -> tuple[tuple[float, float], tuple[float, float]]:
-    """``((import + init, first step) with an empty cache, (the same) with it warm)`` of
-    ``case`` (a key of :data:`CASES`), in seconds."""
+def first_step_times(case: str, background: bool = True) -> tuple[tuple, tuple]:
+    """``((import + init, first step, kernels ready) with an empty cache, (the same) with
+    it warm)`` of ``case`` (a key of :data:`CASES`), in seconds; "kernels ready" counts from
+    the first step's start. ``background=False`` sets ``ADAMNP_BACKGROUND_COMPILE=0``: the
+    first step compiles."""
     options, n, adamw, dtype, extra = CASES[case]
     shapes = ((n,),) if isinstance(n, int) else n
     code = _SCRIPT.format(shapes=shapes, options=options, adamw=adamw, dtype=dtype)
     with tempfile.TemporaryDirectory() as cache:
         env = {**os.environ, **extra, "NUMBA_CACHE_DIR": cache}
+        env["ADAMNP_BACKGROUND_COMPILE"] = "1" if background else "0"
         runs = []
         for _ in range(2):
             out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                                  text=True, check=True).stdout.split()  # fmt: skip
-            runs.append((float(out[0]), float(out[1])))
+            runs.append(tuple(map(float, out)))
     return runs[0], runs[1]
 
 
 class FirstUse:
     """The first step's seconds with an empty cache (``track_cold``) and a warm one
-    (``track_warm``)."""
+    (``track_warm``); with an empty cache, also the seconds until the kernels are ready
+    (``track_cold_compiled``)."""
 
     params = ["f32-1K", "f32-1M", "sqrt-1M", "bnb-1M", "bnb-sr-1M", "mlp-sqrt-clip"]
     param_names = ["case"]
@@ -101,6 +112,9 @@ class FirstUse:
 
     def track_cold(self, times, case):
         return times[case][0][1]
+
+    def track_cold_compiled(self, times, case):
+        return times[case][0][2]
 
     def track_warm(self, times, case):
         return times[case][1][1]

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
+# The suite tests the kernels from the first step on: no NumPy steps while they compile
+# (adamnp._background; tests/test_background_compile.py turns it back on).
+os.environ["ADAMNP_BACKGROUND_COMPILE"] = "0"
+
 import numpy as np
 import pytest
 

@@ -6,9 +6,13 @@
                                                # bnb gather kernel, MLP trees
     python tools/first_use.py --repeats 3      # each case three times, rounds over all cases
                                                # (a drifting machine hits every case alike)
+    python tools/first_use.py --foreground     # ADAMNP_BACKGROUND_COMPILE=0: the first step
+                                               # compiles (as before 2026-12-06)
 
 Each case runs twice in a new Python process sharing one temporary ``NUMBA_CACHE_DIR``: the
-first run compiles, the second loads. Prints import + init time and the first step's time.
+first run compiles, the second loads. Prints import + init time, the first step's time and,
+with an empty cache, the time from the first step's start until the kernels are ready (the
+first step runs on NumPy while they compile in the background: adamnp._background).
 The cases live in ``benchmarks/bench_first_use.py``, whose asv benchmark ``FirstUse`` times
 the same first steps.
 """
@@ -29,17 +33,20 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", nargs="+", choices=[*sorted(CASES), "all"], default=DEFAULT)
     parser.add_argument("--repeats", type=int, default=1, help="rounds over all cases")
+    parser.add_argument("--foreground", action="store_true",
+                        help="ADAMNP_BACKGROUND_COMPILE=0: the first step compiles")  # fmt: skip
     args = parser.parse_args(argv)
     names = list(CASES) if args.cases == ["all"] else args.cases
     runs = {name: [] for name in names}
     for _ in range(args.repeats):
         for name in names:
-            (setup, cold), (_, warm) = first_step_times(name)
-            runs[name].append((setup, cold, warm))
-    print("case            import+init   first step (empty cache)   first step (warm cache)")
+            (setup, cold, ready), (_, warm, _) = first_step_times(name, not args.foreground)
+            runs[name].append((setup, cold, ready, warm))
+    print("                              empty cache                    warm cache")
+    print("case            import+init   first step   kernels ready     first step")
     for name, samples in runs.items():
-        cols = [_span([s[i] for s in samples]) for i in range(3)]
-        print(f"{name:<15} {cols[0]:>11}   {cols[1]:>24}   {cols[2]:>23}")
+        cols = [_span([s[i] for s in samples]) for i in range(4)]
+        print(f"{name:<15} {cols[0]:>11}   {cols[1]:>10}   {cols[2]:>13}     {cols[3]:>10}")
     return 0
 
 

@@ -1,0 +1,221 @@
+"""A Numba state's first steps run on NumPy while its kernels compile in the background
+(adamnp._background): the same bits as compiled steps, the same errors, no compile on the
+calling thread, and a process that waits for the compile before it ends."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from conftest import snapshot
+
+import adamnp
+from adamnp import _background, backends
+from adamnp.lowbit.half import bfloat16_dtype
+
+pytestmark = pytest.mark.skipif(not backends.available("numba"), reason="needs Numba")
+
+
+@pytest.fixture
+def background(monkeypatch):
+    monkeypatch.setenv(_background.ENV, "1")
+
+
+def _problem(case, seed=0):
+    """``(params, init options, config)`` of one case."""
+    rng = np.random.default_rng(seed)
+    f32 = np.float32
+    mlp = {"w": rng.standard_normal((64, 100)).astype(f32), "b": np.zeros(100, f32)}
+    cases = {
+        "f32-tree-clip": (mlp, {}, adamnp.adamw(lr=1e-2, max_grad_norm=0.5)),
+        "f64-leaf": (rng.standard_normal(300), {}, adamnp.adam(lr=1e-2, weight_decay=0.1)),
+        "small-leaf": (rng.standard_normal(1000).astype(f32), {}, adamnp.adamw(lr=1e-2)),
+        "sqrt-amsgrad-clip": (
+            mlp,
+            {"state_bits": 8, "min_8bit_size": 1024},
+            adamnp.adamw(lr=1e-2, amsgrad=True, max_grad_norm=1.0),
+        ),
+        "bnb-stochastic": (
+            mlp,
+            {
+                "state_bits": 8,
+                "min_8bit_size": 1024,
+                "state_format": "bnb",
+                "v_rounding": "stochastic",
+            },
+            adamnp.adamw(lr=1e-2),
+        ),
+        "bf16-stochastic": (
+            {k: v.astype(bfloat16_dtype()) for k, v in mlp.items()},
+            {"state_bits": 8, "min_8bit_size": 1024},
+            adamnp.adamw(lr=1e-2, param_rounding="stochastic", max_grad_norm=1.0),
+        ),
+        "labels-skip": (
+            mlp,
+            {"labels": lambda path, a: "decay" if a.ndim == 2 else "none"},
+            {
+                "decay": adamnp.adamw(lr=1e-2, weight_decay=0.1, nonfinite="skip"),
+                "none": adamnp.adamw(lr=1e-2, weight_decay=0.0, nonfinite="skip"),
+            },
+        ),
+    }
+    params, options, config = cases[case]
+    return params, options, config
+
+
+def _grads(params, rng, nan=False):
+    def one(a):
+        g = rng.standard_normal(np.shape(a)).astype(np.float32)
+        if nan:
+            g.reshape(-1)[0] = np.nan
+        return g if isinstance(a, np.ndarray) and a.dtype == np.float32 else g.astype(a.dtype)
+
+    if isinstance(params, dict):
+        return {k: one(v) for k, v in params.items()}
+    return one(params).astype(params.dtype)
+
+
+def _run(case, enabled, monkeypatch, wait_after=1, steps=6):
+    """Step a fresh copy of ``case`` ``steps`` times; with ``enabled``, wait for the kernels
+    after step ``wait_after`` (so the steps before run on NumPy, the ones after compiled)."""
+    monkeypatch.setenv(_background.ENV, "1" if enabled else "0")
+    params, options, config = _problem(case)
+    params = {k: v.copy() for k, v in params.items()} if isinstance(params, dict) else params
+    state = adamnp.init(params, config, backend="numba", **options)
+    rng = np.random.default_rng(1)
+    interim_steps = 0
+    for t in range(steps):
+        nan = case == "labels-skip" and t == 0  # a skipped first step starts nothing
+        before = _background.interim_backend(state)
+        adamnp.step(params, _grads(params, rng, nan), state)
+        interim_steps += before is not None
+        if t + 1 == wait_after:
+            assert _background.wait(state, timeout=600)
+    return snapshot(params, state), interim_steps
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["f32-tree-clip", "f64-leaf", "small-leaf", "sqrt-amsgrad-clip", "bnb-stochastic",
+     "bf16-stochastic", "labels-skip"],
+)  # fmt: skip
+def test_steps_on_numpy_meanwhile_equal_compiled_steps(case, monkeypatch):
+    expected, interim = _run(case, False, monkeypatch)
+    assert interim == 0
+    wait_after = 2 if case == "labels-skip" else 1
+    got, interim = _run(case, True, monkeypatch, wait_after=wait_after)
+    assert interim == wait_after  # the steps until the kernels were ready ran on NumPy
+    assert got == expected
+
+
+def test_unwaited_steps_equal_compiled_steps(monkeypatch):
+    expected, _ = _run("sqrt-amsgrad-clip", False, monkeypatch, steps=12)
+    got, interim = _run("sqrt-amsgrad-clip", True, monkeypatch, wait_after=None, steps=12)
+    assert interim >= 1
+    assert got == expected
+
+
+def test_interim_norm_is_the_numba_norm_bit_for_bit():
+    from adamnp.backends import numba as nb
+    from adamnp.backends.numba import interim
+
+    rng = np.random.default_rng(3)
+    dtypes = [np.float32, np.float64, np.float16, bfloat16_dtype()]
+    for _ in range(20):
+        grads = [
+            (rng.standard_normal(int(rng.integers(0, 70_000))) * 10.0 ** rng.uniform(-3, 3)).astype(
+                dtypes[int(rng.integers(0, 4))]
+            )
+            for _ in range(int(rng.integers(1, 5)))
+        ]
+        assert interim.grad_sq_norm(grads) == nb.grad_sq_norm(grads)
+
+
+@pytest.mark.parametrize("bad", ["nan", "shape", "alias"])
+def test_errors_are_the_compiled_steps_and_change_nothing(bad, monkeypatch):
+    messages = []
+    for enabled in (False, True):
+        monkeypatch.setenv(_background.ENV, "1" if enabled else "0")
+        params, options, config = _problem("sqrt-amsgrad-clip")
+        params = {k: v.copy() for k, v in params.items()}
+        state = adamnp.init(params, config, backend="numba", **options)
+        grads = _grads(params, np.random.default_rng(0))
+        if bad == "nan":
+            grads["b"][3] = np.inf  # an infinite norm: checked, and refused
+        elif bad == "shape":
+            grads["w"] = grads["w"][:10]
+        else:
+            grads["w"] = params["w"]
+        before = snapshot(params, state)
+        assert (_background.interim_backend(state) is not None) == enabled
+        with pytest.raises(ValueError) as err:
+            adamnp.step(params, grads, state)
+        assert snapshot(params, state) == before
+        messages.append(str(err.value))
+    assert messages[0] == messages[1]
+
+
+def test_off_large_and_non_numba_states_step_on_their_own_backend(monkeypatch, background):
+    p = np.zeros(100, np.float32)
+    assert _background.interim_backend(adamnp.init(p, adamnp.adam(), backend="numpy")) is None
+    monkeypatch.setattr(_background, "INTERIM_MAX", 99)
+    assert _background.interim_backend(adamnp.init(p, adamnp.adam(), backend="numba")) is None
+    monkeypatch.setattr(_background, "INTERIM_MAX", 100)
+    assert _background.interim_backend(adamnp.init(p, adamnp.adam(), backend="numba"))
+    monkeypatch.setenv(_background.ENV, "0")
+    assert _background.interim_backend(adamnp.init(p, adamnp.adam(), backend="numba")) is None
+
+
+_FRESH = """
+import os, sys, threading
+import numpy as np
+from numba.core import event
+import adamnp
+from adamnp import _background
+
+main = threading.get_ident()
+compiles = []  # (thread, whether the state was still stepping on NumPy)
+
+class Listener(event.Listener):
+    def on_start(self, ev):
+        compiles.append((threading.get_ident(), switched))
+    def on_end(self, ev):
+        pass
+
+switched = False
+event.register("numba:compile", Listener())
+p = {"w": np.ones((100, 50), np.float32), "b": np.ones(50, np.float32)}
+state = adamnp.init(p, adamnp.adamw(lr=0.1, max_grad_norm=1.0), backend="numba")
+g = {"w": np.full((100, 50), 0.5, np.float32), "b": np.full(50, 0.5, np.float32)}
+adamnp.step(p, g, state)
+assert _background.interim_backend(state) is not None or _background.wait(state)
+if sys.argv[1] == "wait":
+    while _background.interim_backend(state) is not None:
+        adamnp.step(p, g, state)
+    switched = True
+    for _ in range(3):
+        adamnp.step(p, g, state)
+    on_main = [c for c in compiles if c[0] == main]
+    print(len(compiles), len(on_main))
+# else: the process ends while its kernels may still compile
+"""
+
+
+@pytest.mark.parametrize("how", ["wait", "exit"])
+def test_a_fresh_process_compiles_on_the_side_and_waits_for_it_at_exit(how, tmp_path):
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"))
+    env[_background.ENV] = "1"
+    script = tmp_path / "fresh.py"
+    script.write_text(textwrap.dedent(_FRESH))
+    run = subprocess.run([sys.executable, str(script), how], env=env, capture_output=True,
+                         text=True, timeout=600)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    cached = list((tmp_path / "cache").rglob("*.nbc"))
+    assert cached  # the compile finished (and was cached) before the process ended
+    if how == "wait":
+        total, on_main = map(int, run.stdout.split())
+        assert total > 0 and on_main == 0
