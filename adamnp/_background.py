@@ -1,9 +1,9 @@
 """Compiling a Numba state's kernels in the background while its first steps run on NumPy.
 
 Numba compiles a kernel the first time it is called with new argument types, and caches it on
-disk: a new process's first step of a Numba state compiles for 1-3 s with float32 moments and
-3-8 s with 8-bit state (docs/backends.md), then loads from the cache in a fraction of a
-second. So the first step of a Numba state of at most :data:`INTERIM_MAX` elements runs on
+disk: a new process's first step of a Numba state compiles for seconds, more with 8-bit state
+(docs/backends.md, "First use"), and a later process loads from the cache in a fraction of
+that. So the first step of a Numba state of at most :data:`INTERIM_MAX` elements runs on
 :mod:`adamnp.backends.numba.interim` (the NumPy reference, with the Numba backend's order of
 the clipping norm: the same bits as the kernels) and then starts a thread that steps a
 *twin* of the state (the same layout, config and step count; zeroed buffers, params and
@@ -34,9 +34,8 @@ from . import backends
 from ._state import AdamState
 from ._tree import unflatten
 
-#: The largest state (elements) whose first steps run on NumPy while the kernels compile: a
-#: NumPy step of this size takes about 0.2 s with 8-bit state, 0.02 s with float32 moments,
-#: on one core of the 2-core dev machine (docs/backends.md), against 1-8 s of compiling.
+#: The largest state (elements) whose first steps run on NumPy while the kernels compile: up
+#: to here a NumPy step costs a small part of the compile (docs/backends.md, "First use").
 INTERIM_MAX = 1 << 22
 
 ENV = "ADAMNP_BACKGROUND_COMPILE"
@@ -94,16 +93,23 @@ def start(step, p_leaves, g_leaves, state: AdamState) -> None:
     entry = _entry(state)
     if entry is None or entry[2] is not _NOT_STARTED:
         return
-    twin = _twin(state)
-    params = unflatten(state.treedef, [np.zeros(a.shape, a.dtype) for a in p_leaves])
-    grads = unflatten(state.treedef, [_zeros_like(g) for g in g_leaves])
-    thread = threading.Thread(
-        target=_compile, args=(step, params, grads, twin), name="adamnp-compile", daemon=False
-    )
-    with _running_lock:
-        _running.add(thread)
+    thread = None
+    try:
+        twin = _twin(state)
+        params = unflatten(state.treedef, [np.zeros(a.shape, a.dtype) for a in p_leaves])
+        grads = unflatten(state.treedef, [_zeros_like(g) for g in g_leaves])
+        thread = threading.Thread(
+            target=_compile, args=(step, params, grads, twin), name="adamnp-compile", daemon=False
+        )
+        with _running_lock:
+            _running.add(thread)
+        thread.start()
+    except Exception:  # no memory or no thread: the next step compiles in the foreground
+        with _running_lock:
+            _running.discard(thread)
+        _record(state, None)
+        return
     _record(state, thread)
-    thread.start()
 
 
 def wait(state: AdamState, timeout: float | None = None) -> bool:

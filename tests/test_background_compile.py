@@ -170,6 +170,19 @@ def test_off_large_and_non_numba_states_step_on_their_own_backend(monkeypatch, b
     assert _background.interim_backend(adamnp.init(p, adamnp.adam(), backend="numba")) is None
 
 
+def test_a_thread_that_cannot_start_leaves_the_step_done(monkeypatch, background):
+    def refuse(self):
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(_background.threading.Thread, "start", refuse)
+    p, g = np.ones(10, np.float32), np.full(10, 0.5, np.float32)
+    state = adamnp.init(p, adamnp.adam(lr=0.1), backend="numba")
+    adamnp.step(p, g, state)
+    assert state.step == 1 and p[0] == np.float32(0.9)
+    assert _background.interim_backend(state) is None  # the next steps: the kernels
+    assert not _background._running
+
+
 _FRESH = """
 import os, sys, threading
 import numpy as np
