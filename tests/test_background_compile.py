@@ -119,6 +119,47 @@ def test_unwaited_steps_equal_compiled_steps(monkeypatch):
     assert got == expected
 
 
+def test_a_checkpoint_taken_while_compiling_resumes_to_the_same_bits(monkeypatch, tmp_path):
+    expected, _ = _run("sqrt-amsgrad-clip", False, monkeypatch, steps=6)
+    monkeypatch.setenv(_background.ENV, "1")
+    params, options, config = _problem("sqrt-amsgrad-clip")
+    params = {k: v.copy() for k, v in params.items()}
+    state = adamnp.init(params, config, backend="numba", **options)
+    rng = np.random.default_rng(1)
+    for _ in range(3):
+        adamnp.step(params, _grads(params, rng), state)
+    assert _background.interim_backend(state) is not None or _background.wait(state)
+    adamnp.save_state(tmp_path / "s.zip", state)  # saved from NumPy steps, maybe mid-compile
+    state = adamnp.load_state(tmp_path / "s.zip")  # a new state: NumPy steps again at first
+    for _ in range(3):
+        adamnp.step(params, _grads(params, rng), state)
+    assert _background.wait(state, timeout=600)
+    assert snapshot(params, state) == expected
+
+
+def test_states_stepped_from_two_threads_at_once(monkeypatch):
+    import threading
+
+    cases = ("f32-tree-clip", "bnb-stochastic")
+    expected = {case: _run(case, False, monkeypatch, steps=8)[0] for case in cases}
+    monkeypatch.setenv(_background.ENV, "1")
+    got, errors = {}, []
+
+    def run(case):
+        try:
+            got[case] = _run(case, True, monkeypatch, wait_after=None, steps=8)[0]
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(case,)) for case in cases]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert got == expected
+
+
 def test_interim_norm_is_the_numba_norm_bit_for_bit():
     from adamnp.backends import numba as nb
     from adamnp.backends.numba import interim
