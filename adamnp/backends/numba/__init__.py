@@ -11,7 +11,8 @@ float32 for float32 leaves and float64 for float64 leaves, in the operation orde
 reference bit for bit and do not depend on the number of threads.
 
 Kernels are compiled on first use (one variant per dtype; flags are runtime values) and cached
-on disk (``NUMBA_CACHE_DIR`` or ``__pycache__``). Numba keys a cached kernel on its own source
+on disk (``NUMBA_CACHE_DIR`` or ``__pycache__``); meanwhile :func:`adamnp.step` runs a
+state's first steps on NumPy (:mod:`adamnp._background`, :mod:`.interim`). Numba keys a cached kernel on its own source
 file only: after editing ``backends/math.py``, ``util.py``, ``quant.py`` or anything in
 ``adamnp/lowbit``, delete the ``*.nbi``/``*.nbc`` files. A step allocates nothing
 proportional to the leaves' size. Arenas are cache-line aligned; the other host-memory helpers
