@@ -42,11 +42,13 @@ def main(argv=None) -> int:
         for name in names:
             (setup, cold, ready), (_, warm, _) = first_step_times(name, not args.foreground)
             runs[name].append((setup, cold, ready, warm))
-    print("                              empty cache                    warm cache")
-    print("case            import+init   first step   kernels ready     first step")
+    print(f"{'':<32}{'empty cache':^32}{'warm cache':>17}")
+    print(
+        f"{'case':<17}{'import+init':>15}{'first step':>15}{'kernels ready':>17}{'first step':>17}"
+    )
     for name, samples in runs.items():
         cols = [_span([s[i] for s in samples]) for i in range(4)]
-        print(f"{name:<15} {cols[0]:>11}   {cols[1]:>10}   {cols[2]:>13}     {cols[3]:>10}")
+        print(f"{name:<17}{cols[0]:>15}{cols[1]:>15}{cols[2]:>17}{cols[3]:>17}")
     return 0
 
 
