@@ -25,6 +25,10 @@ import time
 
 import numpy as np
 
+# times compiled steps from the first on: no NumPy steps while the kernels compile
+# (adamnp._background)
+os.environ.setdefault("ADAMNP_BACKGROUND_COMPILE", "0")
+
 _STEPPER = """
 import numpy as np, adamnp, time
 p = np.ones(1_000_000, np.float32); g = np.full_like(p, 1e-3)
