@@ -12,12 +12,12 @@ reference bit for bit and do not depend on the number of threads.
 
 Kernels are compiled on first use (one variant per dtype; flags are runtime values) and cached
 on disk (``NUMBA_CACHE_DIR`` or ``__pycache__``); meanwhile :func:`adamnp.step` runs a
-state's first steps on NumPy (:mod:`adamnp._background`, :mod:`.interim`). Numba keys a cached kernel on its own source
-file only: after editing ``backends/math.py``, ``util.py``, ``quant.py`` or anything in
-``adamnp/lowbit``, delete the ``*.nbi``/``*.nbc`` files. A step allocates nothing
-proportional to the leaves' size. Arenas are cache-line aligned; the other host-memory helpers
-(``owns``, ``to_host``, ...) are the NumPy backend's. Small calls run on fewer threads
-(:data:`PARALLEL_MIN`); results never depend on it.
+state's first steps on NumPy (:mod:`adamnp._background`, :mod:`.interim`). Numba keys a
+cached kernel on its own source file only: after editing ``backends/math.py``, ``util.py``,
+``quant.py`` or anything in ``adamnp/lowbit``, delete the ``*.nbi``/``*.nbc`` files. A step
+allocates nothing proportional to the leaves' size. Arenas are cache-line aligned; the other
+host-memory helpers (``owns``, ``to_host``, ...) are the NumPy backend's. Small calls run on
+fewer threads (:data:`PARALLEL_MIN`); results never depend on it.
 """
 
 from __future__ import annotations
