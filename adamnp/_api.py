@@ -212,10 +212,11 @@ def step(params, grads, state: AdamState) -> None:
     A step holds the state's lock from start to end: steps on one state from several threads
     run one at a time, in some order (each sees the previous one's ``state.step``).
 
-    A ``"numba"`` state of at most 4M elements takes its first steps in a process on the
-    NumPy reference (the same bits) while a background thread compiles its kernels (or
-    loads them from Numba's disk cache), then runs them; ``ADAMNP_BACKGROUND_COMPILE=0``
-    makes the first step compile instead (:mod:`adamnp._background`).
+    A ``"numba"`` state takes its first step in a process on the NumPy reference (the same
+    bits) and then compiles its kernels (or loads them from Numba's disk cache) in a
+    background thread; up to 4M elements its steps stay on NumPy until they are ready, up
+    to 32M the second step waits for them. ``ADAMNP_BACKGROUND_COMPILE=0`` makes the first
+    step compile instead (:mod:`adamnp._background`).
 
     Examples
     --------

@@ -645,6 +645,16 @@ def _leaf_spec(state: AdamState, be):
     return per_state(_SPECS, state, make)
 
 
+def adopt_leaf_checks(twin: AdamState, state: AdamState) -> None:
+    """Make ``twin`` (a smaller state of the same leaves: :mod:`adamnp._background`) check
+    its leaves as ``state`` does, by the compiled scan or in Python
+    (:data:`SCAN_MAX_MEAN_LEAF` decides by size; a smaller twin would scan where ``state``
+    does not)."""
+    sizes = [math.prod(shape) for shape in state.shapes]
+    if sum(sizes) >= SCAN_MAX_MEAN_LEAF * max(len(sizes), 1):
+        _SPECS[twin] = (twin.groups, None)
+
+
 def _validate_fast(params, grads, state: AdamState, be, arenas: _Arenas):
     """``(p_leaves, g_leaves, paths)`` if all is valid and cheap to check, else None.
 

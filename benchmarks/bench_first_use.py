@@ -55,6 +55,9 @@ CASES = {
     "mlp-bnb-clip": (BNB, MLP, "max_grad_norm=1.0", "float32", {}),
     "mlp-sqrt-bf16": (SQRT, MLP, "", "bfloat16", {}),
     "mlp-f32-clip": ("{}", MLP, "max_grad_norm=1.0", "float32", {}),
+    # over adamnp._background.INTERIM_MAX: one NumPy step, the second waits for the compile
+    "sqrt-16M": (SQRT, 16_000_000, "", "float32", {}),
+    "f32-16M": ("{}", 16_000_000, "", "float32", {}),
 }
 
 _SCRIPT = """

@@ -112,6 +112,39 @@ def test_steps_on_numpy_meanwhile_equal_compiled_steps(case, monkeypatch):
     assert got == expected
 
 
+@pytest.mark.parametrize("case", ["f32-tree-clip", "sqrt-amsgrad-clip", "small-leaf"])
+def test_a_larger_state_steps_once_on_numpy_then_waits(case, monkeypatch):
+    expected, _ = _run(case, False, monkeypatch)
+    monkeypatch.setattr(_background, "INTERIM_MAX", 10)  # every case is larger
+    got, interim = _run(case, True, monkeypatch, wait_after=None)
+    assert interim == 1  # the second step waited for the kernels
+    assert got == expected
+
+
+def test_twins_are_small_and_take_the_states_paths():
+    from adamnp import _small, _validate
+
+    f32 = np.float32
+    cases = [
+        (np.zeros(100_000, f32), {}),  # one leaf over the small path's limit
+        (np.zeros(1000, f32), {}),  # one small leaf
+        ({"a": np.zeros((700, 1000), f32), "b": np.zeros(600_000, f32)}, {"state_bits": 8}),
+        ({"a": np.zeros(5000, f32), "b": np.zeros(3, f32), "c": np.zeros(0, f32)}, {}),
+    ]
+    for params, options in cases:
+        state = adamnp.init(params, adamnp.adamw(), backend="numba", **options)
+        sizes = _background._twin_sizes(state)
+        twin = _background._twin(state, sizes)
+        assert sum(sizes) <= _small.SMALL_MAX + 1
+        assert [g.kind for g in twin.groups] == [g.kind for g in state.groups]
+        assert (_small._plan(twin) is None) == (_small._plan(state) is None)
+        be = backends.get("numba")
+        assert (_validate._leaf_spec(twin, be) is None) == (_validate._leaf_spec(state, be) is None)
+        for g in twin.groups:
+            assert all(b.size in (g.offsets[-1], g.block_offsets[-1] if g.kind == "q8" else -1)
+                       for b in g.buffers.values())  # fmt: skip
+
+
 def test_unwaited_steps_equal_compiled_steps(monkeypatch):
     expected, _ = _run("sqrt-amsgrad-clip", False, monkeypatch, steps=12)
     got, interim = _run("sqrt-amsgrad-clip", True, monkeypatch, wait_after=None, steps=12)
@@ -204,8 +237,9 @@ def test_off_large_and_non_numba_states_step_on_their_own_backend(monkeypatch, b
     p = np.zeros(100, np.float32)
     assert _background.interim_backend(adamnp.init(p, adamnp.adam(), backend="numpy")) is None
     monkeypatch.setattr(_background, "INTERIM_MAX", 99)
+    monkeypatch.setattr(_background, "WAIT_MAX", 99)
     assert _background.interim_backend(adamnp.init(p, adamnp.adam(), backend="numba")) is None
-    monkeypatch.setattr(_background, "INTERIM_MAX", 100)
+    monkeypatch.setattr(_background, "WAIT_MAX", 100)
     assert _background.interim_backend(adamnp.init(p, adamnp.adam(), backend="numba"))
     monkeypatch.setenv(_background.ENV, "0")
     assert _background.interim_backend(adamnp.init(p, adamnp.adam(), backend="numba")) is None
@@ -232,43 +266,59 @@ import numpy as np
 from numba.core import event
 import adamnp
 from adamnp import _background
+from adamnp.lowbit.half import bfloat16_dtype
 
 main = threading.get_ident()
-compiles = []  # (thread, whether the state was still stepping on NumPy)
+compiles = []  # the threads that compiled
 
 class Listener(event.Listener):
     def on_start(self, ev):
-        compiles.append((threading.get_ident(), switched))
+        compiles.append(threading.get_ident())
     def on_end(self, ev):
         pass
 
-switched = False
 event.register("numba:compile", Listener())
-p = {"w": np.ones((100, 50), np.float32), "b": np.ones(50, np.float32)}
-state = adamnp.init(p, adamnp.adamw(lr=0.1, max_grad_norm=1.0), backend="numba")
-g = {"w": np.full((100, 50), 0.5, np.float32), "b": np.full(50, 0.5, np.float32)}
+how, case = sys.argv[1], sys.argv[2]
+f32 = np.float32
+shapes, options, config = {
+    "f32-tree-clip": ({"w": (100, 50), "b": (50,)}, {}, adamnp.adamw(max_grad_norm=1.0)),
+    "f32-leaf": ({"w": (100_000,)}, {}, adamnp.adamw()),  # over the small path's limit
+    "small-leaf": ({"w": (1000,)}, {}, adamnp.adamw()),
+    # large leaves (checked in Python, not by the compiled scan), 8-bit and float32 groups
+    "sqrt-large": ({"w": (700, 1000), "v": (600_000,), "b": (1000,)}, {"state_bits": 8},
+                   adamnp.adamw(amsgrad=True)),
+    "bf16-tree": ({"w": (100, 50), "b": (50,)}, {"state_bits": 8, "min_8bit_size": 1024},
+                  adamnp.adamw(param_rounding="stochastic")),
+}[case]
+dtype = bfloat16_dtype() if case == "bf16-tree" else f32
+p = {k: np.ones(s, dtype) for k, s in shapes.items()}
+g = {k: np.full(s, 0.5, dtype) for k, s in shapes.items()}
+state = adamnp.init(p, config, backend="numba", **options)
 adamnp.step(p, g, state)
 assert _background.interim_backend(state) is not None or _background.wait(state)
-if sys.argv[1] == "wait":
+if how == "wait":
     while _background.interim_backend(state) is not None:
         adamnp.step(p, g, state)
-    switched = True
     for _ in range(3):
         adamnp.step(p, g, state)
-    on_main = [c for c in compiles if c[0] == main]
-    print(len(compiles), len(on_main))
+    print(len(compiles), compiles.count(main))
 # else: the process ends while its kernels may still compile
 """
 
 
-@pytest.mark.parametrize("how", ["wait", "exit"])
-def test_a_fresh_process_compiles_on_the_side_and_waits_for_it_at_exit(how, tmp_path):
+@pytest.mark.parametrize(
+    "how, case",
+    [("wait", "f32-tree-clip"), ("wait", "f32-leaf"), ("wait", "small-leaf"),
+     ("wait", "sqrt-large"), ("wait", "bf16-tree"), ("exit", "f32-tree-clip")],
+)  # fmt: skip
+def test_a_fresh_process_compiles_on_the_side_and_waits_for_it_at_exit(how, case, tmp_path):
+    """The twin compiles every kernel the state's steps run: none on the calling thread."""
     env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"))
     env[_background.ENV] = "1"
     script = tmp_path / "fresh.py"
     script.write_text(textwrap.dedent(_FRESH))
-    run = subprocess.run([sys.executable, str(script), how], env=env, capture_output=True,
-                         text=True, timeout=600)  # fmt: skip
+    run = subprocess.run([sys.executable, str(script), how, case], env=env,
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
     assert run.returncode == 0, run.stderr
     cached = list((tmp_path / "cache").rglob("*.nbc"))
     assert cached  # the compile finished (and was cached) before the process ended

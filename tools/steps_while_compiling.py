@@ -37,7 +37,7 @@ for i in range(steps):
     t = time.perf_counter()
     adamnp.step(params, g, state)
     times.append(time.perf_counter() - t)
-    if ready is None and _background.interim_backend(state) is None:
+    if ready is None and not _background.compiling(state):
         ready = time.perf_counter() - t0
 end = time.perf_counter() - t0
 _background.wait(state)
