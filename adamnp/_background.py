@@ -12,7 +12,9 @@ zeroed params, gradients and buffers of the same types, but at most a few elemen
 the compiled leaf scan or not). That compiles, or loads, exactly the kernels the state's
 steps run. A state of at most :data:`INTERIM_MAX` elements goes on in NumPy until the thread
 has finished; a larger one, whose NumPy steps cost more, waits for it at its second step
-(the compile overlaps whatever the caller does in between). Then the compiled kernels run.
+(the compile overlaps whatever the caller does in between), unless its kernels are in
+Numba's disk cache already: then its first step loads them, which is quicker than a NumPy
+step. Then the compiled kernels run.
 The results do not depend on when that happens.
 
 The thread is not a daemon: a process that ends while it compiles waits for it (as it would
@@ -83,7 +85,7 @@ def interim_backend(state):
     if entry is None or entry[1] is not state.groups or entry[0]() is not state:
         # a new state, or a new layout
         elements = _elements(state)
-        if not enabled() or elements > WAIT_MAX:
+        if not enabled() or elements > WAIT_MAX or (elements > INTERIM_MAX and _on_disk(state)):
             _record(state, None)
             return None
         entry = _record(state, _NOT_STARTED, elements > INTERIM_MAX)
@@ -173,6 +175,15 @@ def _record(state: AdamState, thread, wait: bool = False) -> tuple:
     ref = weakref.ref(state, lambda _, key=key: _COMPILES.pop(key, None))
     entry = _COMPILES[key] = (ref, state.groups, thread, wait)
     return entry
+
+
+def _on_disk(state: AdamState) -> bool:
+    """Whether the state's first step would rather load its kernels from Numba's disk cache
+    (a fraction of a second) than compile them: then a NumPy first step of a large state
+    costs more than it saves."""
+    be = backends.get(state.backend)
+    on_disk = getattr(be, "kernels_on_disk", None)
+    return on_disk is not None and on_disk(state.groups)
 
 
 def _elements(state: AdamState) -> int:

@@ -103,7 +103,7 @@ def test_contract_lists_what_the_core_calls():
     """Every backend function the layers above call through a backend module is in the
     contract (the core names the module ``be`` or ``xp``)."""
     used = set()
-    for name in ("_api", "_validate", "_checkpoint", "_state"):
+    for name in ("_api", "_validate", "_checkpoint", "_state", "_background"):
         tree = ast.parse((PACKAGE / f"{name}.py").read_text())
         for node in ast.walk(tree):
             if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):

@@ -116,9 +116,43 @@ def test_steps_on_numpy_meanwhile_equal_compiled_steps(case, monkeypatch):
 def test_a_larger_state_steps_once_on_numpy_then_waits(case, monkeypatch):
     expected, _ = _run(case, False, monkeypatch)
     monkeypatch.setattr(_background, "INTERIM_MAX", 10)  # every case is larger
+    monkeypatch.setattr(backends.get("numba"), "kernels_on_disk", lambda groups: False)
     got, interim = _run(case, True, monkeypatch, wait_after=None)
     assert interim == 1  # the second step waited for the kernels
     assert got == expected
+
+
+def test_a_larger_state_whose_kernels_are_on_disk_loads_them_in_its_first_step(monkeypatch):
+    monkeypatch.setattr(_background, "INTERIM_MAX", 10)
+    monkeypatch.setattr(backends.get("numba"), "kernels_on_disk", lambda groups: True)
+    _, interim = _run("f32-tree-clip", True, monkeypatch, wait_after=None)
+    assert interim == 0
+    monkeypatch.setattr(_background, "INTERIM_MAX", 1 << 22)  # small states: NumPy anyway
+    _, interim = _run("f32-tree-clip", True, monkeypatch, wait_after=1)
+    assert interim == 1
+
+
+_ON_DISK = """
+import numpy as np, adamnp
+from adamnp import backends
+be = backends.get("numba")
+cases = [({"w": np.ones(100, np.float32), "b": np.ones(10, np.float32)}, {}),  # not small
+         ({"w": np.ones(5000, np.float32)}, {"state_bits": 8}),
+         ({"w": np.ones(5000, np.float32)}, {"state_bits": 8, "state_format": "bnb"})]
+for params, options in cases:
+    state = adamnp.init(params, adamnp.adamw(), backend="numba", **options)
+    before = be.kernels_on_disk(state.groups)
+    adamnp.step(params, {k: np.ones_like(a) for k, a in params.items()}, state)  # caches
+    print(before, be.kernels_on_disk(state.groups))
+"""
+
+
+def test_kernels_on_disk_sees_the_cache(tmp_path):
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path), ADAMNP_BACKGROUND_COMPILE="0")
+    run = subprocess.run([sys.executable, "-c", _ON_DISK], env=env, capture_output=True,
+                         text=True, timeout=600)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split("\n")[:3] == ["False True"] * 3
 
 
 def test_twins_are_small_and_take_the_states_paths():
@@ -240,6 +274,7 @@ def test_off_large_and_non_numba_states_step_on_their_own_backend(monkeypatch, b
     monkeypatch.setattr(_background, "WAIT_MAX", 99)
     assert _background.interim_backend(adamnp.init(p, adamnp.adam(), backend="numba")) is None
     monkeypatch.setattr(_background, "WAIT_MAX", 100)
+    monkeypatch.setattr(backends.get("numba"), "kernels_on_disk", lambda groups: False)
     assert _background.interim_backend(adamnp.init(p, adamnp.adam(), backend="numba"))
     monkeypatch.setenv(_background.ENV, "0")
     assert _background.interim_backend(adamnp.init(p, adamnp.adam(), backend="numba")) is None

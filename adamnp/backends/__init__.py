@@ -81,7 +81,8 @@ class Backend(Protocol):
 #: non-finite check in the step's own call, for one-group states: -1 or the first bad leaf,
 #: nothing written); ``step_one`` and ``step_one_half`` (the one-call step of a small
 #: single-leaf state, of float32/float64 and of float16/bfloat16 params,
-#: :mod:`adamnp._small`).
+#: :mod:`adamnp._small`); ``kernels_on_disk(groups) -> bool`` (whether a first step would
+#: load its compiled kernels rather than compile them, :mod:`adamnp._background`).
 OPTIONAL = (
     "data_addresses",
     "leaf_spec",
@@ -89,6 +90,7 @@ OPTIONAL = (
     "checked_step_group",
     "step_one",
     "step_one_half",
+    "kernels_on_disk",
 )
 
 #: Every name a backend module must define.

@@ -83,6 +83,7 @@ __all__ = [
     "host_leaves_ok",
     "is_contiguous",
     "is_writeable",
+    "kernels_on_disk",
     "leaf_spec",
     "nonfinite_leaf",
     "owns",
@@ -287,11 +288,11 @@ def _step_group(group, params, grads, scalars, check: int = NO_CHECK) -> int:
     half = group.half
     if half < 0:
         work = int(group.offsets[-1])
-        results = _launch(step_fp32, work, *common, *moments, k, flags, check)
+        results = _launch(_step_kernel(group), work, *common, *moments, k, flags, check)
         return next((int(r) for r in results if r >= 0), -1)  # the first in table order
     kinds = _grad_kinds(group, grads)
     results = _launch(
-        step_half,
+        _step_kernel(group),
         int(group.offsets[-1]),
         *common,
         grad_kinds(kinds),
@@ -304,6 +305,39 @@ def _step_group(group, params, grads, scalars, check: int = NO_CHECK) -> int:
         check,
     )
     return next((int(r) for r in results if r >= 0), -1)  # the first in table order
+
+
+def _step_kernel(group):
+    """The compiled kernel that steps ``group``: one per kind, format, params format (float32
+    or float64 against float16/bfloat16), amsgrad for the ``"sqrt"`` format, and for the
+    ``"bnb"`` format the VBMI or gather kernel (:func:`_step_q8`)."""
+    half = group.half >= 0
+    if group.kind == "fp32":
+        return step_half if half else step_fp32
+    if group.state_format == "sqrt":
+        amsgrad = "codes_vmax" in group.buffers
+        if half:
+            return step_q8_sqrt_half_amsgrad if amsgrad else step_q8_sqrt_half
+        return step_q8_sqrt_amsgrad if amsgrad else step_q8_sqrt
+    vbmi = q8_kernel() == "vbmi" and not half and group.index_base == 0
+    return step_q8_simd if vbmi else step_q8
+
+
+def kernels_on_disk(groups) -> bool:
+    """Whether Numba's disk cache holds the step kernel of every group: an index of its
+    compiled versions, written by an earlier process on this machine (perhaps for other
+    argument types). A guess at whether a first step would load its kernels rather than
+    compile them (:mod:`adamnp._background`).
+
+    Examples
+    --------
+    >>> kernels_on_disk([])
+    True
+    """
+    try:
+        return all(os.path.exists(_step_kernel(g)._cache._cache_file._index_path) for g in groups)
+    except AttributeError:  # pragma: no cover - other Numba internals: assume not
+        return False
 
 
 def checked_step_group(group, params, grads, scalars) -> int:
@@ -496,13 +530,11 @@ def _step_q8_sqrt(group, table, p_addr, g_addr, k, flags, key, half, step) -> No
     versions with amsgrad, so that a state compiles only the kernel it runs)."""
     work, args = int(group.offsets[-1]), _q8_arguments(group, table, p_addr, g_addr)
     base = np.int64(group.index_base)
-    amsgrad = "codes_vmax" in group.buffers
     s_key, phase = (np.uint32(x) for x in root_keys(group, step))
+    kernel = _step_kernel(group)
     if half is None:
-        kernel = step_q8_sqrt_amsgrad if amsgrad else step_q8_sqrt
         _launch(kernel, work, *args, k, flags, np.uint32(key), s_key, phase, base)
     else:
-        kernel = step_q8_sqrt_half_amsgrad if amsgrad else step_q8_sqrt_half
         _launch(kernel, work, *args, k, flags, np.uint32(key), s_key, phase, *half, base)
 
 
@@ -516,8 +548,7 @@ def _step_q8(group, table, p_addr, g_addr, k, flags, key, half) -> None:
     the gather kernel :func:`~.q8.step_q8`, whatever :func:`q8_kernel` says: the AVX-512 VBMI
     kernel takes float32 params only and hashes element ``e`` as ``e``.
     """
-    vbmi = q8_kernel() == "vbmi" and half is None and group.index_base == 0
-    simd = _vbmi_inputs() if vbmi else None
+    simd = _vbmi_inputs() if _step_kernel(group) is step_q8_simd else None
     # None or True (None: the kernels compile none of the feature's code)
     vmax = True if "codes_vmax" in group.buffers else None
     stochastic = None if key is None else True
