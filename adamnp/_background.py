@@ -28,6 +28,7 @@ first step as well: their NumPy step would cost about as much as the compile.
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import threading
@@ -141,8 +142,7 @@ def compiling(state: AdamState) -> bool:
     >>> compiling(adamnp.init(np.zeros(3, np.float32), adamnp.adam(), backend="numpy"))
     False
     """
-    entry = _entry(state)
-    thread = None if entry is None else entry[2]
+    thread = _thread(state)
     return thread is _NOT_STARTED or (thread is not None and thread.is_alive())
 
 
@@ -157,8 +157,7 @@ def wait(state: AdamState, timeout: float | None = None) -> bool:
     >>> wait(state)
     True
     """
-    entry = _entry(state)
-    thread = None if entry is None else entry[2]
+    thread = _thread(state)
     if thread is None or thread is _NOT_STARTED:
         return thread is None
     thread.join(timeout)
@@ -168,6 +167,12 @@ def wait(state: AdamState, timeout: float | None = None) -> bool:
 def _entry(state: AdamState):
     entry = _COMPILES.get(id(state))
     return entry if entry is not None and entry[0]() is state else None
+
+
+def _thread(state: AdamState):
+    """The state's compile thread, :data:`_NOT_STARTED`, or None (none to wait for)."""
+    entry = _entry(state)
+    return None if entry is None else entry[2]
 
 
 def _record(state: AdamState, thread, wait: bool = False) -> tuple:
@@ -211,8 +216,7 @@ def _twin(state: AdamState, sizes: list[int]) -> AdamState:
     elements, with zeroed buffers allocated as the backend allocates them; it checks its
     leaves as ``state`` does and runs its own backend's steps."""
     be = backends.get(state.backend)
-    twin = state.__class__.__new__(state.__class__)
-    twin.__setstate__(state.__getstate__())  # its own lock
+    twin = copy.copy(state)  # with its own lock (AdamState.__setstate__)
     twin.shapes = tuple((n,) for n in sizes)
     twin.groups = tuple(_twin_group(g, sizes, be) for g in state.groups)
     adopt_leaf_checks(twin, state)

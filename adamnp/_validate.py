@@ -636,8 +636,7 @@ def _leaf_spec(state: AdamState, be):
     :func:`per_state`), or None where the leaves are large (:data:`SCAN_MAX_MEAN_LEAF`)."""
 
     def make(state):
-        sizes = [math.prod(shape) for shape in state.shapes]
-        if sum(sizes) >= SCAN_MAX_MEAN_LEAF * max(len(sizes), 1):
+        if not _scans(state):
             return None
         alt = [_FLOAT32 if half_format(d) >= 0 else d for d in state.dtypes]
         return be.leaf_spec(state.shapes, state.dtypes, alt)
@@ -645,13 +644,18 @@ def _leaf_spec(state: AdamState, be):
     return per_state(_SPECS, state, make)
 
 
+def _scans(state: AdamState) -> bool:
+    """Whether the state's leaves are checked by the backend's compiled scan: their mean
+    size is under :data:`SCAN_MAX_MEAN_LEAF`."""
+    sizes = [math.prod(shape) for shape in state.shapes]
+    return sum(sizes) < SCAN_MAX_MEAN_LEAF * max(len(sizes), 1)
+
+
 def adopt_leaf_checks(twin: AdamState, state: AdamState) -> None:
     """Make ``twin`` (a smaller state of the same leaves: :mod:`adamnp._background`) check
-    its leaves as ``state`` does, by the compiled scan or in Python
-    (:data:`SCAN_MAX_MEAN_LEAF` decides by size; a smaller twin would scan where ``state``
-    does not)."""
-    sizes = [math.prod(shape) for shape in state.shapes]
-    if sum(sizes) >= SCAN_MAX_MEAN_LEAF * max(len(sizes), 1):
+    its leaves as ``state`` does, by the compiled scan or in Python (:func:`_scans` decides
+    by size; a smaller twin would scan where ``state`` does not)."""
+    if not _scans(state):
         _SPECS[twin] = (twin.groups, None)
 
 
