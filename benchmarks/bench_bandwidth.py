@@ -25,7 +25,9 @@ class Bandwidth:
 
     ``traffic_kernel`` reads p, g, m, v and writes p, m, v with trivial arithmetic, so the
     ratio is the step's cost relative to one pure memory pass: 1.0 is bandwidth-bound. The
-    default ``nonfinite="raise"`` adds one read of g (4 bytes); ``"propagate"`` does not.
+    default ``nonfinite="raise"`` checks every gradient before it writes anything (one read
+    of g more, 32 bytes per element), and its traffic kernel then reads g first as well
+    (``check_pass=True``); ``"propagate"`` does not.
     """
 
     params = (BACKENDS, SIZES, ["raise", "propagate"])
@@ -36,7 +38,8 @@ class Bandwidth:
         traffic_kernel = _traffic_kernel()
         self.step = warm_state(backend, 1, n, nonfinite=nonfinite)
         buffers = [np.ones(n, np.float32) for _ in range(4)]
-        self.traffic = lambda: traffic_kernel(*buffers)
+        check = nonfinite == "raise"
+        self.traffic = lambda: traffic_kernel(*buffers, check_pass=check)
         self.traffic()
 
     def track_step_over_traffic(self, backend, n, nonfinite):

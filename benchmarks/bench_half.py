@@ -15,11 +15,13 @@ class HalfOverTraffic:
     """Half-precision step time over ``traffic_kernel_half`` time on the same arrays.
 
     One leaf of ``n`` float16 or bfloat16 params with half gradients and float32 moments
-    (AdamW defaults: rounding to nearest, ``nonfinite="raise"``, which reads g once more
-    before the step; ``"propagate"`` does not). ``traffic_kernel_half`` reads p, g (2 bytes
-    each), m, v and writes p, m, v with trivial arithmetic (22 bytes per element), so 1.0 is
-    bandwidth-bound. Interleaved medians in one process; the traffic kernel runs on arrays
-    of the step's sizes and dtypes.
+    (AdamW defaults: rounding to nearest). ``traffic_kernel_half`` reads p, g (2 bytes each),
+    m, v and writes p, m, v with trivial arithmetic (22 bytes per element), so 1.0 is
+    bandwidth-bound. Under ``nonfinite="raise"`` (the default) the step checks every gradient
+    before it writes anything, so that a refused step changes nothing: it must read g twice,
+    and its traffic kernel does too (``check_pass=True``, 24 bytes per element).
+    ``"propagate"`` reads g once. Interleaved medians in one process; the traffic kernel runs
+    on arrays of the step's sizes and dtypes.
     """
 
     params = ([N], ["float16", "bfloat16"], ["raise", "propagate"])
@@ -45,7 +47,8 @@ class HalfOverTraffic:
         # every page to the kernel's one zero page, so reading g would cost no memory traffic
         arrays = [np.ones(n, half), np.ones(n, half)]
         arrays += [np.ones(n, np.float32), np.ones(n, np.float32)]
-        self.traffic = lambda: traffic_kernel_half(*arrays)
+        check = nonfinite == "raise"
+        self.traffic = lambda: traffic_kernel_half(*arrays, check_pass=check)
         self.traffic()
 
     def track_half_over_traffic(self, n, dtype, nonfinite):

@@ -97,12 +97,44 @@ def _traffic(table, p, g, m, v):
         _traffic_chunk(p[lo:hi], g[lo:hi], m[lo:hi], v[lo:hi])
 
 
-def traffic_kernel(p: np.ndarray, g: np.ndarray, m: np.ndarray, v: np.ndarray) -> None:
+@jit()
+def _read_traffic(table, bits):
+    """The bitwise or of every element of the unsigned-integer array ``bits``: a read pass
+    with trivial arithmetic, the traffic of a gradient check."""
+    acc = bits.dtype.type(0)
+    for c in range(table.shape[0]):
+        for i in range(table[c, 1], table[c, 2]):
+            acc = bits.dtype.type(acc | bits[i])
+    return acc
+
+
+def read_traffic(g: np.ndarray) -> None:
+    """Read every byte of ``g`` once with trivial arithmetic, chunked and scheduled as a
+    step's gradient check (:func:`step_fp32`'s check pass) runs: the traffic that
+    ``nonfinite="raise"`` adds to a step, which checks every gradient before it writes
+    anything (a refused step leaves params and state unchanged).
+
+    Examples
+    --------
+    >>> read_traffic(np.ones(5, np.float32))
+    """
+    flat = g.reshape(-1)
+    launch_traffic(_read_traffic, flat.view(_UNSIGNED[flat.itemsize]))
+
+
+_UNSIGNED = {2: np.uint16, 4: np.uint32, 8: np.uint64}
+
+
+def traffic_kernel(
+    p: np.ndarray, g: np.ndarray, m: np.ndarray, v: np.ndarray, *, check_pass: bool = False
+) -> None:
     """Move the bytes of a step without its arithmetic: ``m += g; v += g; p += g``.
 
     Reads ``p, g, m, v`` and writes ``p, m, v`` (28 bytes per float32 element) with the same
     parallel chunking as :func:`step_fp32`; the step time divided by this kernel's time on the
-    same arrays says how close the step runs to the memory bandwidth.
+    same arrays says how close the step runs to the memory bandwidth. With ``check_pass``, a
+    pass of :func:`read_traffic` over ``g`` first (32 bytes per element): the bytes a step
+    with ``nonfinite="raise"`` must move, since it reads every gradient before it writes.
 
     Examples
     --------
@@ -110,5 +142,10 @@ def traffic_kernel(p: np.ndarray, g: np.ndarray, m: np.ndarray, v: np.ndarray) -
     >>> traffic_kernel(p, g, m, v)
     >>> p
     array([2., 2., 2., 2., 2.], dtype=float32)
+    >>> traffic_kernel(p, g, m, v, check_pass=True)
+    >>> p
+    array([3., 3., 3., 3., 3.], dtype=float32)
     """
+    if check_pass:
+        read_traffic(g)
     launch_traffic(_traffic, p.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1))

@@ -38,7 +38,7 @@ from numba.extending import intrinsic, overload
 
 from ...lowbit import half as fmt
 from .finite import LIMIT_BF16, LIMIT_F16, f32_bits_nonfinite, half_bits_nonfinite
-from .fp32 import CHECK_ONLY
+from .fp32 import CHECK_ONLY, read_traffic
 from .quant import block_keys, index_hash
 from .schedule import launch_traffic
 from .util import as_pointer, elem, jit
@@ -513,7 +513,9 @@ def _traffic_half(table, p, g, m, v):
         _traffic_half_chunk(p[lo:hi], g[lo:hi], m[lo:hi], v[lo:hi])
 
 
-def traffic_kernel_half(p: np.ndarray, g: np.ndarray, m: np.ndarray, v: np.ndarray) -> None:
+def traffic_kernel_half(
+    p: np.ndarray, g: np.ndarray, m: np.ndarray, v: np.ndarray, *, check_pass: bool = False
+) -> None:
     """Move the bytes of a half-precision step without its math: on the bits, ``p += g``,
     ``m += g``, ``v += g``.
 
@@ -521,15 +523,18 @@ def traffic_kernel_half(p: np.ndarray, g: np.ndarray, m: np.ndarray, v: np.ndarr
     ``v`` float32: it reads ``p, g, m, v`` and writes ``p, m, v`` (22 bytes per element) with
     the chunking of :func:`.fp32.traffic_kernel`. The step time of float32 moments and half
     gradients over this kernel's time on the same arrays says how close that step runs to the
-    memory bandwidth.
+    memory bandwidth. ``check_pass`` reads ``g`` once before (:func:`.fp32.read_traffic`, 24
+    bytes per element), as a step with ``nonfinite="raise"`` does.
 
     Examples
     --------
     >>> p, g = np.ones(5, np.float16), np.zeros(5, np.float16)
     >>> m, v = np.ones(5, np.float32), np.zeros(5, np.float32)
-    >>> traffic_kernel_half(p, g, m, v)
+    >>> traffic_kernel_half(p, g, m, v, check_pass=True)
     >>> p, m
     (array([1., 1., 1., 1., 1.], dtype=float16), array([1., 1., 1., 1., 1.], dtype=float32))
     """
+    if check_pass:
+        read_traffic(g)
     bits = (a.reshape(-1).view(np.uint16) for a in (p, g))
     launch_traffic(_traffic_half, *bits, m.reshape(-1), v.reshape(-1))
