@@ -97,14 +97,21 @@ def _traffic(table, p, g, m, v):
         _traffic_chunk(p[lo:hi], g[lo:hi], m[lo:hi], v[lo:hi])
 
 
+@jit(inline="always")
+def _or_all(bits):
+    acc = bits.dtype.type(0)
+    for i in range(bits.size):
+        acc = bits.dtype.type(acc | bits[i])
+    return acc
+
+
 @jit()
 def _read_traffic(table, bits):
     """The bitwise or of every element of the unsigned-integer array ``bits``: a read pass
     with trivial arithmetic, the traffic of a gradient check."""
     acc = bits.dtype.type(0)
     for c in range(table.shape[0]):
-        for i in range(table[c, 1], table[c, 2]):
-            acc = bits.dtype.type(acc | bits[i])
+        acc = bits.dtype.type(acc | _or_all(bits[table[c, 1] : table[c, 2]]))
     return acc
 
 
