@@ -229,6 +229,34 @@ def test_traffic_kernel_touches_what_a_step_touches():
     np.testing.assert_array_equal(g, g0)
 
 
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_read_traffic_reads_every_element(dtype):
+    """The check pass of ``traffic_kernel(..., check_pass=True)``: the or of all the bits,
+    over chunks and batches (a bit set in one element only, anywhere, shows)."""
+    from adamnp.backends.numba.fp32 import _UNSIGNED, _read_traffic
+
+    n = 3 * schedule.BATCH_ELEMENTS + 12_345
+    bits = np.zeros(n, _UNSIGNED[np.dtype(dtype).itemsize])
+    table = _numba_util.chunk_table(np.array([n]))
+    for at, bit in [(0, 0), (n // 2, 5), (n - 1, 9)]:
+        bits[at] = 1 << bit
+        results = schedule.run(_read_traffic, 2, table, bits)
+        assert int(np.bitwise_or.reduce(np.array(results, bits.dtype))) == int(
+            np.bitwise_or.reduce(bits)
+        )
+    g = bits.view(dtype)
+    if dtype == np.float16:  # the half kernel adds on the bits of p, in float32 to m and v
+        p, m, v = np.ones(n, dtype), np.ones(n, np.float32), np.zeros(n, np.float32)
+        want = ((p.view(np.uint16) + bits).view(dtype), m + np.float32(bits), v + bits)
+        numba_cpu.traffic_kernel_half(p, g, m, v, check_pass=True)
+    else:
+        p, m, v = np.ones(n, dtype), np.ones(n, dtype), np.zeros(n, dtype)
+        want = (p + g, m + g, v + g)
+        numba_cpu.traffic_kernel(p, g, m, v, check_pass=True)
+    for got, expected in zip((p, m, v), want):
+        np.testing.assert_array_equal(got, expected)
+
+
 def test_traffic_kernel_q8_touches_what_an_8bit_step_touches():
     rng = np.random.default_rng(5)
     p, g = (rng.standard_normal(100_001).astype(np.float32) for _ in range(2))
