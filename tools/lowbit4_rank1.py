@@ -72,9 +72,11 @@ def log_grid(bits, binades):
 class Format:
     """``s`` on ``grid`` (or exact), ``r`` by ``rmode`` ("sr", "sub" or "exact")."""
 
-    def __init__(self, grid=None, power=1, snorm="rank1", rmode="sub", rnorm="rank1"):
+    def __init__(
+        self, grid=None, power=1, snorm="rank1", rmode="sub", rnorm="rank1", rcodes=16
+    ):
         self.grid, self.power, self.snorm = grid, power, snorm
-        self.rmode, self.rnorm = rmode, rnorm
+        self.rmode, self.rnorm, self.rcodes = rmode, rnorm, rcodes
         self.dither = None
 
     def _scale(self, a, shape, kind):
@@ -105,9 +107,10 @@ class Format:
         u = self.dither.draw((key, "r"), r.size)
         if self.rmode == "sr":
             return np.clip(np.floor(r / scale * 7 + u), -7, 7) * scale / 7
-        d = u - 0.5  # subtractive: 16 codes c + 1/2, c = -8..7
-        code = np.clip(np.floor(r / scale * 7.5 - d), -8, 7)
-        return (code + 0.5 + d) * scale / 7.5
+        d = u - 0.5  # subtractive: rcodes codes c + 1/2, c = -h..h-1 (16: -8..7)
+        h = self.rcodes // 2
+        code = np.clip(np.floor(r / scale * (h - 0.5) - d), -h, h - 1)
+        return (code + 0.5 + d) * scale / (h - 0.5)
 
     def store(self, m, v, shape, key):
         s = np.sqrt(v.astype(np.float64))
@@ -198,6 +201,12 @@ OPTIONS.update(
                 log_grid(b, 8), power=pw
             )
             for b in (8, 7)
+            for w, pw in (("v", 2), ("s", 1))
+        },
+        **{
+            f"v of pairs, s 8 bits rank-1, unbiased in {w}; r {2**b} codes subtractive, rank-1 "
+            f"({4 + b} bits per element)": Pairs(log_grid(8, 8), power=pw, rcodes=2**b)
+            for b in (5, 6, 8)
             for w, pw in (("v", 2), ("s", 1))
         },
         "v of pairs, s 8 bits rank-1, unbiased in v; r exact": Pairs(
