@@ -21,6 +21,8 @@ comes from a Weyl sequence ``frac(offset + t * 0.618...)``.
     python tools/lowbit4_rank1.py --factored   # diagnosis: Adafactor's factored v
     python tools/lowbit4_rank1.py "pairs, s 8 bits rank-1, unbiased in v; r 16" --seeds 9
                                                # rounding seeds 0-8 instead of 0-2
+    python tools/lowbit4_rank1.py "pairs exact|bits per element)" --quadratic
+                                               # the shuffled quadratics, seeds 0-2
 """
 
 import sys
@@ -72,9 +74,7 @@ def log_grid(bits, binades):
 class Format:
     """``s`` on ``grid`` (or exact), ``r`` by ``rmode`` ("sr", "sub" or "exact")."""
 
-    def __init__(
-        self, grid=None, power=1, snorm="rank1", rmode="sub", rnorm="rank1", rcodes=16
-    ):
+    def __init__(self, grid=None, power=1, snorm="rank1", rmode="sub", rnorm="rank1", rcodes=16):
         self.grid, self.power, self.snorm = grid, power, snorm
         self.rmode, self.rnorm, self.rcodes = rmode, rnorm, rcodes
         self.dither = None
@@ -209,6 +209,12 @@ OPTIONS.update(
             for b in (5, 6, 8)
             for w, pw in (("v", 2), ("s", 1))
         },
+        **{
+            f"s 8 bits per element rank-1, unbiased in {w}; r {2**b} codes subtractive, rank-1 "
+            f"({8 + b} bits per element)": Format(log_grid(8, 8), power=pw, rcodes=2**b)
+            for b in (5, 6)
+            for w, pw in (("v", 2), ("s", 1))
+        },
         "v of pairs, s 8 bits rank-1, unbiased in v; r exact": Pairs(
             log_grid(8, 8), power=2, rmode="exact"
         ),
@@ -266,8 +272,11 @@ def main(only=None):
             print(f"{pr.name}: factored v, m exact {exact:+.2%}; m as r 16 codes rank-1 "
                   + " / ".join(f"{x:+.2%}" for x in quant), flush=True)  # fmt: skip
         return
-    ref = {c: four.run(four.Exact(), *make(), 200)[0] for c, make in four.BATTERY.items()}
     wanted = None if only is None else only.split("|")
+    if "--quadratic" in sys.argv:
+        quadratics(wanted)
+        return
+    ref = {c: four.run(four.Exact(), *make(), 200)[0] for c, make in four.BATTERY.items()}
     for name, fmt in OPTIONS.items():
         if wanted is not None and not any(w in name for w in wanted):
             continue
@@ -277,6 +286,23 @@ def main(only=None):
             losses = four.demo(pr, fmt, seeds=tuple(range(SEEDS)))
             row.append(" / ".join(f"{x / dref[pr.name] - 1:+.2%}" for x in losses))
         print(f"| {name} | " + " | ".join(row) + " |", flush=True)
+
+
+def quadratics(wanted):
+    """Final loss of the first round's shuffled quadratics (256 elements, 5000 steps, every
+    element quantized) for the options named in ``wanted``, rounding seeds 0-2."""
+    for start in ("ones", "normal"):
+        grad, loss, x0 = four.quadratic(256, start)
+        exact = four.run(four.Exact(), grad, None, 5000, wd=0, p0=x0, loss=loss, small=1)[1]
+        print(f"quadratic, x0 {start}: float32 {exact:.3g}", flush=True)
+        for name, fmt in OPTIONS.items():
+            if wanted is not None and not any(w in name for w in wanted):
+                continue
+            losses = [
+                four.run(fmt, grad, None, 5000, wd=0, p0=x0, loss=loss, small=1, seed=sd)[1]
+                for sd in (0, 1, 2)
+            ]
+            print(f"| {name} | " + " / ".join(f"{x:.3g}" for x in losses) + " |", flush=True)
 
 
 SEEDS = int(sys.argv[sys.argv.index("--seeds") + 1]) if "--seeds" in sys.argv else 3
