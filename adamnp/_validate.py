@@ -29,6 +29,7 @@ import numpy as np
 
 from . import backends
 from ._config import AdamConfig
+from ._dlpack import bfloat16_view
 from ._state import AdamState, Layout
 from ._tree import first_difference, flatten
 from .backends.math import GRAD_LIMIT_EXP, compute_dtype, square_bound
@@ -106,8 +107,9 @@ def as_base_array(a):
 def host_view(a) -> tuple[np.ndarray | None, str]:
     """A zero-copy NumPy view of a CPU array of another library, or ``(None, why not)``.
 
-    Tried in order: DLPack (``__dlpack__`` on a CPU device, :func:`numpy.from_dlpack`), the
-    array interface (``__array_interface__``) and the buffer protocol (``memoryview``). The
+    Tried in order: DLPack (``__dlpack__`` on a CPU device, :func:`numpy.from_dlpack`, or for
+    bfloat16, which NumPy refuses, :func:`adamnp._dlpack.bfloat16_view`), the array interface
+    (``__array_interface__``) and the buffer protocol (``memoryview``). The
     view is read-only where the producer says so (DLPack 1.0's read-only flag, a read-only
     buffer). CUDA device arrays and NumPy arrays are not handled here.
 
@@ -133,7 +135,12 @@ def host_view(a) -> tuple[np.ndarray | None, str]:
             try:
                 return np.from_dlpack(a), ""
             except Exception as exc:
-                return None, f"NumPy cannot import it through DLPack ({exc})"
+                view, why = bfloat16_view(a)  # NumPy has no bfloat16 of its own
+                if view is not None:
+                    return view, ""
+                if "type code" in why or why.startswith("its DLPack export failed"):
+                    why = str(exc)  # not about bfloat16: NumPy's reason is the one
+                return None, f"NumPy cannot import it through DLPack ({why})"
         elif device is not None:
             return None, f"it lives on DLPack device type {device}, not the CPU"
     if hasattr(a, "__array_interface__"):
@@ -161,14 +168,14 @@ _JAX_HINT = (
 def _not_an_array(path: str, a, why: str) -> TypeError:
     """The error for a leaf that is no array adamnp can use, with what to do instead."""
     text = f"{path} is a {_type_name(a)}, not an array adamnp can update in place: {why}"
-    if "bfloat16" in str(getattr(a, "dtype", "")):
+    if "require" in why and "grad" in why:
+        text += ". Pass the tensor detached (p.detach() shares its memory)"
+    elif "bfloat16" in str(getattr(a, "dtype", "")) and "ml_dtypes" not in why:
         text += (
             ". NumPy has no bfloat16 of its own: view the bits as ml_dtypes.bfloat16 "
             "(for a torch tensor t: t.view(torch.int16).numpy().view(ml_dtypes.bfloat16), "
             "which shares t's memory)"
         )
-    elif "require" in why and "grad" in why:
-        text += ". Pass the tensor detached (p.detach() shares its memory)"
     return TypeError(
         text + ". Leaves are NumPy arrays or CPU objects exporting DLPack or the buffer protocol"
     )
