@@ -215,6 +215,16 @@ OPTIONS.update(
             for b in (5, 6)
             for w, pw in (("v", 2), ("s", 1))
         },
+        **{
+            f"s 8 bits per element over 16 binades rank-1, unbiased in v; r {2**b} codes "
+            f"subtractive, rank-1 ({8 + b} bits per element)": Format(
+                log_grid(8, 16), power=2, rcodes=2**b
+            )
+            for b in (4, 5, 6)
+        },
+        "s 8 bits per element over 16 binades rank-1, unbiased in v; m exact": Format(
+            log_grid(8, 16), power=2, rmode="exact"
+        ),
         "v of pairs, s 8 bits rank-1, unbiased in v; r exact": Pairs(
             log_grid(8, 8), power=2, rmode="exact"
         ),
