@@ -138,9 +138,8 @@ def host_view(a) -> tuple[np.ndarray | None, str]:
                 view, why = bfloat16_view(a)  # NumPy has no bfloat16 of its own
                 if view is not None:
                     return view, ""
-                if "type code" in why or why.startswith("its DLPack export failed"):
-                    why = str(exc)  # not about bfloat16: NumPy's reason is the one
-                return None, f"NumPy cannot import it through DLPack ({why})"
+                # not about bfloat16 (why is empty): NumPy's reason is the one
+                return None, f"NumPy cannot import it through DLPack ({why or exc})"
         elif device is not None:
             return None, f"it lives on DLPack device type {device}, not the CPU"
     if hasattr(a, "__array_interface__"):
