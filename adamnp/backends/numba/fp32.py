@@ -97,6 +97,9 @@ def _traffic(table, p, g, m, v):
         _traffic_chunk(p[lo:hi], g[lo:hi], m[lo:hi], v[lo:hi])
 
 
+_UNSIGNED = {2: np.uint16, 4: np.uint32, 8: np.uint64}  # read_traffic's view of g by size
+
+
 @jit(inline="always")
 def _or_all(bits):
     acc = bits.dtype.type(0)
@@ -127,9 +130,6 @@ def read_traffic(g: np.ndarray) -> None:
     """
     flat = g.reshape(-1)
     launch_traffic(_read_traffic, flat.view(_UNSIGNED[flat.itemsize]))
-
-
-_UNSIGNED = {2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 
 def traffic_kernel(
